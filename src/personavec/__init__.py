@@ -1,0 +1,27 @@
+"""personavec: persona vectors for chat language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .activations import POOLINGS, PooledMeans, encode_pairs, pooled_means  # noqa: E402
+from .errors import PersonavecError  # noqa: E402
+from .extract import extract_vector  # noqa: E402
+from .internals import capture, decoder_layers, edit  # noqa: E402
+from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model  # noqa: E402
+from .steering import add_vector  # noqa: E402
+from .tables import FilterConfig, paired_filter, read_table  # noqa: E402
+from .vectors import (  # noqa: E402
+    PersonaVector,
+    export_control_vector_gguf,
+    from_control_vector_gguf,
+    import_official,
+    read_control_vector_gguf,
+)
+
+__all__ = [
+    "DEFAULT_MODEL", "POOLINGS", "FilterConfig", "LoadedModel", "PersonaVector", "PersonavecError",
+    "PooledMeans", "__version__", "add_vector", "capture", "decoder_layers", "edit", "encode_pairs",
+    "export_control_vector_gguf", "extract_vector", "from_control_vector_gguf", "import_official",
+    "load_model", "paired_filter", "pooled_means", "read_control_vector_gguf", "read_table", "wrap_model",
+]

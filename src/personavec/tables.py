@@ -1,0 +1,165 @@
+"""Response tables (CSV / JSONL / Parquet) and the paper's row-paired filter.
+
+A table has an ``answer`` column and either a ``prompt`` column holding the chat-templated prompt text
+(the official persona_vectors CSV layout: ``question, prompt, answer, question_id, <trait>, coherence``)
+or a ``question`` column (plus optional ``system``) that personavec formats with the model's chat
+template. Optional score columns: the trait score (named after the trait, or ``trait``) and
+``coherence``, both 0-100.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import PersonavecError
+
+READERS = (".csv", ".jsonl", ".json", ".parquet")
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV, JSONL (one object per line) or Parquet table with a clear error on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise PersonavecError(f"table {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"prompt": str, "answer": str})
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise PersonavecError(f"{path}:{n}: malformed JSON ({e.msg}); "
+                                                  "expected one JSON object per line") from None
+                        if not isinstance(obj, dict):
+                            raise PersonavecError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+                        rows.append(obj)
+            return pd.DataFrame(rows)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except PersonavecError:
+        raise
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise PersonavecError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    raise PersonavecError(f"{path}: unsupported table type {suffix!r}; use one of {', '.join(READERS)}")
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table atomically (type from the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    elif suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    elif suffix in (".jsonl", ".json"):
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    else:
+        raise PersonavecError(f"unsupported table type {suffix!r}")
+    os.replace(tmp, path)
+    return path
+
+
+def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:
+    col = df[name]
+    missing = col.isna()
+    if missing.any():
+        raise PersonavecError(f"{path}: column {name!r} is empty in {int(missing.sum())} rows "
+                              f"(first at row {int(missing.idxmax())})")
+    return [str(x) for x in col]
+
+
+def prompts_and_answers(df: pd.DataFrame, tokenizer: Any | None = None, source: str = "table") -> tuple[
+        list[str], list[str]]:
+    """The formatted prompt texts and answers of a table."""
+    if "answer" not in df.columns:
+        raise PersonavecError(f"{source}: no 'answer' column (columns: {', '.join(map(str, df.columns))})")
+    answers = _text_column(df, "answer", source)
+    if "prompt" in df.columns:
+        return _text_column(df, "prompt", source), answers
+    if "question" in df.columns:
+        if tokenizer is None:
+            raise PersonavecError(f"{source}: formatting 'question' rows needs the model's tokenizer")
+        from .models import format_chat
+
+        systems = df["system"].tolist() if "system" in df.columns else [None] * len(df)
+        questions = _text_column(df, "question", source)
+        return [format_chat(tokenizer, q, system=s if isinstance(s, str) and s else None)
+                for q, s in zip(questions, systems)], answers
+    raise PersonavecError(f"{source}: needs a 'prompt' column (chat-formatted text) or a 'question' column")
+
+
+def trait_column(df: pd.DataFrame, trait: str | None) -> str | None:
+    """The trait-score column: named after the trait, else ``trait`` / ``trait_score``; None if absent."""
+    for name in (trait, "trait", "trait_score"):
+        if name and name in df.columns:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """The paper's filter: pos trait ≥ ``pos_min``, neg trait < ``neg_max``, coherence ≥ ``coherence_min``."""
+
+    pos_min: float = 50.0
+    neg_max: float = 50.0
+    coherence_min: float = 50.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    keep: list[bool]
+    counts: dict[str, int]
+    applied: bool
+
+
+def paired_filter(pos: pd.DataFrame, neg: pd.DataFrame, trait: str | None,
+                  config: FilterConfig = FilterConfig(), enabled: bool = True) -> FilterResult:
+    """Row-paired mask: row i is kept when pos[i] and neg[i] both pass (scores that are missing fail).
+
+    Without score columns (or with ``enabled=False``) every row is kept and ``applied`` is False.
+    """
+    if len(pos) != len(neg):
+        raise PersonavecError(f"pos table has {len(pos)} rows but neg has {len(neg)}; the filter pairs "
+                              "rows one to one (same question and instruction index on both sides)")
+    tp, tn = trait_column(pos, trait), trait_column(neg, trait)
+    has_scores = tp is not None or tn is not None
+    n = len(pos)
+    if not enabled or not has_scores:
+        return FilterResult([True] * n, {"rows": n, "kept": n}, applied=False)
+    if tp is None or tn is None:
+        raise PersonavecError("trait scores are present on one side only; give both tables the same columns")
+    for name, df in (("pos", pos), ("neg", neg)):
+        if "coherence" not in df.columns:
+            raise PersonavecError(f"{name} table has trait scores but no 'coherence' column; "
+                                  "add it or run with --no-filter")
+
+    def num(df: pd.DataFrame, col: str) -> pd.Series:
+        return pd.to_numeric(df[col], errors="coerce").reset_index(drop=True)
+
+    pt, nt = num(pos, tp), num(neg, tn)
+    pc, nc = num(pos, "coherence"), num(neg, "coherence")
+    pos_ok = pt >= config.pos_min
+    neg_ok = nt < config.neg_max
+    coh_ok = (pc >= config.coherence_min) & (nc >= config.coherence_min)
+    empty_ok = pd.Series([bool(str(a).strip()) for a in pos["answer"]]) & pd.Series(
+        [bool(str(a).strip()) for a in neg["answer"]])
+    keep = pos_ok & neg_ok & coh_ok & empty_ok
+    counts = {"rows": n, "pos_trait_ok": int(pos_ok.sum()), "neg_trait_ok": int(neg_ok.sum()),
+              "coherent_both": int(coh_ok.sum()), "kept": int(keep.sum())}
+    return FilterResult([bool(x) for x in keep], counts, applied=True)
