@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Phi3Config,
@@ -131,9 +131,8 @@ def test_layers_path_override_and_errors(lm):
     assert decoder_layers(lm.model, "model.layers") is lm.model.model.layers
     with pytest.raises(PersonavecError, match="does not exist"):
         decoder_layers(lm.model, "model.blocks")
-    with pytest.raises(PersonavecError, match="out of range"):
-        with capture(lm.model, [5], lambda layer, x: None):
-            pass
+    with pytest.raises(PersonavecError, match="out of range"), capture(lm.model, [5], lambda layer, x: None):
+        pass
 
 
 def test_unknown_architecture_found_by_config_layer_count():

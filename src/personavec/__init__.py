@@ -4,14 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .activations import POOLINGS, PooledMeans, encode_pairs, pooled_means  # noqa: E402
-from .errors import PersonavecError  # noqa: E402
-from .extract import extract_vector  # noqa: E402
-from .internals import capture, decoder_layers, edit  # noqa: E402
-from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model  # noqa: E402
-from .steering import add_vector  # noqa: E402
-from .tables import FilterConfig, paired_filter, read_table  # noqa: E402
-from .vectors import (  # noqa: E402
+from .activations import POOLINGS, PooledMeans, encode_pairs, pooled_means
+from .errors import PersonavecError
+from .extract import extract_vector
+from .internals import capture, decoder_layers, edit
+from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from .steering import add_vector
+from .tables import FilterConfig, paired_filter, read_table
+from .vectors import (
     PersonaVector,
     export_control_vector_gguf,
     from_control_vector_gguf,

@@ -159,7 +159,8 @@ def iter_pooled(lm: LoadedModel, encs: Sequence[Encoded], layers: Sequence[int],
         batch = make_batch([encs[i] for i in idx], pad, padding_side, device)
         result: dict[str, torch.Tensor] = {}
 
-        def on_layer(layer: int, hidden: torch.Tensor, batch: Batch = batch) -> None:
+        def on_layer(layer: int, hidden: torch.Tensor, batch: Batch = batch,
+                     result: dict[str, torch.Tensor] = result) -> None:
             pooled = pool_hidden(hidden, batch, poolings)
             for name, vals in pooled.items():
                 if name not in result:

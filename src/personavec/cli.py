@@ -54,10 +54,11 @@ def _load(args: argparse.Namespace):
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from .extract import extract_vector
-    from .tables import FilterConfig
+    from .tables import FilterConfig, read_table
 
+    pos, neg = read_table(args.pos), read_table(args.neg)  # bad tables fail before the model loads
     lm = _load(args)
-    vec = extract_vector(lm, args.pos, args.neg, trait=args.trait, layers=parse_layers(args.layers),
+    vec = extract_vector(lm, pos, neg, trait=args.trait, layers=parse_layers(args.layers),
                          filter_config=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
                          apply_filter=not args.no_filter, batch_size=args.batch_size,
                          max_length=args.max_length, progress=True)
@@ -237,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars; personavec shows its own progress
+    except ImportError:
+        pass
     try:
         args.func(args)
     except PersonavecError as e:

@@ -27,7 +27,7 @@ def _as_frame(t: TableLike) -> tuple[pd.DataFrame, str]:
 
 def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str | None = None,
                    layers: Sequence[int] | None = None, poolings: Sequence[str] = POOLINGS,
-                   filter_config: FilterConfig = FilterConfig(), apply_filter: bool = True,
+                   filter_config: FilterConfig | None = None, apply_filter: bool = True,
                    batch_size: int = 16, max_length: int | None = None, min_pairs: int = 1,
                    progress: bool = False) -> PersonaVector:
     """Extract a persona vector: per layer, mean pooled activation of kept pos rows minus kept neg rows.
@@ -35,6 +35,7 @@ def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str |
     Rows are paired by position (the official filter); when score columns are present, a row pair is
     kept only if pos trait ≥ ``pos_min``, neg trait < ``neg_max`` and both are coherent.
     """
+    filter_config = filter_config or FilterConfig()
     pos_df, pos_src = _as_frame(pos)
     neg_df, neg_src = _as_frame(neg)
     res = paired_filter(pos_df, neg_df, trait, filter_config, enabled=apply_filter)

@@ -253,13 +253,20 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         rev = getattr(model.config, "_commit_hash", None) or _dir_revision(path)
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        try:
-            model, tok = _from_pretrained(spec, torch_dtype, device, local_only=offline)
+        known = ", ".join(sorted(EMBEDDED))
+        try:  # the local Hugging Face cache first: no network round trips when the model is there
+            model, tok = _from_pretrained(spec, torch_dtype, device, local_only=True)
         except (OSError, ValueError) as e:
-            known = ", ".join(sorted(EMBEDDED))
-            raise PersonavecError(
-                f"could not load model {spec!r}: not an embedded name ({known}), an existing .gguf file or "
-                f"directory, and not in the local Hugging Face cache ({str(e).splitlines()[0][:160]})") from None
+            if offline or not _hub_reachable():
+                raise PersonavecError(
+                    f"could not load model {spec!r}: not an embedded name ({known}), an existing .gguf file or "
+                    f"directory, nor in the local Hugging Face cache, and the hub is unreachable "
+                    f"({str(e).splitlines()[0][:120]})") from None
+            try:
+                model, tok = _from_pretrained(spec, torch_dtype, device, local_only=False)
+            except (OSError, ValueError) as e2:
+                raise PersonavecError(f"could not load model {spec!r} from the hub: "
+                                      f"{str(e2).splitlines()[0][:200]}") from None
         model_id, source = spec, "hub"
         rev = revision or getattr(model.config, "_commit_hash", None) or "unknown"
     if tok.pad_token_id is None and tok.eos_token is not None:
@@ -267,6 +274,19 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     log.info("loaded %s (%s) in %.1fs", model_id, source, time.perf_counter() - t0)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, revision=str(rev), spec=spec,
                        source=source, extra={"load_seconds": time.perf_counter() - t0})
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hugging Face endpoint, so an offline machine fails at once, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _dir_revision(path: Path) -> str:

@@ -129,11 +129,12 @@ class FilterResult:
 
 
 def paired_filter(pos: pd.DataFrame, neg: pd.DataFrame, trait: str | None,
-                  config: FilterConfig = FilterConfig(), enabled: bool = True) -> FilterResult:
+                  config: FilterConfig | None = None, enabled: bool = True) -> FilterResult:
     """Row-paired mask: row i is kept when pos[i] and neg[i] both pass (scores that are missing fail).
 
     Without score columns (or with ``enabled=False``) every row is kept and ``applied`` is False.
     """
+    config = config or FilterConfig()
     if len(pos) != len(neg):
         raise PersonavecError(f"pos table has {len(pos)} rows but neg has {len(neg)}; the filter pairs "
                               "rows one to one (same question and instruction index on both sides)")

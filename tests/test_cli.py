@@ -1,0 +1,93 @@
+"""The CLI end to end on a tiny saved model: outputs, and one-line errors (never a traceback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personavec.cli import main, parse_layers
+from personavec.errors import PersonavecError
+from personavec.vectors import PersonaVector
+
+
+@pytest.fixture
+def model_dir(tmp_path, lm):
+    d = tmp_path / "tiny-model"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tables(tmp_path, tokenizer):
+    from test_tables import official_frames
+
+    pos, neg = official_frames(tokenizer, [90, 80, 30, 95], [5, 10, 2, 70])
+    pos.to_csv(tmp_path / "pos.csv", index=False)
+    neg.to_json(tmp_path / "neg.jsonl", orient="records", lines=True)
+    return tmp_path / "pos.csv", tmp_path / "neg.jsonl"
+
+
+def _one_line_error(capsys, argv, pattern):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("personavec: error:")
+    assert pattern in err, err
+    return err
+
+
+def test_extract_info_export_steer(tmp_path, model_dir, tables, capsys):
+    pos, neg = tables
+    out = tmp_path / "v.safetensors"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil", "--model", str(model_dir),
+                 "--out", str(out), "--batch-size", "2"]) == 0
+    assert "kept 2 of 4 pairs" in capsys.readouterr().out
+    vec = PersonaVector.load(out)
+    assert vec.n_layers == 2 and vec.hidden_size == 32 and vec.trait == "evil"
+    assert vec.model_id == str(model_dir.resolve()) and vec.model_revision.startswith("local:")
+    assert main(["vectors", "info", str(out)]) == 0
+    assert "trait 'evil'" in capsys.readouterr().out
+    assert main(["vectors", "export-gguf", str(out), "--out", str(tmp_path / "v.gguf"), "--layers", "2"]) == 0
+    assert main(["vectors", "info", str(tmp_path / "v.gguf")]) == 0
+    assert "direction.1" in capsys.readouterr().out
+    assert main(["steer", "Hi?", "--vector", str(out), "--layer", "1", "--coef", "2", "--model", str(model_dir),
+                 "--max-new-tokens", "3"]) == 0
+    assert "[steered: evil x 2.0 at layer 1]" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, model_dir, tables, capsys):
+    pos, neg = tables
+    out = str(tmp_path / "v.safetensors")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "answer": "a"}\n{oops\n')
+    _one_line_error(capsys, ["extract", "--pos", str(bad), "--neg", str(neg), "--model", str(model_dir),
+                             "--out", out], "malformed JSON")
+    _one_line_error(capsys, ["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil",
+                             "--pos-min", "99", "--model", str(model_dir), "--out", out], "pos trait >= 99")
+    _one_line_error(capsys, ["extract", "--pos", str(pos), "--neg", str(neg), "--model", "no-such-model-xyz",
+                             "--out", out], "could not load model 'no-such-model-xyz'")
+    _one_line_error(capsys, ["extract", "--pos", str(pos), "--neg", str(neg), "--model", str(model_dir),
+                             "--layers", "7", "--out", out], "out of range")
+    foreign = PersonaVector(tensors={"response_avg": torch.randn(5, 16)}, model_id="other")
+    foreign.save(tmp_path / "foreign.safetensors")
+    _one_line_error(capsys, ["steer", "Hi", "--vector", str(tmp_path / "foreign.safetensors"), "--layer", "1",
+                             "--model", str(model_dir)], "extract a vector for this model")
+    _one_line_error(capsys, ["vectors", "info", str(tmp_path / "missing.safetensors")], "does not exist")
+
+
+def test_parse_layers():
+    assert parse_layers(None) is None and parse_layers("all") is None
+    assert parse_layers("1,4-6, 9") == [1, 4, 5, 6, 9]
+    with pytest.raises(PersonavecError):
+        parse_layers("a-b")
+
+
+def test_help_on_every_command(capsys):
+    for argv in (["--help"], ["extract", "--help"], ["vectors", "--help"], ["vectors", "info", "--help"],
+                 ["vectors", "import-official", "--help"], ["vectors", "export-gguf", "--help"],
+                 ["steer", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert "usage:" in capsys.readouterr().out

@@ -1,0 +1,119 @@
+"""PersonaVector files (safetensors, official .pt, llama.cpp GGUF), arithmetic, and compatibility checks."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from personavec.errors import PersonavecError
+from personavec.vectors import (
+    PersonaVector,
+    export_control_vector_gguf,
+    from_control_vector_gguf,
+    import_official,
+    read_control_vector_gguf,
+)
+
+
+def _vec(n_layers: int = 4, d: int = 8, seed: int = 0, **kw) -> PersonaVector:
+    g = torch.Generator().manual_seed(seed)
+    t = {p: torch.randn(n_layers + 1, d, generator=g) for p in ("response_avg", "prompt_avg", "prompt_last")}
+    return PersonaVector(tensors=t, model_id="tiny", model_revision="r1", trait="evil", **kw)
+
+
+def test_safetensors_round_trip_is_exact(tmp_path):
+    v = _vec(chosen_layer=3, counts={"kept": 7}, filter={"pos_min": 50.0}, layers=[0, 1, 2, 3, 4],
+             extra={"note": "x"})
+    path = v.save(tmp_path / "v.safetensors")
+    w = PersonaVector.load(path)
+    for p in v.tensors:
+        assert torch.equal(v.tensors[p], w.tensors[p])
+    assert (w.model_id, w.model_revision, w.trait, w.chosen_layer) == ("tiny", "r1", "evil", 3)
+    assert w.counts == {"kept": 7} and w.filter == {"pos_min": 50.0} and w.extra == {"note": "x"}
+    assert w.layer_convention == v.layer_convention and w.personavec_version == v.personavec_version
+    meta = v.metadata()
+    assert meta["n_layers"] == 4 and meta["hidden_size"] == 8
+    assert meta["norms"]["response_avg"] == pytest.approx(v.norms())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_official_pt_import_is_exact_and_safe(tmp_path):
+    t = torch.randn(5, 8)
+    torch.save(t, tmp_path / "evil_response_avg_diff.pt")
+    torch.save(t * 2, tmp_path / "evil_prompt_last_diff.pt")
+    v = import_official([tmp_path / "evil_response_avg_diff.pt", tmp_path / "evil_prompt_last_diff.pt"])
+    assert torch.equal(v.tensors["response_avg"], t) and torch.equal(v.tensors["prompt_last"], t * 2)
+    assert v.trait == "evil" and v.extra["last_row"] == "hf_final_norm"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "bad_response_avg_diff.pt", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(PersonavecError, match="refusing"):
+        import_official(tmp_path / "bad_response_avg_diff.pt")
+    torch.save(torch.randn(8), tmp_path / "flat.pt")
+    with pytest.raises(PersonavecError, match="expected an"):
+        import_official(tmp_path / "flat.pt")
+
+
+def test_gguf_control_vector_round_trip(tmp_path):
+    v = _vec(n_layers=6)
+    path = export_control_vector_gguf(v, tmp_path / "cv.gguf", layers=[2, 4, 6], coef=1.5)
+    rows, fields = read_control_vector_gguf(path)
+    assert sorted(rows) == [2, 4, 6]
+    for layer in (2, 4, 6):
+        assert torch.equal(rows[layer], v.tensors["response_avg"][layer] * 1.5)
+    assert fields["controlvector.model_hint"] == "tiny" and fields["controlvector.layer_count"] == 3
+    # tensor names follow llama.cpp: personavec row ℓ is direction.(ℓ-1)
+    import gguf
+
+    names = sorted(t.name for t in gguf.GGUFReader(str(path)).tensors)
+    assert names == ["direction.1", "direction.3", "direction.5"]
+    back = from_control_vector_gguf(path, n_layers=6)
+    assert torch.equal(back.tensors["response_avg"][4], v.tensors["response_avg"][4] * 1.5)
+    assert torch.count_nonzero(back.tensors["response_avg"][3]) == 0
+    with pytest.raises(PersonavecError, match="cannot go into"):
+        export_control_vector_gguf(v, tmp_path / "x.gguf", layers=[1])
+
+
+def test_arithmetic_and_cosine():
+    a, b = _vec(seed=1), _vec(seed=2)
+    s = a + b
+    assert torch.allclose(s.tensors["prompt_avg"], a.tensors["prompt_avg"] + b.tensors["prompt_avg"])
+    assert torch.allclose((a - a).tensors["response_avg"], torch.zeros(5, 8))
+    assert torch.allclose((2 * a).tensors["response_avg"], a.tensors["response_avg"] * 2)
+    assert torch.allclose((-a).tensors["response_avg"], -a.tensors["response_avg"])
+    u = a.unit()
+    assert torch.allclose(u.tensors["response_avg"].norm(dim=-1), torch.ones(5))
+    assert torch.allclose(a.cosine(a), torch.ones(5), atol=1e-6)
+    assert torch.allclose(a.cosine(-a), -torch.ones(5), atol=1e-6)
+    with pytest.raises(PersonavecError, match="different models"):
+        a + _vec(n_layers=3)
+
+
+def test_mismatched_vector_is_refused(lm):
+    good = _vec(n_layers=2, d=32)
+    good.check_compatible(lm)
+    with pytest.raises(PersonavecError, match="extract a vector for this model"):
+        _vec(n_layers=3, d=32).check_compatible(lm)
+    with pytest.raises(PersonavecError, match="32 dims"):
+        _vec(n_layers=2, d=16).check_compatible(lm)
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PersonavecError, match="not a readable safetensors"):
+        PersonaVector.load(tmp_path / "junk.safetensors")
+    with pytest.raises(PersonavecError, match="does not exist"):
+        PersonaVector.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2, 2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(PersonavecError, match="no personavec metadata"):
+        PersonaVector.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(PersonavecError, match="no chosen layer"):
+        _vec().get()
