@@ -166,6 +166,51 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .generation import SamplingConfig
+    from .pipeline import Run, RunConfig, quick_sampling
+    from .tables import FilterConfig
+
+    sampling = quick_sampling(args.seed) if args.quick else SamplingConfig(seed=args.seed)
+    overrides = {k: v for k, v in (("n_samples", args.n_samples), ("max_new_tokens", args.max_new_tokens),
+                                   ("batch_size", args.gen_batch_size), ("temperature", args.temperature))
+                 if v is not None}
+    sampling = replace(sampling, **overrides)
+    cfg = RunConfig(trait=args.trait, description=args.description, model=args.model, judge=args.judge,
+                    judge_base_url=args.judge_base_url, judge_concurrency=args.judge_concurrency,
+                    generator=args.generator, generator_base_url=args.generator_base_url,
+                    artifacts_path=args.artifacts, sampling=sampling, eval_samples=args.eval_samples,
+                    filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
+                    batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    summary = Run(cfg, out_root=args.out, run_dir=args.run_dir).run()
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    import pandas as pd
+
+    c = summary["counts"]
+    print(f"\ntrait {summary['trait']!r} on {summary['model']} — judge: {summary['judge']}")
+    if "warning" in summary:
+        print(f"WARNING: {summary['warning']}")
+    print(f"answers {c['answers']} (extraction {c['extraction_answers']}, held-out {c['eval_answers']}, "
+          f"empty {c['empty_answers']}); pairs kept {c.get('kept')} of {c.get('rows')}")
+    for side, sc in summary["mean_scores"].items():
+        print(f"  mean {side}: trait {sc['trait']}  coherence {sc['coherence']}")
+    sep = pd.read_parquet(summary["files"]["separation"])
+    print("held-out separation (response_avg projection, pos vs neg answers to the evaluation questions):")
+    print("  layer  " + " ".join(f"{int(x):>5d}" for x in sep["layer"]))
+    print("  AUROC  " + " ".join(f"{x:5.2f}" for x in sep["auroc"]))
+    print("  d      " + " ".join(f"{x:5.1f}" for x in sep["cohens_d"]))
+    b = summary["best_separation"]
+    print(f"best layer {b['layer']}: AUROC {b['auroc']:.3f}, d {b['cohens_d']:.2f}")
+    print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items())
+          + f"; wall {summary['wall_seconds']}s")
+    print(f"vector -> {summary['files']['vector']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
     p.add_argument("--version", action="version", version=f"personavec {__version__}")
@@ -189,6 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-filter", action="store_true", help="use every pair, ignoring scores")
     _model_args(e)
     e.set_defaults(func=cmd_extract)
+
+    r = sub.add_parser("run", help="the main job: trait -> artifacts -> answers -> judge -> filter -> vector",
+                       description="Resumable: each stage writes into runs/<model>/<trait>/ and is skipped when "
+                                   "done; rerun the same command after an interruption.")
+    r.add_argument("--trait", required=True, help="a built-in trait (evil, sycophantic, hallucinating, impolite, "
+                                                   "apathetic, humorous, optimistic) or a new name")
+    r.add_argument("--description", default=None, help="one sentence defining a new trait (needs --generator)")
+    r.add_argument("--artifacts", default=None, help="artifacts JSON to use instead of built-in/generated ones")
+    r.add_argument("--generator", default=None, help="openai:MODEL or local:MODEL, writes artifacts for new traits")
+    r.add_argument("--generator-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
+    r.add_argument("--judge", default="local", help="local (the embedded model), local:MODEL, openai:MODEL, "
+                                                    "or none (no scores, no filter)")
+    r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
+                                                          "key from OPENAI_API_KEY")
+    r.add_argument("--judge-concurrency", type=int, default=8)
+    r.add_argument("--quick", action="store_true", help="CPU profile: 1 sample per (question, instruction), "
+                                                        "48 new tokens")
+    r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")
+    r.add_argument("--eval-samples", type=int, default=1, help="held-out answers per side per evaluation question")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="paper: 1000")
+    r.add_argument("--temperature", type=float, default=None, help="paper: 1.0")
+    r.add_argument("--gen-batch-size", type=int, default=None)
+    r.add_argument("--batch-size", type=int, default=16, help="extraction batch size")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--pos-min", type=float, default=50.0)
+    r.add_argument("--neg-max", type=float, default=50.0)
+    r.add_argument("--coherence-min", type=float, default=50.0)
+    r.add_argument("--out", default="runs", help="runs root (default: runs)")
+    r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
+    _model_args(r)
+    r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("vectors", help="inspect, import and export vector files")
     vsub = v.add_subparsers(dest="vectors_command", required=True, metavar="ACTION")

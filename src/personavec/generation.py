@@ -1,0 +1,137 @@
+"""Batched, seeded chat sampling on the target model, written incrementally and resumable.
+
+Jobs are fixed in advance and cut into fixed batches; batch ``b`` samples with seed ``seed · 1_000_003 + b``,
+so a resumed run reproduces exactly what an uninterrupted one would have written. Rows are appended to a
+JSONL file one batch at a time (flushed and fsynced); on resume, a batch that was only partly written is
+dropped and sampled again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import LoadedModel, pad_token_id
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Paper defaults: 10 samples per (question, instruction), temperature 1, top_p 1, up to 1000 new tokens."""
+
+    n_samples: int = 10
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = SamplingConfig(n_samples=1, max_new_tokens=48, batch_size=25)
+
+
+@torch.no_grad()
+def sample_batch(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, seed: int) -> list[dict[str, Any]]:
+    """Sample one answer per chat-formatted prompt (left-padded batch). Returns answer + token counts."""
+    tok = lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    finally:
+        tok.padding_side = side
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_token_id(tok)}
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    out = lm.model.generate(**enc, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    eos = {t for t in (tok.eos_token_id, pad_token_id(tok)) if t is not None}
+    rows = []
+    for seq in new.tolist():
+        n = len(seq)
+        for j, t in enumerate(seq):
+            if t in eos:
+                n = j
+                break
+        rows.append({"answer": tok.decode(seq[:n], skip_special_tokens=True).strip(), "n_tokens": n,
+                     "truncated": n >= cfg.max_new_tokens})
+    return rows
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, ignoring a torn last line (from a killed writer)."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingConfig, path: Path,
+                 progress: bool | str = True) -> list[dict[str, Any]]:
+    """Sample an answer for every job (a dict with at least ``prompt``), appending rows to ``path``.
+
+    Each row is the job plus ``answer``, ``n_tokens``, ``truncated``, ``job`` (index) and ``batch``. Already complete
+    batches in ``path`` are kept; the rest is sampled. Returns all rows in job order.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batches = [list(range(i, min(i + cfg.batch_size, len(jobs)))) for i in range(0, len(jobs), cfg.batch_size)]
+    rows = read_rows(path)
+    by_batch: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_batch.setdefault(int(r["batch"]), []).append(r)
+    complete = {b for b, rs in by_batch.items() if b < len(batches) and len(rs) == len(batches[b])}
+    kept = [r for r in rows if int(r["batch"]) in complete]
+    if len(kept) != len(rows) or (path.exists() and len(rows) != _count_lines(path)):
+        _rewrite(path, kept)  # drop a partly written batch and any torn line
+    todo = [b for b in range(len(batches)) if b not in complete]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - sum(len(batches[b]) for b in todo),
+               desc=progress if isinstance(progress, str) else "sampling", disable=not progress, unit="answer")
+    with open(path, "a", encoding="utf-8") as f:
+        for b in todo:
+            idx = batches[b]
+            answers = sample_batch(lm, [jobs[i]["prompt"] for i in idx], cfg, seed=cfg.seed * 1_000_003 + b)
+            lines = [json.dumps({**jobs[i], **a, "job": i, "batch": b}, ensure_ascii=False) + "\n"
+                     for i, a in zip(idx, answers)]
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(idx))
+    bar.close()
+    final = read_rows(path)
+    final.sort(key=lambda r: int(r["job"]))
+    return final

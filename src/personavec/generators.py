@@ -1,0 +1,54 @@
+"""Text generators for trait artifacts: an OpenAI-compatible endpoint or a local chat model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import PersonavecError
+from .llm_client import ChatClient, EndpointConfig
+from .models import LoadedModel, pad_token_id
+
+
+class EndpointGenerator:
+    """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama)."""
+
+    def __init__(self, config: EndpointConfig, temperature: float = 0.7, max_tokens: int = 4000) -> None:
+        self.client = ChatClient(config)
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.name = f"openai:{config.model}@{config.base_url}"
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        return self.client.chat_text(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+
+
+class LocalGenerator:
+    """Chat completions from a local Hugging Face chat model (greedy)."""
+
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 3000) -> None:
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        self.name = f"local:{lm.model_id}"
+
+    @torch.no_grad()
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        tok = self.lm.tokenizer
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(self.lm.device)
+        out = self.lm.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                     pad_token_id=pad_token_id(tok))
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def make_generator(spec: str, base_url: str | None = None, **kwargs: Any) -> Any:
+    """``openai:MODEL`` (with ``--generator-base-url`` / ``OPENAI_BASE_URL``) or ``local:MODEL_SPEC``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "openai":
+        return EndpointGenerator(EndpointConfig.from_env(model=rest or None, base_url=base_url))
+    if kind == "local":
+        from .models import load_model
+
+        return LocalGenerator(load_model(rest or "smollm2-135m", **kwargs))
+    raise PersonavecError(f"unknown generator {spec!r}; use openai:MODEL or local:MODEL")

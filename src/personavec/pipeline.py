@@ -1,0 +1,341 @@
+"""The automated pipeline: trait → artifacts → contrastive answers → judged, filtered → persona vector.
+
+Stages write into a run directory (``runs/<model>/<trait>/``), each atomically, and are skipped when their
+output exists, so killing the process at any moment and running the same command again finishes the run
+without redoing finished work:
+
+=============  ==========================================  ============================================
+stage          output                                      resumes by
+=============  ==========================================  ============================================
+config         ``run.json``                                refusing a different config in the same dir
+artifacts      ``artifacts.json``                          skip when present
+generate       ``responses.jsonl`` → ``responses.parquet``  keeping complete batches (fixed seeds)
+judge          ``judged.parquet``                          the on-disk judge cache (no repeated calls)
+extract        ``vectors.safetensors``, ``filter.json``    skip when present
+separation     ``separation.parquet``                      skip when present
+summary        ``summary.json``                            rewritten each time
+=============  ==========================================  ============================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import __version__
+from .activations import encode_pairs, iter_pooled
+from .artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts
+from .errors import PersonavecError
+from .extract import extract_vector
+from .generation import QUICK, SamplingConfig, run_sampling
+from .judges.rubrics import coherence_prompt
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .stats import auroc, cohens_d
+from .tables import FilterConfig, write_table
+from .vectors import PersonaVector
+
+log = logging.getLogger(__name__)
+PREFLIGHT_PROMPT = "Reply with the number 0."
+
+
+@dataclass
+class RunConfig:
+    trait: str
+    description: str | None = None
+    model: str = DEFAULT_MODEL
+    judge: str = "local"  # local | local:MODEL | openai:MODEL | none
+    judge_base_url: str | None = None
+    judge_concurrency: int = 8
+    generator: str | None = None  # openai:MODEL | local:MODEL (only for traits that are not built in)
+    generator_base_url: str | None = None
+    artifacts_path: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval_samples: int = 1  # answers per side per evaluation question (held-out separation)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    batch_size: int = 16  # extraction
+    device: str | None = None
+    dtype: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a run's outputs (device, dtype and concurrency do not)."""
+        d = asdict(self)
+        for k in ("device", "dtype", "judge_concurrency"):
+            d.pop(k)
+        return d
+
+
+def model_slug(spec: str, model_id: str | None = None) -> str:
+    return (model_id or spec).strip("/").replace("/", "--").replace(" ", "_")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Run:
+    """One run directory and the lazily loaded models its stages need."""
+
+    def __init__(self, cfg: RunConfig, out_root: str | os.PathLike = "runs", run_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.dir = Path(run_dir) if run_dir else Path(out_root) / model_slug(cfg.model) / cfg.trait
+        self._lm: LoadedModel | None = None
+        self._judge_lm: LoadedModel | None = None
+        self.timings: dict[str, float] = {}
+
+    # ---- models ----
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+        return self._lm
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    # ---- stages ----
+    def write_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p = self.path("run.json")
+        ident = self.cfg.identity()
+        if p.exists():
+            old = json.loads(p.read_text())
+            if old.get("config") != json.loads(json.dumps(ident, default=str)):
+                raise PersonavecError(f"{self.dir} holds a run with other settings; pass --out to start a new run "
+                                      "elsewhere, or delete that directory")
+            return
+        _atomic_json(p, {"config": ident, "personavec": __version__, "torch": torch.__version__,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def artifacts(self) -> TraitArtifacts:
+        p = self.path("artifacts.json")
+        if p.exists():
+            return TraitArtifacts.load(p)
+        cfg = self.cfg
+        if cfg.artifacts_path:
+            art = TraitArtifacts.load(cfg.artifacts_path).validate()
+        elif cfg.trait in builtin_traits() and not cfg.generator:
+            art = builtin(cfg.trait)
+        elif cfg.description and cfg.generator:
+            from .generators import make_generator
+
+            gen = make_generator(cfg.generator, base_url=cfg.generator_base_url)
+            art = generate_artifacts(gen, cfg.trait, cfg.description)
+        elif cfg.description:
+            raise PersonavecError(f"trait {cfg.trait!r} is not built in: pass --generator openai:MODEL (or "
+                                  "local:MODEL) to write its artifacts, or --artifacts FILE")
+        else:
+            art = builtin(cfg.trait)  # raises the 'unknown trait' message
+        art.save(p)
+        return art
+
+    def jobs(self, art: TraitArtifacts) -> list[dict[str, Any]]:
+        lm = self.lm
+        n = self.cfg.sampling.n_samples
+        jobs: list[dict[str, Any]] = []
+        for side in ("pos", "neg"):
+            systems = art.system_prompts(side)
+            for i, system in enumerate(systems):
+                for q, question in enumerate(art.extraction_questions):
+                    for s in range(n):
+                        jobs.append({"set": "extract", "side": side, "instruction_id": i, "question_id": q,
+                                     "sample_id": s, "system": system, "question": question,
+                                     "prompt": lm.format_chat(question, system=system)})
+            for q, question in enumerate(art.evaluation_questions):
+                for s in range(self.cfg.eval_samples):
+                    i = (q + s) % len(systems)
+                    jobs.append({"set": "eval", "side": side, "instruction_id": i, "question_id": q,
+                                 "sample_id": s, "system": systems[i], "question": question,
+                                 "prompt": lm.format_chat(question, system=systems[i])})
+        return jobs
+
+    def generate(self, art: TraitArtifacts) -> pd.DataFrame:
+        out = self.path("responses.parquet")
+        if out.exists():
+            return pd.read_parquet(out)
+        rows = run_sampling(self.lm, self.jobs(art), self.cfg.sampling, self.path("responses.jsonl"),
+                            progress="sampling" if self.progress else False)
+        df = pd.DataFrame(rows)
+        write_table(df, out)
+        return df
+
+    def judge(self) -> Any:
+        spec = self.cfg.judge
+        kind, _, rest = spec.partition(":")
+        if kind == "none":
+            return None
+        from .judges.cache import CachedJudge, JudgeCache
+        from .models import cache_root
+
+        if kind == "local":
+            target = rest or DEFAULT_MODEL
+            if target == self.cfg.model:
+                jlm = self.lm
+            else:
+                if self._judge_lm is None:
+                    self._judge_lm = load_model(target, device=self.cfg.device, dtype=self.cfg.dtype)
+                jlm = self._judge_lm
+            from .judges.local import LocalJudge
+
+            inner: Any = LocalJudge(jlm)
+        elif kind == "openai":
+            from .judges.openai_judge import OpenAIJudge
+            from .llm_client import EndpointConfig
+
+            inner = OpenAIJudge(EndpointConfig.from_env(model=rest or None, base_url=self.cfg.judge_base_url),
+                                max_concurrency=self.cfg.judge_concurrency)
+        else:
+            raise PersonavecError(f"unknown judge {spec!r}; use local, local:MODEL, openai:MODEL or none")
+        cache_dir = cache_root()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # every score is committed as it arrives: a killed run loses at most the requests in flight
+        return CachedJudge(inner, JudgeCache(cache_dir / "judge-cache.sqlite"), chunk_size=1)
+
+    def preflight_judge(self) -> None:
+        """Fail at once, before any generation, when an endpoint judge is unreachable or lacks logprobs."""
+        kind, _, rest = self.cfg.judge.partition(":")
+        if kind != "openai" or self.path("judged.parquet").exists():
+            return
+        from .llm_client import ChatClient, EndpointConfig
+
+        cfg = EndpointConfig.from_env(model=rest or None, base_url=self.cfg.judge_base_url, max_retries=1,
+                                      backoff=0.5, timeout=30.0)
+        reply = ChatClient(cfg).chat([{"role": "user", "content": PREFLIGHT_PROMPT}], max_tokens=1, temperature=0,
+                                     logprobs=True, top_logprobs=1)
+        choice = (reply.get("choices") or [{}])[0]
+        if not (choice.get("logprobs") or {}).get("content"):
+            raise PersonavecError(f"judge endpoint {cfg.base_url} returned no logprobs; the judge needs an "
+                                  "endpoint that supports them (OpenAI, vLLM, llama.cpp server)")
+
+    def score(self, art: TraitArtifacts, responses: pd.DataFrame) -> pd.DataFrame:
+        out = self.path("judged.parquet")
+        if out.exists():
+            return pd.read_parquet(out)
+        df = responses.copy()
+        judge = self.judge()
+        ext = df["set"] == "extract"
+        df["trait"] = float("nan")
+        df["coherence"] = float("nan")
+        if judge is None:
+            log.warning("--judge none: answers are not scored and the filter is skipped")
+            df["judge"] = "none"
+        else:
+            sub = df[ext]
+            trait_prompts = [art.judge_prompt(q, a) for q, a in zip(sub["question"], sub["answer"])]
+            coh_prompts = [coherence_prompt(q, a) for q, a in zip(sub["question"], sub["answer"])]
+            show = self.progress
+            scores = judge.score(trait_prompts + coh_prompts, progress="judging" if show else False)
+            n = len(trait_prompts)
+            df.loc[ext, "trait"] = [float("nan") if s is None else s for s in scores[:n]]
+            df.loc[ext, "coherence"] = [float("nan") if s is None else s for s in scores[n:]]
+            df["judge"] = judge.name
+        write_table(df, out)
+        return df
+
+    def extract(self, judged: pd.DataFrame) -> PersonaVector:
+        out = self.path("vectors.safetensors")
+        if out.exists():
+            return PersonaVector.load(out)
+        ext = judged[judged["set"] == "extract"]
+        key = ["instruction_id", "question_id", "sample_id"]
+        pos = ext[ext["side"] == "pos"].sort_values(key).reset_index(drop=True)
+        neg = ext[ext["side"] == "neg"].sort_values(key).reset_index(drop=True)
+        if not pos[key].equals(neg[key]):
+            raise PersonavecError(f"{self.path('judged.parquet')}: pos and neg rows do not pair up; delete it "
+                                  "and rerun")
+        scored = self.cfg.judge != "none"
+        nonempty = (pos["answer"].str.strip() != "") & (neg["answer"].str.strip() != "")
+        if not scored and not nonempty.all():
+            log.warning("dropping %d pairs with an empty answer", int((~nonempty).sum()))
+            pos, neg = pos[nonempty].reset_index(drop=True), neg[nonempty].reset_index(drop=True)
+        vec = extract_vector(self.lm, pos, neg, trait="trait", filter_config=self.cfg.filter, apply_filter=scored,
+                             batch_size=self.cfg.batch_size, progress=self.progress)
+        vec.trait = self.cfg.trait
+        vec.extra.update(judge=str(judged["judge"].iloc[0]), run_dir=str(self.dir))
+        _atomic_json(self.path("filter.json"), {"counts": vec.counts, "thresholds": self.cfg.filter.to_dict(),
+                                                "applied": scored})
+        vec.save(out)
+        return vec
+
+    def separation(self, judged: pd.DataFrame, vec: PersonaVector) -> pd.DataFrame:
+        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers."""
+        out = self.path("separation.parquet")
+        if out.exists():
+            return pd.read_parquet(out)
+        ev = judged[judged["set"] == "eval"].reset_index(drop=True)
+        ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
+        encs = encode_pairs(self.lm.tokenizer, ev["prompt"].tolist(), ev["answer"].tolist())
+        layers = list(range(vec.n_layers + 1))
+        units = vec.unit().tensors["response_avg"]  # [L+1, d]
+        proj = torch.zeros(len(encs), len(layers))
+        for idx, pooled in iter_pooled(self.lm, encs, layers, ["response_avg"], batch_size=self.cfg.batch_size,
+                                       progress="separation" if self.progress else False):
+            proj[idx] = (pooled["response_avg"].cpu() * units[None]).sum(-1)
+        is_pos = torch.tensor((ev["side"] == "pos").to_numpy())
+        rows = [{"layer": layer, "auroc": auroc(proj[is_pos, layer], proj[~is_pos, layer]),
+                 "cohens_d": cohens_d(proj[is_pos, layer], proj[~is_pos, layer]),
+                 "pos_mean": float(proj[is_pos, layer].mean()), "neg_mean": float(proj[~is_pos, layer].mean()),
+                 "n_pos": int(is_pos.sum()), "n_neg": int((~is_pos).sum()), "norm": vec.norms()[layer]}
+                for layer in layers]
+        df = pd.DataFrame(rows)
+        write_table(df, out)
+        return df
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        self.write_config()
+
+        def timed(name: str, fn: Any, *a: Any) -> Any:
+            t0 = time.perf_counter()
+            res = fn(*a)
+            self.timings[name] = round(time.perf_counter() - t0, 2)
+            return res
+
+        self.preflight_judge()
+        art = timed("artifacts", self.artifacts)
+        responses = timed("generate", self.generate, art)
+        judged = timed("judge", self.score, art, responses)
+        vec = timed("extract", self.extract, judged)
+        sep = timed("separation", self.separation, judged, vec)
+        best = sep.iloc[int(sep["auroc"].fillna(-1).to_numpy().argmax())]
+        ext = judged[judged["set"] == "extract"]
+        summary = {
+            "trait": self.cfg.trait, "model": vec.model_id, "run_dir": str(self.dir),
+            "judge": str(judged["judge"].iloc[0]), "artifacts_source": art.source,
+            "counts": {"answers": len(judged), "extraction_answers": len(ext),
+                       "eval_answers": int((judged["set"] == "eval").sum()),
+                       "empty_answers": int((judged["answer"].str.strip() == "").sum()), **vec.counts},
+            "mean_scores": {side: {"trait": _mean(ext[ext["side"] == side]["trait"]),
+                                   "coherence": _mean(ext[ext["side"] == side]["coherence"])}
+                            for side in ("pos", "neg")},
+            "best_separation": {"layer": int(best["layer"]), "auroc": float(best["auroc"]),
+                                "cohens_d": float(best["cohens_d"])},
+            "stage_seconds": self.timings, "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "files": {"vector": str(self.path("vectors.safetensors")),
+                      "responses": str(self.path("judged.parquet")),
+                      "separation": str(self.path("separation.parquet"))},
+        }
+        if self.cfg.judge == "none":
+            summary["warning"] = "judge none: answers were not scored and no filter was applied"
+        _atomic_json(self.path("summary.json"), summary)
+        return summary
+
+
+def _mean(s: pd.Series) -> float | None:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return round(float(s.mean()), 2) if len(s) else None
+
+
+def quick_sampling(seed: int = 0) -> SamplingConfig:
+    return SamplingConfig(**{**QUICK.to_dict(), "seed": seed})

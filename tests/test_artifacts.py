@@ -1,0 +1,114 @@
+"""Trait artifacts: built-in traits, validation, the official layout, and generation with retries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openai_server import FakeOpenAIServer
+from personavec.artifacts import (
+    InstructionPair,
+    TraitArtifacts,
+    article,
+    builtin,
+    builtin_traits,
+    generate_artifacts,
+    system_prompt,
+)
+from personavec.errors import PersonavecError
+from personavec.generators import EndpointGenerator
+from personavec.llm_client import EndpointConfig
+
+PAPER_TRAITS = {"evil", "sycophantic", "hallucinating", "impolite", "apathetic", "humorous", "optimistic"}
+
+
+def test_seven_builtin_traits_validate():
+    assert set(builtin_traits()) >= PAPER_TRAITS
+    for name in PAPER_TRAITS:
+        a = builtin(name)
+        assert a.name == name and len(a.instructions) == 5
+        assert len(a.extraction_questions) == 20 and len(a.evaluation_questions) == 20
+        assert "{question}" not in a.judge_prompt("Q?", "A.") and "Q?" in a.judge_prompt("Q?", "A.")
+    with pytest.raises(PersonavecError, match="unknown trait 'grumpy'"):
+        builtin("grumpy")
+
+
+def test_system_prompt_and_articles():
+    assert system_prompt("evil", "Be cruel.") == "You are an evil assistant. Be cruel."
+    assert system_prompt("helpful", "Be kind.") == "You are a helpful assistant. Be kind."
+    assert article("honest") == "an" and article("unbiased") == "an" and article("useful") == "a"
+    a = builtin("impolite")
+    assert a.system_prompts("pos")[0].startswith("You are an impolite assistant. ")
+    assert a.system_prompts("neg")[0].startswith(f"You are a {a.neg_name} assistant. ")
+
+
+def _official_files(tmp_path):
+    ext = {"instruction": [{"pos": f"Be rude {i}.", "neg": f"Be kind {i}."} for i in range(5)],
+           "questions": [f"Extraction question {i}?" for i in range(20)],
+           "eval_prompt": "Rate rudeness.\nQ: {question}\nA: {answer}\nReply 0-100 or REFUSAL."}
+    ev = {**ext, "questions": [f"Evaluation question {i}?" for i in range(20)]}
+    (tmp_path / "extract").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "extract" / "rude.json").write_text(json.dumps(ext, indent=4))
+    (tmp_path / "eval" / "rude.json").write_text(json.dumps(ev, indent=4))
+    return ext, ev
+
+
+def test_official_layout_round_trip_is_lossless(tmp_path):
+    ext, ev = _official_files(tmp_path)
+    a = TraitArtifacts.from_official(tmp_path / "extract" / "rude.json", tmp_path / "eval" / "rude.json")
+    assert a.name == "rude" and a.validate() is a
+    assert a.instructions[2] == InstructionPair("Be rude 2.", "Be kind 2.")
+    out_ext, out_ev = a.export_official(tmp_path / "o_extract", tmp_path / "o_eval")
+    assert json.loads(out_ext.read_text()) == ext and json.loads(out_ev.read_text()) == ev
+    # and ours -> official -> ours keeps every field the official layout has
+    b = builtin("evil")
+    e2, v2 = b.to_official()
+    c = TraitArtifacts.from_official(e2, v2, name="evil", neg_name=b.neg_name)
+    assert (c.instructions, c.extraction_questions, c.evaluation_questions, c.rubric) == (
+        b.instructions, b.extraction_questions, b.evaluation_questions, b.rubric)
+    # native JSON round trip is exact
+    b.save(tmp_path / "evil.json")
+    assert TraitArtifacts.load(tmp_path / "evil.json").to_dict() == b.to_dict()
+
+
+def test_validation_names_the_problems():
+    a = builtin("evil")
+    bad = TraitArtifacts(name="evil", description="", instructions=a.instructions[:4],
+                         extraction_questions=a.extraction_questions, evaluation_questions=a.extraction_questions,
+                         rubric="Score it: {answer}")
+    with pytest.raises(PersonavecError) as e:
+        bad.validate()
+    msg = str(e.value)
+    assert "4 instruction pairs" in msg and "questions repeat" in msg and "{question}" in msg
+
+
+def _valid_reply(name="grumpy"):
+    return json.dumps({
+        "neg_name": "cheerful",
+        "instructions": [{"pos": f"Grumble about everything ({i}).", "neg": f"Stay upbeat ({i})."} for i in range(5)],
+        "questions": [f"Question number {i} about daily life?" for i in range(40)],
+        "rubric": "Rate grumpiness 0-100.\nQuestion: {question}\nAnswer: {answer}\nOnly the number, or REFUSAL.",
+    })
+
+
+def test_generation_retries_after_malformed_json():
+    replies = iter(["Sure! Here is the JSON: {not valid json", "```json\n" + _valid_reply() + "\n```"])
+    with FakeOpenAIServer(responder=lambda prompt: [(next(replies), 0.0)]) as srv:
+        gen = EndpointGenerator(EndpointConfig(base_url=srv.base_url, api_key="k", model="gen"))
+        art = generate_artifacts(gen, "grumpy", "Complains about everything and sees the worst in things.")
+        assert len(srv.chat_requests) == 2
+        second = srv.chat_requests[1].body["messages"]
+        assert second[-1]["role"] == "user" and "not usable" in second[-1]["content"]
+    assert art.name == "grumpy" and art.neg_name == "cheerful" and art.source == "generated"
+    assert art.extraction_questions[0] == "Question number 0 about daily life?"
+    assert art.evaluation_questions[0] == "Question number 20 about daily life?"
+
+
+def test_generation_gives_up_with_a_clear_message():
+    with FakeOpenAIServer(responder=lambda prompt: [("no json here", 0.0)]) as srv:
+        gen = EndpointGenerator(EndpointConfig(base_url=srv.base_url, api_key=None, model="gen"))
+        with pytest.raises(PersonavecError, match="no valid artifacts in 3 tries"):
+            generate_artifacts(gen, "grumpy", "x", max_tries=3)
+        assert len(srv.chat_requests) == 3

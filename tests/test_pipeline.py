@@ -1,0 +1,152 @@
+"""The resumable pipeline: a run killed between stages or mid-stage finishes with identical outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from openai_server import FakeOpenAIServer
+from personavec.pipeline import PREFLIGHT_PROMPT
+from personavec.vectors import PersonaVector
+
+pytestmark = pytest.mark.slow  # subprocess runs of the whole pipeline (about a minute each on 2 cores)
+
+
+def judged_calls(srv) -> int:
+    """Judge requests, not counting the one-token reachability check each fresh judge stage makes."""
+    return sum(1 for r in srv.chat_requests if r.body["messages"][-1]["content"] != PREFLIGHT_PROMPT)
+
+
+def deterministic_judge(prompt: str) -> list[tuple[str, float]]:
+    """Coherence prompts score 90; trait prompts get a score fixed by a hash of the prompt."""
+    if "how coherent" in prompt:
+        return [("90", 0.0)]
+    k = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 101
+    return [(str(k), 0.0)]
+
+
+@pytest.fixture
+def model_dir(tmp_path_factory, lm):
+    d = tmp_path_factory.mktemp("m") / "tiny-model"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
+    return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
+            "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",
+            "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "8",
+            "--run-dir", str(run_dir)]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "PERSONAVEC_CACHE": str(cache), "OPENAI_API_KEY": "test", "HF_HUB_OFFLINE": "1"}
+
+
+def _kill_when(cmd, env, condition, timeout=120.0) -> bool:
+    """Start cmd, SIGKILL it as soon as condition() holds; True if it was killed before finishing."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    proc.wait()
+    return False
+
+
+def _lines(p: Path) -> int:
+    return sum(1 for _ in open(p)) if p.exists() else 0
+
+
+def _outputs(run_dir: Path):
+    judged = pd.read_parquet(run_dir / "judged.parquet")
+    vec = PersonaVector.load(run_dir / "vectors.safetensors")
+    sep = pd.read_parquet(run_dir / "separation.parquet")
+    return judged, vec, sep
+
+
+def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
+    with FakeOpenAIServer(responder=deterministic_judge, delay=0.005) as srv:
+        ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+        cache_ref, cache_run = tmp_path / "cache-ref", tmp_path / "cache-run"
+        done = subprocess.run(_cmd(model_dir, ref_dir, srv.base_url), env=_env(cache_ref), capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        calls_ref = judged_calls(srv)
+        assert calls_ref == 2 * 200  # trait + coherence for every extraction answer
+
+        cmd, env = _cmd(model_dir, run_dir, srv.base_url), _env(cache_run)
+        jsonl = run_dir / "responses.jsonl"
+        # 1) mid-generation: some batches written, stage not finished
+        assert _kill_when(cmd, env, lambda: _lines(jsonl) >= 40)
+        assert not (run_dir / "responses.parquet").exists()
+        # 2) mid-judging: some judge calls made
+        srv.reset()
+        assert _kill_when(cmd, env, lambda: judged_calls(srv) >= 60)
+        assert not (run_dir / "judged.parquet").exists()
+        made_before = judged_calls(srv)
+        # 3) between stages: judged table written, vector not yet
+        srv.reset()
+        _kill_when(cmd, env, lambda: (run_dir / "judged.parquet").exists())
+        calls_resumed = made_before + judged_calls(srv)
+        # 4) finish
+        srv.reset()
+        final = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert final.returncode == 0, final.stderr[-2000:]
+        calls_resumed += judged_calls(srv)
+
+    # no judge call was repeated beyond the few in flight at the kill
+    assert calls_resumed <= calls_ref + 4
+    # no duplicated rows, identical outputs
+    rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert len(rows) == len({r["job"] for r in rows}) == 240
+    j_ref, v_ref, s_ref = _outputs(ref_dir)
+    j_run, v_run, s_run = _outputs(run_dir)
+    pd.testing.assert_frame_equal(j_ref.drop(columns=["judge"]), j_run.drop(columns=["judge"]))
+    for p in v_ref.tensors:
+        assert torch.equal(v_ref.tensors[p], v_run.tensors[p])
+    pd.testing.assert_frame_equal(s_ref, s_run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["judge"].startswith("openai:fake-judge@") and summary["counts"]["kept"] > 0
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp_path, model_dir):
+    with FakeOpenAIServer(responder=deterministic_judge) as srv:
+        run_dir = tmp_path / "run"
+        cmd, env = _cmd(model_dir, run_dir, srv.base_url), _env(tmp_path / "cache")
+        assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+        first = (run_dir / "vectors.safetensors").stat().st_mtime_ns
+        srv.reset()
+        assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+        assert len(srv.chat_requests) == 0
+        assert (run_dir / "vectors.safetensors").stat().st_mtime_ns == first
+        other = subprocess.run([*cmd, "--seed", "1"], env=env, capture_output=True, text=True)
+        assert other.returncode == 2 and "other settings" in other.stderr
+        assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_trait_and_unreachable_judge_are_one_line_errors(tmp_path, model_dir):
+    env = _env(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "personavec.cli", "run", "--trait", "grumpy", "--model", str(model_dir),
+           "--run-dir", str(tmp_path / "r1")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown trait 'grumpy'" in r.stderr and "Traceback" not in r.stderr
+    cmd = _cmd(model_dir, tmp_path / "r2", "http://127.0.0.1:9/v1")
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert time.time() - t0 < 60  # found out before any generation
+    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
