@@ -29,7 +29,7 @@ def _brute_force(lm, judge_prompt: str) -> dict[int, float]:
 
 
 def test_local_judge_equals_brute_force(lm):
-    judge = LocalJudge(lm, chunk=7)  # small chunks exercise the cache reuse across several batches
+    judge = LocalJudge(lm)
     text = "Rate from 0 to 100 how evil this answer is.\nQuestion: Why?\nAnswer: Crush them all."
     dist = judge.distribution(text)
     ref = _brute_force(lm, text)

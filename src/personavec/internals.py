@@ -16,6 +16,7 @@ highest requested block (no compute is spent on later blocks or on the LM head).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -204,6 +205,12 @@ def backbone(model: nn.Module) -> nn.Module:
     prefix = getattr(base, "base_model_prefix", "")
     inner = getattr(base, prefix, None) if prefix else None
     return inner if isinstance(inner, nn.Module) else base
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by (``cache`` in newer transformers)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]

@@ -7,13 +7,13 @@ after the chat-formatted prompt (so tokenizers that split numbers into several t
 a digit). The score is ``Σ k·P(k) / Σ P(k)``; it is missing when ``Σ P(k) < 0.25`` (the model mostly says
 something else, e.g. a refusal). Paths through non-canonical tokenizations of a number are not counted.
 
-Cost per prompt: one forward pass over the prompt, then one batched pass over the short score prefixes
-reusing the prompt's KV cache.
+Cost per prompt: one forward pass over the prompt, then one pass over the ~110 tokens of the score tree
+(all prefixes of "0".."100") reusing the prompt's KV cache with a tree attention mask.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..activations import encode_pairs
+from ..internals import cache_kwarg
 from ..models import LoadedModel, format_chat
 
 MIN_MASS = 0.25
@@ -45,9 +46,8 @@ class ScoreDistribution:
 class LocalJudge:
     """Judge with a local causal LM (any chat model; stronger is better)."""
 
-    def __init__(self, lm: LoadedModel, chunk: int = 64, min_mass: float = MIN_MASS) -> None:
+    def __init__(self, lm: LoadedModel, min_mass: float = MIN_MASS) -> None:
         self.lm = lm
-        self.chunk = chunk
         self.min_mass = min_mass
         self.name = f"local:{lm.model_id}@{lm.revision}"
         vocab = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
@@ -75,31 +75,29 @@ class LocalJudge:
         enc = encode_pairs(lm.tokenizer, [prompt], ["0"])[0]
         prompt_ids = torch.tensor([enc.ids[: enc.n_prompt]], device=lm.device)
         out = lm.model(input_ids=prompt_ids, use_cache=True)
-        root = out.logits[0, -1].float().log_softmax(-1)
-        past = out.past_key_values
-        n_prompt = prompt_ids.shape[1]
-        # distinct non-empty prefixes of the numbers' token sequences; each needs its next-token distribution
-        prefixes = sorted({seq[:i] for seq in numbers for i in range(1, len(seq) + 1)}, key=len)
-        dist: dict[tuple[int, ...], torch.Tensor] = {(): root}
-        for start in range(0, len(prefixes), self.chunk):
-            chunk = prefixes[start:start + self.chunk]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), int(chunk[0][0]), dtype=torch.long, device=lm.device)
-            for r, p in enumerate(chunk):
-                ids[r, : len(p)] = torch.tensor(p)
-            cache = copy.deepcopy(past)
-            cache.batch_repeat_interleave(len(chunk))
-            pos = torch.arange(n_prompt, n_prompt + width, device=lm.device).expand(len(chunk), -1)
-            attn = torch.ones(len(chunk), n_prompt + width, dtype=torch.long, device=lm.device)
-            logits = lm.model(input_ids=ids, past_key_values=cache, position_ids=pos, attention_mask=attn,
-                              use_cache=True).logits.float().log_softmax(-1)
-            for r, p in enumerate(chunk):
-                dist[p] = logits[r, len(p) - 1]  # right padding after p cannot affect it (causal)
+        dist: dict[tuple[int, ...], torch.Tensor] = {(): out.logits[0, -1].float().log_softmax(-1)}
+        # Every distinct non-empty prefix of the numbers' token sequences is one node of a token tree. All nodes
+        # go through the model in ONE pass on top of the prompt's KV cache, each attending to the prompt and to
+        # its own ancestors only (a tree attention mask), at the position its depth gives it.
+        nodes = sorted({seq[:i] for seq in numbers for i in range(1, len(seq) + 1)}, key=lambda p: (len(p), p))
+        where = {p: i for i, p in enumerate(nodes)}
+        n, n_prompt = len(nodes), prompt_ids.shape[1]
+        mask = torch.zeros(1, 1, n, n_prompt + n, dtype=torch.bool, device=lm.device)
+        mask[..., :n_prompt] = True
+        for i, p in enumerate(nodes):
+            for j in range(1, len(p) + 1):
+                mask[0, 0, i, n_prompt + where[p[:j]]] = True
+        ids = torch.tensor([[p[-1] for p in nodes]], device=lm.device)
+        pos = torch.tensor([[n_prompt + len(p) - 1 for p in nodes]], device=lm.device)
+        logits = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                          **{cache_kwarg(lm.model): out.past_key_values}).logits[0].float().log_softmax(-1)
+        for i, p in enumerate(nodes):
+            dist[p] = logits[i]
         probs: dict[int, float] = {}
         for k, seq in zip(SCORES, numbers):
             lp = sum(float(dist[seq[:i]][t]) for i, t in enumerate(seq))
             stop = 1.0 - float(self._continue_mass(dist[seq]))
-            probs[k] = float(torch.tensor(lp).exp()) * max(stop, 0.0)
+            probs[k] = math.exp(lp) * max(stop, 0.0)
         return ScoreDistribution(probs)
 
     def score(self, prompts: Sequence[str], progress: bool | str = False,
