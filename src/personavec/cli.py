@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                     judge_base_url=args.judge_base_url, judge_concurrency=args.judge_concurrency,
                     generator=args.generator, generator_base_url=args.generator_base_url,
                     artifacts_path=args.artifacts, sampling=sampling, eval_samples=args.eval_samples,
-                    filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
+                    filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
                     batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     summary = Run(cfg, out_root=args.out, run_dir=args.run_dir).run()
     print_summary(summary)
@@ -195,8 +195,12 @@ def print_summary(summary: dict) -> None:
     print(f"\ntrait {summary['trait']!r} on {summary['model']} — judge: {summary['judge']}")
     if "warning" in summary:
         print(f"WARNING: {summary['warning']}")
+    f = summary.get("filter", {})
     print(f"answers {c['answers']} (extraction {c['extraction_answers']}, held-out {c['eval_answers']}, "
-          f"empty {c['empty_answers']}); pairs kept {c.get('kept')} of {c.get('rows')}")
+          f"empty {c['empty_answers']}); pairs used {c.get('kept')} of {c.get('rows')}")
+    if "judge_auroc" in f:
+        print(f"  judge trait-score AUROC pos vs neg {f['judge_auroc']:.3f}; missing scores {f['judge_missing']}; "
+              f"the paper's filter would keep {f['paper_filter_keeps']} pairs")
     for side, sc in summary["mean_scores"].items():
         print(f"  mean {side}: trait {sc['trait']}  coherence {sc['coherence']}")
     sep = pd.read_parquet(summary["files"]["separation"])
@@ -249,15 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
                                                           "key from OPENAI_API_KEY")
     r.add_argument("--judge-concurrency", type=int, default=8)
-    r.add_argument("--quick", action="store_true", help="CPU profile: 1 sample per (question, instruction), "
-                                                        "48 new tokens")
+    r.add_argument("--quick", action="store_true", help="CPU profile: 2 samples per (question, instruction), "
+                                                        "64 new tokens")
     r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")
-    r.add_argument("--eval-samples", type=int, default=1, help="held-out answers per side per evaluation question")
+    r.add_argument("--eval-samples", type=int, default=2, help="held-out answers per side per evaluation question")
     r.add_argument("--max-new-tokens", type=int, default=None, help="paper: 1000")
     r.add_argument("--temperature", type=float, default=None, help="paper: 1.0")
     r.add_argument("--gen-batch-size", type=int, default=None)
     r.add_argument("--batch-size", type=int, default=16, help="extraction batch size")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--filter", choices=["auto", "on", "off"], default="auto",
+                   help="the paper's filter: auto (default) applies it when the judge tells pos from neg answers "
+                        "apart (trait-score AUROC >= 0.75) and >= 10 pairs survive; on; off")
     r.add_argument("--pos-min", type=float, default=50.0)
     r.add_argument("--neg-max", type=float, default=50.0)
     r.add_argument("--coherence-min", type=float, default=50.0)

@@ -36,7 +36,7 @@ class SamplingConfig:
         return asdict(self)
 
 
-QUICK = SamplingConfig(n_samples=1, max_new_tokens=48, batch_size=25)
+QUICK = SamplingConfig(n_samples=2, max_new_tokens=64, batch_size=25)
 
 
 @torch.no_grad()

@@ -44,6 +44,8 @@ from .vectors import PersonaVector
 
 log = logging.getLogger(__name__)
 PREFLIGHT_PROMPT = "Reply with the number 0."
+JUDGE_MIN_AUROC = 0.75  # --filter auto: below this the judge's trait scores barely tell pos from neg answers
+MIN_PAIRS = 10
 
 
 @dataclass
@@ -58,8 +60,9 @@ class RunConfig:
     generator_base_url: str | None = None
     artifacts_path: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eval_samples: int = 1  # answers per side per evaluation question (held-out separation)
+    eval_samples: int = 2  # answers per side per evaluation question (held-out separation)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    filter_mode: str = "auto"  # auto | on | off (see Run.filter_decision)
     batch_size: int = 16  # extraction
     device: str | None = None
     dtype: str | None = None
@@ -254,19 +257,54 @@ class Run:
         if not pos[key].equals(neg[key]):
             raise PersonavecError(f"{self.path('judged.parquet')}: pos and neg rows do not pair up; delete it "
                                   "and rerun")
-        scored = self.cfg.judge != "none"
+        decision = self.filter_decision(pos, neg)
+        apply = decision["applied"]
         nonempty = (pos["answer"].str.strip() != "") & (neg["answer"].str.strip() != "")
-        if not scored and not nonempty.all():
+        if not apply and not nonempty.all():
             log.warning("dropping %d pairs with an empty answer", int((~nonempty).sum()))
             pos, neg = pos[nonempty].reset_index(drop=True), neg[nonempty].reset_index(drop=True)
-        vec = extract_vector(self.lm, pos, neg, trait="trait", filter_config=self.cfg.filter, apply_filter=scored,
+        vec = extract_vector(self.lm, pos, neg, trait="trait", filter_config=self.cfg.filter, apply_filter=apply,
                              batch_size=self.cfg.batch_size, progress=self.progress)
         vec.trait = self.cfg.trait
+        vec.filter.update(decision)
         vec.extra.update(judge=str(judged["judge"].iloc[0]), run_dir=str(self.dir))
         _atomic_json(self.path("filter.json"), {"counts": vec.counts, "thresholds": self.cfg.filter.to_dict(),
-                                                "applied": scored})
+                                                **decision})
         vec.save(out)
         return vec
+
+    def filter_decision(self, pos: pd.DataFrame, neg: pd.DataFrame) -> dict[str, Any]:
+        """Whether to apply the paper's filter, and why.
+
+        ``--filter on`` always applies it and ``off`` never does. ``auto`` (default) applies it when the judge
+        can tell the eliciting answers from the suppressing ones — AUROC of its trait scores, pos vs neg, at
+        least ``JUDGE_MIN_AUROC`` — and at least ``MIN_PAIRS`` pairs survive; otherwise every pair is used and
+        the summary says so loudly. A weak judge (such as the 135M embedded model judging itself) only adds
+        noise to the filter.
+        """
+        from .tables import paired_filter
+
+        mode = self.cfg.filter_mode
+        if self.cfg.judge == "none":
+            return {"applied": False, "mode": mode, "reason": "no judge (--judge none)"}
+        ps = torch.tensor(pd.to_numeric(pos["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
+        ns = torch.tensor(pd.to_numeric(neg["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
+        ps, ns = ps[~ps.isnan()], ns[~ns.isnan()]
+        judge_auroc = auroc(ps, ns) if len(ps) and len(ns) else float("nan")
+        would_keep = paired_filter(pos, neg, "trait", self.cfg.filter).counts["kept"]
+        info = {"mode": mode, "judge_auroc": judge_auroc, "judge_missing": int(len(pos) + len(neg) - len(ps) - len(ns)),
+                "paper_filter_keeps": would_keep}
+        if mode == "on":
+            return {"applied": True, "reason": "--filter on", **info}
+        if mode == "off":
+            return {"applied": False, "reason": "--filter off", **info}
+        if not judge_auroc >= JUDGE_MIN_AUROC:
+            return {"applied": False, "reason": f"the judge cannot tell pos from neg answers (trait-score AUROC "
+                                                f"{judge_auroc:.2f} < {JUDGE_MIN_AUROC}); all pairs used", **info}
+        if would_keep < MIN_PAIRS:
+            return {"applied": False, "reason": f"the paper's filter keeps only {would_keep} pairs (< {MIN_PAIRS}); "
+                                                "all pairs used", **info}
+        return {"applied": True, "reason": "judge separates pos from neg", **info}
 
     def separation(self, judged: pd.DataFrame, vec: PersonaVector) -> pd.DataFrame:
         """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers."""
@@ -326,8 +364,10 @@ class Run:
                       "responses": str(self.path("judged.parquet")),
                       "separation": str(self.path("separation.parquet"))},
         }
-        if self.cfg.judge == "none":
-            summary["warning"] = "judge none: answers were not scored and no filter was applied"
+        filt = json.loads(self.path("filter.json").read_text())
+        summary["filter"] = filt
+        if not filt.get("applied"):
+            summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
         _atomic_json(self.path("summary.json"), summary)
         return summary
 
