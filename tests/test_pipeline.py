@@ -173,3 +173,30 @@ def test_unknown_trait_and_unreachable_judge_are_one_line_errors(tmp_path, model
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert time.time() - t0 < 60  # found out before any generation
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
+    from personavec.generation import SamplingConfig
+    from personavec.pipeline import Run, RunConfig
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(trait="humorous", model=str(model_dir), judge="none", eval_samples=1,
+                    sampling=SamplingConfig(n_samples=1, max_new_tokens=6, batch_size=50))
+    summary = Run(cfg, run_dir=tmp_path / "run", progress=False).run()
+    assert "NOT applied" in summary["warning"] and "--judge none" in summary["warning"]
+    assert summary["judge"] == "none" and summary["counts"]["extraction_answers"] == 200
+    judged = pd.read_parquet(tmp_path / "run" / "judged.parquet")
+    assert judged["trait"].isna().all()
+    vec = PersonaVector.load(tmp_path / "run" / "vectors.safetensors")
+    assert vec.trait == "humorous" and vec.filter["applied"] is False and vec.extra["judge"] == "none"
+    sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")
+    assert list(sep["layer"]) == [0, 1, 2] and sep["auroc"].between(0, 1).all()
+
+
+def test_local_generator_answers_a_chat(model_dir):
+    from personavec.generators import make_generator
+
+    gen = make_generator(f"local:{model_dir}", device="cpu")
+    gen.max_new_tokens = 5
+    assert isinstance(gen.complete([{"role": "user", "content": "Write JSON."}]), str)
+    assert gen.name.startswith("local:")
