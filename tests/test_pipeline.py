@@ -155,7 +155,9 @@ def test_filter_auto_uses_the_judge_only_when_it_separates_pos_from_neg(tmp_path
     few = run.filter_decision(*frames([80.0] * 5 + [40.0] * 7, [10.0] * 12))
     assert not few["applied"] and "keeps only 5" in few["reason"]
     missing = run.filter_decision(*frames([None] * 12, [None] * 12))
-    assert not missing["applied"] and missing["judge_missing"] == 24
+    assert not missing["applied"] and missing["judge_missing"] == 24 and "only 0 pos" in missing["reason"]
+    one = run.filter_decision(*frames([90.0] + [None] * 11, [10.0] + [None] * 11))
+    assert not one["applied"] and "only 1 pos and 1 neg" in one["reason"]
     run.cfg.filter_mode = "on"
     assert run.filter_decision(*frames([30.0, 60.0] * 6, [60.0, 30.0] * 6))["applied"]
     run.cfg.judge = "none"

@@ -199,7 +199,8 @@ def print_summary(summary: dict) -> None:
     print(f"answers {c['answers']} (extraction {c['extraction_answers']}, held-out {c['eval_answers']}, "
           f"empty {c['empty_answers']}); pairs used {c.get('kept')} of {c.get('rows')}")
     if "judge_auroc" in f:
-        print(f"  judge trait-score AUROC pos vs neg {f['judge_auroc']:.3f}; missing scores {f['judge_missing']}; "
+        print(f"  judge trait-score AUROC pos vs neg {f['judge_auroc']:.3f} (nan: too few scores); "
+              f"missing scores {f['judge_missing']}; "
               f"the paper's filter would keep {f['paper_filter_keeps']} pairs")
     for side, sc in summary["mean_scores"].items():
         print(f"  mean {side}: trait {sc['trait']}  coherence {sc['coherence']}")

@@ -290,7 +290,8 @@ class Run:
         ps = torch.tensor(pd.to_numeric(pos["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
         ns = torch.tensor(pd.to_numeric(neg["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
         ps, ns = ps[~ps.isnan()], ns[~ns.isnan()]
-        judge_auroc = auroc(ps, ns) if len(ps) and len(ns) else float("nan")
+        enough = min(len(ps), len(ns)) >= MIN_PAIRS  # an AUROC over a handful of scores means nothing
+        judge_auroc = auroc(ps, ns) if enough else float("nan")
         would_keep = paired_filter(pos, neg, "trait", self.cfg.filter).counts["kept"]
         info = {"mode": mode, "judge_auroc": judge_auroc, "judge_missing": int(len(pos) + len(neg) - len(ps) - len(ns)),
                 "paper_filter_keeps": would_keep}
@@ -298,6 +299,10 @@ class Run:
             return {"applied": True, "reason": "--filter on", **info}
         if mode == "off":
             return {"applied": False, "reason": "--filter off", **info}
+        if not enough:
+            return {"applied": False, "reason": f"the judge gave a usable trait score for only {len(ps)} pos and "
+                                                f"{len(ns)} neg answers (the rest were below {0.25} probability "
+                                                "mass on 0-100); all pairs used", **info}
         if not judge_auroc >= JUDGE_MIN_AUROC:
             return {"applied": False, "reason": f"the judge cannot tell pos from neg answers (trait-score AUROC "
                                                 f"{judge_auroc:.2f} < {JUDGE_MIN_AUROC}); all pairs used", **info}
