@@ -71,3 +71,30 @@ def test_batched_equals_unbatched_on_the_real_model(smollm):
     for pooling in batched.means:
         ref = torch.stack([s.means[pooling] for s in singles]).mean(0)
         torch.testing.assert_close(batched.means[pooling], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_steering_raises_the_projection_of_generated_answers_monotonically(smollm):
+    """Steer with the demo 'evil' vector at layer 12; project the answers (read by the unsteered model) on v̂."""
+    from personavec.activations import encode_pairs, iter_pooled
+    from personavec.artifacts import builtin
+    from personavec.extract import extract_vector
+    from personavec.generation import SamplingConfig, sample_batch
+    from personavec.steering import add_vector
+
+    data = resources.files("personavec") / "data" / "demo"
+    vec = extract_vector(smollm, str(data / "evil_pos.jsonl"), str(data / "evil_neg.jsonl"), trait="evil",
+                         layers=[12])
+    layer = 12
+    v = vec.get(layer)
+    unit = v / v.norm()
+    prompts = [smollm.format_chat(q) for q in builtin("evil").evaluation_questions[:8]]
+    greedy = SamplingConfig(n_samples=1, max_new_tokens=32, temperature=0.0)
+    means = []
+    for coef in (0.0, 1.0, 2.0):
+        with add_vector(smollm, v, layer, coef, positions="response"):
+            answers = [r["answer"] or "." for r in sample_batch(smollm, prompts, greedy, seed=0)]
+        encs = encode_pairs(smollm.tokenizer, prompts, answers)
+        proj = torch.cat([p["response_avg"][:, 0] @ unit for _, p in iter_pooled(smollm, encs, [layer],
+                                                                                  ["response_avg"], batch_size=8)])
+        means.append(float(proj.mean()))
+    assert means[0] < means[1] < means[2], means

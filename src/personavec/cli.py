@@ -116,11 +116,12 @@ def cmd_vectors_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} (use with llama.cpp: --control-vector {out})")
 
 
-def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int) -> tuple[str, str]:
-    from .steering import add_vector
+def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
+                positions: str = "all", kind: str = "add") -> tuple[str, str]:
+    from .steering import Edit, steer
 
     base = lm.chat(question, max_new_tokens=max_new_tokens)
-    with add_vector(lm, vec.get(layer), layer, coef):
+    with steer(lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, kind=kind, positions=positions)):
         steered = lm.chat(question, max_new_tokens=max_new_tokens)
     return base, steered
 
@@ -134,8 +135,10 @@ def cmd_steer(args: argparse.Namespace) -> None:
     layer = args.layer if args.layer is not None else vec.chosen_layer
     if layer is None:
         raise PersonavecError("the vector has no chosen layer; pass --layer")
-    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens)
-    print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {vec.trait} x {args.coef} at layer {layer}]\n"
+    kind = "ablate" if args.ablate else "add"
+    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens, args.positions, kind)
+    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef}"
+    print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {how} at layer {layer}, {args.positions}]\n"
           f"{steered}")
 
 
@@ -299,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", required=True)
     s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
     s.add_argument("--coef", type=float, default=1.0, help="multiple of the raw vector to add (default 1)")
+    s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
+                   help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
+                        "response_and_last_prompt (the official code's 'response')")
+    s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
     s.add_argument("--max-new-tokens", type=int, default=60)
     _model_args(s)
     s.set_defaults(func=cmd_steer)
