@@ -47,7 +47,7 @@ def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
     return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
             "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",
             "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "8",
-            "--filter", "on", "--run-dir", str(run_dir)]
+            "--filter", "on", "--steer-layers", "1,2", "--steer-coefs=-1,1", "--run-dir", str(run_dir)]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -87,7 +87,9 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
                               text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         calls_ref = judged_calls(srv)
-        assert calls_ref == 2 * 200  # trait + coherence for every extraction answer
+        # trait + coherence for every extraction answer and every steered answer (1 baseline + 2x2 cells) x 20,
+        # less the prompts that repeat (identical answers are judged once)
+        assert 2 * 200 < calls_ref <= 2 * 200 + 2 * 5 * 20
 
         cmd, env = _cmd(model_dir, run_dir, srv.base_url), _env(cache_run)
         jsonl = run_dir / "responses.jsonl"
@@ -182,7 +184,8 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     from personavec.pipeline import Run, RunConfig
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
-    cfg = RunConfig(trait="humorous", model=str(model_dir), judge="none", eval_samples=1,
+    cfg = RunConfig(trait="humorous", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[2],
+                    steer_coefs=[1.0],
                     sampling=SamplingConfig(n_samples=1, max_new_tokens=6, batch_size=50))
     summary = Run(cfg, run_dir=tmp_path / "run", progress=False).run()
     assert "NOT applied" in summary["warning"] and "--judge none" in summary["warning"]
@@ -193,6 +196,11 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     assert vec.trait == "humorous" and vec.filter["applied"] is False and vec.extra["judge"] == "none"
     sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")
     assert list(sep["layer"]) == [0, 1, 2] and sep["auroc"].between(0, 1).all()
+    # no judge: the layer is chosen by the projection of steered answers, and the summary says so
+    assert summary["selection"]["chosen_layer"] == 2 and "no usable trait scores" in summary["selection"]["reason"]
+    assert PersonaVector.load(tmp_path / "run" / "vectors.safetensors").chosen_layer == 2
+    steering = pd.read_parquet(tmp_path / "run" / "steering.parquet")
+    assert sorted(steering["coef"]) == [0.0, 1.0] and steering["trait_mean"].isna().all()
 
 
 def test_local_generator_answers_a_chat(model_dir):

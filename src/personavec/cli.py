@@ -186,7 +186,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                     generator=args.generator, generator_base_url=args.generator_base_url,
                     artifacts_path=args.artifacts, sampling=sampling, eval_samples=args.eval_samples,
                     filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
-                    batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                    batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
+                    steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
+                    steer_coefs=[float(x) for x in args.steer_coefs.split(",")] if args.steer_coefs else None,
+                    coherence_min=args.select_coherence_min, device=args.device, dtype=args.dtype)
     summary = Run(cfg, out_root=args.out, run_dir=args.run_dir).run()
     print_summary(summary)
 
@@ -214,9 +217,25 @@ def print_summary(summary: dict) -> None:
     print("  d      " + " ".join(f"{x:5.1f}" for x in sep["cohens_d"]))
     b = summary["best_separation"]
     print(f"best layer {b['layer']}: AUROC {b['auroc']:.3f}, d {b['cohens_d']:.2f}")
+    sel = summary.get("selection")
+    if sel:
+        print(f"selection: layer {sel['chosen_layer']}, coefficient {sel['chosen_coef']}, suppressing "
+              f"coefficient {sel['suppress_coef']} ({sel['reason']})")
+        steer_path = Path(summary["run_dir"]) / "steering.parquet"
+        if steer_path.exists():
+            t = pd.read_parquet(steer_path)
+            print("steering (trait / coherence / projection by layer x coefficient):")
+            for layer, g in t.groupby("layer"):
+                cells = "  ".join(f"{r.coef:+g}: {_fmt(r.trait_mean)}/{_fmt(r.coherence_mean)}/"
+                                  f"{_fmt(r.projection_mean)}" for r in g.itertuples())
+                print(f"  L{layer}: {cells}")
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items())
           + f"; wall {summary['wall_seconds']}s")
     print(f"vector -> {summary['files']['vector']}")
+
+
+def _fmt(x: float) -> str:
+    return "–" if x != x else f"{x:.1f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--filter", choices=["auto", "on", "off"], default="auto",
                    help="the paper's filter: auto (default) applies it when the judge tells pos from neg answers "
                         "apart (trait-score AUROC >= 0.75) and >= 10 pairs survive; on; off")
+    r.add_argument("--no-select", action="store_true", help="skip the steered evaluation and layer choice")
+    r.add_argument("--steer-layers", default=None, help="layers of the steering grid (default: 4 spread over "
+                                                        "the middle of the network)")
+    r.add_argument("--steer-coefs", default=None,
+                   help="comma-separated coefficients in raw-vector units, written --steer-coefs=-2,2 "
+                        "(default -4,-2,0,2,4 with --quick)")
+    r.add_argument("--select-coherence-min", type=float, default=50.0,
+                   help="the chosen layer/coefficient must keep mean coherence >= this (when the judge scores)")
     r.add_argument("--pos-min", type=float, default=50.0)
     r.add_argument("--neg-max", type=float, default=50.0)
     r.add_argument("--coherence-min", type=float, default=50.0)

@@ -13,6 +13,8 @@ generate       ``responses.jsonl`` → ``responses.parquet``  keeping complete b
 judge          ``judged.parquet``                          the on-disk judge cache (no repeated calls)
 extract        ``vectors.safetensors``, ``filter.json``    skip when present
 separation     ``separation.parquet``                      skip when present
+steer          ``steer/*.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``
+               (chosen layer written into the vector)      per-cell JSONL files + judge cache
 summary        ``summary.json``                            rewritten each time
 =============  ==========================================  ============================================
 """
@@ -64,6 +66,11 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     filter_mode: str = "auto"  # auto | on | off (see Run.filter_decision)
     batch_size: int = 16  # extraction
+    select: bool = True  # steered evaluation grid + automatic layer/coefficient choice
+    quick: bool = False  # CPU-sized steering grid
+    steer_layers: list[int] | None = None  # override the grid's layers
+    steer_coefs: list[float] | None = None  # override the grid's coefficients
+    coherence_min: float = 50.0  # selection: coherence kept by the chosen layer/coefficient
     device: str | None = None
     dtype: str | None = None
 
@@ -335,6 +342,63 @@ class Run:
         write_table(df, out)
         return df
 
+    def grid(self, n_layers: int) -> Any:
+        from dataclasses import replace
+
+        from .selection import default_grid
+
+        g = default_grid(n_layers, quick=self.cfg.quick)
+        g = replace(g, seed=self.cfg.sampling.seed,
+                    n_samples=1 if self.cfg.quick else self.cfg.sampling.n_samples,
+                    max_new_tokens=min(g.max_new_tokens, self.cfg.sampling.max_new_tokens))
+        if self.cfg.steer_layers:
+            g = replace(g, layers=sorted(set(self.cfg.steer_layers)))
+        if self.cfg.steer_coefs:
+            g = replace(g, coefs=sorted(set(self.cfg.steer_coefs) | {0.0}))
+        return g
+
+    def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
+        """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
+        from .selection import choose, judge_rows, project_rows, steered_answers, summarize
+
+        if not self.cfg.select:
+            return None
+        sel_path = self.path("selection.json")
+        if sel_path.exists():
+            return json.loads(sel_path.read_text())
+        grid = self.grid(vec.n_layers)
+        answers_path = self.path("steering_answers.parquet")
+        if answers_path.exists():
+            df = pd.read_parquet(answers_path)
+        else:
+            df = steered_answers(self.lm, art, vec, grid, self.path("steer"), progress=self.progress)
+            judge = self.judge()
+            if judge is None:
+                df["trait"], df["coherence"] = float("nan"), float("nan")
+            else:
+                df = judge_rows(judge, art, df, progress=self.progress)
+            df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
+            write_table(df, answers_path)
+        table = summarize(df, grid.layers)
+        write_table(table, self.path("steering.parquet"))
+        sel = choose(table, coherence_min=self.cfg.coherence_min)
+        result = {**sel.to_dict(), "grid": grid.to_dict()}
+        if sel.chosen_layer is not None:
+            vec.chosen_layer = sel.chosen_layer
+            vec.extra["selection"] = {k: v for k, v in result.items() if k != "effects"}
+            vec.save(self.path("vectors.safetensors"))
+            examples = []
+            for coef in (0.0, sel.chosen_coef):
+                cell = df[(df["coef"] == 0.0)] if coef == 0.0 else df[(df["layer"] == sel.chosen_layer)
+                                                                       & (df["coef"] == coef)]
+                for _, r in cell.head(3).iterrows():
+                    examples.append({"layer": sel.chosen_layer, "coef": coef, "question": r["question"],
+                                     "answer": r["answer"], "trait": _num(r["trait"]),
+                                     "coherence": _num(r["coherence"])})
+            write_table(pd.DataFrame(examples), self.path("examples.jsonl"))
+        _atomic_json(sel_path, result)
+        return result
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         self.write_config()
@@ -351,6 +415,7 @@ class Run:
         judged = timed("judge", self.score, art, responses)
         vec = timed("extract", self.extract, judged)
         sep = timed("separation", self.separation, judged, vec)
+        selection = timed("steer", self.steer_and_select, art, vec)
         best = sep.iloc[int(sep["auroc"].fillna(-1).to_numpy().argmax())]
         ext = judged[judged["set"] == "extract"]
         summary = {
@@ -369,12 +434,23 @@ class Run:
                       "responses": str(self.path("judged.parquet")),
                       "separation": str(self.path("separation.parquet"))},
         }
+        if selection is not None:
+            summary["selection"] = {k: selection.get(k) for k in ("chosen_layer", "chosen_coef", "suppress_coef",
+                                                                  "coherence_min", "criterion", "reason")}
         filt = json.loads(self.path("filter.json").read_text())
         summary["filter"] = filt
         if not filt.get("applied"):
             summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
         _atomic_json(self.path("summary.json"), summary)
         return summary
+
+
+def _num(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if x != x else x
 
 
 def _mean(s: pd.Series) -> float | None:
