@@ -1,0 +1,48 @@
+"""Automatic layer and coefficient choice from a steering table (pure function)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from personavec.selection import cells, choose, default_grid
+
+
+def table(rows):
+    return pd.DataFrame(rows, columns=["layer", "coef", "trait_mean", "coherence_mean", "projection_mean"])
+
+
+def test_choose_largest_coherent_trait_increase():
+    t = table([
+        (8, 0.0, 10, 90, 0.0), (8, -2.0, 5, 85, -1.0), (8, 2.0, 40, 80, 1.0), (8, 4.0, 90, 30, 2.0),
+        (12, 0.0, 10, 90, 0.0), (12, -2.0, 2, 82, -1.0), (12, -4.0, 1, 60, -2.0), (12, 2.0, 60, 70, 1.0),
+        (12, 4.0, 70, 55, 3.0),
+    ])
+    s = choose(t)
+    # layer 8's +80 at coef 4 is incoherent (30 < 50); layer 12 reaches +60 with coherence 55
+    assert s.chosen_layer == 12 and s.chosen_coef == 4.0 and s.criterion == "trait_mean"
+    assert s.effects == {8: 30.0, 12: 60.0}
+    assert s.suppress_coef == -2.0  # -4 drops coherence to 60 < 80
+    assert choose(t, coherence_min=60).chosen_coef == 2.0
+
+
+def test_choose_falls_back_to_projection_without_judge_scores():
+    nan = math.nan
+    t = table([(4, 0.0, nan, nan, 0.0), (4, 2.0, nan, nan, 0.5), (6, 0.0, nan, nan, 0.0), (6, 2.0, nan, nan, 1.5),
+               (6, -2.0, nan, nan, -1.0)])
+    s = choose(t)
+    assert s.chosen_layer == 6 and s.criterion == "projection_mean" and "not checked" in s.reason
+    assert s.suppress_coef == -2.0
+
+
+def test_nothing_coherent_gives_no_choice():
+    s = choose(table([(4, 0.0, 10, 40, 0.0), (4, 2.0, 50, 20, 1.0)]))
+    assert s.chosen_layer is None and "no positive coefficient" in s.reason
+
+
+def test_default_grid_and_cells():
+    g = default_grid(30, quick=True)
+    assert g.layers == [8, 13, 17, 22] and 0.0 in g.coefs
+    c = cells(g)
+    assert c[0] == (-1, 0.0) and len(c) == 1 + 4 * 4
