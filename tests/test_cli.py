@@ -89,7 +89,7 @@ def test_parse_layers():
 def test_help_on_every_command(capsys):
     for argv in (["--help"], ["extract", "--help"], ["vectors", "--help"], ["vectors", "info", "--help"],
                  ["vectors", "import-official", "--help"], ["vectors", "export-gguf", "--help"],
-                 ["steer", "--help"], ["demo", "--help"]):
+                 ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0

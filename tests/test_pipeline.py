@@ -124,6 +124,9 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
     pd.testing.assert_frame_equal(s_ref, s_run)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["judge"].startswith("openai:fake-judge@") and summary["counts"]["kept"] > 0
+    html = (run_dir / "report.html").read_text()
+    assert "fake-judge" in html and summary["command"].startswith("personavec run --trait evil")
+    assert (run_dir / "steering.png").exists() and (run_dir / "separation.png").exists()
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp_path, model_dir):
@@ -201,6 +204,9 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     assert PersonaVector.load(tmp_path / "run" / "vectors.safetensors").chosen_layer == 2
     steering = pd.read_parquet(tmp_path / "run" / "steering.parquet")
     assert sorted(steering["coef"]) == [0.0, 1.0] and steering["trait_mean"].isna().all()
+    cap = summary["capability"]
+    assert cap["baseline"]["n"] == 40 and [r["coef"] for r in cap["steered"]] == [1.0]
+    assert (tmp_path / "run" / "report.html").exists()
 
 
 def test_local_generator_answers_a_chat(model_dir):

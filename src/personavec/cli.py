@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -88,6 +89,12 @@ def _describe(path: Path) -> str:
     lines.append(f"  {vec.default_pooling} norm per layer: " + " ".join(f"{i}:{n:.3g}" for i, n in
                                                                         enumerate(norms)))
     return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report -> {write_report(args.run_dir)}")
 
 
 def cmd_vectors_info(args: argparse.Namespace) -> None:
@@ -189,9 +196,13 @@ def cmd_run(args: argparse.Namespace) -> None:
                     batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
                     steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
                     steer_coefs=[float(x) for x in args.steer_coefs.split(",")] if args.steer_coefs else None,
-                    coherence_min=args.select_coherence_min, device=args.device, dtype=args.dtype)
-    summary = Run(cfg, out_root=args.out, run_dir=args.run_dir).run()
+                    coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
+                    dtype=args.dtype)
+    run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
+    run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
+    summary = run.run()
     print_summary(summary)
+    print(f"report -> {summary['files']['report']}")
 
 
 def print_summary(summary: dict) -> None:
@@ -229,6 +240,11 @@ def print_summary(summary: dict) -> None:
                 cells = "  ".join(f"{r.coef:+g}: {_fmt(r.trait_mean)}/{_fmt(r.coherence_mean)}/"
                                   f"{_fmt(r.projection_mean)}" for r in g.itertuples())
                 print(f"  L{layer}: {cells}")
+    cap = summary.get("capability")
+    if cap:
+        steered = ", ".join(f"{r['coef']:+g}: {r['accuracy']:.2f}" for r in cap["steered"])
+        print(f"multiple choice ({cap['data']}): unsteered {cap['baseline']['accuracy']:.2f}; steered at the chosen "
+              f"layer {steered}")
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items())
           + f"; wall {summary['wall_seconds']}s")
     print(f"vector -> {summary['files']['vector']}")
@@ -296,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default -4,-2,0,2,4 with --quick)")
     r.add_argument("--select-coherence-min", type=float, default=50.0,
                    help="the chosen layer/coefficient must keep mean coherence >= this (when the judge scores)")
+    r.add_argument("--mmlu", default=None, help="MMLU-format multiple-choice data (CSV per subject, a folder of "
+                                                "them, or Parquet) for the capability check; default: a built-in "
+                                                "40-question set")
     r.add_argument("--pos-min", type=float, default=50.0)
     r.add_argument("--neg-max", type=float, default=50.0)
     r.add_argument("--coherence-min", type=float, default=50.0)
@@ -303,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
     _model_args(r)
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
 
     v = sub.add_parser("vectors", help="inspect, import and export vector files")
     vsub = v.add_subparsers(dest="vectors_command", required=True, metavar="ACTION")
@@ -350,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "urllib3"):

@@ -15,6 +15,8 @@ extract        ``vectors.safetensors``, ``filter.json``    skip when present
 separation     ``separation.parquet``                      skip when present
 steer          ``steer/*.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``
                (chosen layer written into the vector)      per-cell JSONL files + judge cache
+capability     ``capability.json``                         skip when present
+report         ``report.html``, ``*.png``                  rewritten each time
 summary        ``summary.json``                            rewritten each time
 =============  ==========================================  ============================================
 """
@@ -41,6 +43,7 @@ from .generation import QUICK, SamplingConfig, run_sampling
 from .judges.rubrics import coherence_prompt
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .stats import auroc, cohens_d
+from .steering import Edit, steer
 from .tables import FilterConfig, write_table
 from .vectors import PersonaVector
 
@@ -71,6 +74,7 @@ class RunConfig:
     steer_layers: list[int] | None = None  # override the grid's layers
     steer_coefs: list[float] | None = None  # override the grid's coefficients
     coherence_min: float = 50.0  # selection: coherence kept by the chosen layer/coefficient
+    mc_path: str | None = None  # MMLU-format multiple-choice data for the capability check (default: built in)
     device: str | None = None
     dtype: str | None = None
 
@@ -103,6 +107,7 @@ class Run:
         self._lm: LoadedModel | None = None
         self._judge_lm: LoadedModel | None = None
         self.timings: dict[str, float] = {}
+        self.command: str | None = None  # the command line that reproduces this run, for the report
 
     # ---- models ----
     @property
@@ -399,6 +404,30 @@ class Run:
         _atomic_json(sel_path, result)
         return result
 
+    def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Multiple-choice accuracy unsteered and at the chosen layer for each grid coefficient."""
+        from .capability import builtin_mc, mc_accuracy, read_mmlu
+
+        out = self.path("capability.json")
+        if out.exists():
+            return json.loads(out.read_text())
+        if not selection or selection.get("chosen_layer") is None:
+            return None
+        questions = read_mmlu(self.cfg.mc_path) if self.cfg.mc_path else builtin_mc()
+        layer = int(selection["chosen_layer"])
+        grid = selection["grid"]
+        base = mc_accuracy(self.lm, questions)
+        steered = []
+        for coef in sorted(c for c in grid["coefs"] if c != 0.0):
+            with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid["positions"])):
+                r = mc_accuracy(self.lm, questions)
+            steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
+        result = {"data": self.cfg.mc_path or "builtin general (40 questions)",
+                  "baseline": {"accuracy": base.accuracy, "n": base.n, "letter_mass": base.mean_letter_mass},
+                  "steered": steered}
+        _atomic_json(out, result)
+        return result
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         self.write_config()
@@ -416,6 +445,7 @@ class Run:
         vec = timed("extract", self.extract, judged)
         sep = timed("separation", self.separation, judged, vec)
         selection = timed("steer", self.steer_and_select, art, vec)
+        capability = timed("capability", self.capability, vec, selection)
         best = sep.iloc[int(sep["auroc"].fillna(-1).to_numpy().argmax())]
         ext = judged[judged["set"] == "extract"]
         summary = {
@@ -437,10 +467,18 @@ class Run:
         if selection is not None:
             summary["selection"] = {k: selection.get(k) for k in ("chosen_layer", "chosen_coef", "suppress_coef",
                                                                   "coherence_min", "criterion", "reason")}
+        if capability is not None:
+            summary["capability"] = capability
         filt = json.loads(self.path("filter.json").read_text())
         summary["filter"] = filt
         if not filt.get("applied"):
             summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
+        if self.command:
+            summary["command"] = self.command
+        _atomic_json(self.path("summary.json"), summary)
+        from .report import write_report
+
+        summary["files"]["report"] = str(write_report(self.dir))
         _atomic_json(self.path("summary.json"), summary)
         return summary
 
