@@ -108,3 +108,16 @@ def test_empty_answer_and_mismatched_lengths_are_clear_errors(lm, tokenizer):
         pooled_means(lm, prompts[:2], ["fine", ""])
     with pytest.raises(PersonavecError, match="prompts but"):
         encode_pairs(tokenizer, prompts[:2], ["x"])
+
+
+def test_response_norm_is_the_mean_token_norm(lm, tokenizer):
+    prompts, answers = _pairs(tokenizer)
+    got = pooled_means(lm, prompts, answers, poolings=["response_norm"], batch_size=2, padding_side="left")
+    assert got.means["response_norm"].shape == (3, 1)
+    ref = []
+    for p, a in zip(prompts, answers):
+        e = encode_pairs(tokenizer, [p], [a])[0]
+        with torch.no_grad():
+            hs = lm.model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states
+        ref.append(torch.stack([h[0, e.n_prompt:].norm(dim=-1).mean() for h in hs[:2]]))
+    torch.testing.assert_close(got.means["response_norm"][:2, 0], torch.stack(ref).mean(0), rtol=1e-4, atol=1e-4)

@@ -89,8 +89,42 @@ def test_parse_layers():
 def test_help_on_every_command(capsys):
     for argv in (["--help"], ["extract", "--help"], ["vectors", "--help"], ["vectors", "info", "--help"],
                  ["vectors", "import-official", "--help"], ["vectors", "export-gguf", "--help"],
-                 ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"]):
+                 ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"], ["chat", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_chat_shows_both_answers_side_by_side(tmp_path, model_dir, tables, capsys, monkeypatch):
+    import io
+
+    pos, neg = tables
+    out = tmp_path / "v.safetensors"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil", "--model", str(model_dir),
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi?\nWhy?\n"))
+    assert main(["chat", "--vector", str(out), "--layer", "1", "--coef", "0.5", "--units", "norm",
+                 "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("unsteered") == 2 and text.count("steered (evil x 0.5 (norm))") == 2
+    assert all(" | " in line for line in text.splitlines() if line.startswith("unsteered"))
+
+
+def test_norm_units_scale_to_the_typical_residual_norm(tmp_path, model_dir, tables, capsys):
+    from personavec.steering import Edit
+
+    pos, neg = tables
+    out = tmp_path / "v.safetensors"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil", "--model", str(model_dir),
+                 "--out", str(out)]) == 0
+    vec = PersonaVector.load(out)
+    norms = vec.extra["resid_norm"]
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    e = Edit.from_vector(vec, layer=2, coef=0.5, units="norm")
+    assert abs(float((e.coef * e.direction).norm()) - 0.5 * norms[2]) < 1e-4
+    assert Edit.from_vector(vec, layer=2, coef=0.5).coef == 0.5
+    vec.extra.pop("resid_norm")
+    with pytest.raises(PersonavecError, match="resid_norm"):
+        Edit.from_vector(vec, layer=2, units="norm")

@@ -26,6 +26,8 @@ from .internals import backbone, capture, check_layers, decoder_layers, run_forw
 from .models import LoadedModel, pad_token_id
 
 POOLINGS: tuple[str, ...] = ("response_avg", "prompt_avg", "prompt_last")
+#: statistics that are not directions: ``response_norm`` = mean L2 norm of the residual over answer tokens ([B, 1])
+STATS: tuple[str, ...] = ("response_norm",)
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,13 @@ def make_batch(encs: Sequence[Encoded], pad_id: int, padding_side: str = "right"
 
 
 def pool_hidden(hidden: torch.Tensor, batch: Batch, poolings: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Reduce ``[B, T, d]`` hidden states to ``[B, d]`` per pooling (float32)."""
+    """Reduce ``[B, T, d]`` hidden states to ``[B, d]`` per pooling (``[B, 1]`` for ``response_norm``), float32."""
     h = hidden.float()
     out: dict[str, torch.Tensor] = {}
     for name in poolings:
-        if name == "prompt_last":
+        if name == "response_norm":
+            out[name] = torch.bmm(batch.weights["response_avg"].unsqueeze(1), h.norm(dim=-1, keepdim=True)).squeeze(1)
+        elif name == "prompt_last":
             out[name] = h[torch.arange(h.shape[0], device=h.device), batch.last_prompt]
         else:
             out[name] = torch.bmm(batch.weights[name].unsqueeze(1), h).squeeze(1)
@@ -143,7 +147,7 @@ def iter_pooled(lm: LoadedModel, encs: Sequence[Encoded], layers: Sequence[int],
                 layers_path: str | None = None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(row indices, {pooling: [B, n_layers_requested, d]})`` batch by batch (float32)."""
     for p in poolings:
-        if p not in POOLINGS:
+        if p not in POOLINGS + STATS:
             raise PersonavecError(f"unknown pooling {p!r}; choose from {', '.join(POOLINGS)}")
     model = lm.model
     n_layers = len(decoder_layers(model, layers_path))
@@ -201,21 +205,22 @@ def pooled_means(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[st
     layers = check_layers(range(n_layers + 1) if layers is None else layers, n_layers)
     encs = encode_pairs(lm.tokenizer, prompts, responses, max_length=max_length)
     empty = [i for i, e in enumerate(encs) if e.n_response == 0]
-    if empty and "response_avg" in poolings:
+    if empty and ("response_avg" in poolings or "response_norm" in poolings):
         raise PersonavecError(
             f"{len(empty)} answers are empty (first at row {empty[0]}); drop them before extracting "
             "response averages")
     if not encs:
         raise PersonavecError("no pairs to extract from")
     d = lm.hidden_size
-    sums = {p: torch.zeros(len(layers), d, dtype=torch.float64) for p in poolings}
+    width = {p: 1 if p in STATS else d for p in poolings}
+    sums = {p: torch.zeros(len(layers), width[p], dtype=torch.float64) for p in poolings}
     for _idx, pooled in iter_pooled(lm, encs, layers, poolings, batch_size, padding_side, stop_early,
                                     progress=progress, layers_path=layers_path):
         for p, vals in pooled.items():
             sums[p] += vals.double().sum(0).cpu()
     means = {}
     for p in poolings:
-        full = torch.zeros(n_layers + 1, d, dtype=torch.float32)
+        full = torch.zeros(n_layers + 1, width[p], dtype=torch.float32)
         full[layers] = (sums[p] / len(encs)).float()
         means[p] = full
     return PooledMeans(means=means, layers=layers, count=len(encs),

@@ -124,16 +124,30 @@ def cmd_vectors_export(args: argparse.Namespace) -> None:
 
 
 def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
-                positions: str = "all", kind: str = "add") -> tuple[str, str]:
+                positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
     from .steering import Edit, steer
 
     base = lm.chat(question, max_new_tokens=max_new_tokens)
-    with steer(lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, kind=kind, positions=positions)):
+    edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
+    with steer(lm, edit):
         steered = lm.chat(question, max_new_tokens=max_new_tokens)
     return base, steered
 
 
-def cmd_steer(args: argparse.Namespace) -> None:
+def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:
+    """Two answers in columns of ``width`` characters in all."""
+    import textwrap
+
+    col = max(20, (width - 3) // 2)
+    a = [titles[0], "-" * min(col, len(titles[0])), *textwrap.wrap(left, col)]
+    b = [titles[1], "-" * min(col, len(titles[1])), *textwrap.wrap(right, col)]
+    rows = max(len(a), len(b))
+    a += [""] * (rows - len(a))
+    b += [""] * (rows - len(b))
+    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
+
+
+def _load_steering(args: argparse.Namespace):
     from .vectors import PersonaVector
 
     vec = PersonaVector.load(args.vector)
@@ -142,8 +156,35 @@ def cmd_steer(args: argparse.Namespace) -> None:
     layer = args.layer if args.layer is not None else vec.chosen_layer
     if layer is None:
         raise PersonavecError("the vector has no chosen layer; pass --layer")
+    return vec, lm, layer
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Interactive: each question is answered unsteered and steered, shown side by side."""
+    import shutil
+
+    vec, lm, layer = _load_steering(args)
     kind = "ablate" if args.ablate else "add"
-    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens, args.positions, kind)
+    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef:g} ({args.units})"
+    width = shutil.get_terminal_size((120, 20)).columns
+    print(f"steering: {how} at layer {layer}, positions {args.positions}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not question or question in ("quit", "exit"):
+            break
+        base, steered = _steer_pair(lm, vec, question, layer, args.coef, args.max_new_tokens, args.positions,
+                                    kind, args.units)
+        print(side_by_side(base, steered, ("unsteered", f"steered ({how})"), width))
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    vec, lm, layer = _load_steering(args)
+    kind = "ablate" if args.ablate else "add"
+    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens, args.positions, kind,
+                                args.units)
     how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef}"
     print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {how} at layer {layer}, {args.positions}]\n"
           f"{steered}")
@@ -254,6 +295,20 @@ def _fmt(x: float) -> str:
     return "–" if x != x else f"{x:.1f}"
 
 
+def _steer_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--vector", required=True)
+    s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    s.add_argument("--coef", type=float, default=1.0, help="strength (default 1), in --units")
+    s.add_argument("--units", default="raw", choices=["raw", "norm"],
+                   help="raw: add coef x the vector (default); norm: coef x the typical residual norm at the layer")
+    s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
+                   help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
+                        "response_and_last_prompt (the official code's 'response')")
+    s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
+    s.add_argument("--max-new-tokens", type=int, default=60)
+    _model_args(s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
     p.add_argument("--version", action="version", version=f"personavec {__version__}")
@@ -349,16 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("steer", help="answer a question with and without the vector added")
     s.add_argument("question")
-    s.add_argument("--vector", required=True)
-    s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
-    s.add_argument("--coef", type=float, default=1.0, help="multiple of the raw vector to add (default 1)")
-    s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
-                   help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
-                        "response_and_last_prompt (the official code's 'response')")
-    s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
-    s.add_argument("--max-new-tokens", type=int, default=60)
-    _model_args(s)
+    _steer_args(s)
     s.set_defaults(func=cmd_steer)
+
+    c = sub.add_parser("chat", help="interactive: unsteered and steered answers side by side")
+    _steer_args(c)
+    c.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="main job on the embedded model: extract an 'evil' vector from the shipped "
                                     "table and show a steered answer")

@@ -52,13 +52,16 @@ def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str |
     p_prompts, p_answers = prompts_and_answers(pos_df, lm.tokenizer, pos_src)
     n_prompts, n_answers = prompts_and_answers(neg_df, lm.tokenizer, neg_src)
     show = progress
-    pm = pooled_means(lm, p_prompts, p_answers, layers=layers, poolings=poolings, batch_size=batch_size,
+    stats = [*poolings, "response_norm"]
+    pm = pooled_means(lm, p_prompts, p_answers, layers=layers, poolings=stats, batch_size=batch_size,
                       max_length=max_length, progress="pos" if show else False)
-    nm = pooled_means(lm, n_prompts, n_answers, layers=layers, poolings=poolings, batch_size=batch_size,
+    nm = pooled_means(lm, n_prompts, n_answers, layers=layers, poolings=stats, batch_size=batch_size,
                       max_length=max_length, progress="neg" if show else False)
+    resid_norm = ((pm.means.pop("response_norm") + nm.means.pop("response_norm")) / 2).squeeze(-1)
     counts = dict(res.counts)
     counts.update(pos_response_tokens=pm.n_response_tokens, neg_response_tokens=nm.n_response_tokens)
     return PersonaVector(
         tensors=mean_difference(pm.means, nm.means), model_id=lm.model_id, model_revision=lm.revision,
         trait=trait or "unknown", counts=counts,
-        filter={"applied": res.applied, **filter_config.to_dict()}, layers=pm.layers)
+        filter={"applied": res.applied, **filter_config.to_dict()}, layers=pm.layers,
+        extra={"resid_norm": [round(float(x), 6) for x in resid_norm]})

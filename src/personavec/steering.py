@@ -47,6 +47,24 @@ class Edit:
     kind: str = "add"
     positions: str = "all"
 
+    @classmethod
+    def from_vector(cls, vec: Any, layer: int | None = None, coef: float = 1.0, units: str = "raw",
+                    kind: str = "add", positions: str = "all", pooling: str | None = None) -> Edit:
+        """An edit from a PersonaVector. ``units="raw"``: add ``coef · v``; ``units="norm"``: add a vector along
+        v̂ whose length is ``coef`` × the typical residual norm at that layer (mean over answer tokens, measured at
+        extraction and stored in the vector's metadata as ``resid_norm``)."""
+        layer = vec.chosen_layer if layer is None else layer
+        v = vec.get(layer, pooling)
+        if units == "norm":
+            norms = vec.extra.get("resid_norm")
+            if not norms:
+                raise PersonavecError("this vector has no resid_norm metadata (extract it with personavec >= 0.1 "
+                                      "or use --units raw)")
+            coef = coef * float(norms[layer]) / float(v.norm().clamp(min=1e-12))
+        elif units != "raw":
+            raise PersonavecError(f"units must be 'raw' or 'norm', not {units!r}")
+        return cls(layer=layer, direction=v, coef=coef, kind=kind, positions=positions)
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PersonavecError(f"edit kind must be one of {KINDS}, not {self.kind!r}")
