@@ -127,7 +127,7 @@ def test_steering_pivot(full_report):
     assert "<h2>Steering sweep</h2>" in page
     assert "layer \\ coef" in page
     # layer 3, coef 2: trait 20 + 10*2 = 40, coherence 85 - 4*2*1.5 = 73; highlighted as the chosen setting
-    assert "<td class='best'>40.0 / 73.0</td>" in page
+    assert "<td class='best'>40.0 / 73.0 / 3.0</td>" in page  # projection 2 * 1.5
     # the NaN cell (layer 4, coef 4) shows dashes
     assert "– / –" in page
     assert "got no usable trait score" in page
@@ -228,7 +228,7 @@ def test_degenerate_steering_and_selection(tmp_path):
     (run / "capability.json").write_text(json.dumps({"baseline": {"accuracy": 0.5, "n": 10}, "steered": []}))
     page = write_report(run).read_text(encoding="utf-8")
     assert "no setting kept coherence &gt;= 50" in page
-    assert page.count("<td>– / –</td>") == 60
+    assert page.count("<td>– / – / –</td>") == 60
     assert "<td class='best'>" not in page
     assert (run / "steering.png").read_bytes().startswith(PNG_MAGIC)
     assert (run / "capability.png").read_bytes().startswith(PNG_MAGIC)

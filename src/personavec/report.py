@@ -218,7 +218,9 @@ def _plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, t
     def colour(i: int) -> Any:
         return tab[i % len(tab)] if len(layers) <= len(tab) else viridis(i / max(1, len(layers) - 1) * 0.85)
 
-    fig, (ax1, ax2) = _new_figure(11, 4.2, 2)
+    has_proj = "projection_mean" in steer.columns and steer["projection_mean"].notna().any()
+    fig, axes = _new_figure(16 if has_proj else 11, 4.2, 3 if has_proj else 2)
+    ax1, ax2 = axes[0], axes[1]
     for i, layer in enumerate(layers):
         d = steer[steer["layer"] == layer].sort_values("coef")
         chosen = chosen_layer is not None and layer == chosen_layer
@@ -230,6 +232,8 @@ def _plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, t
             label = None  # too many layers for a legend: label only the chosen one
         ax1.plot(d["coef"], d["trait_mean"], **style)
         ax2.plot(d["coef"], d["coherence_mean"], label=label, **style)
+        if has_proj:
+            axes[2].plot(d["coef"], d["projection_mean"], **style)
     if coherence_min is not None:
         ax2.axhline(coherence_min, color="black", ls="--", lw=1.2, label=f"coherence min {coherence_min:g}")
     for key, name, color in (("chosen_coef", "chosen coef", "#d62728"), ("suppress_coef", "suppress coef", "black")):
@@ -237,9 +241,12 @@ def _plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, t
         if c is not None:
             ax1.axvline(c, color=color, ls=":", lw=1.2, label=f"{name} {c:g}")
             ax2.axvline(c, color=color, ls=":", lw=1.2)
-    ax1.set(xlabel="steering coefficient", ylabel="trait score (0-100)", title="Trait expression")
-    ax2.set(xlabel="steering coefficient", ylabel="coherence (0-100)", title="Coherence")
-    for ax in (ax1, ax2):
+    ax1.set(xlabel="steering coefficient", ylabel="trait score (0-100)", title="Trait expression (judge)")
+    ax2.set(xlabel="steering coefficient", ylabel="coherence (0-100)", title="Coherence (judge)")
+    if has_proj:
+        axes[2].set(xlabel="steering coefficient", ylabel="mean projection on unit vector",
+                    title="Answers' projection (unsteered read-out)")
+    for ax in axes:
         ax.axvline(0, color="grey", lw=0.8)
     for ax in (ax1, ax2):
         handles, labels = ax.get_legend_handles_labels()
@@ -375,11 +382,13 @@ def _section_steering(steer: pd.DataFrame | None, selection: dict[str, Any], has
     chosen_coef = _num(selection.get("chosen_coef"))
     suppress_coef = _num(selection.get("suppress_coef"))
     out = ["<h2>Steering sweep</h2>",
-           "<p>Mean judge scores of steered answers; cells are <b>trait / coherence</b> (0-100). "
-           "The chosen layer and coefficient are highlighted.</p>"]
+           "<p>Mean judge scores of steered answers and their projection on the vector (read by the unsteered "
+           "model); cells are <b>trait / coherence / projection</b>. The chosen layer and coefficient are "
+           "highlighted.</p>"]
     if has_png:
         out.append(f'<img src="{STEERING_PNG}" alt="trait and coherence vs steering coefficient per layer">')
-    agg = steer.groupby(["layer", "coef"], sort=True)[["trait_mean", "coherence_mean"]].mean()
+    cols = ["trait_mean", "coherence_mean"] + (["projection_mean"] if "projection_mean" in steer.columns else [])
+    agg = steer.groupby(["layer", "coef"], sort=True)[cols].mean()
     layers = sorted(steer["layer"].dropna().unique())
     coefs = sorted(steer["coef"].dropna().unique())
     head = ["<th>layer \\ coef</th>"]
@@ -391,11 +400,7 @@ def _section_steering(steer: pd.DataFrame | None, selection: dict[str, Any], has
         is_layer = chosen_layer is not None and layer == chosen_layer
         cells = [f"<th>{_fmt_int(layer)}</th>"]
         for c in coefs:
-            if (layer, c) in agg.index:
-                t, h = agg.loc[(layer, c)]
-                text = f"{_fmt(t, 1)} / {_fmt(h, 1)}"
-            else:
-                text = DASH
+            text = " / ".join(_fmt(x, 1) for x in agg.loc[layer, c]) if (layer, c) in agg.index else DASH
             cls = " class='best'" if is_layer and c in (chosen_coef, suppress_coef) else ""
             cells.append(f"<td{cls}>{_e(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
