@@ -34,6 +34,9 @@ def test_choose_falls_back_to_projection_without_judge_scores():
     s = choose(t)
     assert s.chosen_layer == 6 and s.criterion == "projection_mean" and "not checked" in s.reason
     assert s.suppress_coef == -2.0
+    # in units of each layer's held-out pos-neg gap, layer 4's smaller move is the larger one
+    g = choose(t, gaps={4: 0.5, 6: 5.0})
+    assert g.chosen_layer == 4 and g.criterion == "projection_gap_units" and g.effects == {4: 1.0, 6: 0.3}
 
 
 def test_nothing_coherent_gives_no_choice():

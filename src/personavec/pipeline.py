@@ -386,7 +386,9 @@ class Run:
             write_table(df, answers_path)
         table = summarize(df, grid.layers)
         write_table(table, self.path("steering.parquet"))
-        sel = choose(table, coherence_min=self.cfg.coherence_min)
+        sep = pd.read_parquet(self.path("separation.parquet"))
+        gaps = {int(r.layer): float(r.pos_mean - r.neg_mean) for r in sep.itertuples()}
+        sel = choose(table, coherence_min=self.cfg.coherence_min, gaps=gaps)
         result = {**sel.to_dict(), "grid": grid.to_dict()}
         if sel.chosen_layer is not None:
             vec.chosen_layer = sel.chosen_layer

@@ -142,24 +142,36 @@ class Selection:
         return asdict(self)
 
 
-def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_min: float = 80.0) -> Selection:
-    """Pick the layer and coefficients from a :func:`summarize` table (pure function)."""
+def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_min: float = 80.0,
+           gaps: dict[int, float] | None = None) -> Selection:
+    """Pick the layer and coefficients from a :func:`summarize` table (pure function).
+
+    Without usable judge scores the projection is the criterion; projections at different layers have
+    different scales, so with ``gaps`` (per layer: mean projection of held-out pos answers minus neg answers)
+    the increase is measured in units of that gap — the fraction of the way from neg to pos answers.
+    """
     scored = table["trait_mean"].notna().mean() >= 0.5 and table["coherence_mean"].notna().all()
     metric = "trait_mean" if scored else "projection_mean"
+    if not scored and gaps:
+        table = table.copy()
+        scale = table["layer"].map(lambda x: gaps.get(int(x), float("nan")))
+        table["projection_mean"] = table["projection_mean"] / scale.where(scale.abs() > 1e-9)
+        metric = "projection_gap_units"
+    col = "projection_mean" if metric == "projection_gap_units" else metric
     effects: dict[int, float] = {}
     best: tuple[float, int, float] | None = None
     for layer, g in table.groupby("layer"):
         base = g[g["coef"] == 0.0]
         if base.empty:
             continue
-        b = float(base[metric].iloc[0])
+        b = float(base[col].iloc[0])
         pos = g[g["coef"] > 0]
         if scored:
             pos = pos[pos["coherence_mean"] >= coherence_min]
         if pos.empty:
             continue
-        top = pos.loc[pos[metric].idxmax()]
-        effects[int(layer)] = float(top[metric]) - b
+        top = pos.loc[pos[col].idxmax()]
+        effects[int(layer)] = float(top[col]) - b
         if best is None or effects[int(layer)] > best[0]:
             best = (effects[int(layer)], int(layer), float(top["coef"]))
     if best is None:
@@ -179,6 +191,7 @@ def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_
         reason = (f"largest judged trait increase ({best[0]:+.1f}) with coherence >= {coherence_min}; strongest "
                   f"coherent coefficient {chosen_coef:g}")
     else:
+        unit = " held-out pos-neg gaps" if metric == "projection_gap_units" else ""
         reason = (f"the judge gave no usable trait scores: chosen by the increase in projection of the steered "
-                  f"answers ({best[0]:+.2f}); coherence was not checked")
+                  f"answers ({best[0]:+.2f}{unit}); coherence was not checked")
     return Selection(layer, chosen_coef, suppress, coherence_min, suppress_coherence_min, metric, reason, effects)
