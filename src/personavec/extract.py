@@ -51,12 +51,11 @@ def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str |
     pos_df, neg_df = pos_df[res.keep], neg_df[res.keep]
     p_prompts, p_answers = prompts_and_answers(pos_df, lm.tokenizer, pos_src)
     n_prompts, n_answers = prompts_and_answers(neg_df, lm.tokenizer, neg_src)
-    show = progress
     stats = [*poolings, "response_norm"]
     pm = pooled_means(lm, p_prompts, p_answers, layers=layers, poolings=stats, batch_size=batch_size,
-                      max_length=max_length, progress="pos" if show else False)
+                      max_length=max_length, progress="pos" if progress else False)
     nm = pooled_means(lm, n_prompts, n_answers, layers=layers, poolings=stats, batch_size=batch_size,
-                      max_length=max_length, progress="neg" if show else False)
+                      max_length=max_length, progress="neg" if progress else False)
     resid_norm = ((pm.means.pop("response_norm") + nm.means.pop("response_norm")) / 2).squeeze(-1)
     counts = dict(res.counts)
     counts.update(pos_response_tokens=pm.n_response_tokens, neg_response_tokens=nm.n_response_tokens)

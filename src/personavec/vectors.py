@@ -207,13 +207,6 @@ def mean_difference(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) 
     return {p: pos[p] - neg[p] for p in pos if p in neg}
 
 
-def _pooling_from_name(path: Path) -> str:
-    for p in POOLINGS:
-        if path.name.startswith(p):
-            return p
-    return "response_avg"
-
-
 def import_official(paths: str | os.PathLike | Iterable[str | os.PathLike], model_id: str = "unknown",
                     trait: str | None = None, pooling: str | None = None) -> PersonaVector:
     """Import official persona_vectors ``.pt`` files (``[L + 1, d]`` tensors) safely.
