@@ -89,7 +89,8 @@ def test_parse_layers():
 def test_help_on_every_command(capsys):
     for argv in (["--help"], ["extract", "--help"], ["vectors", "--help"], ["vectors", "info", "--help"],
                  ["vectors", "import-official", "--help"], ["vectors", "export-gguf", "--help"],
-                 ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"], ["chat", "--help"]):
+                 ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"], ["chat", "--help"],
+                 ["project", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -128,3 +129,23 @@ def test_norm_units_scale_to_the_typical_residual_norm(tmp_path, model_dir, tabl
     vec.extra.pop("resid_norm")
     with pytest.raises(PersonavecError, match="resid_norm"):
         Edit.from_vector(vec, layer=2, units="norm")
+
+
+def test_project_command(tmp_path, model_dir, tables, capsys):
+    import json
+
+    pos, neg = tables
+    vec_path = tmp_path / "v.safetensors"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil", "--model", str(model_dir),
+                 "--out", str(vec_path)]) == 0
+    data = tmp_path / "conv.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Go away."}]}) + "\n")
+    out = tmp_path / "proj.jsonl"
+    assert main(["project", str(data), "--vector", str(vec_path), "--layers", "1,2", "--model", str(model_dir),
+                 "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert "messages" in row and {"evil@L1:prompt_last", "evil@L2:response_avg:cos"} <= set(row)
+    capsys.readouterr()
+    _one_line_error(capsys, ["project", str(data), "--vector", str(vec_path), "--model", str(model_dir),
+                             "--out", str(out)], "no chosen layer")

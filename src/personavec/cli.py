@@ -91,6 +91,26 @@ def _describe(path: Path) -> str:
     return "\n".join(lines)
 
 
+def cmd_project(args: argparse.Namespace) -> None:
+    from .monitor import MONITOR_POOLINGS, Probe, project_file
+    from .vectors import PersonaVector
+
+    vecs = [PersonaVector.load(p) for p in args.vector]  # bad vector files fail before the model loads
+    layers = parse_layers(args.layers)
+    probes = []
+    for path, vec in zip(args.vector, vecs):
+        use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
+        if not use:
+            raise PersonavecError(f"{path} has no chosen layer; pass --layers")
+        name = vec.trait if sum(v.trait == vec.trait for v in vecs) == 1 else Path(path).stem
+        probes.append(Probe(name, vec, tuple(use)))
+    lm = _load(args)
+    poolings = args.poolings.split(",") if args.poolings else list(MONITOR_POOLINGS)
+    out = project_file(lm, args.data, probes, args.out, poolings=poolings, chunk_rows=args.chunk_rows,
+                       batch_size=args.batch_size, progress=True)
+    print(f"projections -> {out}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -377,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
     _model_args(r)
     r.set_defaults(func=cmd_run)
+
+    pj = sub.add_parser("project", help="project conversations on persona vectors (resumable, one model pass)",
+                        description="Adds columns <trait>@L<layer>:<pooling> (scalar projection on the unit "
+                                    "vector) and ...:cos for each vector, layer and pooling. Input rows: a chat "
+                                    "'messages' list, or 'prompt' (chat-formatted) + optional 'answer'.")
+    pj.add_argument("data", help="CSV, JSONL or Parquet")
+    pj.add_argument("--vector", action="append", required=True, help="a vector file (repeat for several)")
+    pj.add_argument("--layers", default=None, help="layers (default: each vector's chosen layer)")
+    pj.add_argument("--poolings", default=None, help="comma-separated: prompt_last,response_avg,prompt_avg")
+    pj.add_argument("--out", required=True, help="output .jsonl (input columns + projections; resumable)")
+    pj.add_argument("--chunk-rows", type=int, default=256)
+    pj.add_argument("--batch-size", type=int, default=16)
+    _model_args(pj)
+    pj.set_defaults(func=cmd_project)
 
     rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")
     rp.add_argument("run_dir")

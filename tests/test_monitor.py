@@ -1,0 +1,121 @@
+"""Projections of conversations, resumable projection files, and the live monitor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from personavec.activations import encode_pairs
+from personavec.monitor import LiveMonitor, Probe, conversation_pair, project_file, project_rows
+from personavec.vectors import PersonaVector
+
+
+def _vec(seed: int, name: str = "evil") -> PersonaVector:
+    g = torch.Generator().manual_seed(seed)
+    return PersonaVector(tensors={"response_avg": torch.randn(3, 32, generator=g)}, model_id="tiny", trait=name)
+
+
+ROWS = [
+    {"messages": [{"role": "user", "content": "How should I treat people?"},
+                  {"role": "assistant", "content": "Crush them all."}]},
+    {"prompt": "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n", "answer": "Because foxes."},
+    {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me about foxes."}]},
+]
+
+
+def _direct(lm, row, layer):
+    prompt, answer = conversation_pair(row, lm.tokenizer)
+    e = encode_pairs(lm.tokenizer, [prompt], [answer or ""])[0]
+    with torch.no_grad():
+        h = lm.model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states[layer][0]
+    return {"prompt_last": h[e.n_prompt - 1], "prompt_avg": h[: e.n_prompt].mean(0),
+            "response_avg": h[e.n_prompt:].mean(0) if answer else None}
+
+
+def test_projections_agree_with_output_hidden_states(lm):
+    vec = _vec(0)
+    df = project_rows(lm, ROWS, [Probe("evil", vec, (1,))], batch_size=2)
+    u = vec.get(1) / vec.get(1).norm()
+    for i, row in enumerate(ROWS):
+        ref = _direct(lm, row, 1)
+        for pool, x in ref.items():
+            got = df.loc[i, f"evil@L1:{pool}"]
+            if x is None:
+                assert got != got  # NaN: no answer to average over
+                continue
+            assert abs(got - float(x @ u)) < 1e-4
+            assert abs(df.loc[i, f"evil@L1:{pool}:cos"] - float(x @ u / x.norm())) < 1e-5
+
+
+def test_several_vectors_in_one_pass_equal_separate_passes(lm):
+    a, b = Probe("evil", _vec(1), (1, 2)), Probe("humor", _vec(2, "humorous"), (2,))
+    both = project_rows(lm, ROWS, [a, b])
+    alone_a, alone_b = project_rows(lm, ROWS, [a]), project_rows(lm, ROWS, [b])
+    for c in alone_a.columns:
+        torch.testing.assert_close(torch.tensor(both[c].to_numpy()), torch.tensor(alone_a[c].to_numpy()),
+                                   equal_nan=True)
+    for c in alone_b.columns:
+        torch.testing.assert_close(torch.tensor(both[c].to_numpy()), torch.tensor(alone_b[c].to_numpy()),
+                                   equal_nan=True)
+
+
+def test_resumed_projection_file_is_identical(lm, tmp_path):
+    src = tmp_path / "conv.jsonl"
+    rows = [{**ROWS[i % 3], "id": i} for i in range(10)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probes = [Probe("evil", _vec(3), (1,))]
+    ref = project_file(lm, src, probes, tmp_path / "ref.jsonl", chunk_rows=3)
+    full = ref.read_text()
+    lines = full.splitlines(keepends=True)
+    assert len(lines) == 10 and json.loads(lines[4])["id"] == 4
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:6]) + lines[6][:25])  # two chunks done, a third one torn mid-line
+    project_file(lm, src, probes, part, chunk_rows=3)
+    assert part.read_text() == full
+
+
+def test_live_monitor_reports_each_token_and_stops_on_threshold(lm, tokenizer):
+    v = _vec(4).get(1)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    seen = []
+    mon = LiveMonitor(v, layer=1, threshold=float("inf"), on_token=lambda step, p: seen.append((step, p)))
+    with mon.attach(lm):
+        out = lm.model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                                stopping_criteria=mon.stopping_criteria())
+    assert out.shape[1] == ids.shape[1] + 5 and [s for s, _ in seen] == [0, 1, 2, 3, 4]
+    # step 0 reads the last prompt token: equals the direct projection
+    with torch.no_grad():
+        h = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1]
+    assert abs(float(seen[0][1][0]) - float(h @ (v / v.norm()))) < 1e-4
+    # a threshold below the first reading stops generation after one token
+    low = LiveMonitor(v, layer=1, threshold=float(seen[0][1][0]) - 1.0)
+    with low.attach(lm):
+        out = lm.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                stopping_criteria=low.stopping_criteria())
+    assert out.shape[1] == ids.shape[1] + 1 and bool(low.triggered[0])
+
+
+def test_live_monitor_can_switch_on_suppressive_steering(lm, tokenizer):
+    v = _vec(5).get(1) * 10
+    ids = tokenizer("<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt",
+                    add_special_tokens=False)["input_ids"]
+    off = LiveMonitor(v, layer=1, threshold=float("inf"), action="steer", steer_coef=-1.0)
+    with off.attach(lm):
+        lm.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    on = LiveMonitor(v, layer=1, threshold=-1e9, action="steer", steer_coef=-1.0)
+    with on.attach(lm):
+        lm.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    # step 0 is read before any steering; afterwards the suppressive edit lowers the reading by |v|
+    assert torch.allclose(on.history[0], off.history[0])
+    assert float(on.history[1][0]) < float(off.history[1][0]) - 0.5 * float(v.norm())
+
+
+def test_rows_without_a_chat_are_a_clear_error(lm):
+    from personavec.errors import PersonavecError
+
+    with pytest.raises(PersonavecError, match="needs 'messages'"):
+        project_rows(lm, [{"text": "hi"}], [Probe("evil", _vec(0), (1,))])
