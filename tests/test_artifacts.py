@@ -30,6 +30,7 @@ def test_seven_builtin_traits_validate():
         assert a.name == name and len(a.instructions) == 5
         assert len(a.extraction_questions) == 20 and len(a.evaluation_questions) == 20
         assert "{question}" not in a.judge_prompt("Q?", "A.") and "Q?" in a.judge_prompt("Q?", "A.")
+        assert len(a.ladder) == 8 and len(set(a.ladder)) == 8
     with pytest.raises(PersonavecError, match="unknown trait 'grumpy'"):
         builtin("grumpy")
 

@@ -90,6 +90,7 @@ def test_help_on_every_command(capsys):
     for argv in (["--help"], ["extract", "--help"], ["vectors", "--help"], ["vectors", "info", "--help"],
                  ["vectors", "import-official", "--help"], ["vectors", "export-gguf", "--help"],
                  ["steer", "--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"], ["chat", "--help"],
+                 ["monitor", "--help"],
                  ["project", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)

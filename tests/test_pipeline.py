@@ -216,3 +216,29 @@ def test_local_generator_answers_a_chat(model_dir):
     gen.max_new_tokens = 5
     assert isinstance(gen.complete([{"role": "user", "content": "Write JSON."}]), str)
     assert gen.name.startswith("local:")
+
+
+def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
+    import math
+
+    from personavec.generation import SamplingConfig
+    from personavec.monitoring import pearson
+    from personavec.pipeline import Run, RunConfig
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(trait="optimistic", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
+                    steer_coefs=[1.0], sampling=SamplingConfig(n_samples=1, max_new_tokens=5, batch_size=50))
+    run = Run(cfg, run_dir=tmp_path / "run", progress=False)
+    run.run()
+    corr = run.monitor()
+    table = pd.read_parquet(tmp_path / "run" / "monitor.parquet")
+    # 20 evaluation questions x (8 ladder steps + 5 many-shot settings)
+    assert len(table) == 20 * 13 and corr["n_prompts"] == 260 and corr["layer"] == 1
+    assert sorted(table[table["type"] == "ladder"]["setting"].unique()) == list(range(8))
+    assert sorted(table[table["type"] == "many_shot"]["setting"].unique()) == [0, 5, 10, 15, 20]
+    assert math.isnan(corr["r_trait_overall"]) and corr["trait_scored"] == 0  # no judge
+    assert -1 <= corr["r_answer_projection_overall"] <= 1
+    assert (tmp_path / "run" / "monitor.png").read_bytes()[:4] == b"\x89PNG"
+    assert run.monitor() == json.loads((tmp_path / "run" / "monitor.json").read_text())  # resumable: read back
+    assert abs(pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) - 0.9986) < 1e-3
+    assert math.isnan(pearson([1, 2], [3, 4]))

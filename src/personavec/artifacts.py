@@ -63,6 +63,7 @@ class TraitArtifacts:
     rubric: str
     neg_name: str = "helpful"
     source: str = "custom"
+    ladder: list[str] = field(default_factory=list)  # 8 system prompts, suppressing -> eliciting (monitoring)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,9 @@ class TraitArtifacts:
         allq = [q.strip().lower() for q in self.extraction_questions + self.evaluation_questions if isinstance(q, str)]
         if len(set(allq)) != len(allq):
             problems.append("questions repeat (the 40 questions must be distinct, none shared by both sets)")
+        if self.ladder and (len(self.ladder) != 8 or any(not isinstance(x, str) or not x.strip()
+                                                          for x in self.ladder)):
+            problems.append(f"the ladder has {len(self.ladder)} prompts (need 8 non-empty system prompts)")
         slots = _placeholders(self.rubric or "")
         if sorted(slots) != ["answer", "question"]:
             problems.append(f"rubric needs exactly one {{question}} and one {{answer}} slot (found {slots})")

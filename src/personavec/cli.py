@@ -237,7 +237,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_monitor(args: argparse.Namespace) -> None:
+    run = _run_from_args(args)
+    run.run()
+    corr = run.monitor(layer=args.layer, n_samples=args.monitor_samples)
+    print(f"\nmonitoring at layer {corr['layer']} ({corr['n_prompts']} prompts; judge {corr['judge']}, "
+          f"{corr['trait_scored']} with a trait score)")
+    for key, label in (("r_trait", "last-prompt projection vs judged trait"),
+                       ("r_answer_projection", "last-prompt projection vs the answers' projection")):
+        print(f"  Pearson r, {label}: overall {corr[key + '_overall']:.3f}, ladder {corr[key + '_ladder']:.3f}, "
+              f"many-shot {corr[key + '_many_shot']:.3f}")
+    print(f"table -> {run.path('monitor.parquet')}, plot -> {run.path('monitor.png')}")
+
+
+def _run_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
     from .generation import SamplingConfig
@@ -261,7 +274,11 @@ def cmd_run(args: argparse.Namespace) -> None:
                     dtype=args.dtype)
     run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
     run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
-    summary = run.run()
+    return run
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    summary = _run_from_args(args).run()
     print_summary(summary)
     print(f"report -> {summary['files']['report']}")
 
@@ -329,33 +346,7 @@ def _steer_args(s: argparse.ArgumentParser) -> None:
     _model_args(s)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
-    p.add_argument("--version", action="version", version=f"personavec {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    e = sub.add_parser("extract", help="extract a persona vector from pos/neg response tables",
-                       description="Per layer: mean activation over kept pos answers minus kept neg answers. "
-                                   "Tables: CSV/JSONL/Parquet with 'prompt' (chat-formatted) or 'question' "
-                                   "(+ optional 'system') and 'answer'; optional trait and 'coherence' scores.")
-    e.add_argument("--pos", required=True, help="table of answers showing the trait")
-    e.add_argument("--neg", required=True, help="table of answers not showing it (row-paired with --pos)")
-    e.add_argument("--out", required=True, help="output .safetensors")
-    e.add_argument("--trait", default=None, help="trait name (also the score column name, as in the official CSV)")
-    e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-length", type=int, default=None, help="truncate pairs to this many tokens")
-    e.add_argument("--pos-min", type=float, default=50.0, help="keep pairs whose pos trait score >= this")
-    e.add_argument("--neg-max", type=float, default=50.0, help="keep pairs whose neg trait score < this")
-    e.add_argument("--coherence-min", type=float, default=50.0, help="both sides' coherence >= this")
-    e.add_argument("--no-filter", action="store_true", help="use every pair, ignoring scores")
-    _model_args(e)
-    e.set_defaults(func=cmd_extract)
-
-    r = sub.add_parser("run", help="the main job: trait -> artifacts -> answers -> judge -> filter -> vector",
-                       description="Resumable: each stage writes into runs/<model>/<trait>/ and is skipped when "
-                                   "done; rerun the same command after an interruption.")
+def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--trait", required=True, help="a built-in trait (evil, sycophantic, hallucinating, impolite, "
                                                    "apathetic, humorous, optimistic) or a new name")
     r.add_argument("--description", default=None, help="one sentence defining a new trait (needs --generator)")
@@ -396,7 +387,46 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="runs root (default: runs)")
     r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
     _model_args(r)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
+    p.add_argument("--version", action="version", version=f"personavec {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("extract", help="extract a persona vector from pos/neg response tables",
+                       description="Per layer: mean activation over kept pos answers minus kept neg answers. "
+                                   "Tables: CSV/JSONL/Parquet with 'prompt' (chat-formatted) or 'question' "
+                                   "(+ optional 'system') and 'answer'; optional trait and 'coherence' scores.")
+    e.add_argument("--pos", required=True, help="table of answers showing the trait")
+    e.add_argument("--neg", required=True, help="table of answers not showing it (row-paired with --pos)")
+    e.add_argument("--out", required=True, help="output .safetensors")
+    e.add_argument("--trait", default=None, help="trait name (also the score column name, as in the official CSV)")
+    e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-length", type=int, default=None, help="truncate pairs to this many tokens")
+    e.add_argument("--pos-min", type=float, default=50.0, help="keep pairs whose pos trait score >= this")
+    e.add_argument("--neg-max", type=float, default=50.0, help="keep pairs whose neg trait score < this")
+    e.add_argument("--coherence-min", type=float, default=50.0, help="both sides' coherence >= this")
+    e.add_argument("--no-filter", action="store_true", help="use every pair, ignoring scores")
+    _model_args(e)
+    e.set_defaults(func=cmd_extract)
+
+    r = sub.add_parser("run", help="the main job: trait -> artifacts -> answers -> judge -> filter -> vector",
+                       description="Resumable: each stage writes into runs/<model>/<trait>/ and is skipped when "
+                                   "done; rerun the same command after an interruption.")
+    _run_args(r)
     r.set_defaults(func=cmd_run)
+
+    mo = sub.add_parser("monitor", help="monitoring experiment: does the last prompt token predict the trait?",
+                        description="Runs (or resumes) the trait's run, then the paper's monitoring experiment: an "
+                                    "8-step system-prompt ladder and 0-20-shot prompts on the evaluation questions; "
+                                    "Pearson r between the last-prompt projection and the answers' judged trait.")
+    _run_args(mo)
+    mo.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    mo.add_argument("--monitor-samples", type=int, default=1, help="answers per prompt (default 1)")
+    mo.set_defaults(func=cmd_monitor)
 
     pj = sub.add_parser("project", help="project conversations on persona vectors (resumable, one model pass)",
                         description="Adds columns <trait>@L<layer>:<pooling> (scalar projection on the unit "

@@ -430,6 +430,36 @@ class Run:
         _atomic_json(out, result)
         return result
 
+    def monitor(self, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
+        """The monitoring experiment on a finished run: monitor.parquet, monitor.json, monitor.png."""
+        from dataclasses import replace
+
+        from .monitoring import plot, run_experiment
+
+        out = self.path("monitor.json")
+        if out.exists():
+            return json.loads(out.read_text())
+        art = TraitArtifacts.load(self.path("artifacts.json"))
+        if not art.ladder and art.name in builtin_traits():
+            art.ladder = builtin(art.name).ladder
+        vec = PersonaVector.load(self.path("vectors.safetensors"))
+        layer = layer if layer is not None else vec.chosen_layer
+        if layer is None:
+            raise PersonavecError("the vector has no chosen layer; pass --layer")
+        judged = pd.read_parquet(self.path("judged.parquet"))
+        pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
+        if pos["trait"].notna().any():
+            pos = pos.sort_values("trait", ascending=False, kind="stable")
+        pos = pos.drop_duplicates("question_id")  # one example per extraction question
+        examples = list(zip(pos["question"], pos["answer"]))
+        sampling = replace(self.cfg.sampling, n_samples=n_samples)
+        table, corr = run_experiment(self.lm, art, vec, layer, self.judge(), examples, self.dir, sampling,
+                                     progress=self.progress)
+        write_table(table, self.path("monitor.parquet"))
+        plot(table, corr, self.path("monitor.png"), f"{self.cfg.trait} — {vec.model_id}")
+        _atomic_json(out, corr)
+        return corr
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         self.write_config()

@@ -1,0 +1,156 @@
+"""The monitoring experiment (paper §3.3): does the last prompt token's projection predict the answer's trait?
+
+Prompt settings, each applied to the trait's 20 evaluation questions:
+
+* ``ladder``: 8 system prompts interpolating from fully suppressing (0) to fully eliciting (7) the trait
+  (``ladder`` in the trait artifacts);
+* ``many_shot``: no system prompt, 0/5/10/15/20 earlier user/assistant turns whose answers express the
+  trait (taken from the run's own eliciting answers to the extraction questions).
+
+For every (setting, question): the projection of the last prompt token on v̂ at the layer, computed before
+anything is generated, and the mean judged trait score of ``n_samples`` generated answers. Pearson r is
+reported overall and within each prompt type. As a judge-free check, the same correlation is also computed
+against the answers' own response-average projection (read by the unsteered model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .activations import encode_pairs, iter_pooled
+from .artifacts import TraitArtifacts
+from .errors import PersonavecError
+from .generation import SamplingConfig, run_sampling
+from .models import LoadedModel
+from .vectors import PersonaVector
+
+SHOTS = (0, 5, 10, 15, 20)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation over the pairs where both values are finite (NaN if fewer than 3)."""
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan")
+    t = torch.tensor(pairs, dtype=torch.float64)
+    t = t - t.mean(0)
+    denom = (t[:, 0].norm() * t[:, 1].norm()).item()
+    return float((t[:, 0] @ t[:, 1]).item() / denom) if denom > 0 else float("nan")
+
+
+def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple[str, str]],
+                  shots: Sequence[int] = SHOTS) -> list[dict[str, Any]]:
+    """One job per (setting, evaluation question)."""
+    ladder = art.ladder
+    if len(ladder) != 8:
+        raise PersonavecError(f"trait {art.name!r} has no 8-step system-prompt ladder; add 'ladder' (8 system "
+                              "prompts, suppressing to eliciting) to its artifacts")
+    if max(shots, default=0) > len(examples):
+        raise PersonavecError(f"many-shot prompts need {max(shots)} trait-expressing examples, only "
+                              f"{len(examples)} available")
+    jobs = []
+    for q, question in enumerate(art.evaluation_questions):
+        for step, system in enumerate(ladder):
+            jobs.append({"type": "ladder", "setting": step, "question_id": q, "question": question,
+                         "prompt": lm.format_chat(question, system=system)})
+        for k in shots:
+            msgs: list[dict[str, str]] = []
+            for eq, ea in examples[:k]:
+                msgs += [{"role": "user", "content": eq}, {"role": "assistant", "content": ea}]
+            msgs.append({"role": "user", "content": question})
+            jobs.append({"type": "many_shot", "setting": k, "question_id": q, "question": question,
+                         "prompt": lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)})
+    return jobs
+
+
+def last_prompt_projection(lm: LoadedModel, prompts: Sequence[str], unit: torch.Tensor, layer: int,
+                           batch_size: int = 8) -> list[float]:
+    encs = encode_pairs(lm.tokenizer, list(prompts), [""] * len(prompts))
+    out = [math.nan] * len(prompts)
+    for idx, pooled in iter_pooled(lm, encs, [layer], ["prompt_last"], batch_size=batch_size):
+        vals = pooled["prompt_last"][:, 0].cpu() @ unit
+        for j, i in enumerate(idx):
+            out[i] = float(vals[j])
+    return out
+
+
+def response_projection(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], unit: torch.Tensor,
+                        layer: int, batch_size: int = 8) -> list[float]:
+    keep = [i for i, a in enumerate(answers) if a.strip()]
+    out = [math.nan] * len(prompts)
+    if not keep:
+        return out
+    encs = encode_pairs(lm.tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep])
+    for idx, pooled in iter_pooled(lm, encs, [layer], ["response_avg"], batch_size=batch_size):
+        vals = pooled["response_avg"][:, 0].cpu() @ unit
+        for j, i in enumerate(idx):
+            out[keep[i]] = float(vals[j])
+    return out
+
+
+def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, layer: int, judge: Any,
+                   examples: Sequence[tuple[str, str]], out_dir: Path, sampling: SamplingConfig,
+                   progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Generate, judge and project; returns the per-(setting, question) table and the correlations."""
+    from .judges.rubrics import coherence_prompt
+
+    jobs = build_prompts(lm, art, examples)
+    v = vec.get(layer)
+    unit = v / v.norm().clamp(min=1e-12)
+    before = last_prompt_projection(lm, [j["prompt"] for j in jobs], unit, layer)
+    sample_jobs = [{**j, "sample_id": s, "projection": before[i], "row": i}
+                   for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
+    rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
+                                     progress="monitor sampling" if progress else False))
+    if judge is not None:
+        trait = [art.judge_prompt(q, a) for q, a in zip(rows["question"], rows["answer"])]
+        coh = [coherence_prompt(q, a) for q, a in zip(rows["question"], rows["answer"])]
+        scores = judge.score(trait + coh, progress="monitor judging" if progress else False)
+        rows["trait"] = [math.nan if s is None else s for s in scores[: len(trait)]]
+        rows["coherence"] = [math.nan if s is None else s for s in scores[len(trait):]]
+    else:
+        rows["trait"], rows["coherence"] = math.nan, math.nan
+    rows["answer_projection"] = response_projection(lm, rows["prompt"].tolist(), rows["answer"].tolist(), unit,
+                                                    layer)
+    table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
+             .agg(projection=("projection", "first"), trait=("trait", "mean"), coherence=("coherence", "mean"),
+                  answer_projection=("answer_projection", "mean"), n=("answer", "size")))
+    corr: dict[str, Any] = {"layer": layer, "judge": getattr(judge, "name", "none"), "n_prompts": len(table),
+                            "trait_scored": int(table["trait"].notna().sum())}
+    for label, sub in (("overall", table), ("ladder", table[table["type"] == "ladder"]),
+                       ("many_shot", table[table["type"] == "many_shot"])):
+        corr[f"r_trait_{label}"] = pearson(sub["projection"].tolist(), sub["trait"].tolist())
+        corr[f"r_answer_projection_{label}"] = pearson(sub["projection"].tolist(), sub["answer_projection"].tolist())
+    return table, corr
+
+
+def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> None:
+    """Scatter: last-prompt projection vs judged trait (or vs the answers' projection when unscored)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    y_col = "trait" if corr["trait_scored"] >= 3 else "answer_projection"
+    fig = Figure(figsize=(6.4, 4.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for kind, marker in (("ladder", "o"), ("many_shot", "^")):
+        sub = table[table["type"] == kind]
+        sc = ax.scatter(sub["projection"], sub[y_col], c=sub["setting"], cmap="viridis", marker=marker, s=18,
+                        label=kind.replace("_", "-"), alpha=0.8)
+    fig.colorbar(sc, ax=ax, label="setting (ladder step / number of shots)")
+    key = "r_trait" if y_col == "trait" else "r_answer_projection"
+    ax.set(xlabel=f"last prompt token projection (layer {corr['layer']})",
+           ylabel="judged trait score" if y_col == "trait" else "answers' projection (no usable judge scores)",
+           title=f"{title}\nr overall {corr[f'{key}_overall']:.2f}, ladder {corr[f'{key}_ladder']:.2f}, "
+                 f"many-shot {corr[f'{key}_many_shot']:.2f}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
