@@ -66,6 +66,9 @@ def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple
             msgs.append({"role": "user", "content": question})
             jobs.append({"type": "many_shot", "setting": k, "question_id": q, "question": question,
                          "prompt": lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)})
+    # group by prompt type and setting so that sampling batches hold prompts of similar length (a 20-shot
+    # prompt is ~20x longer than a ladder prompt; mixing them would pad every row to the longest)
+    jobs.sort(key=lambda j: (j["type"] != "ladder", j["setting"], j["question_id"]))
     return jobs
 
 
