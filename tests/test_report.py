@@ -233,3 +233,16 @@ def test_degenerate_steering_and_selection(tmp_path):
     assert (run / "steering.png").read_bytes().startswith(PNG_MAGIC)
     assert (run / "capability.png").read_bytes().startswith(PNG_MAGIC)
     assert not re.search(r"\bnan\b", page, flags=re.I)
+
+
+def test_monitoring_section(tmp_path):
+    import json
+
+    from personavec.report import write_report
+
+    (tmp_path / "summary.json").write_text(json.dumps({"trait": "evil", "model": "m", "judge": "none"}))
+    (tmp_path / "monitor.json").write_text(json.dumps({"layer": 13, "n_prompts": 260, "judge": "none",
+                                                       "trait_scored": 0, "r_trait_overall": float("nan"),
+                                                       "r_answer_projection_overall": 0.51234}))
+    page = write_report(tmp_path).read_text()
+    assert "<h2>Monitoring</h2>" in page and "0.512" in page and "layer 13" in page

@@ -411,6 +411,31 @@ def _section_steering(steer: pd.DataFrame | None, selection: dict[str, Any], has
     return out
 
 
+def _section_monitoring(run_dir: Path) -> list[str]:
+    """The monitoring experiment (``personavec monitor``), when it has run."""
+    path = run_dir / "monitor.json"
+    if not path.is_file():
+        return []
+    try:
+        corr = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ["<div class='note'>monitor.json is unreadable.</div>"]
+    out = ["<h2>Monitoring</h2>",
+           f"<p>Pearson r between the last prompt token's projection (layer {_e(_fmt_int(corr.get('layer')))}) "
+           f"and the answers, over {_e(_fmt_int(corr.get('n_prompts')))} prompts (8-step system-prompt ladder and "
+           f"0-20-shot prompts on the evaluation questions); judge {_e(corr.get('judge', DASH))}, "
+           f"{_e(_fmt_int(corr.get('trait_scored')))} prompts with a trait score.</p>",
+           "<table><tr><th>answers measured by</th><th>overall</th><th>ladder</th><th>many-shot</th></tr>"]
+    for key, label in (("r_trait", "judged trait score"), ("r_answer_projection", "their own projection")):
+        cells = "".join(f"<td>{_e(_fmt(corr.get(f'{key}_{part}'), 3))}</td>"
+                        for part in ("overall", "ladder", "many_shot"))
+        out.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
+    out.append("</table>")
+    if (run_dir / "monitor.png").is_file():
+        out.append('<img src="monitor.png" alt="last-prompt projection vs answers">')
+    return out
+
+
 def _section_capability(cap: dict[str, Any] | None, has_png: bool) -> list[str]:
     if cap is None:
         return []
@@ -528,6 +553,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     body += _section_separation(sep, best_layer, pngs.get(SEPARATION_PNG, False))
     body += _section_steering(steer, selection, pngs.get(STEERING_PNG, False))
     body += _section_capability(cap, pngs.get(CAPABILITY_PNG, False))
+    body += _section_monitoring(run_dir)
     body += _section_examples(examples)
     body += _section_timings(summary)
     if summary.get("command"):
