@@ -142,11 +142,13 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
     fig = Figure(figsize=(6.4, 4.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for kind, marker in (("ladder", "o"), ("many_shot", "^")):
+    sc = None
+    for kind, marker, top in (("ladder", "o", 7.0), ("many_shot", "^", float(max(SHOTS)))):
         sub = table[table["type"] == kind]
-        sc = ax.scatter(sub["projection"], sub[y_col], c=sub["setting"], cmap="viridis", marker=marker, s=18,
-                        label=kind.replace("_", "-"), alpha=0.8)
-    fig.colorbar(sc, ax=ax, label="setting (ladder step / number of shots)")
+        sc = ax.scatter(sub["projection"], sub[y_col], c=sub["setting"] / top, cmap="viridis", vmin=0.0, vmax=1.0,
+                        marker=marker, s=18, label=kind.replace("_", "-"), alpha=0.8)
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, label="ladder step / 7, shots / 20 (0 = suppressing, 1 = eliciting)")
     key = "r_trait" if y_col == "trait" else "r_answer_projection"
     ax.set(xlabel=f"last prompt token projection (layer {corr['layer']})",
            ylabel="judged trait score" if y_col == "trait" else "answers' projection (no usable judge scores)",
