@@ -72,26 +72,17 @@ def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple
     return jobs
 
 
-def last_prompt_projection(lm: LoadedModel, prompts: Sequence[str], unit: torch.Tensor, layer: int,
-                           batch_size: int = 8) -> list[float]:
-    encs = encode_pairs(lm.tokenizer, list(prompts), [""] * len(prompts))
-    out = [math.nan] * len(prompts)
-    for idx, pooled in iter_pooled(lm, encs, [layer], ["prompt_last"], batch_size=batch_size):
-        vals = pooled["prompt_last"][:, 0].cpu() @ unit
-        for j, i in enumerate(idx):
-            out[i] = float(vals[j])
-    return out
-
-
-def response_projection(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], unit: torch.Tensor,
-                        layer: int, batch_size: int = 8) -> list[float]:
-    keep = [i for i, a in enumerate(answers) if a.strip()]
+def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], unit: torch.Tensor, layer: int,
+                pooling: str, batch_size: int = 8) -> list[float]:
+    """Scalar projection of each pair's ``pooling`` at ``layer`` on ``unit``; NaN for an empty answer when
+    the pooling averages over the answer."""
+    keep = [i for i, a in enumerate(answers) if pooling != "response_avg" or a.strip()]
     out = [math.nan] * len(prompts)
     if not keep:
         return out
     encs = encode_pairs(lm.tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep])
-    for idx, pooled in iter_pooled(lm, encs, [layer], ["response_avg"], batch_size=batch_size):
-        vals = pooled["response_avg"][:, 0].cpu() @ unit
+    for idx, pooled in iter_pooled(lm, encs, [layer], [pooling], batch_size=batch_size):
+        vals = pooled[pooling][:, 0].cpu() @ unit
         for j, i in enumerate(idx):
             out[keep[i]] = float(vals[j])
     return out
@@ -106,7 +97,7 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
     jobs = build_prompts(lm, art, examples)
     v = vec.get(layer)
     unit = v / v.norm().clamp(min=1e-12)
-    before = last_prompt_projection(lm, [j["prompt"] for j in jobs], unit, layer)
+    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), unit, layer, "prompt_last")
     sample_jobs = [{**j, "sample_id": s, "projection": before[i], "row": i}
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
@@ -119,8 +110,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
         rows["coherence"] = [math.nan if s is None else s for s in scores[len(trait):]]
     else:
         rows["trait"], rows["coherence"] = math.nan, math.nan
-    rows["answer_projection"] = response_projection(lm, rows["prompt"].tolist(), rows["answer"].tolist(), unit,
-                                                    layer)
+    rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), unit, layer,
+                                            "response_avg")
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
              .agg(projection=("projection", "first"), trait=("trait", "mean"), coherence=("coherence", "mean"),
                   answer_projection=("answer_projection", "mean"), n=("answer", "size")))
