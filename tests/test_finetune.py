@@ -149,7 +149,8 @@ def test_resumed_training_equals_uninterrupted(tokenizer, tmp_path):
     # stopped after 3 steps (a checkpoint is written), then resumed
     part = fresh_lm(tokenizer)
     first = train_lora(part, CHATS, c.replace(max_steps=3), tmp_path / "cut", progress=False)
-    assert first.steps == 3 and not first.extra["complete"] and latest_checkpoint(tmp_path / "cut").name == "step-000003"
+    assert first.steps == 3 and not first.extra["complete"]
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
     again = fresh_lm(tokenizer)
     res = train_lora(again, CHATS, c, tmp_path / "cut", progress=False)
     assert res.resumed_from == 3 and res.losses == ref.losses

@@ -250,6 +250,143 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     print(f"table -> {run.path('monitor.parquet')}, plot -> {run.path('monitor.png')}")
 
 
+def _train_config(args: argparse.Namespace):
+    from .finetune import TrainConfig
+
+    base = TrainConfig.load(args.train_config) if args.train_config else TrainConfig()
+    return base.replace(lr=args.lr, epochs=args.epochs, rank=args.rank, lora_alpha=args.lora_alpha,
+                        batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+                        max_length=args.train_max_length, seed=args.train_seed, save_every=args.save_every,
+                        max_steps=args.max_steps, schedule=args.schedule)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the paper's; a --train-config JSON/TOML file sets any of them)")
+    g.add_argument("--train-config", default=None, help="JSON or TOML file with TrainConfig keys (rank, lr, ...)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (paper: 1e-5)")
+    g.add_argument("--epochs", type=int, default=None, help="paper: 1")
+    g.add_argument("--rank", type=int, default=None, help="LoRA rank (paper: 32)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
+    g.add_argument("--train-batch-size", type=int, default=None, help="micro-batch size (paper: 2)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (paper: 8)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="paper: 5")
+    g.add_argument("--schedule", choices=["linear", "constant", "cosine"], default=None, help="paper: linear")
+    g.add_argument("--train-max-length", type=int, default=None, help="tokens per conversation (paper: 2048)")
+    g.add_argument("--train-seed", type=int, default=None)
+    g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default 20)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune import read_chats, train_lora
+    from .steering import Edit
+    from .vectors import PersonaVector
+
+    cfg = _train_config(args)
+    chats = read_chats(args.data)
+    edits = []
+    if args.prevent_coef or args.caft:
+        if not args.vector:
+            raise PersonavecError("--prevent-coef and --caft need --vector")
+        vec = PersonaVector.load(args.vector)
+        layers = parse_layers(args.intervention_layers) or ([vec.chosen_layer] if vec.chosen_layer is not None
+                                                            else None)
+        if not layers:
+            raise PersonavecError("the vector has no chosen layer; pass --intervention-layers")
+        if args.prevent_coef:
+            edits += [Edit(layer=x, direction=vec.get(x), coef=args.prevent_coef) for x in layers]
+        if args.caft:
+            edits += [Edit(layer=x, direction=vec.get(x), kind="ablate") for x in layers]
+    lm = _load(args)
+    if edits:
+        PersonaVector.load(args.vector).check_compatible(lm)
+    res = train_lora(lm, chats, cfg, args.out, edits=edits, progress=True)
+    if res.extra["complete"]:
+        print(f"{res.n_examples} conversations, {res.steps} steps (resumed from {res.resumed_from}), "
+              f"final loss {res.losses[-1] if res.losses else float('nan'):.4f} -> adapter {res.adapter_dir}")
+    else:
+        print(f"stopped after step {res.steps} of {res.extra['total_steps']}; run the same command to continue")
+
+
+def cmd_trait_data(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .ftexperiment import parse_percents
+    from .traitdata import write_mixtures
+
+    judged = Path(args.run_dir) / "judged.parquet"
+    if not judged.exists():
+        raise PersonavecError(f"{args.run_dir} has no judged.parquet; finish `personavec run` there first")
+    files = write_mixtures(pd.read_parquet(judged), args.out, parse_percents(args.percents) or [], seed=args.seed)
+    for name, path in files.items():
+        print(f"{name:>8}: {path}")
+
+
+def cmd_shift(args: argparse.Namespace) -> None:
+    from .artifacts import builtin
+    from .finetune import load_adapter
+    from .shift import last_prompt_means, plot_shifts, shift_table
+    from .tables import read_table, write_table
+    from .vectors import PersonaVector
+
+    vectors = {Path(v).stem: PersonaVector.load(v) for v in args.vector}
+    if args.prompts:
+        df = read_table(args.prompts)
+        col = next((c for c in ("question", "prompt") if c in df.columns), None)
+        if col is None:
+            raise PersonavecError(f"{args.prompts} needs a 'question' (plain) or 'prompt' (chat-formatted) column")
+        questions = df[col].astype(str).tolist()
+    else:
+        trait = args.trait or next(iter(vectors.values())).trait
+        questions = builtin(trait).evaluation_questions
+        col = "question"
+    base = _load(args)
+    for v in vectors.values():
+        v.check_compatible(base)
+    prompts = questions if col == "prompt" else [base.format_chat(q) for q in questions]
+    base_means = last_prompt_means(base, prompts, progress="base model")
+    tuned = load_adapter(_load(args), args.adapter)
+    table = shift_table(base_means, last_prompt_means(tuned, prompts, progress="fine-tuned"), vectors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_table(table, out)
+    plot_shifts(table, out.with_suffix(".png"), f"shift of {args.adapter}")
+    for name, g in table.groupby("vector"):
+        best = g.iloc[int(g["shift"].abs().fillna(-1).to_numpy().argmax())]
+        print(f"{name}: largest shift {best['shift']:+.3f} at layer {int(best['layer'])} "
+              f"(cosine with v {best['cosine']:+.3f})")
+    print(f"table -> {out}, plot -> {out.with_suffix('.png')}")
+
+
+def cmd_finetune_experiment(args: argparse.Namespace) -> None:
+    from .ftexperiment import FineTuneExperiment, FTExperimentConfig, parse_percents
+
+    run = _run_from_args(args)
+    run.run()
+    cfg = FTExperimentConfig(percents=parse_percents(args.percents), prevent_percents=parse_percents(
+        args.prevent_percents), caft_percents=parse_percents(args.caft_percents) or [], layer=args.layer,
+        prevent_coef=args.prevent_coef, train=_train_config(args), eval_samples=args.ft_eval_samples,
+        max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
+    summary = FineTuneExperiment(run, cfg).run_all()
+    print_finetune_summary(summary)
+    print(f"table -> {run.dir / 'finetune' / 'finetune.parquet'}, plots -> {run.dir / 'finetune'}/*.png")
+
+
+def print_finetune_summary(s: dict) -> None:
+    print(f"\n{s['n_finetunes']} fine-tunes, read out at layer {s['layer']} "
+          f"({s['trait_scored']} answers with a judged trait score)")
+    print(f"  Pearson r, shift vs judged trait: {s['r_shift_trait']:.3f} (plain fine-tunes only "
+          f"{s['r_shift_trait_plain']:.3f})")
+    print(f"  Pearson r, shift vs the answers' projection: {s['r_shift_answer_projection']:.3f} (plain only "
+          f"{s['r_shift_answer_projection_plain']:.3f})")
+    for p in s["prevention"]:
+        print(f"  {p['intervention']:>7} on {p['percent']:.0f}% trait data: answer-projection increase "
+              f"{p['answer_projection_increase_with']:+.2f} vs {p['answer_projection_increase_plain']:+.2f} plain "
+              f"({100 * p['answer_projection_prevented']:.0f}% prevented); trait increase "
+              f"{p['trait_increase_with']:+.1f} vs {p['trait_increase_plain']:+.1f}; coherence change "
+              f"{p['coherence_change']:+.1f} (plain {p['coherence_change_plain']:+.1f})")
+
+
 def _run_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
@@ -441,6 +578,54 @@ def build_parser() -> argparse.ArgumentParser:
     pj.add_argument("--batch-size", type=int, default=16)
     _model_args(pj)
     pj.set_defaults(func=cmd_project)
+
+    ft = sub.add_parser("finetune", help="LoRA fine-tune on chat JSONL, optionally with preventative steering/CAFT",
+                        description="Loss on assistant tokens only; checkpoints every --save-every steps; rerun "
+                                    "the same command to resume. Writes OUT/adapter (peft) and OUT/train.json.")
+    ft.add_argument("data", help="JSONL/CSV/Parquet rows with 'messages' or 'prompt' + 'answer'")
+    ft.add_argument("--out", required=True, help="output directory")
+    ft.add_argument("--vector", default=None, help="persona vector for the interventions")
+    ft.add_argument("--prevent-coef", type=float, default=None,
+                    help="preventative steering: add this multiple of the raw vector during training (paper: 5)")
+    ft.add_argument("--caft", action="store_true", help="CAFT: ablate the vector's direction during training")
+    ft.add_argument("--intervention-layers", default=None, help="default: the vector's chosen layer")
+    _train_args(ft)
+    _model_args(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+    td = sub.add_parser("trait-data", help="trait / normal / mixed fine-tuning sets from a run's own answers")
+    td.add_argument("run_dir")
+    td.add_argument("--out", required=True)
+    td.add_argument("--percents", default="0,25,50,75,100", help="trait percentages of the mixtures")
+    td.add_argument("--seed", type=int, default=0)
+    td.set_defaults(func=cmd_trait_data)
+
+    sh = sub.add_parser("shift", help="fine-tuning shift: last-prompt activation change projected on vectors")
+    sh.add_argument("--adapter", required=True, help="a fine-tune's output directory (or its adapter/)")
+    sh.add_argument("--vector", required=True, action="append", help="vector file (repeat for several traits)")
+    sh.add_argument("--prompts", default=None, help="table with 'question' or chat-formatted 'prompt' "
+                                                    "(default: the trait's built-in evaluation questions)")
+    sh.add_argument("--trait", default=None, help="built-in trait whose evaluation questions to use")
+    sh.add_argument("--out", default="shift.parquet")
+    _model_args(sh)
+    sh.set_defaults(func=cmd_shift)
+
+    fx = sub.add_parser("finetune-experiment", help="shift vs trait across fine-tunes; preventative steering, CAFT",
+                        description="Runs (or resumes) the trait's run, builds trait/normal mixtures from its "
+                                    "answers, fine-tunes each mixture plain / with preventative steering / with "
+                                    "CAFT, and evaluates every model (shift, judged trait and coherence, the "
+                                    "answers' projection, multiple choice). Resumable.")
+    _run_args(fx)
+    fx.add_argument("--percents", default="0,25,50,75,100", help="trait percentages of the mixtures")
+    fx.add_argument("--prevent-percents", default=None, help="mixtures also trained with preventative steering "
+                                                             "(default: every one above 0)")
+    fx.add_argument("--caft-percents", default="100", help="mixtures also trained with CAFT ('' for none)")
+    fx.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
+    fx.add_argument("--prevent-coef", type=float, default=5.0, help="raw-vector multiple (paper: 5)")
+    fx.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
+    fx.add_argument("--ft-max-new-tokens", type=int, default=64)
+    _train_args(fx)
+    fx.set_defaults(func=cmd_finetune_experiment)
 
     rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")
     rp.add_argument("run_dir")

@@ -1,0 +1,82 @@
+"""The fine-tuning experiment end to end on a tiny model, and the finetune / shift / trait-data commands."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from personavec.cli import main
+
+pytestmark = pytest.mark.slow  # a run plus four small fine-tunes (about a minute on 2 cores)
+
+
+@pytest.fixture
+def model_dir(tmp_path_factory, lm):
+    d = tmp_path_factory.mktemp("m") / "tiny-model"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monkeypatch, capsys):
+    from personavec.finetune import TrainConfig
+    from personavec.ftexperiment import FineTuneExperiment, FTExperimentConfig
+    from personavec.generation import SamplingConfig
+    from personavec.pipeline import Run, RunConfig
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(trait="evil", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
+                    steer_coefs=[1.0], sampling=SamplingConfig(n_samples=1, max_new_tokens=5, batch_size=50))
+    run = Run(cfg, run_dir=tmp_path / "run", progress=False)
+    run.run()
+    train = TrainConfig(rank=2, lora_alpha=4, lr=1e-2, batch_size=10, grad_accum=2, warmup_steps=0, max_length=96)
+    ecfg = FTExperimentConfig(percents=[0, 100], prevent_percents=[100], caft_percents=[100], prevent_coef=2.0,
+                              train=train, eval_samples=1, max_new_tokens=4)
+    exp = FineTuneExperiment(run, ecfg, progress=False)
+    summary = exp.run_all()
+    d = tmp_path / "run" / "finetune"
+    table = pd.read_parquet(d / "finetune.parquet")
+    assert table["model"].tolist() == ["base", "mix000", "mix100", "mix100+prevent", "mix100+caft"]
+    assert summary["n_finetunes"] == 4 and summary["layer"] == 1
+    assert table.loc[0, "shift"] == 0.0  # the base model against itself
+    assert table["shift"].iloc[1:].abs().min() > 0  # every fine-tune moved the last-prompt state
+    assert len(table.loc[0:, "mc_accuracy"].dropna()) == 5 and (table["n_answers"] == 20).all()
+    assert math.isnan(summary["r_shift_trait"]) and -1 <= summary["r_shift_answer_projection"] <= 1  # no judge
+    assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent"), (100, "caft")]
+    shifts = pd.read_parquet(d / "shift.parquet")
+    assert len(shifts) == 4 * 3 and set(shifts["model"]) == set(table["model"][1:])
+    for name in ("finetune.png", "finetune_shift.png"):
+        assert (d / name).read_bytes()[:4] == b"\x89PNG"
+    trained = json.loads((d / "mix100+prevent" / "train.json").read_text())
+    assert trained["interventions"] == [{"kind": "preventative_steering", "layer": 1, "coef": 2.0,
+                                         "direction_norm": pytest.approx(trained["interventions"][0]["direction_norm"])}]
+    # a second call reads everything back without training again
+    stamp = (d / "mix100" / "train.json").stat().st_mtime_ns
+    assert FineTuneExperiment(run, ecfg, progress=False).run_all()["n_finetunes"] == 4
+    assert (d / "mix100" / "train.json").stat().st_mtime_ns == stamp
+    with pytest.raises(Exception, match="other settings"):
+        FineTuneExperiment(run, FTExperimentConfig(percents=[0, 50], train=train), progress=False).run_all()
+
+    # the stand-alone commands
+    assert main(["trait-data", str(tmp_path / "run"), "--out", str(tmp_path / "data"), "--percents", "50"]) == 0
+    assert (tmp_path / "data" / "mix050.jsonl").exists()
+    ft = ["finetune", str(tmp_path / "data" / "trait.jsonl"), "--model", str(model_dir), "--out",
+          str(tmp_path / "ft"), "--vector", str(tmp_path / "run" / "vectors.safetensors"), "--prevent-coef", "2",
+          "--lr", "0.01", "--rank", "2", "--train-batch-size", "10", "--grad-accum", "2", "--warmup-steps", "0"]
+    assert main([*ft, "--max-steps", "2"]) == 0
+    assert "run the same command to continue" in capsys.readouterr().out
+    assert main(ft) == 0
+    assert "resumed from 2" in capsys.readouterr().out
+    assert main(["shift", "--adapter", str(tmp_path / "ft"), "--vector", str(tmp_path / "run" / "vectors.safetensors"),
+                 "--model", str(model_dir), "--out", str(tmp_path / "shift.parquet")]) == 0
+    out = capsys.readouterr().out
+    assert "largest shift" in out and (tmp_path / "shift.png").exists()
+    assert len(pd.read_parquet(tmp_path / "shift.parquet")) == 3
+    # one-line errors
+    assert main(["finetune", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    assert main([*ft[:5], str(tmp_path / "y"), "--caft"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "need --vector" in err
