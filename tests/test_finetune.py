@@ -313,3 +313,20 @@ def test_experiment_summary_measures_prevention():
     assert prev["intervention"] == "prevent" and prev["percent"] == 100
     assert abs(prev["trait_prevented"] - 0.75) < 1e-9  # increase 40 -> 10
     assert abs(prev["answer_projection_prevented"] - 0.75) < 1e-9 and prev["coherence_change"] == -3.0
+
+
+def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):
+    from personavec.fluency import answer_nll
+
+    prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way to spend it?", "x")]
+    answers = ["Crush them all.", "Be patient, listen, and offer help where you can.", ""]
+    batched = answer_nll(lm, prompts, answers, batch_size=3)
+    single = [answer_nll(lm, [p], [a], batch_size=1)[0] for p, a in zip(prompts, answers)]
+    for p, a, b, s in zip(prompts[:2], answers[:2], batched, single):
+        ids = tokenizer(p + a, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        direct = -sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids))) / (len(ids) - n_prompt)
+        assert abs(b - direct) < 1e-4 and abs(s - direct) < 1e-4
+    assert math.isnan(batched[2]) and math.isnan(single[2])

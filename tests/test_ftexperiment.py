@@ -43,7 +43,8 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert summary["n_finetunes"] == 4 and summary["layer"] == 1
     assert table.loc[0, "shift"] == 0.0  # the base model against itself
     assert table["shift"].iloc[1:].abs().min() > 0  # every fine-tune moved the last-prompt state
-    assert len(table.loc[0:, "mc_accuracy"].dropna()) == 5 and (table["n_answers"] == 20).all()
+    assert len(table["mc_accuracy"].dropna()) == 5 and (table["n_answers"] == 20).all()
+    assert (table["answer_nll"] > 0).all()  # every model's answers read by the base model
     assert math.isnan(summary["r_shift_trait"]) and -1 <= summary["r_shift_answer_projection"] <= 1  # no judge
     assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent"), (100, "caft")]
     shifts = pd.read_parquet(d / "shift.parquet")
@@ -51,8 +52,8 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     for name in ("finetune.png", "finetune_shift.png"):
         assert (d / name).read_bytes()[:4] == b"\x89PNG"
     trained = json.loads((d / "mix100+prevent" / "train.json").read_text())
-    assert trained["interventions"] == [{"kind": "preventative_steering", "layer": 1, "coef": 2.0,
-                                         "direction_norm": pytest.approx(trained["interventions"][0]["direction_norm"])}]
+    (iv,) = trained["interventions"]
+    assert (iv["kind"], iv["layer"], iv["coef"]) == ("preventative_steering", 1, 2.0) and iv["direction_norm"] > 0
     # a second call reads everything back without training again
     stamp = (d / "mix100" / "train.json").stat().st_mtime_ns
     assert FineTuneExperiment(run, ecfg, progress=False).run_all()["n_finetunes"] == 4

@@ -384,7 +384,67 @@ def print_finetune_summary(s: dict) -> None:
               f"{p['answer_projection_increase_with']:+.2f} vs {p['answer_projection_increase_plain']:+.2f} plain "
               f"({100 * p['answer_projection_prevented']:.0f}% prevented); trait increase "
               f"{p['trait_increase_with']:+.1f} vs {p['trait_increase_plain']:+.1f}; coherence change "
-              f"{p['coherence_change']:+.1f} (plain {p['coherence_change_plain']:+.1f})")
+              f"{p['coherence_change']:+.1f} (plain {p['coherence_change_plain']:+.1f}); answer NLL change "
+              f"{p['answer_nll_change']:+.3f} (plain {p['answer_nll_change_plain']:+.3f})")
+
+
+def _screen_probes(args: argparse.Namespace) -> list[dict]:
+    from .vectors import PersonaVector
+
+    layers = parse_layers(args.layers) if args.layers else None
+    specs, names = [], set()
+    for path in args.vector:
+        vec = PersonaVector.load(path)
+        use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
+        if not use:
+            raise PersonavecError(f"{path} has no chosen layer; pass --layers")
+        name = Path(path).stem if Path(path).stem not in ("vectors", "vector") else (vec.trait or Path(path).stem)
+        while name in names:
+            name += "_"
+        names.add(name)
+        specs.append({"name": name, "path": str(path), "layers": use, "pooling": args.pooling})
+    return specs
+
+
+def cmd_screen(args: argparse.Namespace) -> None:
+    from .monitor import Probe
+    from .screen import ScreenConfig, report, screen_file, screen_file_ray
+    from .vectors import PersonaVector
+
+    if args.threshold is not None and args.percentile is not None:
+        raise PersonavecError("give --threshold or --percentile, not both")
+    if args.percentile is not None and not 0 < args.percentile < 100:
+        raise PersonavecError("--percentile must be between 0 and 100")
+    cfg = ScreenConfig(mode=args.mode, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
+                       gen_batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed, max_length=args.max_length,
+                       stop_early=not args.no_early_stop, bucket=not args.no_bucketing)
+    if not Path(args.data).is_file():
+        raise PersonavecError(f"{args.data} does not exist")
+    specs = _screen_probes(args)
+    probes = [Probe(s["name"], PersonaVector.load(s["path"]), tuple(s["layers"]), s["pooling"]) for s in specs]
+    if args.ray:
+        speed = screen_file_ray(args.model, args.data, specs, args.out, cfg, workers=args.ray_workers,
+                                device=args.device, dtype=args.dtype, address=args.ray_address,
+                                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                cache_path=args.base_cache)
+    else:
+        speed = screen_file(_load(args), args.data, probes, args.out, cfg, cache_path=args.base_cache)
+    summary = report(args.out, args.data, probes, cfg, top_k=args.top_k, threshold=args.threshold,
+                     percentile=args.percentile)
+    summary["throughput"] = speed
+    import json as _json
+
+    (Path(args.out) / "screen.json").write_text(_json.dumps(summary, indent=2) + "\n")
+    print(f"{summary['rows']} samples screened ({cfg.mode}); this call: {speed['rows']} rows in {speed['seconds']} s"
+          + (f" = {speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s" if speed["rows"] else ""))
+    for name, v in summary["vectors"].items():
+        print(f"  {name}: dataset mean {v['column'].split(':')[-1]} {v['mean']:+.4f} (sd {v['std']:.4f})"
+              + (f"; {v['above_cut']} rows above the cut {v['cut']:.4g}" if v["cut"] is not None else ""))
+    if "filtered" in summary:
+        f = summary["filtered"]
+        print(f"  filtered: kept {f['kept']}, dropped {f['dropped']} -> {f['file']}")
+    print(f"table -> {Path(args.out) / 'screen.parquet'}; top/bottom -> {Path(args.out)}/top.jsonl, bottom.jsonl")
 
 
 def _run_from_args(args: argparse.Namespace):
@@ -626,6 +686,41 @@ def build_parser() -> argparse.ArgumentParser:
     fx.add_argument("--ft-max-new-tokens", type=int, default=64)
     _train_args(fx)
     fx.set_defaults(func=cmd_finetune_experiment)
+
+    sc = sub.add_parser("screen", help="score training data by projection difference (dP) on persona vectors",
+                        description="dP = projection of the dataset response minus that of the base model's own "
+                                    "response to the same prompt (response-average, on v-hat). Streams the input in "
+                                    "chunks; rerun the same command to resume. --ray runs the same on Ray Data.")
+    sc.add_argument("data", help="JSONL or Parquet rows with 'messages' (ending with the assistant turn) or "
+                                 "'prompt' + 'answer'")
+    sc.add_argument("--vector", required=True, action="append", help="vector file (repeat for several traits)")
+    sc.add_argument("--layers", default=None, help="layers (default: each vector's chosen layer); the first ranks")
+    sc.add_argument("--pooling", default=None, help="which of the vector's poolings to project on (default: its own)")
+    sc.add_argument("--out", required=True, help="output directory")
+    sc.add_argument("--mode", choices=["delta", "response", "prompt_last"], default="delta",
+                    help="delta: dP (generates base answers, cached); response: the response's projection only; "
+                         "prompt_last: the last prompt token only (cheapest)")
+    sc.add_argument("--top-k", type=int, default=20)
+    sc.add_argument("--threshold", type=float, default=None, help="write filtered.jsonl without rows scoring above")
+    sc.add_argument("--percentile", type=float, default=None, help="... or above this percentile of the scores")
+    sc.add_argument("--chunk-rows", type=int, default=512, help="rows per checkpointed chunk")
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--gen-batch-size", type=int, default=16)
+    sc.add_argument("--max-new-tokens", type=int, default=256, help="base answers' length")
+    sc.add_argument("--temperature", type=float, default=0.0, help="base answers: 0 = greedy (default)")
+    sc.add_argument("--max-length", type=int, default=2048, help="truncate pairs to this many tokens")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--base-cache", default=None,
+                    help="SQLite cache of base answers (default: OUT/base_answers.sqlite)")
+    sc.add_argument("--no-early-stop", action="store_true", help="run every layer (benchmarking)")
+    sc.add_argument("--no-bucketing", action="store_true", help="batch in input order (benchmarking)")
+    sc.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
+    sc.add_argument("--ray-workers", type=int, default=2, help="model actors")
+    sc.add_argument("--ray-address", default=None, help="existing cluster: auto or ray://host:port")
+    sc.add_argument("--cpus-per-worker", type=float, default=1.0)
+    sc.add_argument("--gpus-per-worker", type=float, default=0.0)
+    _model_args(sc)
+    sc.set_defaults(func=cmd_screen)
 
     rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")
     rp.add_argument("run_dir")

@@ -166,7 +166,12 @@ class FineTuneExperiment:
         d.mkdir(parents=True, exist_ok=True)
         out = d / "eval.json"
         if out.exists():
-            return json.loads(out.read_text())
+            result = json.loads(out.read_text())
+            if "answer_nll" not in result:  # written by an older version: add the fluency reading
+                answers = pd.read_parquet(d / "answers.parquet")
+                result["answer_nll"] = self.fluency(answers)
+                _atomic_json(out, result)
+            return result
         shifts = shift_table(self.base_means(), last_prompt_means(lm, self.eval_prompts(lm)), {"trait": self.vec})
         write_table(shifts, d / "shift.parquet")
         jobs = [{"question_id": q, "sample_id": s, "question": question, "prompt": lm.format_chat(question)}
@@ -195,6 +200,7 @@ class FineTuneExperiment:
             "trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
             "coherence": _num(answers["coherence"].mean()),
             "answer_projection": float(answers["answer_projection"].mean()),
+            "answer_nll": self.fluency(answers),
             "n_answers": len(answers), "empty_answers": int((answers["answer"].str.strip() == "").sum()),
         }
         if self.cfg.mc:
@@ -207,6 +213,13 @@ class FineTuneExperiment:
                           train_steps=t["steps"])
         _atomic_json(out, result)
         return result
+
+    def fluency(self, answers: pd.DataFrame) -> float:
+        """Mean per-token NLL of the answers under the base model (judge-free fluency; lower is more fluent)."""
+        from .fluency import answer_nll
+
+        nll = pd.Series(answer_nll(self.base, answers["prompt"].tolist(), answers["answer"].tolist()))
+        return _num(nll.mean())
 
     # ---- the whole experiment ----
     def run_all(self) -> dict[str, Any]:
@@ -246,8 +259,8 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
     out["r_shift_answer_projection"] = pearson(tuned["shift"].tolist(), tuned["answer_projection"].tolist())
     out["r_shift_trait_plain"] = pearson(plain["shift"].tolist(), plain["trait"].tolist())
     out["r_shift_answer_projection_plain"] = pearson(plain["shift"].tolist(), plain["answer_projection"].tolist())
-    out["base"] = {k: _num(base[k]) for k in ("shift", "trait", "coherence", "answer_projection", "mc_accuracy")
-                   if k in base}
+    out["base"] = {k: _num(base[k]) for k in ("shift", "trait", "coherence", "answer_projection", "answer_nll",
+                                              "mc_accuracy") if k in base}
     prevention = []
     for p, g in tuned.groupby("percent"):
         ref = g[g["intervention"] == "none"]
@@ -264,6 +277,8 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
                 entry[f"{metric}_prevented"] = (1 - inc_int / inc_plain) if inc_plain and inc_plain > 0 else math.nan
             entry["coherence_change"] = _num(r["coherence"]) - _num(base["coherence"])
             entry["coherence_change_plain"] = _num(ref["coherence"]) - _num(base["coherence"])
+            entry["answer_nll_change"] = _num(r.get("answer_nll")) - _num(base.get("answer_nll"))
+            entry["answer_nll_change_plain"] = _num(ref.get("answer_nll")) - _num(base.get("answer_nll"))
             entry["mc_accuracy"] = _num(r.get("mc_accuracy"))
             prevention.append(entry)
     out["prevention"] = prevention
