@@ -33,33 +33,45 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     run = Run(cfg, run_dir=tmp_path / "run", progress=False)
     run.run()
     train = TrainConfig(rank=2, lora_alpha=4, lr=1e-2, batch_size=10, grad_accum=2, warmup_steps=0, max_length=96)
-    ecfg = FTExperimentConfig(percents=[0, 100], prevent_percents=[100], caft_percents=[100], prevent_coef=2.0,
+    ecfg = FTExperimentConfig(percents=[0, 100], prevent_percents=[100], caft_percents=[100], prevent_coefs=[2.0],
                               train=train, eval_samples=1, max_new_tokens=4)
     exp = FineTuneExperiment(run, ecfg, progress=False)
     summary = exp.run_all()
     d = tmp_path / "run" / "finetune"
     table = pd.read_parquet(d / "finetune.parquet")
-    assert table["model"].tolist() == ["base", "mix000", "mix100", "mix100+prevent", "mix100+caft"]
+    assert table["model"].tolist() == ["base", "mix000", "mix100", "mix100+prevent2", "mix100+caft"]
     assert summary["n_finetunes"] == 4 and summary["layer"] == 1
     assert table.loc[0, "shift"] == 0.0  # the base model against itself
     assert table["shift"].iloc[1:].abs().min() > 0  # every fine-tune moved the last-prompt state
     assert len(table["mc_accuracy"].dropna()) == 5 and (table["n_answers"] == 20).all()
     assert (table["answer_nll"] > 0).all()  # every model's answers read by the base model
     assert math.isnan(summary["r_shift_trait"]) and -1 <= summary["r_shift_answer_projection"] <= 1  # no judge
-    assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent"), (100, "caft")]
+    assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent2"), (100, "caft")]
     shifts = pd.read_parquet(d / "shift.parquet")
     assert len(shifts) == 4 * 3 and set(shifts["model"]) == set(table["model"][1:])
     for name in ("finetune.png", "finetune_shift.png"):
         assert (d / name).read_bytes()[:4] == b"\x89PNG"
-    trained = json.loads((d / "mix100+prevent" / "train.json").read_text())
+    trained = json.loads((d / "mix100+prevent2" / "train.json").read_text())
     (iv,) = trained["interventions"]
     assert (iv["kind"], iv["layer"], iv["coef"]) == ("preventative_steering", 1, 2.0) and iv["direction_norm"] > 0
     # a second call reads everything back without training again
     stamp = (d / "mix100" / "train.json").stat().st_mtime_ns
     assert FineTuneExperiment(run, ecfg, progress=False).run_all()["n_finetunes"] == 4
     assert (d / "mix100" / "train.json").stat().st_mtime_ns == stamp
-    with pytest.raises(Exception, match="other settings"):
-        FineTuneExperiment(run, FTExperimentConfig(percents=[0, 50], train=train), progress=False).run_all()
+    assert len(summary["r_by_layer"]["r"]) == 3 and summary["r_by_layer"]["against"] == "answer_projection"
+    with pytest.raises(Exception, match="other settings"):  # other training settings; added conditions are fine
+        FineTuneExperiment(run, FTExperimentConfig(percents=[0], train=train.replace(lr=1e-3)),
+                           progress=False).run_all()
+
+    # the screening validation on the same experiment: dP-ranked selections of the 50 % mixture
+    from personavec.ftexperiment import screen_validation
+
+    sv = screen_validation(FineTuneExperiment(run, ecfg, progress=False), n=20, percent=50)
+    assert [r["selection"] for r in sv["results"]] == ["top20", "random20", "bottom20", "response-top20"]
+    top, _, bottom, _ = sv["results"]
+    assert top["mean_delta_p"] >= bottom["mean_delta_p"] and all(0 <= r["trait_share"] <= 1 for r in sv["results"])
+    assert 0 <= sv["auroc_delta_p_trait_rows"] <= 1 and (d / "screen_mix050" / "screen.parquet").exists()
+    assert json.loads((d / "screen_validation.json").read_text())["n"] == 20
 
     # the stand-alone commands
     assert main(["trait-data", str(tmp_path / "run"), "--out", str(tmp_path / "data"), "--percents", "50"]) == 0

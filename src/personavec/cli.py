@@ -363,10 +363,11 @@ def cmd_finetune_experiment(args: argparse.Namespace) -> None:
 
     run = _run_from_args(args)
     run.run()
-    cfg = FTExperimentConfig(percents=parse_percents(args.percents), prevent_percents=parse_percents(
-        args.prevent_percents), caft_percents=parse_percents(args.caft_percents) or [], layer=args.layer,
-        prevent_coef=args.prevent_coef, train=_train_config(args), eval_samples=args.ft_eval_samples,
-        max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
+    cfg = FTExperimentConfig(
+        percents=parse_percents(args.percents), prevent_percents=parse_percents(args.prevent_percents),
+        caft_percents=parse_percents(args.caft_percents) or [], layer=args.layer,
+        prevent_coefs=parse_percents(args.prevent_coef) or [], train=_train_config(args),
+        eval_samples=args.ft_eval_samples, max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
     summary = FineTuneExperiment(run, cfg).run_all()
     print_finetune_summary(summary)
     print(f"table -> {run.dir / 'finetune' / 'finetune.parquet'}, plots -> {run.dir / 'finetune'}/*.png")
@@ -379,8 +380,12 @@ def print_finetune_summary(s: dict) -> None:
           f"{s['r_shift_trait_plain']:.3f})")
     print(f"  Pearson r, shift vs the answers' projection: {s['r_shift_answer_projection']:.3f} (plain only "
           f"{s['r_shift_answer_projection_plain']:.3f})")
+    rl = s.get("r_by_layer", {}).get("r") or []
+    if rl:
+        best = max(range(len(rl)), key=lambda i: -1 if rl[i] != rl[i] else rl[i])
+        print(f"  shift at each layer vs {s['r_by_layer']['against']}: highest r {rl[best]:.3f} at layer {best}")
     for p in s["prevention"]:
-        print(f"  {p['intervention']:>7} on {p['percent']:.0f}% trait data: answer-projection increase "
+        print(f"  {p['intervention']:>9} on {p['percent']:.0f}% trait data: answer-projection increase "
               f"{p['answer_projection_increase_with']:+.2f} vs {p['answer_projection_increase_plain']:+.2f} plain "
               f"({100 * p['answer_projection_prevented']:.0f}% prevented); trait increase "
               f"{p['trait_increase_with']:+.1f} vs {p['trait_increase_plain']:+.1f}; coherence change "
@@ -445,6 +450,27 @@ def cmd_screen(args: argparse.Namespace) -> None:
         f = summary["filtered"]
         print(f"  filtered: kept {f['kept']}, dropped {f['dropped']} -> {f['file']}")
     print(f"table -> {Path(args.out) / 'screen.parquet'}; top/bottom -> {Path(args.out)}/top.jsonl, bottom.jsonl")
+
+
+def cmd_screen_experiment(args: argparse.Namespace) -> None:
+    from .ftexperiment import FineTuneExperiment, FTExperimentConfig, screen_validation
+
+    run = _run_from_args(args)
+    run.run()
+    cfg = FTExperimentConfig(layer=args.layer, train=_train_config(args), eval_samples=args.ft_eval_samples,
+                             max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
+    s = screen_validation(FineTuneExperiment(run, cfg), n=args.n, percent=args.mix_percent, seed=args.seed)
+    print(f"\n{s['mixture']}: dataset dP {s['dataset_delta_p']:+.3f}; AUROC of dP for the trait rows "
+          f"{s['auroc_delta_p_trait_rows']:.3f} (response projection alone {s['auroc_response_trait_rows']:.3f})")
+    print(f"  {'selection':<16}{'trait share':>12}{'mean dP':>10}{'shift':>9}{'answer proj':>13}{'trait':>8}"
+          f"{'NLL':>8}")
+    b = s["base"]
+    print(f"  {'base model':<16}{'':>12}{'':>10}{0:>9.3f}{b['answer_projection']:>13.3f}"
+          f"{_fmt(b['trait']):>8}{_fmt(b['answer_nll']):>8}")
+    for r in s["results"]:
+        print(f"  {r['selection']:<16}{r['trait_share']:>12.2f}{r['mean_delta_p']:>10.3f}{r['shift']:>9.3f}"
+              f"{r['answer_projection']:>13.3f}{_fmt(r['trait']):>8}{_fmt(r['answer_nll']):>8}")
+    print(f"-> {run.dir / 'finetune' / 'screen_validation.json'}")
 
 
 def _run_from_args(args: argparse.Namespace):
@@ -681,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: every one above 0)")
     fx.add_argument("--caft-percents", default="100", help="mixtures also trained with CAFT ('' for none)")
     fx.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
-    fx.add_argument("--prevent-coef", type=float, default=5.0, help="raw-vector multiple (paper: 5)")
+    fx.add_argument("--prevent-coef", default="5", help="raw-vector multiple(s), comma-separated (paper: 5)")
     fx.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
     fx.add_argument("--ft-max-new-tokens", type=int, default=64)
     _train_args(fx)
@@ -721,6 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--gpus-per-worker", type=float, default=0.0)
     _model_args(sc)
     sc.set_defaults(func=cmd_screen)
+
+    sx = sub.add_parser("screen-experiment", help="validate dP screening: fine-tune on the top / random / bottom "
+                                                  "samples of a mixed dataset",
+                        description="Runs (or resumes) the trait's run, screens its trait/normal mixture with dP, "
+                                    "fine-tunes on the top-n, random-n and bottom-n samples (and top-n by the "
+                                    "response projection alone, and by the judge when it scores), and compares the "
+                                    "fine-tuned models as finetune-experiment does. Resumable.")
+    _run_args(sx)
+    sx.add_argument("--n", type=int, default=100, help="samples per selection")
+    sx.add_argument("--mix-percent", type=float, default=50, help="trait share of the screened mixture")
+    sx.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    sx.add_argument("--ft-eval-samples", type=int, default=2)
+    sx.add_argument("--ft-max-new-tokens", type=int, default=64)
+    _train_args(sx)
+    sx.set_defaults(func=cmd_screen_experiment)
 
     rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")
     rp.add_argument("run_dir")

@@ -40,7 +40,10 @@ from .tables import write_table
 from .traitdata import write_mixtures
 from .vectors import PersonaVector
 
-INTERVENTIONS = ("none", "prevent", "caft")
+
+def kind(intervention: str) -> str:
+    """base | none | prevent | caft (``prevent2.5`` → ``prevent``)."""
+    return "prevent" if intervention.startswith("prevent") else intervention
 
 
 @dataclass
@@ -49,7 +52,7 @@ class FTExperimentConfig:
     prevent_percents: list[float] | None = None  # mixtures also trained with preventative steering (default: > 0 %)
     caft_percents: list[float] = field(default_factory=lambda: [100])
     layer: int | None = None  # intervention + read-out layer (default: the vector's chosen layer)
-    prevent_coef: float = 5.0  # raw units of the vector, as in the paper (α = 5 × raw vector)
+    prevent_coefs: list[float] = field(default_factory=lambda: [5.0])  # raw-vector units (paper: α = 5)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 2
     max_new_tokens: int = 64
@@ -58,10 +61,10 @@ class FTExperimentConfig:
     mc: bool = True
 
     def conditions(self) -> list[tuple[str, float, str]]:
-        """(name, percent, intervention) of every fine-tune."""
+        """(name, percent, intervention) of every fine-tune; ``prevent{α}`` names preventative steering at α."""
         prev = [p for p in self.percents if p > 0] if self.prevent_percents is None else self.prevent_percents
         out = [(f"mix{round(p):03d}", p, "none") for p in self.percents]
-        out += [(f"mix{round(p):03d}+prevent", p, "prevent") for p in prev]
+        out += [(f"mix{round(p):03d}+prevent{c:g}", p, f"prevent{c:g}") for c in self.prevent_coefs for p in prev]
         out += [(f"mix{round(p):03d}+caft", p, "caft") for p in self.caft_percents]
         return out
 
@@ -111,9 +114,10 @@ class FineTuneExperiment:
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self.dir / "experiment.json"
         ident = json.loads(json.dumps({**self.cfg.to_dict(), "layer": self.layer}, default=str))
-        run_only = ("max_steps", "save_every", "keep_checkpoints")
-        for k in run_only:
+        for k in ("max_steps", "save_every", "keep_checkpoints"):
             ident["train"].pop(k, None)
+        for k in ("percents", "prevent_percents", "caft_percents", "prevent_coefs"):
+            ident.pop(k)  # conditions may be added later; each one's own settings are checked by its fine-tune
         if p.exists() and json.loads(p.read_text()) != ident:
             raise PersonavecError(f"{self.dir} holds a fine-tuning experiment with other settings; move it away "
                                   "or pass the same settings")
@@ -128,8 +132,8 @@ class FineTuneExperiment:
 
     def edits(self, intervention: str) -> list[Edit]:
         v = self.vec.get(self.layer)
-        if intervention == "prevent":
-            return [Edit(layer=self.layer, direction=v, coef=self.cfg.prevent_coef)]
+        if intervention.startswith("prevent"):
+            return [Edit(layer=self.layer, direction=v, coef=float(intervention[len("prevent"):]))]
         if intervention == "caft":
             return [Edit(layer=self.layer, direction=v, kind="ablate")]
         return []
@@ -138,16 +142,25 @@ class FineTuneExperiment:
         rc = self.run.cfg
         return load_model(rc.model, device=rc.device, dtype=rc.dtype)
 
-    def tuned(self, name: str, percent: float, intervention: str, data: dict[str, Path]) -> LoadedModel:
+    def tuned(self, name: str, data: Path, intervention: str = "none", meta: dict[str, Any] | None = None
+              ) -> LoadedModel:
+        """A fresh base model fine-tuned on ``data`` into ``<dir>/<name>`` (or its saved adapter, if trained)."""
         out = self.dir / name
         lm = self.fresh_model()
         if is_trained(out):
             return load_adapter(lm, out)
-        chats = read_chats(data[f"mix{round(percent):03d}"])
-        train_lora(lm, chats, self.cfg.train, out, edits=self.edits(intervention),
+        train_lora(lm, read_chats(data), self.cfg.train, out, edits=self.edits(intervention),
                    progress=f"fine-tune {name}" if self.progress else False,
-                   meta={"percent": percent, "intervention": intervention, "layer": self.layer})
+                   meta={**(meta or {}), "intervention": intervention, "layer": self.layer})
         return lm
+
+    def train_and_evaluate(self, name: str, data: Path, intervention: str = "none",
+                           meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        ev_path = self.dir / name / "eval.json"
+        if ev_path.exists() and is_trained(self.dir / name):
+            return self.evaluate(name, None)
+        lm = self.tuned(name, data, intervention, meta)
+        return self.evaluate(name, lm)
 
     def eval_prompts(self, lm: LoadedModel) -> list[str]:
         return [lm.format_chat(q) for q in self.art.evaluation_questions]
@@ -157,8 +170,9 @@ class FineTuneExperiment:
             self._base_means = last_prompt_means(self.base, self.eval_prompts(self.base))
         return self._base_means
 
-    def evaluate(self, name: str, lm: LoadedModel) -> dict[str, Any]:
-        """Shift, judged answers, answer projection and MC accuracy of one model; cached in ``<name>/eval.json``."""
+    def evaluate(self, name: str, lm: LoadedModel | None) -> dict[str, Any]:
+        """Shift, judged answers, answer projection and MC accuracy of one model; cached in ``<name>/eval.json``
+        (``lm`` may be None when that file exists)."""
         from .capability import builtin_mc, mc_accuracy, read_mmlu
         from .selection import judge_rows
 
@@ -172,6 +186,8 @@ class FineTuneExperiment:
                 result["answer_nll"] = self.fluency(answers)
                 _atomic_json(out, result)
             return result
+        if lm is None:
+            raise PersonavecError(f"{name} has not been evaluated yet")
         shifts = shift_table(self.base_means(), last_prompt_means(lm, self.eval_prompts(lm)), {"trait": self.vec})
         write_table(shifts, d / "shift.parquet")
         jobs = [{"question_id": q, "sample_id": s, "question": question, "prompt": lm.format_chat(question)}
@@ -227,13 +243,7 @@ class FineTuneExperiment:
         data = self.datasets()
         rows = [{"model": "base", "percent": math.nan, "intervention": "base", **self.evaluate("base", self.base)}]
         for name, percent, intervention in self.cfg.conditions():
-            ev_path = self.dir / name / "eval.json"
-            if ev_path.exists() and is_trained(self.dir / name):
-                ev = json.loads(ev_path.read_text())
-            else:
-                lm = self.tuned(name, percent, intervention, data)
-                ev = self.evaluate(name, lm)
-                del lm
+            ev = self.train_and_evaluate(name, data[f"mix{round(percent):03d}"], intervention, {"percent": percent})
             rows.append({"model": name, "percent": percent, "intervention": intervention, **ev})
         table = pd.DataFrame(rows)
         write_table(table.drop(columns=["shift_by_layer"]), self.dir / "finetune.parquet")
@@ -259,6 +269,10 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
     out["r_shift_answer_projection"] = pearson(tuned["shift"].tolist(), tuned["answer_projection"].tolist())
     out["r_shift_trait_plain"] = pearson(plain["shift"].tolist(), plain["trait"].tolist())
     out["r_shift_answer_projection_plain"] = pearson(plain["shift"].tolist(), plain["answer_projection"].tolist())
+    y = "trait" if out["trait_scored"] >= 3 else "answer_projection"
+    by_layer = [pearson([s[i] for s in tuned["shift_by_layer"]], tuned[y].tolist())
+                for i in range(len(tuned["shift_by_layer"].iloc[0]))] if "shift_by_layer" in tuned else []
+    out["r_by_layer"] = {"against": y, "r": [round(r, 4) for r in by_layer]}
     out["base"] = {k: _num(base[k]) for k in ("shift", "trait", "coherence", "answer_projection", "answer_nll",
                                               "mc_accuracy") if k in base}
     prevention = []
@@ -297,8 +311,8 @@ def plot(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -
     FigureCanvasAgg(fig)
     ax, bx = fig.subplots(1, 2)
     markers = {"base": "*", "none": "o", "prevent": "s", "caft": "^"}
-    for kind, g in table.groupby("intervention", sort=False):
-        ax.scatter(g["shift"], g[y], marker=markers.get(kind, "o"), s=40, label=kind)
+    for label, g in table.groupby("intervention", sort=False):
+        ax.scatter(g["shift"], g[y], marker=markers.get(kind(label), "o"), s=40, label=label)
         for _, r in g.iterrows():
             ax.annotate(str(r["model"]).replace("mix", ""), (r["shift"], r[y]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
@@ -307,7 +321,7 @@ def plot(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -
     ax.legend(fontsize=7)
     names = table["model"].tolist()
     xs = range(len(names))
-    bx.bar(xs, table[y], color=["grey" if k == "base" else {"none": "C0", "prevent": "C1", "caft": "C2"}[k]
+    bx.bar(xs, table[y], color=[{"base": "grey", "none": "C0", "prevent": "C1", "caft": "C2"}[kind(k)]
                                 for k in table["intervention"]])
     bx.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
     bx.set_ylabel(ylab)
@@ -329,3 +343,73 @@ def parse_percents(text: str | Sequence[float] | None) -> list[float] | None:
         except ValueError:
             raise PersonavecError(f"percentages must be comma-separated numbers, not {text!r}") from None
     return [float(x) for x in text]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation of data screening (ΔP): does fine-tuning on the highest-ΔP samples teach the most trait?
+
+
+def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50, seed: int = 0,
+                      max_new_tokens: int = 64) -> dict[str, Any]:
+    """Screen the ``percent`` % mixture with ΔP, fine-tune on its top / random / bottom ``n`` samples (and on
+    the top ``n`` by judged trait, when the judge scores), and compare the fine-tuned models."""
+    from .finetune import read_chats as _read
+    from .monitor import Probe
+    from .screen import ScreenConfig, screen_file
+    from .traitdata import write_jsonl
+
+    exp.write_config()
+    data = exp.datasets()
+    src = data.get(f"mix{round(percent):03d}") or write_mixtures(
+        pd.read_parquet(exp.run.path("judged.parquet")), exp.dir / "data", [percent], seed=exp.cfg.seed)[
+        f"mix{round(percent):03d}"]
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not 0 < n < len(rows):
+        raise PersonavecError(f"--n must be between 1 and {len(rows) - 1} (the mixture has {len(rows)} samples)")
+    out = exp.dir / f"screen_mix{round(percent):03d}"
+    cfg = ScreenConfig(mode="delta", chunk_rows=64, max_new_tokens=max_new_tokens, seed=seed)
+    speed = screen_file(exp.base, src, [Probe("trait", exp.vec, (exp.layer,))], out, cfg, progress=exp.progress)
+    table = pd.read_parquet(out / "screen.parquet")
+    table["is_trait"] = [bool(r["is_trait"]) for r in rows]
+    col = f"trait@L{exp.layer}:delta_p"
+    order = table.sort_values(col, ascending=False, kind="stable")["row"].tolist()
+    g = torch.Generator().manual_seed(seed)
+    selections = {f"top{n}": order[:n], f"random{n}": sorted(torch.randperm(len(rows), generator=g)[:n].tolist()),
+                  f"bottom{n}": order[-n:]}
+    cheap = table.sort_values(f"trait@L{exp.layer}:response", ascending=False, kind="stable")["row"].tolist()
+    selections[f"response-top{n}"] = cheap[:n]
+    judged = pd.read_parquet(exp.run.path("judged.parquet"))
+    ext = judged[(judged["set"] == "extract")]
+    if ext["trait"].notna().sum() >= n:  # a judge that scores: the paper's alternative filter
+        score = {(r.side, r.instruction_id, r.question_id, r.sample_id): r.trait for r in ext.itertuples()}
+        js = [score.get(("pos" if r["is_trait"] else "neg", r["instruction_id"], r["question_id"], r["sample_id"]))
+              for r in rows]
+        table["judge_trait"] = js
+        selections[f"judge-top{n}"] = table.sort_values("judge_trait", ascending=False, kind="stable",
+                                                        na_position="last")["row"].head(n).tolist()
+    results = []
+    for name, sel in selections.items():
+        path = write_jsonl([rows[i] for i in sel], exp.dir / "data" / f"screen_{name}.jsonl")
+        _read(path)  # validates
+        ev = exp.train_and_evaluate(f"screen-{name}", path, "none", {"selection": name})
+        results.append({"selection": name, "n": len(sel), "trait_share": float(table.loc[sel, "is_trait"].mean()),
+                        "mean_delta_p": float(table.loc[sel, col].mean()),
+                        **{k: ev.get(k) for k in ("shift", "trait", "coherence", "answer_projection", "answer_nll",
+                                                  "mc_accuracy")}})
+    base = exp.evaluate("base", exp.base)
+    summary = {"mixture": src.name, "n": n, "layer": exp.layer, "column": col, "screen_throughput": speed,
+               "dataset_delta_p": float(table[col].mean()),
+               "auroc_delta_p_trait_rows": _auroc(table[col], table["is_trait"]),
+               "auroc_response_trait_rows": _auroc(table[f"trait@L{exp.layer}:response"], table["is_trait"]),
+               "base": {k: base.get(k) for k in ("trait", "answer_projection", "answer_nll")},
+               "results": results}
+    _atomic_json(exp.dir / "screen_validation.json", summary)
+    return summary
+
+
+def _auroc(scores: pd.Series, labels: pd.Series) -> float:
+    from .stats import auroc
+
+    pos = scores[labels.astype(bool)].dropna().tolist()
+    neg = scores[~labels.astype(bool)].dropna().tolist()
+    return auroc(torch.tensor(pos), torch.tensor(neg)) if pos and neg else math.nan

@@ -430,7 +430,7 @@ def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[
     if not ray.is_initialized():
         # two logical CPUs beyond the actors for the read / shuffle tasks, or the actors starve them (deadlock)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": int(math.ceil(workers * cpus_per_worker)) + 2}))
+                 **({} if address else {"num_cpus": math.ceil(workers * cpus_per_worker) + 2}))
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
