@@ -68,10 +68,13 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
 
     sv = screen_validation(FineTuneExperiment(run, ecfg, progress=False), n=20, percent=50)
     assert [r["selection"] for r in sv["results"]] == ["top20", "random20", "bottom20", "response-top20"]
-    top, _, bottom, _ = sv["results"]
+    top, rand, bottom, _ = sv["results"]
+    assert 0 < rand["trait_share"] < 1  # a random draw, independent of how the mixture picked its trait rows
     assert top["mean_delta_p"] >= bottom["mean_delta_p"] and all(0 <= r["trait_share"] <= 1 for r in sv["results"])
     assert 0 <= sv["auroc_delta_p_trait_rows"] <= 1 and (d / "screen_mix050" / "screen.parquet").exists()
     assert json.loads((d / "screen_validation.json").read_text())["n"] == 20
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Fine-tuning</h2>" in page and "mix100+prevent2" in page and "ΔP) validation" in page
 
     # the stand-alone commands
     assert main(["trait-data", str(tmp_path / "run"), "--out", str(tmp_path / "data"), "--percents", "50"]) == 0

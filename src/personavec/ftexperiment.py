@@ -198,7 +198,7 @@ class FineTuneExperiment:
                                             progress=f"answers {name}" if self.progress else False))
         judge = self.run.judge()
         if judge is not None:
-            answers = judge_rows(judge, self.art, answers, progress=self.progress)
+            answers = judge_rows(judge, self.art, answers, progress=self.progress, desc=f"judging {name}")
         else:
             answers["trait"], answers["coherence"] = math.nan, math.nan
         from .monitoring import projections
@@ -255,6 +255,9 @@ class FineTuneExperiment:
                             for m in table["model"] if m != "base"], ignore_index=True)
         write_table(shifts, self.dir / "shift.parquet")
         plot_shifts(shifts, self.dir / "finetune_shift.png", "fine-tuning shift per layer", mark_layer=self.layer)
+        from .report import write_report
+
+        write_report(self.run.dir)
         return summary
 
 
@@ -310,9 +313,12 @@ def plot(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -
     fig = Figure(figsize=(11, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     ax, bx = fig.subplots(1, 2)
-    markers = {"base": "*", "none": "o", "prevent": "s", "caft": "^"}
+    colors = {"base": "grey", "none": "C0", "prevent": "C1", "caft": "C2"}
+    shapes = iter("sDPXv<>p")
+    markers = {"base": "*", "none": "o", "caft": "^"}
     for label, g in table.groupby("intervention", sort=False):
-        ax.scatter(g["shift"], g[y], marker=markers.get(kind(label), "o"), s=40, label=label)
+        marker = markers.setdefault(label, next(shapes, "s"))
+        ax.scatter(g["shift"], g[y], marker=marker, color=colors[kind(label)], s=40, label=label)
         for _, r in g.iterrows():
             ax.annotate(str(r["model"]).replace("mix", ""), (r["shift"], r[y]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
@@ -321,11 +327,12 @@ def plot(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -
     ax.legend(fontsize=7)
     names = table["model"].tolist()
     xs = range(len(names))
-    bx.bar(xs, table[y], color=[{"base": "grey", "none": "C0", "prevent": "C1", "caft": "C2"}[kind(k)]
-                                for k in table["intervention"]])
+    base_y = float(table.loc[table["model"] == "base", y].iloc[0])
+    bx.bar(xs, table[y] - base_y, color=[colors[kind(k)] for k in table["intervention"]])
+    bx.axhline(0, color="black", lw=0.6)
     bx.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
-    bx.set_ylabel(ylab)
-    bx.set_title("per model (blue plain, orange preventative, green CAFT)")
+    bx.set_ylabel("change from the base model")
+    bx.set_title("per model (blue plain, orange preventative steering, green CAFT)", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -373,7 +380,7 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
     table["is_trait"] = [bool(r["is_trait"]) for r in rows]
     col = f"trait@L{exp.layer}:delta_p"
     order = table.sort_values(col, ascending=False, kind="stable")["row"].tolist()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 7_919)  # not the mixture's own stream (that would pick its trait rows)
     selections = {f"top{n}": order[:n], f"random{n}": sorted(torch.randperm(len(rows), generator=g)[:n].tolist()),
                   f"bottom{n}": order[-n:]}
     cheap = table.sort_values(f"trait@L{exp.layer}:response", ascending=False, kind="stable")["row"].tolist()
@@ -404,6 +411,9 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
                "base": {k: base.get(k) for k in ("trait", "answer_projection", "answer_nll")},
                "results": results}
     _atomic_json(exp.dir / "screen_validation.json", summary)
+    from .report import write_report
+
+    write_report(exp.run.dir)
     return summary
 
 

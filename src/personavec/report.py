@@ -436,6 +436,56 @@ def _section_monitoring(run_dir: Path) -> list[str]:
     return out
 
 
+def _section_finetuning(run_dir: Path) -> list[str]:
+    """The fine-tuning experiment and the screening validation, when they have run."""
+    d = run_dir / "finetune"
+    out: list[str] = []
+    table_path = d / "finetune.parquet"
+    if (d / "finetune.json").is_file() and table_path.is_file():
+        try:
+            s = json.loads((d / "finetune.json").read_text(encoding="utf-8"))
+            t = pd.read_parquet(table_path)
+        except (OSError, ValueError):
+            return ["<div class='note'>finetune/finetune.json is unreadable.</div>"]
+        out += ["<h2>Fine-tuning</h2>",
+                f"<p>{_e(_fmt_int(s.get('n_finetunes')))} LoRA fine-tunes on trait/normal mixtures of this run's "
+                f"answers; shift = mean last-prompt activation change on the evaluation prompts, projected on v̂ at "
+                f"layer {_e(_fmt_int(s.get('layer')))}. Pearson r of shift with the judged trait "
+                f"{_e(_fmt(s.get('r_shift_trait'), 3))}, with the answers' projection "
+                f"{_e(_fmt(s.get('r_shift_answer_projection'), 3))}.</p>",
+                "<table><tr><th>model</th><th>shift</th><th>trait</th><th>coherence</th><th>answers' projection</th>"
+                "<th>answer NLL</th><th>MC accuracy</th></tr>"]
+        for _, r in t.iterrows():
+            cells = "".join(f"<td>{_e(_fmt(r.get(k), 3))}</td>" for k in ("shift", "trait", "coherence",
+                                                                           "answer_projection", "answer_nll",
+                                                                           "mc_accuracy"))
+            out.append(f"<tr><th>{_e(r['model'])}</th>{cells}</tr>")
+        out.append("</table>")
+        for png, alt in (("finetune.png", "shift vs trait"), ("finetune_shift.png", "shift per layer")):
+            if (d / png).is_file():
+                out.append(f'<img src="finetune/{png}" alt="{alt}">')
+    sv_path = d / "screen_validation.json"
+    if sv_path.is_file():
+        try:
+            sv = json.loads(sv_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return [*out, "<div class='note'>finetune/screen_validation.json is unreadable.</div>"]
+        out += ["<h2>Data screening (ΔP) validation</h2>",
+                f"<p>{_e(sv.get('mixture'))}: AUROC of ΔP for the trait rows "
+                f"{_e(_fmt(sv.get('auroc_delta_p_trait_rows'), 3))} (response projection alone "
+                f"{_e(_fmt(sv.get('auroc_response_trait_rows'), 3))}); fine-tuned on each selection of "
+                f"{_e(_fmt_int(sv.get('n')))} samples:</p>",
+                "<table><tr><th>selection</th><th>trait share</th><th>mean ΔP</th><th>shift</th><th>trait</th>"
+                "<th>answers' projection</th><th>answer NLL</th></tr>"]
+        for r in sv.get("results", []):
+            cells = "".join(f"<td>{_e(_fmt(r.get(k), 3))}</td>" for k in ("trait_share", "mean_delta_p", "shift",
+                                                                           "trait", "answer_projection",
+                                                                           "answer_nll"))
+            out.append(f"<tr><th>{_e(r.get('selection'))}</th>{cells}</tr>")
+        out.append("</table>")
+    return out
+
+
 def _section_capability(cap: dict[str, Any] | None, has_png: bool) -> list[str]:
     if cap is None:
         return []
@@ -554,6 +604,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     body += _section_steering(steer, selection, pngs.get(STEERING_PNG, False))
     body += _section_capability(cap, pngs.get(CAPABILITY_PNG, False))
     body += _section_monitoring(run_dir)
+    body += _section_finetuning(run_dir)
     body += _section_examples(examples)
     body += _section_timings(summary)
     if summary.get("command"):

@@ -85,11 +85,12 @@ def steered_answers(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, gr
     return pd.concat(frames, ignore_index=True)
 
 
-def judge_rows(judge: Any, art: TraitArtifacts, df: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+def judge_rows(judge: Any, art: TraitArtifacts, df: pd.DataFrame, progress: bool = True,
+               desc: str = "judging steered") -> pd.DataFrame:
     df = df.copy()
     trait = [art.judge_prompt(q, a) for q, a in zip(df["question"], df["answer"])]
     coh = [coherence_prompt(q, a) for q, a in zip(df["question"], df["answer"])]
-    scores = judge.score(trait + coh, progress="judging steered" if progress else False)
+    scores = judge.score(trait + coh, progress=desc if progress else False)
     n = len(trait)
     df["trait"] = [math.nan if s is None else s for s in scores[:n]]
     df["coherence"] = [math.nan if s is None else s for s in scores[n:]]
