@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     data = tmp / "data.jsonl"
     rows = make_rows(args.n)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lengths = [len(lm.tokenizer.apply_chat_template(r["messages"], tokenize=True)) for r in rows]
+    tok = lm.tokenizer
+    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+               for r in rows]
 
     configs = {"early stop + bucketing": (True, True), "early stop, no bucketing": (True, False),
                "no early stop, bucketing": (False, True), "neither": (False, False)}

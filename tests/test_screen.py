@@ -104,7 +104,10 @@ def test_interrupted_screening_resumes_to_the_identical_table(lm, tmp_path, monk
     speed = screen_file(lm, data, probes, tmp_path / "cut", cfg, progress=False)
     assert speed["rows"] == 3  # only the last chunk was scored again
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cut" / "screen.parquet"), full)
-    # nothing to do the third time; other settings in the same directory are refused
+    # nothing to do the third time (touching the input changes nothing); other settings are refused
+    import os
+
+    os.utime(data, (1, 1))
     assert screen_file(lm, data, probes, tmp_path / "cut", cfg, progress=False)["rows"] == 0
     with pytest.raises(PersonavecError, match="other data or settings"):
         screen_file(lm, data, probes, tmp_path / "cut", ScreenConfig(mode="response", chunk_rows=4), progress=False)

@@ -69,10 +69,11 @@ def mixture(pairs: pd.DataFrame, percent: float, seed: int = 0) -> list[dict[str
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if p.exists() and p.read_text(encoding="utf-8") == text:
+        return p  # unchanged: keep the file (and its timestamps) as it is
     tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, p)
     return p
 
