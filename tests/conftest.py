@@ -63,3 +63,12 @@ def lm(tokenizer):
     from personavec.models import wrap_model
 
     return wrap_model(tiny_llama(len(tokenizer)), tokenizer, model_id="tiny-llama", revision="test")
+
+
+@pytest.fixture
+def model_dir(tmp_path_factory, lm):
+    """The tiny model saved as a local model directory (for subprocess and load_model tests)."""
+    d = tmp_path_factory.mktemp("m") / "tiny-model"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d

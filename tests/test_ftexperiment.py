@@ -13,14 +13,6 @@ from personavec.cli import main
 pytestmark = pytest.mark.slow  # a run plus four small fine-tunes (about a minute on 2 cores)
 
 
-@pytest.fixture
-def model_dir(tmp_path_factory, lm):
-    d = tmp_path_factory.mktemp("m") / "tiny-model"
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monkeypatch, capsys):
     from personavec.finetune import TrainConfig
     from personavec.ftexperiment import FineTuneExperiment, FTExperimentConfig

@@ -35,14 +35,6 @@ def deterministic_judge(prompt: str) -> list[tuple[str, float]]:
     return [(str(k), 0.0)]
 
 
-@pytest.fixture
-def model_dir(tmp_path_factory, lm):
-    d = tmp_path_factory.mktemp("m") / "tiny-model"
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
     return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
             "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",

@@ -158,15 +158,11 @@ def test_rows_without_a_response_are_a_clear_error(lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_path_gives_the_local_table_and_the_command_works(lm, tmp_path, capsys):
+def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_path, capsys):
     pytest.importorskip("ray")
     from personavec.cli import main
-    from personavec.screen import screen_file_ray
-
-    model_dir = tmp_path / "tiny-model"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
     from personavec.models import load_model
+    from personavec.screen import screen_file_ray
 
     loaded = load_model(str(model_dir))
     vec = vector(loaded)

@@ -23,11 +23,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .activations import encode_pairs, iter_pooled
 from .artifacts import TraitArtifacts
 from .errors import PersonavecError
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel
+from .projection import project_pairs
 from .vectors import PersonaVector
 
 SHOTS = (0, 5, 10, 15, 20)
@@ -76,16 +76,8 @@ def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str],
                 pooling: str, batch_size: int = 8) -> list[float]:
     """Scalar projection of each pair's ``pooling`` at ``layer`` on ``unit``; NaN for an empty answer when
     the pooling averages over the answer."""
-    keep = [i for i, a in enumerate(answers) if pooling != "response_avg" or a.strip()]
-    out = [math.nan] * len(prompts)
-    if not keep:
-        return out
-    encs = encode_pairs(lm.tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep])
-    for idx, pooled in iter_pooled(lm, encs, [layer], [pooling], batch_size=batch_size):
-        vals = pooled[pooling][:, 0].cpu() @ unit
-        for j, i in enumerate(idx):
-            out[keep[i]] = float(vals[j])
-    return out
+    out, _ = project_pairs(lm, prompts, answers, {"v": {layer: unit}}, [pooling], batch_size=batch_size)
+    return out[("v", layer, pooling)]
 
 
 def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, layer: int, judge: Any,

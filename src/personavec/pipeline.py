@@ -35,13 +35,13 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .activations import encode_pairs, iter_pooled
 from .artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts
 from .errors import PersonavecError
 from .extract import extract_vector
 from .generation import QUICK, SamplingConfig, run_sampling
 from .judges.rubrics import coherence_prompt
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .projection import project_pairs
 from .stats import auroc, cohens_d
 from .steering import Edit, steer
 from .tables import FilterConfig, write_table
@@ -330,13 +330,12 @@ class Run:
             return pd.read_parquet(out)
         ev = judged[judged["set"] == "eval"].reset_index(drop=True)
         ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
-        encs = encode_pairs(self.lm.tokenizer, ev["prompt"].tolist(), ev["answer"].tolist())
         layers = list(range(vec.n_layers + 1))
         units = vec.unit().tensors["response_avg"]  # [L+1, d]
-        proj = torch.zeros(len(encs), len(layers))
-        for idx, pooled in iter_pooled(self.lm, encs, layers, ["response_avg"], batch_size=self.cfg.batch_size,
-                                       progress="separation" if self.progress else False):
-            proj[idx] = (pooled["response_avg"].cpu() * units[None]).sum(-1)
+        res, _ = project_pairs(self.lm, ev["prompt"].tolist(), ev["answer"].tolist(),
+                               {"v": {layer: units[layer] for layer in layers}}, batch_size=self.cfg.batch_size,
+                               progress="separation" if self.progress else False)
+        proj = torch.tensor([res[("v", layer, "response_avg")] for layer in layers]).T  # [n, L+1]
         is_pos = torch.tensor((ev["side"] == "pos").to_numpy())
         rows = [{"layer": layer, "auroc": auroc(proj[is_pos, layer], proj[~is_pos, layer]),
                  "cohens_d": cohens_d(proj[is_pos, layer], proj[~is_pos, layer]),

@@ -39,11 +39,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .activations import encode_pairs, iter_pooled
 from .errors import PersonavecError
 from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel
 from .monitor import Probe, conversation_pair
+from .projection import project_pairs
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -158,27 +158,9 @@ def base_answers(lm: LoadedModel, prompts: Sequence[str], cfg: ScreenConfig, chu
 
 def _project(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], probes: Sequence[Probe],
              poolings: Sequence[str], cfg: ScreenConfig) -> tuple[dict[tuple[str, int, str], list[float]], list[int]]:
-    """{(probe, layer, pooling): projections} for pairs (NaN where an answer-average has no answer)."""
-    n = len(prompts)
-    out = {(p.name, layer, pool): [math.nan] * n for p in probes for layer in p.layers for pool in poolings}
-    if n == 0:
-        return out, []
-    encs = encode_pairs(lm.tokenizer, list(prompts), list(answers), max_length=cfg.max_length)
-    layers = sorted({layer for p in probes for layer in p.layers})
-    col = {layer: i for i, layer in enumerate(layers)}
-    units = {(p.name, layer): p.unit(layer) for p in probes for layer in p.layers}
-    for idx, pooled in iter_pooled(lm, encs, layers, list(poolings), batch_size=cfg.batch_size,
-                                   stop_early=cfg.stop_early, sort_by_length=cfg.bucket):
-        for pool in poolings:
-            h = pooled[pool].cpu()
-            for p in probes:
-                for layer in p.layers:
-                    vals = (h[:, col[layer]] @ units[(p.name, layer)]).tolist()
-                    for j, i in enumerate(idx):
-                        if pool == "response_avg" and encs[i].n_response == 0:
-                            continue
-                        out[(p.name, layer, pool)][i] = vals[j]
-    return out, [len(e.ids) for e in encs]
+    units = {p.name: {layer: p.unit(layer) for layer in p.layers} for p in probes}
+    return project_pairs(lm, prompts, answers, units, poolings, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                         stop_early=cfg.stop_early, sort_by_length=cfg.bucket)
 
 
 @torch.no_grad()

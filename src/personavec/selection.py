@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from .activations import encode_pairs, iter_pooled
 from .artifacts import TraitArtifacts
 from .generation import SamplingConfig, run_sampling
 from .judges.rubrics import coherence_prompt
 from .models import LoadedModel
+from .projection import project_pairs
 from .steering import Edit, steer
 from .vectors import PersonaVector
 
@@ -101,15 +100,12 @@ def project_rows(lm: LoadedModel, vec: PersonaVector, df: pd.DataFrame, batch_si
     """Response-average projection of each answer on v̂ at its cell's layer (baseline rows: every grid layer)."""
     df = df.copy()
     answers = [a if a.strip() else "." for a in df["answer"]]
-    encs = encode_pairs(lm.tokenizer, df["prompt"].tolist(), answers)
     layers = sorted({int(x) for x in df["layer"] if x >= 0})
-    units = vec.unit().tensors["response_avg"][layers]  # [n_layers_used, d]
-    proj = torch.zeros(len(encs), len(layers))
-    for idx, pooled in iter_pooled(lm, encs, layers, ["response_avg"], batch_size=batch_size):
-        proj[idx] = (pooled["response_avg"].cpu() * units[None]).sum(-1)
-    col = {layer: i for i, layer in enumerate(layers)}
+    units = vec.unit().tensors["response_avg"]
+    proj, _ = project_pairs(lm, df["prompt"].tolist(), answers, {"v": {layer: units[layer] for layer in layers}},
+                            batch_size=batch_size)
     for layer in layers:
-        df[f"proj_L{layer}"] = proj[:, col[layer]].numpy()
+        df[f"proj_L{layer}"] = proj[("v", layer, "response_avg")]
     return df
 
 
