@@ -88,3 +88,46 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert main([*ft[:5], str(tmp_path / "y"), "--caft"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "need --vector" in err
+
+
+def test_experiment_and_screening_use_an_http_judge_when_it_scores(tmp_path, model_dir, monkeypatch):
+    """With a judge that scores (an OpenAI-compatible server on loopback), trait and coherence are judged."""
+    import hashlib
+
+    from openai_server import FakeOpenAIServer
+    from personavec.finetune import TrainConfig
+    from personavec.ftexperiment import FineTuneExperiment, FTExperimentConfig, screen_validation
+    from personavec.generation import SamplingConfig
+    from personavec.pipeline import Run, RunConfig
+
+    def judge(prompt: str) -> list[tuple[str, float]]:
+        if "how coherent" in prompt:
+            return [("80", 0.0)]
+        return [(str(int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 101), 0.0)]
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with FakeOpenAIServer(responder=judge) as srv:
+        cfg = RunConfig(trait="evil", model=str(model_dir), judge="openai:fake-judge", judge_base_url=srv.base_url,
+                        eval_samples=1, filter_mode="off", steer_layers=[1], steer_coefs=[1.0],
+                        sampling=SamplingConfig(n_samples=1, max_new_tokens=5, batch_size=50))
+        run = Run(cfg, run_dir=tmp_path / "run", progress=False)
+        run.run()
+        train = TrainConfig(rank=2, lora_alpha=4, lr=1e-2, batch_size=10, grad_accum=2, warmup_steps=0,
+                            max_length=96)
+        ecfg = FTExperimentConfig(percents=[0, 100], prevent_percents=[100], caft_percents=[], prevent_coefs=[2.0],
+                                  train=train, eval_samples=1, max_new_tokens=4, mc=False)
+        exp = FineTuneExperiment(run, ecfg, progress=False)
+        srv.reset()
+        summary = exp.run_all()
+        assert len(srv.chat_requests) > 0  # the fine-tuned models' answers went to the judge
+        assert summary["trait_scored"] == 3 * 20  # every answer of the 3 fine-tunes has a trait score
+        assert -1 <= summary["r_shift_trait"] <= 1 and summary["r_by_layer"]["against"] == "trait"
+        (prev,) = summary["prevention"]
+        assert math.isfinite(prev["trait_increase_plain"]) and math.isfinite(prev["trait_increase_with"])
+        assert prev["coherence_change"] == 0.0  # the judge gives every answer coherence 80
+        sv = screen_validation(FineTuneExperiment(run, ecfg, progress=False), n=20, percent=50)
+    names = [r["selection"] for r in sv["results"]]
+    assert names == ["top20", "random20", "bottom20", "response-top20", "judge-top20"]  # the judge-only filter
+    judge_top = sv["results"][-1]
+    assert judge_top["trait"] == judge_top["trait"] and judge_top["coherence"] == 80.0
