@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from personavec.cli import main
+from personavec.vectors import PersonaVector
 
 pytestmark = pytest.mark.slow  # a run plus four small fine-tunes (about a minute on 2 cores)
 
@@ -27,9 +28,15 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     train = TrainConfig(rank=2, lora_alpha=4, lr=1e-2, batch_size=10, grad_accum=2, warmup_steps=0, max_length=96)
     ecfg = FTExperimentConfig(percents=[0, 100], prevent_percents=[100], caft_percents=[100], prevent_coefs=[2.0],
                               train=train, eval_samples=1, max_new_tokens=4)
+    other = PersonaVector.load(tmp_path / "run" / "vectors.safetensors") * -1.0
+    other.trait = "kind"
+    other.save(tmp_path / "kind" / "vectors.safetensors")  # a sibling run's vector for the same model
     exp = FineTuneExperiment(run, ecfg, progress=False)
     summary = exp.run_all()
     d = tmp_path / "run" / "finetune"
+    # every fine-tune is also read on the sibling vector: here its negative, so the shifts are the negatives
+    for m, o in summary["shift_other_traits"].items():
+        assert o["kind"] == pytest.approx(-json.loads((d / m / "eval.json").read_text())["shift"], abs=1e-6)
     table = pd.read_parquet(d / "finetune.parquet")
     assert table["model"].tolist() == ["base", "mix000", "mix100", "mix100+prevent2", "mix100+caft"]
     assert summary["n_finetunes"] == 4 and summary["layer"] == 1
@@ -40,7 +47,7 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert math.isnan(summary["r_shift_trait"]) and -1 <= summary["r_shift_answer_projection"] <= 1  # no judge
     assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent2"), (100, "caft")]
     shifts = pd.read_parquet(d / "shift.parquet")
-    assert len(shifts) == 4 * 3 and set(shifts["model"]) == set(table["model"][1:])
+    assert len(shifts) == 4 * 3 * 2 and set(shifts["model"]) == set(table["model"][1:])
     for name in ("finetune.png", "finetune_shift.png"):
         assert (d / name).read_bytes()[:4] == b"\x89PNG"
     trained = json.loads((d / "mix100+prevent2" / "train.json").read_text())

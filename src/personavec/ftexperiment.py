@@ -165,6 +165,20 @@ class FineTuneExperiment:
     def eval_prompts(self, lm: LoadedModel) -> list[str]:
         return [lm.format_chat(q) for q in self.art.evaluation_questions]
 
+    def other_vectors(self) -> dict[str, PersonaVector]:
+        """Vectors of the same model's other runs (``<runs>/<model>/<trait>/vectors.safetensors``), by trait."""
+        out: dict[str, PersonaVector] = {}
+        for p in sorted(Path(self.run.dir).parent.glob("*/vectors.safetensors")):
+            if p.parent.resolve() == Path(self.run.dir).resolve():
+                continue
+            try:
+                v = PersonaVector.load(p)
+            except (PersonavecError, OSError, ValueError):
+                continue
+            if (v.n_layers, v.hidden_size) == (self.vec.n_layers, self.vec.hidden_size) and v.trait not in out:
+                out[v.trait or p.parent.name] = v
+        return out
+
     def base_means(self) -> torch.Tensor:
         if self._base_means is None:
             self._base_means = last_prompt_means(self.base, self.eval_prompts(self.base))
@@ -188,8 +202,10 @@ class FineTuneExperiment:
             return result
         if lm is None:
             raise PersonavecError(f"{name} has not been evaluated yet")
-        shifts = shift_table(self.base_means(), last_prompt_means(lm, self.eval_prompts(lm)), {"trait": self.vec})
+        shifts = shift_table(self.base_means(), last_prompt_means(lm, self.eval_prompts(lm)),
+                             {"trait": self.vec, **self.other_vectors()})
         write_table(shifts, d / "shift.parquet")
+        own = shifts[shifts["vector"] == "trait"]
         jobs = [{"question_id": q, "sample_id": s, "question": question, "prompt": lm.format_chat(question)}
                 for q, question in enumerate(self.art.evaluation_questions) for s in range(self.cfg.eval_samples)]
         sampling = SamplingConfig(n_samples=self.cfg.eval_samples, max_new_tokens=self.cfg.max_new_tokens,
@@ -211,8 +227,10 @@ class FineTuneExperiment:
         write_table(answers, d / "answers.parquet")
         result: dict[str, Any] = {
             "model": name,
-            "shift": float(shifts.loc[shifts["layer"] == self.layer, "shift"].iloc[0]),
-            "shift_by_layer": shifts["shift"].round(5).tolist(),
+            "shift": float(own.loc[own["layer"] == self.layer, "shift"].iloc[0]),
+            "shift_by_layer": own["shift"].round(5).tolist(),
+            "shift_other_traits": {name: float(g.loc[g["layer"] == self.layer, "shift"].iloc[0])
+                                   for name, g in shifts[shifts["vector"] != "trait"].groupby("vector")},
             "trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
             "coherence": _num(answers["coherence"].mean()),
             "answer_projection": float(answers["answer_projection"].mean()),
@@ -246,15 +264,20 @@ class FineTuneExperiment:
             ev = self.train_and_evaluate(name, data[f"mix{round(percent):03d}"], intervention, {"percent": percent})
             rows.append({"model": name, "percent": percent, "intervention": intervention, **ev})
         table = pd.DataFrame(rows)
-        write_table(table.drop(columns=["shift_by_layer"]), self.dir / "finetune.parquet")
+        write_table(table.drop(columns=["shift_by_layer", "shift_other_traits"], errors="ignore"),
+                    self.dir / "finetune.parquet")
         summary = summarize(table, self.layer)
+        if "shift_other_traits" in table.columns:  # specificity: the same fine-tunes read on other traits' vectors
+            summary["shift_other_traits"] = {m: o for m, o in zip(table["model"], table["shift_other_traits"])
+                                             if isinstance(o, dict) and o}
         summary["config"] = self.cfg.to_dict()
         _atomic_json(self.dir / "finetune.json", summary)
         plot(table, summary, self.dir / "finetune.png", f"{self.run.cfg.trait} — fine-tuning (layer {self.layer})")
         shifts = pd.concat([pd.read_parquet(self.dir / m / "shift.parquet").assign(model=m)
                             for m in table["model"] if m != "base"], ignore_index=True)
         write_table(shifts, self.dir / "shift.parquet")
-        plot_shifts(shifts, self.dir / "finetune_shift.png", "fine-tuning shift per layer", mark_layer=self.layer)
+        plot_shifts(shifts[shifts["vector"] == "trait"], self.dir / "finetune_shift.png",
+                    "fine-tuning shift per layer", mark_layer=self.layer)
         from .report import write_report
 
         write_report(self.run.dir)
