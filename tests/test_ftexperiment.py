@@ -86,10 +86,14 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert main(ft) == 0
     assert "resumed from 2" in capsys.readouterr().out
     assert main(["shift", "--adapter", str(tmp_path / "ft"), "--vector", str(tmp_path / "run" / "vectors.safetensors"),
-                 "--model", str(model_dir), "--out", str(tmp_path / "shift.parquet")]) == 0
+                 "--vector", str(tmp_path / "kind" / "vectors.safetensors"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "shift.parquet")]) == 0
     out = capsys.readouterr().out
-    assert "largest shift" in out and (tmp_path / "shift.png").exists()
-    assert len(pd.read_parquet(tmp_path / "shift.parquet")) == 3
+    assert "evil: largest shift" in out and "kind: largest shift" in out and (tmp_path / "shift.png").exists()
+    table = pd.read_parquet(tmp_path / "shift.parquet")
+    assert len(table) == 2 * 3
+    both = table.pivot(index="layer", columns="vector", values="shift")
+    assert (both["evil"] + both["kind"]).abs().max() < 1e-5  # the second vector is the first one negated
     # one-line errors
     assert main(["finetune", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert main([*ft[:5], str(tmp_path / "y"), "--caft"]) == 2

@@ -327,9 +327,8 @@ def cmd_shift(args: argparse.Namespace) -> None:
     from .finetune import load_adapter
     from .shift import last_prompt_means, plot_shifts, shift_table
     from .tables import read_table, write_table
-    from .vectors import PersonaVector
 
-    vectors = {Path(v).stem: PersonaVector.load(v) for v in args.vector}
+    vectors = dict(zip(*_named_vectors(args.vector)))
     if args.prompts:
         df = read_table(args.prompts)
         col = next((c for c in ("question", "prompt") if c in df.columns), None)
@@ -394,21 +393,33 @@ def print_finetune_summary(s: dict) -> None:
 
 
 def _screen_probes(args: argparse.Namespace) -> list[dict]:
-    from .vectors import PersonaVector
 
     layers = parse_layers(args.layers) if args.layers else None
-    specs, names = [], set()
-    for path in args.vector:
-        vec = PersonaVector.load(path)
+    specs = []
+    for name, vec, path in zip(*_named_vectors(args.vector), args.vector):
         use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
         if not use:
             raise PersonavecError(f"{path} has no chosen layer; pass --layers")
-        name = Path(path).stem if Path(path).stem not in ("vectors", "vector") else (vec.trait or Path(path).stem)
-        while name in names:
-            name += "_"
-        names.add(name)
         specs.append({"name": name, "path": str(path), "layers": use, "pooling": args.pooling})
     return specs
+
+
+def _named_vectors(paths: Sequence[str]) -> tuple[list[str], list]:
+    """Load vector files and name each by its file stem, or by its trait for a run's ``vectors.safetensors``;
+    repeated names get a suffix."""
+    from .vectors import PersonaVector
+
+    names: list[str] = []
+    vecs = []
+    for path in paths:
+        vec = PersonaVector.load(path)
+        stem = Path(path).stem
+        name = stem if stem not in ("vectors", "vector") else (vec.trait if vec.trait != "unknown" else stem)
+        while name in names:
+            name += "_"
+        names.append(name)
+        vecs.append(vec)
+    return names, vecs
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
