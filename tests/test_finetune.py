@@ -313,6 +313,9 @@ def test_experiment_summary_measures_prevention():
     assert prev["intervention"] == "prevent" and prev["percent"] == 100
     assert abs(prev["trait_prevented"] - 0.75) < 1e-9  # increase 40 -> 10
     assert abs(prev["answer_projection_prevented"] - 0.75) < 1e-9 and prev["coherence_change"] == -3.0
+    # against the 0 % (normal data) fine-tune: trait 12 -> 50 plain, 12 -> 20 with the intervention
+    assert abs(prev["trait_increase_plain_vs_normal"] - 38.0) < 1e-9
+    assert abs(prev["trait_prevented_vs_normal"] - (1 - 8 / 38)) < 1e-9
 
 
 def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):

@@ -179,6 +179,11 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     dist = pd.read_parquet(tmp_path / "ray" / "screen.parquet")
     assert dist["base_answer"].tolist() == local["base_answer"].tolist()
     pd.testing.assert_frame_equal(dist, local, atol=1e-5, rtol=0)
+    # Parquet input (nested chat messages) on Ray, one actor: the same table again
+    pq_data = tmp_path / "data.parquet"
+    pd.DataFrame(rows(10)).to_parquet(pq_data)
+    assert screen_file_ray(str(model_dir), pq_data, spec, tmp_path / "ray-pq", cfg, workers=1)["rows"] == 10
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray-pq" / "screen.parquet"), local, atol=1e-5, rtol=0)
 
     # the command, local path, two vectors in one pass
     vector(loaded, 11, "other").save(tmp_path / "other.safetensors")

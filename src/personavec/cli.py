@@ -390,6 +390,11 @@ def print_finetune_summary(s: dict) -> None:
               f"{p['trait_increase_with']:+.1f} vs {p['trait_increase_plain']:+.1f}; coherence change "
               f"{p['coherence_change']:+.1f} (plain {p['coherence_change_plain']:+.1f}); answer NLL change "
               f"{p['answer_nll_change']:+.3f} (plain {p['answer_nll_change_plain']:+.3f})")
+        if "answer_projection_increase_plain_vs_normal" in p:
+            print(f"  {'':>9}   against the 0% (normal data) fine-tune: answer-projection increase "
+                  f"{p['answer_projection_increase_with_vs_normal']:+.2f} vs "
+                  f"{p['answer_projection_increase_plain_vs_normal']:+.2f} plain "
+                  f"({100 * p['answer_projection_prevented_vs_normal']:.0f}% prevented)")
 
 
 def _screen_probes(args: argparse.Namespace) -> list[dict]:

@@ -195,9 +195,10 @@ class FineTuneExperiment:
         out = d / "eval.json"
         if out.exists():
             result = json.loads(out.read_text())
-            if "answer_nll" not in result:  # written by an older version: add the fluency reading
+            if "answer_nll" not in result or "coherence_scored" not in result:  # written by an older version
                 answers = pd.read_parquet(d / "answers.parquet")
-                result["answer_nll"] = self.fluency(answers)
+                result.setdefault("answer_nll", self.fluency(answers))
+                result["coherence_scored"] = int(answers["coherence"].notna().sum())
                 _atomic_json(out, result)
             return result
         if lm is None:
@@ -233,6 +234,7 @@ class FineTuneExperiment:
                                    for name, g in shifts[shifts["vector"] != "trait"].groupby("vector")},
             "trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
             "coherence": _num(answers["coherence"].mean()),
+            "coherence_scored": int(answers["coherence"].notna().sum()),
             "answer_projection": float(answers["answer_projection"].mean()),
             "answer_nll": self.fluency(answers),
             "n_answers": len(answers), "empty_answers": int((answers["answer"].str.strip() == "").sum()),
@@ -302,6 +304,7 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
     out["base"] = {k: _num(base[k]) for k in ("shift", "trait", "coherence", "answer_projection", "answer_nll",
                                               "mc_accuracy") if k in base}
     prevention = []
+    normal = plain[plain["percent"] == 0]
     for p, g in tuned.groupby("percent"):
         ref = g[g["intervention"] == "none"]
         if ref.empty:
@@ -309,12 +312,16 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
         ref = ref.iloc[0]
         for _, r in g[g["intervention"] != "none"].iterrows():
             entry: dict[str, Any] = {"percent": float(p), "intervention": r["intervention"]}
+            # increases from the base model, and (when a 0 % fine-tune exists) from the model fine-tuned on normal
+            # data alone: the part of the change that the trait content of the data causes
+            refs = [("", base)] + ([("_vs_normal", normal.iloc[0])] if len(normal) and p > 0 else [])
             for metric in ("trait", "answer_projection", "shift"):
-                inc_plain = _num(ref[metric]) - _num(base[metric])
-                inc_int = _num(r[metric]) - _num(base[metric])
-                entry[f"{metric}_increase_plain"] = inc_plain
-                entry[f"{metric}_increase_with"] = inc_int
-                entry[f"{metric}_prevented"] = (1 - inc_int / inc_plain) if inc_plain and inc_plain > 0 else math.nan
+                for suffix, zero in refs:
+                    inc_plain = _num(ref[metric]) - _num(zero[metric])
+                    inc_int = _num(r[metric]) - _num(zero[metric])
+                    entry[f"{metric}_increase_plain{suffix}"] = inc_plain
+                    entry[f"{metric}_increase_with{suffix}"] = inc_int
+                    entry[f"{metric}_prevented{suffix}"] = (1 - inc_int / inc_plain) if inc_plain > 0 else math.nan
             entry["coherence_change"] = _num(r["coherence"]) - _num(base["coherence"])
             entry["coherence_change_plain"] = _num(ref["coherence"]) - _num(base["coherence"])
             entry["answer_nll_change"] = _num(r.get("answer_nll")) - _num(base.get("answer_nll"))
