@@ -333,3 +333,12 @@ def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):
         direct = -sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids))) / (len(ids) - n_prompt)
         assert abs(b - direct) < 1e-4 and abs(s - direct) < 1e-4
     assert math.isnan(batched[2]) and math.isnan(single[2])
+
+
+def test_table_rows_without_a_system_prompt_get_none(tmp_path):
+    # CSV / Parquet rows missing a cell arrive as NaN: no "nan" system message, no "nan" answer
+    pd.DataFrame([{"prompt": "q1", "answer": "a1", "system": "Be kind."},
+                  {"prompt": "q2", "answer": "a2", "system": None}]).to_csv(tmp_path / "d.csv", index=False)
+    chats = read_chats(tmp_path / "d.csv")
+    assert chats[0][0] == {"role": "system", "content": "Be kind."}
+    assert chats[1] == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]

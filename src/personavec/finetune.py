@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from .errors import PersonavecError
 from .internals import decoder_layers
 from .models import LoadedModel, pad_token_id
 from .steering import Edit, steer
+from .tables import chat_messages, missing
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -124,23 +124,13 @@ class Example:
 
 def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     """A chat from a row with ``messages`` (list of role/content) or ``prompt`` + ``answer`` (or ``response``)."""
-    msgs = row.get("messages")
-    if isinstance(msgs, str):
-        try:
-            msgs = json.loads(msgs)
-        except json.JSONDecodeError:
-            raise PersonavecError("a 'messages' field holds a string that is not JSON") from None
-    if msgs is not None and not (isinstance(msgs, float) and math.isnan(msgs)):
-        out = []
-        for m in list(msgs):
-            m = dict(m)
-            if "role" not in m or "content" not in m:
-                raise PersonavecError("each message needs 'role' and 'content'")
-            out.append({"role": str(m["role"]), "content": str(m["content"])})
-        return out
-    answer = row.get("answer", row.get("response"))
-    if row.get("prompt") is not None and answer is not None:
-        out = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+    msgs = chat_messages(row.get("messages"))
+    if msgs is not None:
+        return msgs
+    answer = row.get("answer") if not missing(row.get("answer")) else row.get("response")
+    if not missing(row.get("prompt")) and not missing(answer):
+        out = [] if missing(row.get("system")) or not row["system"] else [{"role": "system",
+                                                                          "content": str(row["system"])}]
         return [*out, {"role": "user", "content": str(row["prompt"])},
                 {"role": "assistant", "content": str(answer)}]
     raise PersonavecError("each training row needs 'messages' (a chat) or 'prompt' + 'answer'")

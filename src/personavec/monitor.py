@@ -30,7 +30,7 @@ from .activations import encode_pairs, iter_pooled
 from .errors import PersonavecError
 from .internals import capture, decoder_layers, edit
 from .models import LoadedModel
-from .tables import read_table
+from .tables import chat_messages, missing, read_table
 from .vectors import PersonaVector
 
 MONITOR_POOLINGS = ("prompt_last", "response_avg", "prompt_avg")
@@ -52,19 +52,15 @@ class Probe:
 
 def conversation_pair(row: dict[str, Any], tokenizer: Any) -> tuple[str, str | None]:
     """(formatted prompt, answer or None) of a row with ``messages`` or ``prompt``/``answer``."""
-    msgs = row.get("messages")
-    if msgs is not None and not (isinstance(msgs, float) and math.isnan(msgs)):
-        msgs = list(msgs) if not isinstance(msgs, str) else json.loads(msgs)
-        msgs = [dict(m) for m in msgs]
-        if not msgs or not all("role" in m and "content" in m for m in msgs):
-            raise PersonavecError("a 'messages' row must be a list of {role, content} objects")
+    msgs = chat_messages(row.get("messages"))
+    if msgs is not None:
         if msgs[-1]["role"] == "assistant":
             prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
             return prompt, str(msgs[-1]["content"])
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), None
-    if "prompt" in row and row["prompt"] is not None:
+    if not missing(row.get("prompt")):
         ans = row.get("answer")
-        return str(row["prompt"]), None if ans is None or (isinstance(ans, float) and math.isnan(ans)) else str(ans)
+        return str(row["prompt"]), None if missing(ans) else str(ans)
     raise PersonavecError("each row needs 'messages' (a chat) or 'prompt' (+ optional 'answer')")
 
 

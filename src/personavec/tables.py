@@ -10,6 +10,7 @@ template. Optional score columns: the trait score (named after the trait, or ``t
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,38 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
         raise PersonavecError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     raise PersonavecError(f"{path}: unsupported table type {suffix!r}; use one of {', '.join(READERS)}")
+
+
+def missing(x: Any) -> bool:
+    """None or NaN (what pandas puts in a cell that a row did not have)."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def chat_messages(value: Any) -> list[dict[str, str]] | None:
+    """The chat in a ``messages`` cell (a list of {role, content}, or its JSON text); None when absent."""
+    if missing(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise PersonavecError("a 'messages' field holds a string that is not JSON") from None
+    try:
+        msgs = [dict(m) for m in value]
+    except (TypeError, ValueError):
+        msgs = []
+    if not msgs or not all("role" in m and "content" in m for m in msgs):
+        raise PersonavecError("a 'messages' row must be a list of {role, content} objects")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
