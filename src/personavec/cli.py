@@ -452,11 +452,7 @@ def cmd_screen(args: argparse.Namespace) -> None:
     else:
         speed = screen_file(_load(args), args.data, probes, args.out, cfg, cache_path=args.base_cache)
     summary = report(args.out, args.data, probes, cfg, top_k=args.top_k, threshold=args.threshold,
-                     percentile=args.percentile)
-    summary["throughput"] = speed
-    import json as _json
-
-    (Path(args.out) / "screen.json").write_text(_json.dumps(summary, indent=2) + "\n")
+                     percentile=args.percentile, throughput=speed)
     print(f"{summary['rows']} samples screened ({cfg.mode}); this call: {speed['rows']} rows in {speed['seconds']} s"
           + (f" = {speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s" if speed["rows"] else ""))
     for name, v in summary["vectors"].items():

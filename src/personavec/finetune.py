@@ -36,7 +36,7 @@ from .errors import PersonavecError
 from .internals import decoder_layers
 from .models import LoadedModel, pad_token_id
 from .steering import Edit, steer
-from .tables import chat_messages, missing
+from .tables import chat_messages, missing, write_json
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -335,10 +335,6 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int, losses: list[float],
@@ -353,7 +349,7 @@ def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, s
     save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
-    _atomic_json(tmp / "state.json", {"step": step, "losses": losses, "scheduler": sched.state_dict()})
+    write_json(tmp / "state.json", {"step": step, "losses": losses, "scheduler": sched.state_dict()})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -414,7 +410,7 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
             raise PersonavecError(f"{out} holds a fine-tune with other settings or data; use another --out or "
                                   "delete that directory")
     else:
-        _atomic_json(ident_path, ident)
+        write_json(ident_path, ident)
 
     model = add_lora(lm.model, cfg)
     lm.model = model
@@ -480,7 +476,7 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
                          extra={"tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
                                 "total_steps": len(steps), "complete": stop_at == len(steps)})
     if stop_at == len(steps):
-        _atomic_json(out / "train.json", {**ident, "steps": stop_at, "losses": losses, "seconds": result.seconds,
+        write_json(out / "train.json", {**ident, "steps": stop_at, "losses": losses, "seconds": result.seconds,
                                           "resumed_from": start, "n_dropped": dropped, **result.extra})
     return result
 

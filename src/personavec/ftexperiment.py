@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from .models import LoadedModel, load_model
 from .monitoring import pearson
 from .shift import last_prompt_means, plot_shifts, shift_table
 from .steering import Edit
-from .tables import write_table
+from .tables import write_json, write_table
 from .traitdata import write_mixtures
 from .vectors import PersonaVector
 
@@ -74,10 +73,6 @@ class FTExperimentConfig:
         return d
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _num(x: Any) -> float:
@@ -122,7 +117,7 @@ class FineTuneExperiment:
             raise PersonavecError(f"{self.dir} holds a fine-tuning experiment with other settings; move it away "
                                   "or pass the same settings")
         if not p.exists():
-            _atomic_json(p, ident)
+            write_json(p, ident)
 
     def datasets(self) -> dict[str, Path]:
         data = self.dir / "data"
@@ -199,7 +194,7 @@ class FineTuneExperiment:
                 answers = pd.read_parquet(d / "answers.parquet")
                 result.setdefault("answer_nll", self.fluency(answers))
                 result["coherence_scored"] = int(answers["coherence"].notna().sum())
-                _atomic_json(out, result)
+                write_json(out, result)
             return result
         if lm is None:
             raise PersonavecError(f"{name} has not been evaluated yet")
@@ -247,7 +242,7 @@ class FineTuneExperiment:
             t = json.loads(train.read_text())
             result.update(final_loss=t["losses"][-1] if t["losses"] else None, train_seconds=t["seconds"],
                           train_steps=t["steps"])
-        _atomic_json(out, result)
+        write_json(out, result)
         return result
 
     def fluency(self, answers: pd.DataFrame) -> float:
@@ -273,7 +268,7 @@ class FineTuneExperiment:
             summary["shift_other_traits"] = {m: o for m, o in zip(table["model"], table["shift_other_traits"])
                                              if isinstance(o, dict) and o}
         summary["config"] = self.cfg.to_dict()
-        _atomic_json(self.dir / "finetune.json", summary)
+        write_json(self.dir / "finetune.json", summary)
         plot(table, summary, self.dir / "finetune.png", f"{self.run.cfg.trait} — fine-tuning (layer {self.layer})")
         shifts = pd.concat([pd.read_parquet(self.dir / m / "shift.parquet").assign(model=m)
                             for m in table["model"] if m != "base"], ignore_index=True)
@@ -440,7 +435,7 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
                "auroc_response_trait_rows": _auroc(table[f"trait@L{exp.layer}:response"], table["is_trait"]),
                "base": {k: base.get(k) for k in ("trait", "answer_projection", "answer_nll")},
                "results": results}
-    _atomic_json(exp.dir / "screen_validation.json", summary)
+    write_json(exp.dir / "screen_validation.json", summary)
     from .report import write_report
 
     write_report(exp.run.dir)

@@ -102,7 +102,8 @@ def project_rows(lm: LoadedModel, rows: Sequence[dict[str, Any]], probes: Sequen
     return pd.DataFrame(out)
 
 
-def _iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Fixed-size chunks of a JSONL / JSON-lines, Parquet or CSV file, streamed."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -163,7 +164,7 @@ def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Prob
     bar = tqdm(desc="projecting", unit="row", disable=not progress, initial=done)
     seen = 0
     with open(out, "a", encoding="utf-8") as f:
-        for chunk in _iter_chunks(path, chunk_rows):
+        for chunk in iter_chunks(path, chunk_rows):
             start, seen = seen, seen + len(chunk)
             if seen <= done:
                 continue

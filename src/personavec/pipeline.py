@@ -44,7 +44,7 @@ from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .projection import project_pairs
 from .stats import auroc, cohens_d
 from .steering import Edit, steer
-from .tables import FilterConfig, write_table
+from .tables import FilterConfig, write_json, write_table
 from .vectors import PersonaVector
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,6 @@ def model_slug(spec: str, model_id: str | None = None) -> str:
     return (model_id or spec).strip("/").replace("/", "--").replace(" ", "_")
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Run:
@@ -130,7 +126,7 @@ class Run:
                 raise PersonavecError(f"{self.dir} holds a run with other settings; pass --out to start a new run "
                                       "elsewhere, or delete that directory")
             return
-        _atomic_json(p, {"config": ident, "personavec": __version__, "torch": torch.__version__,
+        write_json(p, {"config": ident, "personavec": __version__, "torch": torch.__version__,
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def artifacts(self) -> TraitArtifacts:
@@ -280,7 +276,7 @@ class Run:
         vec.trait = self.cfg.trait
         vec.filter.update(decision)
         vec.extra.update(judge=str(judged["judge"].iloc[0]), run_dir=str(self.dir))
-        _atomic_json(self.path("filter.json"), {"counts": vec.counts, "thresholds": self.cfg.filter.to_dict(),
+        write_json(self.path("filter.json"), {"counts": vec.counts, "thresholds": self.cfg.filter.to_dict(),
                                                 **decision})
         vec.save(out)
         return vec
@@ -402,7 +398,7 @@ class Run:
                                      "answer": r["answer"], "trait": _num(r["trait"]),
                                      "coherence": _num(r["coherence"])})
             write_table(pd.DataFrame(examples), self.path("examples.jsonl"))
-        _atomic_json(sel_path, result)
+        write_json(sel_path, result)
         return result
 
     def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -426,7 +422,7 @@ class Run:
         result = {"data": self.cfg.mc_path or "builtin general (40 questions)",
                   "baseline": {"accuracy": base.accuracy, "n": base.n, "letter_mass": base.mean_letter_mass},
                   "steered": steered}
-        _atomic_json(out, result)
+        write_json(out, result)
         return result
 
     def monitor(self, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
@@ -456,7 +452,7 @@ class Run:
                                      progress=self.progress)
         write_table(table, self.path("monitor.parquet"))
         plot(table, corr, self.path("monitor.png"), f"{self.cfg.trait} — {vec.model_id}")
-        _atomic_json(out, corr)
+        write_json(out, corr)
         return corr
 
     def run(self) -> dict[str, Any]:
@@ -506,11 +502,11 @@ class Run:
             summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
         if self.command:
             summary["command"] = self.command
-        _atomic_json(self.path("summary.json"), summary)
+        write_json(self.path("summary.json"), summary)
         from .report import write_report
 
         summary["files"]["report"] = str(write_report(self.dir))
-        _atomic_json(self.path("summary.json"), summary)
+        write_json(self.path("summary.json"), summary)
         return summary
 
 

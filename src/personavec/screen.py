@@ -31,7 +31,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ import torch
 from .errors import PersonavecError
 from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel
-from .monitor import Probe, conversation_pair
+from .monitor import Probe, conversation_pair, iter_chunks
 from .projection import project_pairs
+from .tables import write_json
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -235,13 +236,6 @@ def part_stats(path: Path) -> dict[str, Any]:
     return json.loads(meta.get(b"personavec_stats", b"{}"))
 
 
-def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Fixed-size chunks of a JSONL / JSON-lines / Parquet / CSV file, streamed."""
-    from .monitor import _iter_chunks
-
-    return _iter_chunks(path, chunk_rows)
-
-
 def _fingerprint(path: Path, span: int = 1 << 20) -> dict[str, Any]:
     """Size plus a hash of the first and last MiB: cheap on huge files, unchanged by copying or touching."""
     size = path.stat().st_size
@@ -276,9 +270,7 @@ def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: Scre
             raise PersonavecError(f"{out_dir} holds a screening of other data or settings; use another --out or "
                                   "delete that directory")
         return
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(ident, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_json(p, ident)
 
 
 def done_chunks(out_dir: Path) -> set[int]:
@@ -501,9 +493,11 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence[Probe], cfg: ScreenConfig,
-           top_k: int = 20, threshold: float | None = None, percentile: float | None = None) -> dict[str, Any]:
-    """``screen.json`` (dataset-level means), ``hist_<vector>.png``, ``top.jsonl`` / ``bottom.jsonl`` and, with a
-    ``threshold`` or ``percentile``, ``filtered.jsonl`` (input rows whose rank score is not above it)."""
+           top_k: int = 20, threshold: float | None = None, percentile: float | None = None,
+           throughput: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``screen.json`` (dataset-level means, and ``throughput`` when given), ``hist_<vector>.png``, ``top.jsonl`` /
+    ``bottom.jsonl`` and, with a ``threshold`` or ``percentile``, ``filtered.jsonl`` (input rows whose rank score
+    is not above it)."""
     out, path = Path(out_dir), Path(path)
     table = pd.read_parquet(out / "screen.parquet")
     ranks = rank_columns(probes, cfg.mode)
@@ -537,9 +531,9 @@ def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence
                 f.write(json.dumps({**_jsonable(originals[r]), "screen": extra}, ensure_ascii=False) + "\n")
     if cuts:
         summary["filtered"] = write_filtered(path, table, cuts, out / "filtered.jsonl", cfg.chunk_rows)
-    tmp = out / ".screen.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "screen.json")
+    if throughput is not None:
+        summary["throughput"] = throughput
+    write_json(out / "screen.json", summary)
     return summary
 
 

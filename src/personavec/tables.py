@@ -78,7 +78,7 @@ def chat_messages(value: Any) -> list[dict[str, str]] | None:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically (temporary file + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
