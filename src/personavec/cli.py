@@ -277,6 +277,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
 
 
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    """What both fine-tuning experiments take: read-out layer, evaluation sampling, training settings."""
+    p.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
+    p.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
+    p.add_argument("--ft-max-new-tokens", type=int, default=64)
+    _train_args(p)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .finetune import read_chats, train_lora
     from .steering import Edit
@@ -344,7 +352,7 @@ def cmd_shift(args: argparse.Namespace) -> None:
         v.check_compatible(base)
     prompts = questions if col == "prompt" else [base.format_chat(q) for q in questions]
     base_means = last_prompt_means(base, prompts, progress="base model")
-    tuned = load_adapter(_load(args), args.adapter)
+    tuned = load_adapter(base, args.adapter)  # the base means are taken: wrap the same weights, no second load
     table = shift_table(base_means, last_prompt_means(tuned, prompts, progress="fine-tuned"), vectors)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -397,16 +405,19 @@ def print_finetune_summary(s: dict) -> None:
                   f"({100 * p['answer_projection_prevented_vs_normal']:.0f}% prevented)")
 
 
-def _screen_probes(args: argparse.Namespace) -> list[dict]:
+def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
+    """Probe specs (for Ray workers, which load the files themselves) and the probes built from them."""
+    from .monitor import Probe
 
     layers = parse_layers(args.layers) if args.layers else None
-    specs = []
+    specs, probes = [], []
     for name, vec, path in zip(*_named_vectors(args.vector), args.vector):
         use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
         if not use:
             raise PersonavecError(f"{path} has no chosen layer; pass --layers")
         specs.append({"name": name, "path": str(path), "layers": use, "pooling": args.pooling})
-    return specs
+        probes.append(Probe(name, vec, tuple(use), args.pooling))
+    return specs, probes
 
 
 def _named_vectors(paths: Sequence[str]) -> tuple[list[str], list]:
@@ -428,9 +439,7 @@ def _named_vectors(paths: Sequence[str]) -> tuple[list[str], list]:
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
-    from .monitor import Probe
     from .screen import ScreenConfig, report, screen_file, screen_file_ray
-    from .vectors import PersonaVector
 
     if args.threshold is not None and args.percentile is not None:
         raise PersonavecError("give --threshold or --percentile, not both")
@@ -442,8 +451,7 @@ def cmd_screen(args: argparse.Namespace) -> None:
                        stop_early=not args.no_early_stop, bucket=not args.no_bucketing)
     if not Path(args.data).is_file():
         raise PersonavecError(f"{args.data} does not exist")
-    specs = _screen_probes(args)
-    probes = [Probe(s["name"], PersonaVector.load(s["path"]), tuple(s["layers"]), s["pooling"]) for s in specs]
+    specs, probes = _screen_probes(args)
     if args.ray:
         speed = screen_file_ray(args.model, args.data, specs, args.out, cfg, workers=args.ray_workers,
                                 device=args.device, dtype=args.dtype, address=args.ray_address,
@@ -718,11 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     fx.add_argument("--prevent-percents", default=None, help="mixtures also trained with preventative steering "
                                                              "(default: every one above 0)")
     fx.add_argument("--caft-percents", default="100", help="mixtures also trained with CAFT ('' for none)")
-    fx.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
     fx.add_argument("--prevent-coef", default="5", help="raw-vector multiple(s), comma-separated (paper: 5)")
-    fx.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
-    fx.add_argument("--ft-max-new-tokens", type=int, default=64)
-    _train_args(fx)
+    _experiment_args(fx)
     fx.set_defaults(func=cmd_finetune_experiment)
 
     sc = sub.add_parser("screen", help="score training data by projection difference (dP) on persona vectors",
@@ -769,10 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(sx)
     sx.add_argument("--n", type=int, default=100, help="samples per selection")
     sx.add_argument("--mix-percent", type=float, default=50, help="trait share of the screened mixture")
-    sx.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
-    sx.add_argument("--ft-eval-samples", type=int, default=2)
-    sx.add_argument("--ft-max-new-tokens", type=int, default=64)
-    _train_args(sx)
+    _experiment_args(sx)
     sx.set_defaults(func=cmd_screen_experiment)
 
     rp = sub.add_parser("report", help="(re)write a run directory's report.html and plots")

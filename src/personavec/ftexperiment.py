@@ -385,7 +385,6 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
                       max_new_tokens: int = 64) -> dict[str, Any]:
     """Screen the ``percent`` % mixture with ΔP, fine-tune on its top / random / bottom ``n`` samples (and on
     the top ``n`` by judged trait, when the judge scores), and compare the fine-tuned models."""
-    from .finetune import read_chats as _read
     from .monitor import Probe
     from .screen import ScreenConfig, screen_file
     from .traitdata import write_jsonl
@@ -422,7 +421,6 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
     results = []
     for name, sel in selections.items():
         path = write_jsonl([rows[i] for i in sel], exp.dir / "data" / f"screen_{name}.jsonl")
-        _read(path)  # validates
         ev = exp.train_and_evaluate(f"screen-{name}", path, "none", {"selection": name})
         results.append({"selection": name, "n": len(sel), "trait_share": float(table.loc[sel, "is_trait"].mean()),
                         "mean_delta_p": float(table.loc[sel, col].mean()),

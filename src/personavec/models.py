@@ -239,17 +239,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             _dequantize_to_cache(gguf, cached)
         model, tok = _from_pretrained(str(cached), torch_dtype, device, local_only=True)
         src = json.loads((cached / "personavec-source.json").read_text())
-        if spec in EMBEDDED:
-            model_id, source = EMBEDDED[spec].model_id, "embedded"
-        else:
-            model_id, source = gguf.stem, "gguf"
+        source = "embedded" if spec in EMBEDDED else "gguf"
         rev = "gguf-sha256:" + src["sha256"][:16]
     elif path.is_dir():
         try:
             model, tok = _from_pretrained(str(path), torch_dtype, device, local_only=True)
         except OSError as e:
             raise PersonavecError(f"{path} is not a loadable model directory ({str(e).splitlines()[0]})") from None
-        model_id, source = str(path.resolve()), "local"
+        source = "local"
         rev = getattr(model.config, "_commit_hash", None) or _dir_revision(path)
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -267,13 +264,27 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             except (OSError, ValueError) as e2:
                 raise PersonavecError(f"could not load model {spec!r} from the hub: "
                                       f"{str(e2).splitlines()[0][:200]}") from None
-        model_id, source = spec, "hub"
+        source = "hub"
         rev = revision or getattr(model.config, "_commit_hash", None) or "unknown"
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    model_id = model_id_for(spec)
     log.info("loaded %s (%s) in %.1fs", model_id, source, time.perf_counter() - t0)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, revision=str(rev), spec=spec,
                        source=source, extra={"load_seconds": time.perf_counter() - t0})
+
+
+def model_id_for(spec: str) -> str:
+    """The id :func:`load_model` records for ``spec`` (vectors are tagged with it), without loading weights:
+    the embedded model's hub id, a ``.gguf`` file's stem, a directory's absolute path, or the hub id itself."""
+    if spec in EMBEDDED:
+        return EMBEDDED[spec].model_id
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.resolve().stem
+    if path.is_dir():
+        return str(path.resolve())
+    return spec
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
