@@ -36,7 +36,7 @@ from .errors import PersonavecError
 from .internals import decoder_layers
 from .models import LoadedModel, pad_token_id
 from .steering import Edit, steer
-from .tables import chat_messages, missing, write_json
+from .tables import chat_messages, claim_settings, missing, write_json
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -77,6 +77,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a fine-tune's result (not those that may change between a run and its
+        resumption: ``max_steps``, ``save_every``, ``keep_checkpoints``)."""
+        d = self.to_dict()
+        for k in ("max_steps", "save_every", "keep_checkpoints"):
+            d.pop(k)
+        return d
 
     def replace(self, **changes: Any) -> TrainConfig:
         known = {f.name for f in fields(self)}
@@ -400,17 +408,10 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
     examples, dropped = encode_chats(lm.tokenizer, chats, cfg.max_length)
     if not examples:
         raise PersonavecError("no training example has assistant tokens within max_length")
-    run_only = ("max_steps", "save_every", "keep_checkpoints")  # may change between a run and its resumption
-    ident = {"config": {k: v for k, v in cfg.to_dict().items() if k not in run_only}, "n_examples": len(examples),
-             "interventions": describe_edits(edits), "data_digest": _digest(examples), **(meta or {})}
-    ident_path = out / "train_config.json"
-    if ident_path.exists():
-        old = json.loads(ident_path.read_text())
-        if old != json.loads(json.dumps(ident, default=str)):
-            raise PersonavecError(f"{out} holds a fine-tune with other settings or data; use another --out or "
-                                  "delete that directory")
-    else:
-        write_json(ident_path, ident)
+    ident = {"config": cfg.identity(), "n_examples": len(examples), "interventions": describe_edits(edits),
+             "data_digest": _digest(examples), **(meta or {})}
+    claim_settings(out / "train_config.json", ident, f"{out} holds a fine-tune with other settings or data; use "
+                   "another --out or delete that directory")
 
     model = add_lora(lm.model, cfg)
     lm.model = model

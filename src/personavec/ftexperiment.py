@@ -35,7 +35,7 @@ from .models import LoadedModel, load_model
 from .monitoring import pearson
 from .shift import last_prompt_means, plot_shifts, shift_table
 from .steering import Edit
-from .tables import write_json, write_table
+from .tables import claim_settings, write_json, write_table
 from .traitdata import write_mixtures
 from .vectors import PersonaVector
 
@@ -106,18 +106,11 @@ class FineTuneExperiment:
         return self.run.lm
 
     def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        p = self.dir / "experiment.json"
-        ident = json.loads(json.dumps({**self.cfg.to_dict(), "layer": self.layer}, default=str))
-        for k in ("max_steps", "save_every", "keep_checkpoints"):
-            ident["train"].pop(k, None)
+        ident = {**self.cfg.to_dict(), "train": self.cfg.train.identity(), "layer": self.layer}
         for k in ("percents", "prevent_percents", "caft_percents", "prevent_coefs"):
             ident.pop(k)  # conditions may be added later; each one's own settings are checked by its fine-tune
-        if p.exists() and json.loads(p.read_text()) != ident:
-            raise PersonavecError(f"{self.dir} holds a fine-tuning experiment with other settings; move it away "
-                                  "or pass the same settings")
-        if not p.exists():
-            write_json(p, ident)
+        claim_settings(self.dir / "experiment.json", ident, f"{self.dir} holds a fine-tuning experiment with other "
+                       "settings; move it away or pass the same settings")
 
     def datasets(self) -> dict[str, Path]:
         data = self.dir / "data"

@@ -44,7 +44,7 @@ from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel, model_id_for
 from .monitor import Probe, conversation_pair, iter_chunks
 from .projection import project_pairs
-from .tables import write_json
+from .tables import claim_settings, write_json
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -261,16 +261,10 @@ def _probe_identity(probes: Sequence[Probe]) -> list[dict[str, Any]]:
 
 def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: ScreenConfig, model_id: str) -> None:
     """Write ``screen_config.json`` once; refuse to continue a directory made with other settings or data."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ident = json.loads(json.dumps({"input": _fingerprint(path), "model": model_id, "probes": _probe_identity(probes),
-                                   "config": cfg.identity()}))
-    p = out_dir / "screen_config.json"
-    if p.exists():
-        if json.loads(p.read_text()) != ident:
-            raise PersonavecError(f"{out_dir} holds a screening of other data or settings; use another --out or "
-                                  "delete that directory")
-        return
-    write_json(p, ident)
+    claim_settings(out_dir / "screen_config.json",
+                   {"input": _fingerprint(path), "model": model_id, "probes": _probe_identity(probes),
+                    "config": cfg.identity()},
+                   f"{out_dir} holds a screening of other data or settings; use another --out or delete that directory")
 
 
 def done_chunks(out_dir: Path) -> set[int]:

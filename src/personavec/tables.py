@@ -87,6 +87,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def claim_settings(path: str | os.PathLike, settings: dict[str, Any], refusal: str) -> None:
+    """Record the settings that define a directory's outputs (first call), or refuse different ones later.
+
+    ``refusal`` is the one-line error raised when ``path`` already holds other settings.
+    """
+    path = Path(path)
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists():
+        if json.loads(path.read_text(encoding="utf-8")) != settings:
+            raise PersonavecError(refusal)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table atomically (type from the suffix)."""
     path = Path(path)
