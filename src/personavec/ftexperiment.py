@@ -191,8 +191,8 @@ class FineTuneExperiment:
             return result
         if lm is None:
             raise PersonavecError(f"{name} has not been evaluated yet")
-        shifts = shift_table(self.base_means(), last_prompt_means(lm, self.eval_prompts(lm)),
-                             {"trait": self.vec, **self.other_vectors()})
+        tuned = self.base_means() if lm is self.base else last_prompt_means(lm, self.eval_prompts(lm))
+        shifts = shift_table(self.base_means(), tuned, {"trait": self.vec, **self.other_vectors()})
         write_table(shifts, d / "shift.parquet")
         own = shifts[shifts["vector"] == "trait"]
         jobs = [{"question_id": q, "sample_id": s, "question": question, "prompt": lm.format_chat(question)}
@@ -207,19 +207,18 @@ class FineTuneExperiment:
         else:
             answers["trait"], answers["coherence"] = math.nan, math.nan
         from .monitoring import projections
+        from .projection import unit
 
-        v = self.vec.get(self.layer)
-        unit = v / v.norm().clamp(min=1e-12)
         # read by the BASE model, so every fine-tune's answers are measured on the same scale
         answers["answer_projection"] = projections(self.base, answers["prompt"].tolist(), answers["answer"].tolist(),
-                                                   unit, self.layer, "response_avg")
+                                                   unit(self.vec.get(self.layer)), self.layer, "response_avg")
         write_table(answers, d / "answers.parquet")
         result: dict[str, Any] = {
             "model": name,
             "shift": float(own.loc[own["layer"] == self.layer, "shift"].iloc[0]),
             "shift_by_layer": own["shift"].round(5).tolist(),
-            "shift_other_traits": {name: float(g.loc[g["layer"] == self.layer, "shift"].iloc[0])
-                                   for name, g in shifts[shifts["vector"] != "trait"].groupby("vector")},
+            "shift_other_traits": {trait: float(g.loc[g["layer"] == self.layer, "shift"].iloc[0])
+                                   for trait, g in shifts[shifts["vector"] != "trait"].groupby("vector")},
             "trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
             "coherence": _num(answers["coherence"].mean()),
             "coherence_scored": int(answers["coherence"].notna().sum()),

@@ -30,6 +30,7 @@ from .activations import encode_pairs, iter_pooled
 from .errors import PersonavecError
 from .internals import capture, decoder_layers, edit
 from .models import LoadedModel
+from .projection import unit
 from .tables import chat_messages, missing, read_table
 from .vectors import PersonaVector
 
@@ -46,8 +47,7 @@ class Probe:
     pooling: str | None = None  # which of the vector's poolings to project on (default: its default)
 
     def unit(self, layer: int) -> torch.Tensor:
-        v = self.vector.get(layer, self.pooling)
-        return v / v.norm().clamp(min=1e-12)
+        return unit(self.vector.get(layer, self.pooling))
 
 
 def conversation_pair(row: dict[str, Any], tokenizer: Any) -> tuple[str, str | None]:

@@ -27,7 +27,7 @@ from .artifacts import TraitArtifacts
 from .errors import PersonavecError
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel
-from .projection import project_pairs
+from .projection import project_pairs, unit
 from .vectors import PersonaVector
 
 SHOTS = (0, 5, 10, 15, 20)
@@ -87,9 +87,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
     from .judges.rubrics import coherence_prompt
 
     jobs = build_prompts(lm, art, examples)
-    v = vec.get(layer)
-    unit = v / v.norm().clamp(min=1e-12)
-    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), unit, layer, "prompt_last")
+    direction = unit(vec.get(layer))
+    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last")
     sample_jobs = [{**j, "sample_id": s, "projection": before[i], "row": i}
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
@@ -102,7 +101,7 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
         rows["coherence"] = [math.nan if s is None else s for s in scores[len(trait):]]
     else:
         rows["trait"], rows["coherence"] = math.nan, math.nan
-    rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), unit, layer,
+    rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
                                             "response_avg")
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
              .agg(projection=("projection", "first"), trait=("trait", "mean"), coherence=("coherence", "mean"),
