@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .activations import length_batches
 from .errors import PersonavecError
 from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel, model_id_for
@@ -136,12 +137,10 @@ def base_answers(lm: LoadedModel, prompts: Sequence[str], cfg: ScreenConfig, chu
     generated = 0
     if todo:
         lengths = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in todo]
-        order = sorted(range(len(todo)), key=lambda i: -lengths[i]) if cfg.bucket else list(range(len(todo)))
         sampling = SamplingConfig(n_samples=1, temperature=cfg.temperature, top_p=1.0,
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)
         new: dict[str, str] = {}
-        for b, i in enumerate(range(0, len(order), cfg.gen_batch_size)):
-            idx = order[i:i + cfg.gen_batch_size]
+        for b, idx in enumerate(length_batches(lengths, cfg.gen_batch_size, sort=cfg.bucket)):
             rows = sample_batch(lm, [todo[j] for j in idx], sampling,
                                 seed=cfg.seed * 1_000_003 + chunk_id * 1_009 + b)
             for j, r in zip(idx, rows):
