@@ -382,10 +382,8 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
     from .traitdata import write_jsonl
 
     exp.write_config()
-    data = exp.datasets()
-    src = data.get(f"mix{round(percent):03d}") or write_mixtures(
-        pd.read_parquet(exp.run.path("judged.parquet")), exp.dir / "data", [percent], seed=exp.cfg.seed)[
-        f"mix{round(percent):03d}"]
+    judged = pd.read_parquet(exp.run.path("judged.parquet"))
+    src = write_mixtures(judged, exp.dir / "data", [percent], seed=exp.cfg.seed)[f"mix{round(percent):03d}"]
     rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not 0 < n < len(rows):
         raise PersonavecError(f"--n must be between 1 and {len(rows) - 1} (the mixture has {len(rows)} samples)")
@@ -401,7 +399,6 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
                   f"bottom{n}": order[-n:]}
     cheap = table.sort_values(f"trait@L{exp.layer}:response", ascending=False, kind="stable")["row"].tolist()
     selections[f"response-top{n}"] = cheap[:n]
-    judged = pd.read_parquet(exp.run.path("judged.parquet"))
     ext = judged[(judged["set"] == "extract")]
     if ext["trait"].notna().sum() >= n:  # a judge that scores: the paper's alternative filter
         score = {(r.side, r.instruction_id, r.question_id, r.sample_id): r.trait for r in ext.itertuples()}
