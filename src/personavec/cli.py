@@ -286,13 +286,12 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .finetune import read_chats, train_lora
-    from .steering import Edit
+    from .finetune import intervention_edits, read_chats, train_lora
     from .vectors import PersonaVector
 
     cfg = _train_config(args)
     chats = read_chats(args.data)
-    edits = []
+    vec, edits = None, []
     if args.prevent_coef or args.caft:
         if not args.vector:
             raise PersonavecError("--prevent-coef and --caft need --vector")
@@ -301,13 +300,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                                                             else None)
         if not layers:
             raise PersonavecError("the vector has no chosen layer; pass --intervention-layers")
-        if args.prevent_coef:
-            edits += [Edit(layer=x, direction=vec.get(x), coef=args.prevent_coef) for x in layers]
-        if args.caft:
-            edits += [Edit(layer=x, direction=vec.get(x), kind="ablate") for x in layers]
+        edits = intervention_edits(vec, layers, prevent_coef=args.prevent_coef, caft=args.caft)
     lm = _load(args)
-    if edits:
-        PersonaVector.load(args.vector).check_compatible(lm)
+    if vec is not None:
+        vec.check_compatible(lm)
     res = train_lora(lm, chats, cfg, args.out, edits=edits, progress=True)
     if res.extra["complete"]:
         print(f"{res.n_examples} conversations, {res.steps} steps (resumed from {res.resumed_from}), "

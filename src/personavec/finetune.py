@@ -307,6 +307,14 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                                        ignore_index=-100, reduction="sum")
 
 
+def intervention_edits(vec: Any, layers: Sequence[int], prevent_coef: float | None = None,
+                       caft: bool = False) -> list[Edit]:
+    """Training-time edits from a PersonaVector: preventative steering (add ``prevent_coef``·v) and/or CAFT
+    (ablate v̂) at each of ``layers``, on every position."""
+    edits = [Edit(layer=x, direction=vec.get(x), coef=prevent_coef) for x in layers] if prevent_coef else []
+    return edits + ([Edit(layer=x, direction=vec.get(x), kind="ablate") for x in layers] if caft else [])
+
+
 def check_training_edits(edits: Sequence[Edit]) -> None:
     for e in edits:
         if e.positions != "all":

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .errors import PersonavecError
-from .finetune import TrainConfig, is_trained, load_adapter, read_chats, train_lora
+from .finetune import TrainConfig, intervention_edits, is_trained, load_adapter, read_chats, train_lora
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel, load_model
 from .monitoring import pearson
@@ -119,12 +119,8 @@ class FineTuneExperiment:
         return write_mixtures(judged, data, percents, seed=self.cfg.seed)
 
     def edits(self, intervention: str) -> list[Edit]:
-        v = self.vec.get(self.layer)
-        if intervention.startswith("prevent"):
-            return [Edit(layer=self.layer, direction=v, coef=float(intervention[len("prevent"):]))]
-        if intervention == "caft":
-            return [Edit(layer=self.layer, direction=v, kind="ablate")]
-        return []
+        coef = float(intervention[len("prevent"):]) if kind(intervention) == "prevent" else None
+        return intervention_edits(self.vec, [self.layer], prevent_coef=coef, caft=intervention == "caft")
 
     def fresh_model(self) -> LoadedModel:
         rc = self.run.cfg
