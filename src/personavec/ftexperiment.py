@@ -99,6 +99,7 @@ class FineTuneExperiment:
 
         self.art = TraitArtifacts.load(run.path("artifacts.json"))
         self._base_means: torch.Tensor | None = None
+        self._judge: Any = None  # the experiment's judge, built on first use (False: no judge)
 
     # ---- pieces ----
     @property
@@ -172,17 +173,20 @@ class FineTuneExperiment:
         """Shift, judged answers, answer projection and MC accuracy of one model; cached in ``<name>/eval.json``
         (``lm`` may be None when that file exists)."""
         from .capability import builtin_mc, mc_accuracy, read_mmlu
-        from .selection import judge_rows
 
         d = self.dir / name
         d.mkdir(parents=True, exist_ok=True)
         out = d / "eval.json"
         if out.exists():
             result = json.loads(out.read_text())
-            if "answer_nll" not in result or "coherence_scored" not in result:  # written by an older version
+            stale_judge = result.get("judge_spec", self.run.cfg.judge) != self.run.eval_judge_spec
+            if stale_judge or "answer_nll" not in result or "coherence_scored" not in result:
                 answers = pd.read_parquet(d / "answers.parquet")
+                if stale_judge:  # another judge: re-judge the stored answers, nothing is regenerated
+                    answers = self.judge_answers(answers, name)
+                    write_table(answers, d / "answers.parquet")
+                result.update(self.judged_fields(answers))
                 result.setdefault("answer_nll", self.fluency(answers))
-                result["coherence_scored"] = int(answers["coherence"].notna().sum())
                 write_json(out, result)
             return result
         if lm is None:
@@ -197,11 +201,7 @@ class FineTuneExperiment:
                                   batch_size=self.cfg.batch_size, seed=self.cfg.seed)
         answers = pd.DataFrame(run_sampling(lm, jobs, sampling, d / "answers.jsonl",
                                             progress=f"answers {name}" if self.progress else False))
-        judge = self.run.judge()
-        if judge is not None:
-            answers = judge_rows(judge, self.art, answers, progress=self.progress, desc=f"judging {name}")
-        else:
-            answers["trait"], answers["coherence"] = math.nan, math.nan
+        answers = self.judge_answers(answers, name)
         from .monitoring import projections
         from .projection import unit
 
@@ -215,9 +215,7 @@ class FineTuneExperiment:
             "shift_by_layer": own["shift"].round(5).tolist(),
             "shift_other_traits": {trait: float(g.loc[g["layer"] == self.layer, "shift"].iloc[0])
                                    for trait, g in shifts[shifts["vector"] != "trait"].groupby("vector")},
-            "trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
-            "coherence": _num(answers["coherence"].mean()),
-            "coherence_scored": int(answers["coherence"].notna().sum()),
+            **self.judged_fields(answers),
             "answer_projection": float(answers["answer_projection"].mean()),
             "answer_nll": self.fluency(answers),
             "n_answers": len(answers), "empty_answers": int((answers["answer"].str.strip() == "").sum()),
@@ -232,6 +230,22 @@ class FineTuneExperiment:
                           train_steps=t["steps"])
         write_json(out, result)
         return result
+
+    def judge_answers(self, answers: pd.DataFrame, name: str) -> pd.DataFrame:
+        """``trait`` and ``coherence`` columns from the experiment's judge (NaN without one)."""
+        from .selection import judge_rows
+
+        if self._judge is None:
+            self._judge = self.run.eval_judge() or False
+        if self._judge is False:
+            return answers.assign(trait=math.nan, coherence=math.nan)
+        return judge_rows(self._judge, self.art, answers, progress=self.progress, desc=f"judging {name}")
+
+    def judged_fields(self, answers: pd.DataFrame) -> dict[str, Any]:
+        return {"trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
+                "coherence": _num(answers["coherence"].mean()),
+                "coherence_scored": int(answers["coherence"].notna().sum()),
+                "judge_spec": self.run.eval_judge_spec}
 
     def fluency(self, answers: pd.DataFrame) -> float:
         """Mean per-token NLL of the answers under the base model (judge-free fluency; lower is more fluent)."""
@@ -256,6 +270,7 @@ class FineTuneExperiment:
             summary["shift_other_traits"] = {m: o for m, o in zip(table["model"], table["shift_other_traits"])
                                              if isinstance(o, dict) and o}
         summary["config"] = self.cfg.to_dict()
+        summary["judge_spec"] = self.run.eval_judge_spec
         write_json(self.dir / "finetune.json", summary)
         plot(table, summary, self.dir / "finetune.png", f"{self.run.cfg.trait} — fine-tuning (layer {self.layer})")
         shifts = pd.concat([pd.read_parquet(self.dir / m / "shift.parquet").assign(model=m)

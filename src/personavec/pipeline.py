@@ -59,6 +59,10 @@ class RunConfig:
     description: str | None = None
     model: str = DEFAULT_MODEL
     judge: str = "local"  # local | local:MODEL | openai:MODEL | none
+    # judge of the experiments' answers (monitor, finetune-experiment, screen-experiment); None: ``judge``.
+    # Not part of the run's identity: changing it re-judges the stored answers, nothing is regenerated.
+    eval_judge: str | None = None
+    eval_judge_base_url: str | None = None  # for an openai: eval judge (default: judge_base_url)
     judge_base_url: str | None = None
     judge_concurrency: int = 8
     generator: str | None = None  # openai:MODEL | local:MODEL (only for traits that are not built in)
@@ -81,7 +85,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define a run's outputs (device, dtype and concurrency do not)."""
         d = asdict(self)
-        for k in ("device", "dtype", "judge_concurrency"):
+        for k in ("device", "dtype", "judge_concurrency", "eval_judge", "eval_judge_base_url"):
             d.pop(k)
         return d
 
@@ -101,7 +105,7 @@ class Run:
         self.progress = progress
         self.dir = Path(run_dir) if run_dir else Path(out_root) / model_slug(cfg.model) / cfg.trait
         self._lm: LoadedModel | None = None
-        self._judge_lm: LoadedModel | None = None
+        self._judge_lms: dict[str, LoadedModel] = {}
         self.timings: dict[str, float] = {}
         self.command: str | None = None  # the command line that reproduces this run, for the report
 
@@ -181,8 +185,23 @@ class Run:
         write_table(df, out)
         return df
 
-    def judge(self) -> Any:
-        spec = self.cfg.judge
+    @property
+    def eval_judge_spec(self) -> str:
+        """The judge of the experiments' answers: ``--eval-judge``, else the run's ``--judge``."""
+        return self.cfg.eval_judge or self.cfg.judge
+
+    def _eval_base_url(self) -> str | None:
+        return self.cfg.eval_judge_base_url or self.cfg.judge_base_url
+
+    def eval_judge(self) -> Any:
+        """The experiments' judge, checked first when it is an endpoint (one request)."""
+        self.preflight_judge(self.eval_judge_spec, self._eval_base_url())
+        return self.judge(self.eval_judge_spec, self._eval_base_url())
+
+    def judge(self, spec: str | None = None, base_url: str | None = None) -> Any:
+        """The cached judge for ``spec`` (default: the run's ``--judge``); None for ``none``."""
+        if spec is None:
+            spec, base_url = self.cfg.judge, self.cfg.judge_base_url
         kind, _, rest = spec.partition(":")
         if kind == "none":
             return None
@@ -194,9 +213,9 @@ class Run:
             if target == self.cfg.model:
                 jlm = self.lm
             else:
-                if self._judge_lm is None:
-                    self._judge_lm = load_model(target, device=self.cfg.device, dtype=self.cfg.dtype)
-                jlm = self._judge_lm
+                if target not in self._judge_lms:
+                    self._judge_lms[target] = load_model(target, device=self.cfg.device, dtype=self.cfg.dtype)
+                jlm = self._judge_lms[target]
             from .judges.local import LocalJudge
 
             inner: Any = LocalJudge(jlm)
@@ -204,7 +223,7 @@ class Run:
             from .judges.openai_judge import OpenAIJudge
             from .llm_client import EndpointConfig
 
-            inner = OpenAIJudge(EndpointConfig.from_env(model=rest or None, base_url=self.cfg.judge_base_url),
+            inner = OpenAIJudge(EndpointConfig.from_env(model=rest or None, base_url=base_url),
                                 max_concurrency=self.cfg.judge_concurrency)
         else:
             raise PersonavecError(f"unknown judge {spec!r}; use local, local:MODEL, openai:MODEL or none")
@@ -213,14 +232,19 @@ class Run:
         # every score is committed as it arrives: a killed run loses at most the requests in flight
         return CachedJudge(inner, JudgeCache(cache_dir / "judge-cache.sqlite"), chunk_size=1)
 
-    def preflight_judge(self) -> None:
-        """Fail at once, before any generation, when an endpoint judge is unreachable or lacks logprobs."""
-        kind, _, rest = self.cfg.judge.partition(":")
-        if kind != "openai" or self.path("judged.parquet").exists():
+    def preflight_judge(self, spec: str | None = None, base_url: str | None = None) -> None:
+        """Fail at once, before any generation, when an endpoint judge is unreachable or lacks logprobs
+        (default: the run's judge, checked only while the run still has answers to judge)."""
+        if spec is None:
+            if self.path("judged.parquet").exists():
+                return
+            spec, base_url = self.cfg.judge, self.cfg.judge_base_url
+        kind, _, rest = spec.partition(":")
+        if kind != "openai":
             return
         from .llm_client import ChatClient, EndpointConfig
 
-        cfg = EndpointConfig.from_env(model=rest or None, base_url=self.cfg.judge_base_url, max_retries=1,
+        cfg = EndpointConfig.from_env(model=rest or None, base_url=base_url, max_retries=1,
                                       backoff=0.5, timeout=30.0)
         reply = ChatClient(cfg).chat([{"role": "user", "content": PREFLIGHT_PROMPT}], max_tokens=1, temperature=0,
                                      logprobs=True, top_logprobs=1)
@@ -433,7 +457,10 @@ class Run:
 
         out = self.path("monitor.json")
         if out.exists():
-            return json.loads(out.read_text())
+            done = json.loads(out.read_text())
+            if done.get("judge_spec", self.cfg.judge) == self.eval_judge_spec:
+                return done
+            # another judge: the stored answers are re-judged below (sampling resumes from monitor_answers.jsonl)
         art = TraitArtifacts.load(self.path("artifacts.json"))
         if not art.ladder and art.name in builtin_traits():
             art.ladder = builtin(art.name).ladder
@@ -448,8 +475,9 @@ class Run:
         pos = pos.drop_duplicates("question_id")  # one example per extraction question
         examples = list(zip(pos["question"], pos["answer"]))
         sampling = replace(self.cfg.sampling, n_samples=n_samples)
-        table, corr = run_experiment(self.lm, art, vec, layer, self.judge(), examples, self.dir, sampling,
+        table, corr = run_experiment(self.lm, art, vec, layer, self.eval_judge(), examples, self.dir, sampling,
                                      progress=self.progress)
+        corr["judge_spec"] = self.eval_judge_spec
         write_table(table, self.path("monitor.parquet"))
         plot(table, corr, self.path("monitor.png"), f"{self.cfg.trait} — {vec.model_id}")
         write_json(out, corr)

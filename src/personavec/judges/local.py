@@ -13,7 +13,6 @@ Cost per prompt: one forward pass over the prompt, then one pass over the ~110 t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -62,9 +61,11 @@ class LocalJudge:
         return [e.ids[e.n_prompt:] for e in encs]
 
     def _continue_mass(self, logprobs: torch.Tensor) -> torch.Tensor:
-        cont = self._continues.to(logprobs.device)
-        n = min(cont.numel(), logprobs.shape[-1])
-        return logprobs[..., :n].exp().masked_fill(~cont[:n], 0.0).sum(-1)
+        """Probability of a token that extends a number, for each row of ``logprobs`` ``[..., vocab]``."""
+        if self._continues.device != logprobs.device:
+            self._continues = self._continues.to(logprobs.device)
+        n = min(self._continues.numel(), logprobs.shape[-1])
+        return logprobs[..., :n].exp().masked_fill(~self._continues[:n], 0.0).sum(-1)
 
     @torch.no_grad()
     def distribution(self, judge_prompt: str) -> ScoreDistribution:
@@ -91,14 +92,19 @@ class LocalJudge:
         pos = torch.tensor([[n_prompt + len(p) - 1 for p in nodes]], device=lm.device)
         logits = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
                           **{cache_kwarg(lm.model): out.past_key_values}).logits[0].float().log_softmax(-1)
-        for i, p in enumerate(nodes):
-            dist[p] = logits[i]
-        probs: dict[int, float] = {}
-        for k, seq in zip(SCORES, numbers):
-            lp = sum(float(dist[seq[:i]][t]) for i, t in enumerate(seq))
-            stop = 1.0 - float(self._continue_mass(dist[seq]))
-            probs[k] = math.exp(lp) * max(stop, 0.0)
-        return ScoreDistribution(probs)
+        # row 0: the distribution right after the prompt; row 1 + i: after node i. Every number needs the log-prob
+        # of each of its tokens (one gather) and the chance of stopping after its last token (one reduction), so
+        # the device is read once, not once per number.
+        rows = torch.cat([dist[()].unsqueeze(0), logits])
+        row = {(): 0, **{p: i + 1 for i, p in enumerate(nodes)}}
+        steps = [(k, row[seq[:i]], t) for k, seq in enumerate(numbers) for i, t in enumerate(seq)]
+        step_lp = rows[torch.tensor([r for _, r, _ in steps], device=rows.device),
+                       torch.tensor([t for _, _, t in steps], device=rows.device)]
+        lp = torch.zeros(len(numbers), dtype=torch.float64, device=rows.device).index_add_(
+            0, torch.tensor([k for k, _, _ in steps], device=rows.device), step_lp.double())
+        stop = 1.0 - self._continue_mass(rows[torch.tensor([row[seq] for seq in numbers], device=rows.device)])
+        p_k = (lp.exp() * stop.double().clamp(min=0.0)).tolist()
+        return ScoreDistribution(dict(zip(SCORES, p_k)))
 
     def score(self, prompts: Sequence[str], progress: bool | str = False,
               on_result: Callable[[int, float | None], None] | None = None) -> list[float | None]:
