@@ -230,6 +230,10 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     assert sorted(table[table["type"] == "many_shot"]["setting"].unique()) == [0, 5, 10, 15, 20]
     assert math.isnan(corr["r_trait_overall"]) and corr["trait_scored"] == 0  # no judge
     assert -1 <= corr["r_answer_projection_overall"] <= 1
+    means = table.groupby(["type", "setting"])[["projection", "answer_projection"]].mean()
+    assert corr["r_answer_projection_overall_setting_means"] == pytest.approx(
+        pearson(means["projection"].tolist(), means["answer_projection"].tolist()))
+    assert math.isnan(corr["r_trait_ladder_setting_means"])
     assert (tmp_path / "run" / "monitor.png").read_bytes()[:4] == b"\x89PNG"
     assert run.monitor() == json.loads((tmp_path / "run" / "monitor.json").read_text())  # resumable: read back
     assert abs(pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) - 0.9986) < 1e-3

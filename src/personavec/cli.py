@@ -247,6 +247,9 @@ def cmd_monitor(args: argparse.Namespace) -> None:
                        ("r_answer_projection", "last-prompt projection vs the answers' projection")):
         print(f"  Pearson r, {label}: overall {corr[key + '_overall']:.3f}, ladder {corr[key + '_ladder']:.3f}, "
               f"many-shot {corr[key + '_many_shot']:.3f}")
+        if key + "_overall_setting_means" in corr:
+            print(f"    over the setting means: overall {corr[key + '_overall_setting_means']:.3f}, ladder "
+                  f"{corr[key + '_ladder_setting_means']:.3f}, many-shot {corr[key + '_many_shot_setting_means']:.3f}")
     print(f"table -> {run.path('monitor.parquet')}, plot -> {run.path('monitor.png')}")
 
 

@@ -108,10 +108,15 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                   answer_projection=("answer_projection", "mean"), n=("answer", "size")))
     corr: dict[str, Any] = {"layer": layer, "judge": getattr(judge, "name", "none"), "n_prompts": len(table),
                             "trait_scored": int(table["trait"].notna().sum())}
-    for label, sub in (("overall", table), ("ladder", table[table["type"] == "ladder"]),
-                       ("many_shot", table[table["type"] == "many_shot"])):
-        corr[f"r_trait_{label}"] = pearson(sub["projection"].tolist(), sub["trait"].tolist())
-        corr[f"r_answer_projection_{label}"] = pearson(sub["projection"].tolist(), sub["answer_projection"].tolist())
+    # the same correlations over the means of each setting (13 points: 8 ladder steps, 5 shot counts), which
+    # average out the sampling noise of single answers
+    means = table.groupby(["type", "setting"], as_index=False)[["projection", "trait", "answer_projection"]].mean()
+    for label, sub, msub in (("overall", table, means),
+                             ("ladder", table[table["type"] == "ladder"], means[means["type"] == "ladder"]),
+                             ("many_shot", table[table["type"] == "many_shot"], means[means["type"] == "many_shot"])):
+        for y in ("trait", "answer_projection"):
+            corr[f"r_{y}_{label}"] = pearson(sub["projection"].tolist(), sub[y].tolist())
+            corr[f"r_{y}_{label}_setting_means"] = pearson(msub["projection"].tolist(), msub[y].tolist())
     return table, corr
 
 

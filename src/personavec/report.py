@@ -427,9 +427,12 @@ def _section_monitoring(run_dir: Path) -> list[str]:
            f"{_e(_fmt_int(corr.get('trait_scored')))} prompts with a trait score.</p>",
            "<table><tr><th>answers measured by</th><th>overall</th><th>ladder</th><th>many-shot</th></tr>"]
     for key, label in (("r_trait", "judged trait score"), ("r_answer_projection", "their own projection")):
-        cells = "".join(f"<td>{_e(_fmt(corr.get(f'{key}_{part}'), 3))}</td>"
-                        for part in ("overall", "ladder", "many_shot"))
-        out.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
+        for suffix, how in (("", ""), ("_setting_means", " (means of each setting)")):
+            if suffix and f"{key}_overall{suffix}" not in corr:
+                continue
+            cells = "".join(f"<td>{_e(_fmt(corr.get(f'{key}_{part}{suffix}'), 3))}</td>"
+                            for part in ("overall", "ladder", "many_shot"))
+            out.append(f"<tr><th>{_e(label + how)}</th>{cells}</tr>")
     out.append("</table>")
     if (run_dir / "monitor.png").is_file():
         out.append('<img src="monitor.png" alt="last-prompt projection vs answers">')
