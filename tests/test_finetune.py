@@ -316,6 +316,18 @@ def test_experiment_summary_measures_prevention():
     # against the 0 % (normal data) fine-tune: trait 12 -> 50 plain, 12 -> 20 with the intervention
     assert abs(prev["trait_increase_plain_vs_normal"] - 38.0) < 1e-9
     assert abs(prev["trait_prevented_vs_normal"] - (1 - 8 / 38)) < 1e-9
+    # the command's printout carries both readings
+    import io
+    from contextlib import redirect_stdout
+
+    from personavec.cli import print_finetune_summary
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        print_finetune_summary({**s, "r_by_layer": {"against": "trait", "r": [0.1, 0.9]}})
+    out = buf.getvalue()
+    assert "trait increase +10.0 vs +40.0" in out
+    assert "trait increase +8.0 vs +38.0 (79% prevented)" in out and "highest r 0.900 at layer 1" in out
 
 
 def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):

@@ -401,7 +401,9 @@ def print_finetune_summary(s: dict) -> None:
             print(f"  {'':>9}   against the 0% (normal data) fine-tune: answer-projection increase "
                   f"{p['answer_projection_increase_with_vs_normal']:+.2f} vs "
                   f"{p['answer_projection_increase_plain_vs_normal']:+.2f} plain "
-                  f"({100 * p['answer_projection_prevented_vs_normal']:.0f}% prevented)")
+                  f"({100 * p['answer_projection_prevented_vs_normal']:.0f}% prevented); trait increase "
+                  f"{p['trait_increase_with_vs_normal']:+.1f} vs {p['trait_increase_plain_vs_normal']:+.1f} "
+                  f"({100 * p['trait_prevented_vs_normal']:.0f}% prevented)")
 
 
 def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
