@@ -99,7 +99,6 @@ class FineTuneExperiment:
 
         self.art = TraitArtifacts.load(run.path("artifacts.json"))
         self._base_means: torch.Tensor | None = None
-        self._judge: Any = None  # the experiment's judge, built on first use (False: no judge)
 
     # ---- pieces ----
     @property
@@ -235,11 +234,7 @@ class FineTuneExperiment:
         """``trait`` and ``coherence`` columns from the experiment's judge (NaN without one)."""
         from .selection import judge_rows
 
-        if self._judge is None:
-            self._judge = self.run.eval_judge() or False
-        if self._judge is False:
-            return answers.assign(trait=math.nan, coherence=math.nan)
-        return judge_rows(self._judge, self.art, answers, progress=self.progress, desc=f"judging {name}")
+        return judge_rows(self.run.eval_judge(), self.art, answers, progress=self.progress, desc=f"judging {name}")
 
     def judged_fields(self, answers: pd.DataFrame) -> dict[str, Any]:
         return {"trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),

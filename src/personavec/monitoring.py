@@ -28,6 +28,7 @@ from .errors import PersonavecError
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel
 from .projection import project_pairs, unit
+from .selection import judge_rows
 from .vectors import PersonaVector
 
 SHOTS = (0, 5, 10, 15, 20)
@@ -84,8 +85,6 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                    examples: Sequence[tuple[str, str]], out_dir: Path, sampling: SamplingConfig,
                    progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Generate, judge and project; returns the per-(setting, question) table and the correlations."""
-    from .judges.rubrics import coherence_prompt
-
     jobs = build_prompts(lm, art, examples)
     direction = unit(vec.get(layer))
     before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last")
@@ -93,14 +92,7 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
                                      progress="monitor sampling" if progress else False))
-    if judge is not None:
-        trait = [art.judge_prompt(q, a) for q, a in zip(rows["question"], rows["answer"])]
-        coh = [coherence_prompt(q, a) for q, a in zip(rows["question"], rows["answer"])]
-        scores = judge.score(trait + coh, progress="monitor judging" if progress else False)
-        rows["trait"] = [math.nan if s is None else s for s in scores[: len(trait)]]
-        rows["coherence"] = [math.nan if s is None else s for s in scores[len(trait):]]
-    else:
-        rows["trait"], rows["coherence"] = math.nan, math.nan
+    rows = judge_rows(judge, art, rows, progress=progress, desc="monitor judging")
     rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
                                             "response_avg")
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)

@@ -39,9 +39,9 @@ from .artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifac
 from .errors import PersonavecError
 from .extract import extract_vector
 from .generation import QUICK, SamplingConfig, run_sampling
-from .judges.rubrics import coherence_prompt
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .projection import project_pairs
+from .selection import judge_rows
 from .stats import auroc, cohens_d
 from .steering import Edit, steer
 from .tables import FilterConfig, write_json, write_table
@@ -94,8 +94,6 @@ def model_slug(spec: str, model_id: str | None = None) -> str:
     return (model_id or spec).strip("/").replace("/", "--").replace(" ", "_")
 
 
-
-
 class Run:
     """One run directory and the lazily loaded models its stages need."""
 
@@ -105,7 +103,7 @@ class Run:
         self.progress = progress
         self.dir = Path(run_dir) if run_dir else Path(out_root) / model_slug(cfg.model) / cfg.trait
         self._lm: LoadedModel | None = None
-        self._judge_lms: dict[str, LoadedModel] = {}
+        self._judges: dict[tuple[str, str | None], Any] = {}  # built judges by (spec, base URL)
         self.timings: dict[str, float] = {}
         self.command: str | None = None  # the command line that reproduces this run, for the report
 
@@ -194,14 +192,21 @@ class Run:
         return self.cfg.eval_judge_base_url or self.cfg.judge_base_url
 
     def eval_judge(self) -> Any:
-        """The experiments' judge, checked first when it is an endpoint (one request)."""
-        self.preflight_judge(self.eval_judge_spec, self._eval_base_url())
-        return self.judge(self.eval_judge_spec, self._eval_base_url())
+        """The experiments' judge; an endpoint is checked (one request) when it is first built."""
+        key = (self.eval_judge_spec, self._eval_base_url())
+        if key not in self._judges:
+            self.preflight_judge(*key)
+        return self.judge(*key)
 
     def judge(self, spec: str | None = None, base_url: str | None = None) -> Any:
-        """The cached judge for ``spec`` (default: the run's ``--judge``); None for ``none``."""
+        """The judge for ``spec`` (default: the run's ``--judge``), built once per run; None for ``none``."""
         if spec is None:
             spec, base_url = self.cfg.judge, self.cfg.judge_base_url
+        if (spec, base_url) not in self._judges:
+            self._judges[(spec, base_url)] = self._build_judge(spec, base_url)
+        return self._judges[(spec, base_url)]
+
+    def _build_judge(self, spec: str, base_url: str | None) -> Any:
         kind, _, rest = spec.partition(":")
         if kind == "none":
             return None
@@ -210,12 +215,8 @@ class Run:
 
         if kind == "local":
             target = rest or DEFAULT_MODEL
-            if target == self.cfg.model:
-                jlm = self.lm
-            else:
-                if target not in self._judge_lms:
-                    self._judge_lms[target] = load_model(target, device=self.cfg.device, dtype=self.cfg.dtype)
-                jlm = self._judge_lms[target]
+            jlm = self.lm if target == self.cfg.model else load_model(target, device=self.cfg.device,
+                                                                      dtype=self.cfg.dtype)
             from .judges.local import LocalJudge
 
             inner: Any = LocalJudge(jlm)
@@ -264,17 +265,9 @@ class Run:
         df["coherence"] = float("nan")
         if judge is None:
             log.warning("--judge none: answers are not scored and the filter is skipped")
-            df["judge"] = "none"
-        else:
-            sub = df[ext]
-            trait_prompts = [art.judge_prompt(q, a) for q, a in zip(sub["question"], sub["answer"])]
-            coh_prompts = [coherence_prompt(q, a) for q, a in zip(sub["question"], sub["answer"])]
-            show = self.progress
-            scores = judge.score(trait_prompts + coh_prompts, progress="judging" if show else False)
-            n = len(trait_prompts)
-            df.loc[ext, "trait"] = [float("nan") if s is None else s for s in scores[:n]]
-            df.loc[ext, "coherence"] = [float("nan") if s is None else s for s in scores[n:]]
-            df["judge"] = judge.name
+        scored = judge_rows(judge, art, df[ext], progress=self.progress, desc="judging")
+        df.loc[ext, ["trait", "coherence"]] = scored[["trait", "coherence"]].to_numpy()
+        df["judge"] = judge.name if judge is not None else "none"
         write_table(df, out)
         return df
 
@@ -383,7 +376,7 @@ class Run:
 
     def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
         """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
-        from .selection import choose, judge_rows, project_rows, steered_answers, summarize
+        from .selection import choose, project_rows, steered_answers, summarize
 
         if not self.cfg.select:
             return None
@@ -396,11 +389,7 @@ class Run:
             df = pd.read_parquet(answers_path)
         else:
             df = steered_answers(self.lm, art, vec, grid, self.path("steer"), progress=self.progress)
-            judge = self.judge()
-            if judge is None:
-                df["trait"], df["coherence"] = float("nan"), float("nan")
-            else:
-                df = judge_rows(judge, art, df, progress=self.progress)
+            df = judge_rows(self.judge(), art, df, progress=self.progress)
             df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
             write_table(df, answers_path)
         table = summarize(df, grid.layers)

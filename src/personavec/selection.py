@@ -84,8 +84,12 @@ def steered_answers(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, gr
     return pd.concat(frames, ignore_index=True)
 
 
-def judge_rows(judge: Any, art: TraitArtifacts, df: pd.DataFrame, progress: bool = True,
+def judge_rows(judge: Any | None, art: TraitArtifacts, df: pd.DataFrame, progress: bool = True,
                desc: str = "judging steered") -> pd.DataFrame:
+    """``df`` (with ``question`` and ``answer``) plus the judge's ``trait`` and ``coherence`` (NaN where the
+    judge gives no score, everywhere when there is no judge)."""
+    if judge is None:
+        return df.assign(trait=math.nan, coherence=math.nan)
     df = df.copy()
     trait = [art.judge_prompt(q, a) for q, a in zip(df["question"], df["answer"])]
     coh = [coherence_prompt(q, a) for q, a in zip(df["question"], df["answer"])]
