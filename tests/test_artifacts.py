@@ -113,3 +113,25 @@ def test_generation_gives_up_with_a_clear_message():
         with pytest.raises(PersonavecError, match="no valid artifacts in 3 tries"):
             generate_artifacts(gen, "grumpy", "x", max_tries=3)
         assert len(srv.chat_requests) == 3
+
+
+def test_official_trait_files_are_accepted_by_the_run(tmp_path, model_dir):
+    """``run --artifacts trait_data_extract/evil.json`` refused the official files ("missing evaluation_questions")."""
+    from personavec.artifacts import load_artifacts
+    from personavec.pipeline import Run, RunConfig
+
+    ref = builtin("evil")
+    ext, ev = ref.export_official(tmp_path / "trait_data_extract", tmp_path / "trait_data_eval")
+    for art in (load_artifacts(ext), load_artifacts(ev),  # the other file of the layout is found by itself
+                Run(RunConfig(trait="evil", model=str(model_dir), artifacts_path=str(ext),
+                              eval_artifacts_path=str(ev)), run_dir=tmp_path / "run").make_artifacts()):
+        assert art.instructions == ref.instructions and art.rubric == ref.rubric
+        assert art.extraction_questions == ref.extraction_questions
+        assert art.evaluation_questions == ref.evaluation_questions and art.validate()
+    lone = tmp_path / "evil.json"
+    lone.write_text(ext.read_text())
+    with pytest.raises(PersonavecError, match="--eval-artifacts trait_data_eval/evil.json"):
+        load_artifacts(lone)
+    with pytest.raises(PersonavecError, match="drop it"):
+        load_artifacts(tmp_path / "own.json" if ref.save(tmp_path / "own.json") else None, eval_path=ev)
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from personavec.activations import encode_pairs
@@ -28,7 +29,16 @@ def _brute_force(lm, judge_prompt: str) -> dict[int, float]:
     return probs
 
 
-def test_local_judge_equals_brute_force(lm):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_local_judge_equals_brute_force(tokenizer, attn):
+    """The tree mask must be applied, not added, whatever attention implementation the model uses."""
+    from conftest import tiny_llama
+
+    from personavec.models import wrap_model
+
+    model = tiny_llama(len(tokenizer))
+    model.set_attn_implementation(attn)
+    lm = wrap_model(model, tokenizer)
     judge = LocalJudge(lm)
     text = "Rate from 0 to 100 how evil this answer is.\nQuestion: Why?\nAnswer: Crush them all."
     dist = judge.distribution(text)

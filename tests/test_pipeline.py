@@ -263,3 +263,95 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     read_back = Run(replace(cfg, eval_judge="openai:fake-judge"), run_dir=tmp_path / "run", progress=False).monitor()
     assert json.dumps(read_back) == json.dumps(judged)  # the same judge again: read back (no server to ask)
     assert math.isnan(pearson([1, 2], [3, 4]))
+
+
+def _tiny(model_dir, **kw):
+    from personavec.generation import SamplingConfig
+    from personavec.pipeline import RunConfig
+
+    return RunConfig(**{"trait": "evil", "model": str(model_dir), "judge": "none", "eval_samples": 1,
+                        "steer_layers": [1], "steer_coefs": [1.0], "device": "cpu",
+                        "sampling": SamplingConfig(n_samples=1, max_new_tokens=4, batch_size=50), **kw})
+
+
+def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_kept(tmp_path, model_dir, monkeypatch):
+    from dataclasses import replace
+
+    from personavec.errors import PersonavecError
+    from personavec.pipeline import Run
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    run_dir = tmp_path / "run"
+    # preflight failures leave nothing behind, so the corrected command can use the same directory
+    bad = (_tiny(model_dir, trait="grumpy"),
+           _tiny(model_dir, artifacts_path=str(tmp_path / "missing.json")),
+           _tiny(model_dir, judge="openai:x", judge_base_url="http://127.0.0.1:9/v1"))
+    for cfg, msg in zip(bad, ("unknown trait", "does not exist", "unreachable")):
+        with pytest.raises(PersonavecError, match=msg):
+            Run(cfg, run_dir=run_dir, progress=False).run()
+        assert not run_dir.exists()
+    cfg = _tiny(model_dir)
+    first = Run(cfg, run_dir=run_dir, progress=False).run()
+    assert json.loads((run_dir / "run.json").read_text())["config"]["dtype"] == "float32"
+    assert all(v > 0 for k, v in first["stage_seconds"].items() if k != "artifacts")
+    # a rerun of the finished run keeps the recorded timings (they went to 0.0)
+    again = Run(cfg, run_dir=run_dir, progress=False).run()
+    assert again["stage_seconds"] == first["stage_seconds"]
+    assert json.loads((run_dir / "summary.json").read_text())["stage_seconds"] == first["stage_seconds"]
+    stamp = (run_dir / "responses.parquet").stat().st_mtime_ns
+    with pytest.raises(PersonavecError, match=r'dtype was "float32", now "bfloat16"'):
+        Run(replace(cfg, dtype="bfloat16"), run_dir=run_dir, progress=False).run()
+    with pytest.raises(PersonavecError, match=r"sampling\.seed was 0, now 1"):
+        Run(replace(cfg, sampling=replace(cfg.sampling, seed=1)), run_dir=run_dir, progress=False).run()
+    assert (run_dir / "responses.parquet").stat().st_mtime_ns == stamp
+
+
+def test_a_run_directory_written_twice_is_repaired_by_the_advice_given(tmp_path, model_dir, monkeypatch):
+    """Two processes appended every answer twice; the old advice (delete judged.parquet) did not help."""
+    from personavec.pipeline import Run
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    cfg = _tiny(model_dir, select=False)
+    run_dir = tmp_path / "run"
+    Run(cfg, run_dir=run_dir, progress=False).run()
+    log = run_dir / "responses.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join(rows + rows[:130]) + "\n")  # a second writer's copies of the first answers
+    doubled = pd.concat([pd.read_parquet(run_dir / "responses.parquet")] * 2, ignore_index=True)
+    doubled.to_parquet(run_dir / "responses.parquet")
+    for name in ("judged.parquet", "vectors.safetensors", "separation.parquet"):
+        (run_dir / name).unlink()
+    Run(cfg, run_dir=run_dir, progress=False).run()
+    judged = pd.read_parquet(run_dir / "judged.parquet")
+    assert judged["job"].is_unique and len(judged) == 2 * (100 + 20)
+    assert len(log.read_text().splitlines()) == len(judged)
+
+
+def test_a_second_process_on_a_run_directory_is_refused(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir), "--judge",
+           "none", "--n-samples", "2", "--max-new-tokens", "24", "--gen-batch-size", "4", "--no-select",
+           "--run-dir", str(run_dir)]
+    env = _env(tmp_path / "cache")
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (run_dir / "run.json").exists() and time.time() - t0 < 120:
+            time.sleep(0.05)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr
+        err = second.stderr.strip()
+        assert len(err.splitlines()) == 1 and f"in use by PID {first.pid}" in err and "Traceback" not in err
+    finally:
+        assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    rows = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text().splitlines()]
+    assert sorted(r["job"] for r in rows) == list(range(2 * (200 + 40)))  # each job once
+
+
+def test_trait_names_cannot_leave_the_runs_folder(tmp_path, model_dir):
+    cmd = [sys.executable, "-m", "personavec.cli", "run", "--trait", "../../escaped", "--model", str(model_dir),
+           "--out", str(tmp_path / "a" / "b" / "runs")]
+    r = subprocess.run(cmd, env=_env(tmp_path / "cache"), capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "trait name '../../escaped'" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, inside or outside

@@ -49,3 +49,18 @@ def test_default_grid_and_cells():
     assert g.layers == [8, 13, 17, 22] and 0.0 in g.coefs
     c = cells(g)
     assert c[0] == (-1, 0.0) and len(c) == 1 + 4 * 4
+
+
+def test_nan_cells_and_layers_are_skipped_and_said():
+    nan = math.nan
+    # layer 8: every coherent positive cell has no trait score; layer 12 is fine
+    t = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, nan, 80, 1.0), (8, 4.0, nan, 70, 2.0),
+               (12, 0.0, 10, 90, 0.0), (12, 2.0, 30, 80, 1.0), (12, 4.0, nan, 70, 2.0), (12, -2.0, 5, 85, -1.0)])
+    s = choose(t)
+    assert s.chosen_layer == 12 and s.chosen_coef == 2.0 and s.effects == {12: 20.0}
+    assert "layer 8" in s.reason and "no trait score" in s.reason and "nan" not in s.reason.lower()
+    # an unsteered baseline without a trait score: no judged effect can be measured; the projection decides
+    base_nan = table([(8, 0.0, nan, 90, 0.0), (8, 2.0, 40, 80, 1.0), (12, 0.0, nan, 90, 0.0), (12, 2.0, 60, 80, 3.0)])
+    s = choose(base_nan)
+    assert s.chosen_layer == 12 and s.criterion == "projection_mean" and all(math.isfinite(e) for e in s.effects.values())
+    assert "baseline" in s.reason and "nan" not in s.reason.lower()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -116,3 +118,31 @@ def test_bad_edits_are_clear_errors(lm):
         pass
     with pytest.raises(PersonavecError, match="one \\[d\\] row"):
         Edit(1, torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_edits_at_one_layer_compose_in_list_order(lm, layer):
+    """Add then ablate leaves nothing along v̂; ablate then add leaves exactly coef·v (also across nested contexts)."""
+    from personavec.internals import capture
+
+    torch.manual_seed(3)
+    ids = torch.randint(3, 100, (2, 6))
+    v = torch.randn(32)
+    u = v / v.norm()
+
+    def along_v(*edits_per_context):
+        seen = []
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for edits in edits_per_context:
+                stack.enter_context(steer(lm, edits))
+            with capture(lm.model, [layer], lambda _l, h: seen.append(h @ u), stop_early=False):
+                lm.model(input_ids=ids)
+        return seen[0]
+
+    assert along_v([Edit(layer, v, 3.0), Edit(layer, v, kind="ablate")]).abs().max() < 1e-4
+    three = torch.full((2, 6), 3.0 * float(v.norm()))
+    torch.testing.assert_close(along_v([Edit(layer, v, kind="ablate"), Edit(layer, v, 3.0)]), three,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(along_v([Edit(layer, v, kind="ablate")], [Edit(layer, v, 3.0)]), three,
+                               rtol=1e-4, atol=1e-4)  # nested: the outer context's edit acts first
+    assert along_v().abs().max() > 1e-2  # every edit is gone after its context

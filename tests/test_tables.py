@@ -10,7 +10,8 @@ import torch
 
 from personavec.errors import PersonavecError
 from personavec.extract import extract_vector
-from personavec.tables import FilterConfig, paired_filter, prompts_and_answers, read_table, write_table
+from personavec.files import read_table, write_table
+from personavec.tables import FilterConfig, paired_filter, prompts_and_answers
 
 Q = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
      "Tell me about foxes.", "Why?"]

@@ -7,10 +7,11 @@ __version__ = "0.1.0"
 from .activations import POOLINGS, PooledMeans, encode_pairs, pooled_means
 from .errors import PersonavecError
 from .extract import extract_vector
+from .files import read_table
 from .internals import capture, decoder_layers, edit
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .steering import add_vector
-from .tables import FilterConfig, paired_filter, read_table
+from .tables import FilterConfig, paired_filter
 from .vectors import (
     PersonaVector,
     export_control_vector_gguf,

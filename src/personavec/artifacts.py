@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import PersonavecError
+from .files import write_json
 
 N_PAIRS = 5
 N_QUESTIONS = 20
@@ -126,12 +127,7 @@ class TraitArtifacts:
             raise PersonavecError(f"malformed artifacts: {e}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TraitArtifacts:
@@ -148,10 +144,7 @@ class TraitArtifacts:
         ext, ev = self.to_official()
         paths = []
         for d, obj in ((extract_dir, ext), (eval_dir, ev)):
-            p = Path(d) / f"{self.name}.json"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(obj, indent=4, ensure_ascii=False), encoding="utf-8")
-            paths.append(p)
+            paths.append(write_json(Path(d) / f"{self.name}.json", obj))
         return paths[0], paths[1]
 
     @classmethod
@@ -181,6 +174,34 @@ class TraitArtifacts:
                    extraction_questions=list(extract["questions"]),
                    evaluation_questions=list(evaluation["questions"]), rubric=extract["eval_prompt"],
                    neg_name=neg_name, source="official-import", extra=extra)
+
+
+OFFICIAL_KEYS = frozenset({"instruction", "questions", "eval_prompt"})
+OFFICIAL_DIRS = ("trait_data_extract", "trait_data_eval")
+
+
+def load_artifacts(path: str | os.PathLike, eval_path: str | os.PathLike | None = None,
+                   name: str | None = None) -> TraitArtifacts:
+    """Artifacts from a personavec JSON file, or from the official layout: an extraction file plus its evaluation
+    file (``eval_path``; found by itself when the files lie in ``trait_data_extract/`` and ``trait_data_eval/``)."""
+    path = Path(path)
+    obj = _read_json(path)
+    if not set(obj) >= OFFICIAL_KEYS:
+        if eval_path is not None:
+            raise PersonavecError(f"--eval-artifacts goes with an official extraction file, but {path} holds "
+                                  "personavec artifacts (which include the evaluation questions); drop it")
+        return TraitArtifacts.from_dict(obj)
+    files = {"extract": path, "eval": Path(eval_path) if eval_path is not None else None}
+    if files["eval"] is None and path.parent.name in OFFICIAL_DIRS:
+        here = OFFICIAL_DIRS.index(path.parent.name)
+        other = path.parent.parent / OFFICIAL_DIRS[1 - here] / path.name
+        if other.is_file():
+            files = {"extract": path, "eval": other} if here == 0 else {"extract": other, "eval": path}
+    if files["eval"] is None:
+        raise PersonavecError(f"{path} is an official persona_vectors trait file, which holds one question set; "
+                              f"pass the evaluation file too: --artifacts trait_data_extract/{path.name} "
+                              f"--eval-artifacts trait_data_eval/{path.name}")
+    return TraitArtifacts.from_official(files["extract"], files["eval"], name=name or path.stem)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
@@ -11,6 +12,7 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import PersonavecError
@@ -36,9 +38,33 @@ def parse_layers(text: str | None) -> list[int] | None:
     return out
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``personavec: error: …``), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"personavec: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinities are refused with the usual usage line)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
+
+
+def finite_floats(text: str) -> list[float]:
+    """Comma-separated finite numbers, e.g. ``-4,-2,0,2,4``."""
+    return [finite_float(x) for x in text.split(",") if x.strip()]
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, .gguf file, local directory, or hub id (default: smollm2-135m)")
+    p.add_argument("--revision", default=None, help="a hub model's commit, branch or tag (default: main)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
 
@@ -47,7 +73,7 @@ def _load(args: argparse.Namespace):
     from .models import load_model
 
     t0 = time.perf_counter()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     log.info("model %s: %d layers x %d dims on %s (%s), loaded in %.1fs", lm.model_id, lm.n_layers,
              lm.hidden_size, lm.device, str(lm.dtype).replace("torch.", ""), time.perf_counter() - t0)
     return lm
@@ -55,7 +81,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from .extract import extract_vector
-    from .tables import FilterConfig, read_table
+    from .files import read_table
+    from .tables import FilterConfig
 
     pos, neg = read_table(args.pos), read_table(args.neg)  # bad tables fail before the model loads
     lm = _load(args)
@@ -266,10 +293,10 @@ def _train_config(args: argparse.Namespace):
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the paper's; a --train-config JSON/TOML file sets any of them)")
     g.add_argument("--train-config", default=None, help="JSON or TOML file with TrainConfig keys (rank, lr, ...)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (paper: 1e-5)")
+    g.add_argument("--lr", type=finite_float, default=None, help="learning rate (paper: 1e-5)")
     g.add_argument("--epochs", type=int, default=None, help="paper: 1")
     g.add_argument("--rank", type=int, default=None, help="LoRA rank (paper: 32)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
+    g.add_argument("--lora-alpha", type=finite_float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
     g.add_argument("--train-batch-size", type=int, default=None, help="micro-batch size (paper: 2)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (paper: 8)")
     g.add_argument("--warmup-steps", type=int, default=None, help="paper: 5")
@@ -331,9 +358,9 @@ def cmd_trait_data(args: argparse.Namespace) -> None:
 
 def cmd_shift(args: argparse.Namespace) -> None:
     from .artifacts import builtin
+    from .files import read_table, write_table
     from .finetune import load_adapter
     from .shift import last_prompt_means, plot_shifts, shift_table
-    from .tables import read_table, write_table
 
     vectors = dict(zip(*_named_vectors(args.vector)))
     if args.prompts:
@@ -510,13 +537,14 @@ def _run_from_args(args: argparse.Namespace):
                     judge_base_url=args.judge_base_url, judge_concurrency=args.judge_concurrency,
                     eval_judge=args.eval_judge, eval_judge_base_url=args.eval_judge_base_url,
                     generator=args.generator, generator_base_url=args.generator_base_url,
-                    artifacts_path=args.artifacts, sampling=sampling, eval_samples=args.eval_samples,
+                    artifacts_path=args.artifacts, eval_artifacts_path=args.eval_artifacts, sampling=sampling,
+                    eval_samples=args.eval_samples,
                     filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
                     batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
                     steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
-                    steer_coefs=[float(x) for x in args.steer_coefs.split(",")] if args.steer_coefs else None,
+                    steer_coefs=args.steer_coefs or None,
                     coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
-                    dtype=args.dtype)
+                    dtype=args.dtype, revision=args.revision)
     run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
     run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
     return run
@@ -580,7 +608,7 @@ def _fmt(x: float) -> str:
 def _steer_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--vector", required=True)
     s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
-    s.add_argument("--coef", type=float, default=1.0, help="strength (default 1), in --units")
+    s.add_argument("--coef", type=finite_float, default=1.0, help="strength (default 1), in --units")
     s.add_argument("--units", default="raw", choices=["raw", "norm"],
                    help="raw: add coef x the vector (default); norm: coef x the typical residual norm at the layer")
     s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
@@ -595,7 +623,10 @@ def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--trait", required=True, help="a built-in trait (evil, sycophantic, hallucinating, impolite, "
                                                    "apathetic, humorous, optimistic) or a new name")
     r.add_argument("--description", default=None, help="one sentence defining a new trait (needs --generator)")
-    r.add_argument("--artifacts", default=None, help="artifacts JSON to use instead of built-in/generated ones")
+    r.add_argument("--artifacts", default=None, help="artifacts JSON to use instead of built-in/generated ones, or "
+                                                     "an official trait_data_extract/<trait>.json file")
+    r.add_argument("--eval-artifacts", default=None, help="with an official extraction file: its "
+                                                          "trait_data_eval/<trait>.json (found by itself beside it)")
     r.add_argument("--generator", default=None, help="openai:MODEL or local:MODEL, writes artifacts for new traits")
     r.add_argument("--generator-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
     r.add_argument("--judge", default="local", help="local (the embedded model), local:MODEL, openai:MODEL, "
@@ -614,7 +645,7 @@ def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")
     r.add_argument("--eval-samples", type=int, default=2, help="held-out answers per side per evaluation question")
     r.add_argument("--max-new-tokens", type=int, default=None, help="paper: 1000")
-    r.add_argument("--temperature", type=float, default=None, help="paper: 1.0")
+    r.add_argument("--temperature", type=finite_float, default=None, help="paper: 1.0")
     r.add_argument("--gen-batch-size", type=int, default=None)
     r.add_argument("--batch-size", type=int, default=16, help="extraction batch size")
     r.add_argument("--seed", type=int, default=0)
@@ -624,24 +655,24 @@ def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-select", action="store_true", help="skip the steered evaluation and layer choice")
     r.add_argument("--steer-layers", default=None, help="layers of the steering grid (default: 4 spread over "
                                                         "the middle of the network)")
-    r.add_argument("--steer-coefs", default=None,
+    r.add_argument("--steer-coefs", default=None, type=finite_floats,
                    help="comma-separated coefficients in raw-vector units, written --steer-coefs=-2,2 "
                         "(default -4,-2,0,2,4 with --quick)")
-    r.add_argument("--select-coherence-min", type=float, default=50.0,
+    r.add_argument("--select-coherence-min", type=finite_float, default=50.0,
                    help="the chosen layer/coefficient must keep mean coherence >= this (when the judge scores)")
     r.add_argument("--mmlu", default=None, help="MMLU-format multiple-choice data (CSV per subject, a folder of "
                                                 "them, or Parquet) for the capability check; default: a built-in "
                                                 "40-question set")
-    r.add_argument("--pos-min", type=float, default=50.0)
-    r.add_argument("--neg-max", type=float, default=50.0)
-    r.add_argument("--coherence-min", type=float, default=50.0)
+    r.add_argument("--pos-min", type=finite_float, default=50.0)
+    r.add_argument("--neg-max", type=finite_float, default=50.0)
+    r.add_argument("--coherence-min", type=finite_float, default=50.0)
     r.add_argument("--out", default="runs", help="runs root (default: runs)")
     r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
     _model_args(r)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="personavec", description="Persona vectors for chat language models.")
+    p = Parser(prog="personavec", description="Persona vectors for chat language models.")
     p.add_argument("--version", action="version", version=f"personavec {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -657,9 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-length", type=int, default=None, help="truncate pairs to this many tokens")
-    e.add_argument("--pos-min", type=float, default=50.0, help="keep pairs whose pos trait score >= this")
-    e.add_argument("--neg-max", type=float, default=50.0, help="keep pairs whose neg trait score < this")
-    e.add_argument("--coherence-min", type=float, default=50.0, help="both sides' coherence >= this")
+    e.add_argument("--pos-min", type=finite_float, default=50.0, help="keep pairs whose pos trait score >= this")
+    e.add_argument("--neg-max", type=finite_float, default=50.0, help="keep pairs whose neg trait score < this")
+    e.add_argument("--coherence-min", type=finite_float, default=50.0, help="both sides' coherence >= this")
     e.add_argument("--no-filter", action="store_true", help="use every pair, ignoring scores")
     _model_args(e)
     e.set_defaults(func=cmd_extract)
@@ -699,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("data", help="JSONL/CSV/Parquet rows with 'messages' or 'prompt' + 'answer'")
     ft.add_argument("--out", required=True, help="output directory")
     ft.add_argument("--vector", default=None, help="persona vector for the interventions")
-    ft.add_argument("--prevent-coef", type=float, default=None,
+    ft.add_argument("--prevent-coef", type=finite_float, default=None,
                     help="preventative steering: add this multiple of the raw vector during training (paper: 5)")
     ft.add_argument("--caft", action="store_true", help="CAFT: ablate the vector's direction during training")
     ft.add_argument("--intervention-layers", default=None, help="default: the vector's chosen layer")
@@ -752,13 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delta: dP (generates base answers, cached); response: the response's projection only; "
                          "prompt_last: the last prompt token only (cheapest)")
     sc.add_argument("--top-k", type=int, default=20)
-    sc.add_argument("--threshold", type=float, default=None, help="write filtered.jsonl without rows scoring above")
-    sc.add_argument("--percentile", type=float, default=None, help="... or above this percentile of the scores")
+    sc.add_argument("--threshold", type=finite_float, default=None,
+                    help="write filtered.jsonl without rows scoring above")
+    sc.add_argument("--percentile", type=finite_float, default=None, help="... or above this percentile of the scores")
     sc.add_argument("--chunk-rows", type=int, default=512, help="rows per checkpointed chunk")
     sc.add_argument("--batch-size", type=int, default=16)
     sc.add_argument("--gen-batch-size", type=int, default=16)
     sc.add_argument("--max-new-tokens", type=int, default=256, help="base answers' length")
-    sc.add_argument("--temperature", type=float, default=0.0, help="base answers: 0 = greedy (default)")
+    sc.add_argument("--temperature", type=finite_float, default=0.0, help="base answers: 0 = greedy (default)")
     sc.add_argument("--max-length", type=int, default=2048, help="truncate pairs to this many tokens")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--base-cache", default=None,
@@ -768,8 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     sc.add_argument("--ray-workers", type=int, default=2, help="model actors")
     sc.add_argument("--ray-address", default=None, help="existing cluster: auto or ray://host:port")
-    sc.add_argument("--cpus-per-worker", type=float, default=1.0)
-    sc.add_argument("--gpus-per-worker", type=float, default=0.0)
+    sc.add_argument("--cpus-per-worker", type=finite_float, default=1.0)
+    sc.add_argument("--gpus-per-worker", type=finite_float, default=0.0)
     _model_args(sc)
     sc.set_defaults(func=cmd_screen)
 
@@ -781,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "fine-tuned models as finetune-experiment does. Resumable.")
     _run_args(sx)
     sx.add_argument("--n", type=int, default=100, help="samples per selection")
-    sx.add_argument("--mix-percent", type=float, default=50, help="trait share of the screened mixture")
+    sx.add_argument("--mix-percent", type=finite_float, default=50, help="trait share of the screened mixture")
     _experiment_args(sx)
     sx.set_defaults(func=cmd_screen_experiment)
 
@@ -805,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     vg.add_argument("vector")
     vg.add_argument("--out", required=True)
     vg.add_argument("--layers", default=None, help="layers to include (default: the chosen layer)")
-    vg.add_argument("--coef", type=float, default=1.0, help="scale baked into the file")
+    vg.add_argument("--coef", type=finite_float, default=1.0, help="scale baked into the file")
     vg.add_argument("--pooling", default=None)
     vg.set_defaults(func=cmd_vectors_export)
 
@@ -822,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "table and show a steered answer")
     d.add_argument("--out", default="runs", help="run directory root (default: runs)")
     d.add_argument("--layer", type=int, default=None, help="steering layer (default: 40%% of depth)")
-    d.add_argument("--coef", type=float, default=2.0, help="multiple of the raw vector to add (default 2)")
+    d.add_argument("--coef", type=finite_float, default=2.0, help="multiple of the raw vector to add (default 2)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--max-new-tokens", type=int, default=60)
     _model_args(d)

@@ -10,8 +10,9 @@ import pandas as pd
 
 from .activations import POOLINGS, pooled_means
 from .errors import PersonavecError
+from .files import read_table
 from .models import LoadedModel
-from .tables import FilterConfig, paired_filter, prompts_and_answers, read_table
+from .tables import FilterConfig, paired_filter, prompts_and_answers
 from .vectors import PersonaVector, mean_difference
 
 log = logging.getLogger(__name__)

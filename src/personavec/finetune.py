@@ -33,10 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PersonavecError
+from .files import atomic_dir, claim_settings, write_json
 from .internals import decoder_layers
 from .models import LoadedModel, pad_token_id
 from .steering import Edit, steer
-from .tables import chat_messages, claim_settings, missing, write_json
+from .tables import chat_messages, missing
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -166,7 +167,7 @@ def read_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
                 except PersonavecError as e:
                     raise PersonavecError(f"{p}:{n}: {e}") from None
     else:
-        from .tables import read_table
+        from .files import read_table
 
         chats = [to_messages(r) for r in read_table(p).to_dict("records")]
     if not chats:
@@ -357,18 +358,11 @@ def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, s
                      ckpt_root: Path, keep: int) -> None:
     from safetensors.torch import save_file
 
-    final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
-    write_json(tmp / "state.json", {"step": step, "losses": losses, "scheduler": sched.state_dict()})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(ckpt_root / f"step-{step:06d}") as tmp:
+        save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "state.json", {"step": step, "losses": losses, "scheduler": sched.state_dict()})
     done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").exists())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -470,13 +464,8 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
     seconds = time.perf_counter() - t0
     adapter_dir = out / ADAPTER
     if stop_at == len(steps):
-        tmp = out / ".adapter.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(str(tmp))
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     elif cfg.save_every:
         _save_checkpoint(model, opt, sched, stop_at, losses, out / CHECKPOINTS, cfg.keep_checkpoints)

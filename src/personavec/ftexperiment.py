@@ -29,13 +29,13 @@ import pandas as pd
 import torch
 
 from .errors import PersonavecError
+from .files import claim_settings, save_figure, write_json, write_table
 from .finetune import TrainConfig, intervention_edits, is_trained, load_adapter, read_chats, train_lora
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel, load_model
 from .monitoring import pearson
 from .shift import last_prompt_means, plot_shifts, shift_table
 from .steering import Edit
-from .tables import claim_settings, write_json, write_table
 from .traitdata import write_mixtures
 from .vectors import PersonaVector
 
@@ -251,6 +251,10 @@ class FineTuneExperiment:
 
     # ---- the whole experiment ----
     def run_all(self) -> dict[str, Any]:
+        with self.run.locked():
+            return self._run_all()
+
+    def _run_all(self) -> dict[str, Any]:
         self.write_config()
         data = self.datasets()
         rows = [{"model": "base", "percent": math.nan, "intervention": "base", **self.evaluate("base", self.base)}]
@@ -358,9 +362,7 @@ def plot(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -
     bx.set_title("per model (blue plain, orange preventative steering, green CAFT)", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path
 
 
@@ -369,10 +371,14 @@ def parse_percents(text: str | Sequence[float] | None) -> list[float] | None:
         return None
     if isinstance(text, str):
         try:
-            return [float(x) for x in text.split(",") if x.strip()]
+            values = [float(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise PersonavecError(f"percentages must be comma-separated numbers, not {text!r}") from None
-    return [float(x) for x in text]
+            values = [math.nan]
+    else:
+        values = [float(x) for x in text]
+    if not all(math.isfinite(x) for x in values):
+        raise PersonavecError(f"expected comma-separated finite numbers, not {text!r}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,6 +389,12 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
                       max_new_tokens: int = 64) -> dict[str, Any]:
     """Screen the ``percent`` % mixture with ΔP, fine-tune on its top / random / bottom ``n`` samples (and on
     the top ``n`` by judged trait, when the judge scores), and compare the fine-tuned models."""
+    with exp.run.locked():
+        return _screen_validation(exp, n, percent, seed, max_new_tokens)
+
+
+def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: int,
+                       max_new_tokens: int) -> dict[str, Any]:
     from .monitor import Probe
     from .screen import ScreenConfig, screen_file
     from .traitdata import write_jsonl

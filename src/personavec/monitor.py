@@ -28,10 +28,11 @@ import torch
 
 from .activations import encode_pairs, iter_pooled
 from .errors import PersonavecError
+from .files import append_text, read_table, repair_jsonl
 from .internals import capture, decoder_layers, edit
 from .models import LoadedModel
 from .projection import unit
-from .tables import chat_messages, missing, read_table
+from .tables import chat_messages, missing
 from .vectors import PersonaVector
 
 MONITOR_POOLINGS = ("prompt_last", "response_avg", "prompt_avg")
@@ -131,23 +132,6 @@ def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         read_table(path)  # raises the unsupported-type error
 
 
-def _done_rows(out: Path) -> int:
-    """Complete lines already in the output JSONL (a torn last line is cut off)."""
-    if not out.exists():
-        return 0
-    good = 0
-    size = 0
-    with open(out, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            good += 1
-            size += len(line)
-    with open(out, "r+b") as f:
-        f.truncate(size)
-    return good
-
-
 def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe], out: str | os.PathLike,
                  poolings: Sequence[str] = MONITOR_POOLINGS, chunk_rows: int = 256, batch_size: int = 16,
                  progress: bool = False) -> Path:
@@ -158,7 +142,7 @@ def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Prob
     if out.suffix.lower() != ".jsonl":
         raise PersonavecError("write projections to a .jsonl file (it is appended chunk by chunk)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_rows(out)
+    done = repair_jsonl(out)
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="projecting", unit="row", disable=not progress, initial=done)
@@ -171,9 +155,7 @@ def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Prob
             chunk = chunk.iloc[max(0, done - start):].reset_index(drop=True)
             proj = project_rows(lm, chunk.to_dict("records"), probes, poolings, batch_size)
             merged = pd.concat([chunk, proj], axis=1)
-            f.write(merged.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
-            f.flush()
-            os.fsync(f.fileno())
+            append_text(f, merged.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
             bar.update(len(chunk))
     bar.close()
     return out

@@ -25,6 +25,7 @@ import torch
 
 from .artifacts import TraitArtifacts
 from .errors import PersonavecError
+from .files import save_figure
 from .generation import SamplingConfig, run_sampling
 from .models import LoadedModel
 from .projection import project_pairs, unit
@@ -135,6 +136,4 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
                  f"many-shot {corr[f'{key}_many_shot']:.2f}")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    save_figure(fig, path)

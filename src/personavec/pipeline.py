@@ -26,25 +26,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 
 from . import __version__
-from .artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts
+from .artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from .errors import PersonavecError
 from .extract import extract_vector
+from .files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
 from .generation import QUICK, SamplingConfig, run_sampling
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, default_device, load_model, resolve_dtype
 from .projection import project_pairs
 from .selection import judge_rows
 from .stats import auroc, cohens_d
 from .steering import Edit, steer
-from .tables import FilterConfig, write_json, write_table
+from .tables import FilterConfig
 from .vectors import PersonaVector
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,7 @@ class RunConfig:
     generator: str | None = None  # openai:MODEL | local:MODEL (only for traits that are not built in)
     generator_base_url: str | None = None
     artifacts_path: str | None = None
+    eval_artifacts_path: str | None = None  # the official layout's evaluation file (with its extraction file)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval_samples: int = 2  # answers per side per evaluation question (held-out separation)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -81,17 +86,43 @@ class RunConfig:
     mc_path: str | None = None  # MMLU-format multiple-choice data for the capability check (default: built in)
     device: str | None = None
     dtype: str | None = None
+    revision: str | None = None  # a hub model's commit, branch or tag
+
+    def __post_init__(self) -> None:
+        check_name(self.trait, "trait")
+
+    def resolved_device(self) -> str:
+        return torch.device(self.device or default_device()).type
+
+    def resolved_dtype(self) -> str:
+        device = self.device or default_device()
+        return str(resolve_dtype(self.dtype, device)).replace("torch.", "")
 
     def identity(self) -> dict[str, Any]:
-        """The settings that define a run's outputs (device, dtype and concurrency do not)."""
+        """The settings that define a run's outputs: all but concurrency and the experiments' judge, with the device
+        type and dtype as resolved (a bfloat16 run resumed in float32 would mix answers and scores of both)."""
         d = asdict(self)
-        for k in ("device", "dtype", "judge_concurrency", "eval_judge", "eval_judge_base_url"):
+        for k in ("judge_concurrency", "eval_judge", "eval_judge_base_url"):
             d.pop(k)
+        d.update(device=self.resolved_device(), dtype=self.resolved_dtype())
         return d
 
 
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def check_name(name: str, what: str) -> str:
+    """A trait (or other) name that is also a directory name: letters, digits, '-' and '_', starting with a letter."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PersonavecError(f"{what} name {name!r} must be a word of letters, digits, '-' and '_' starting with a "
+                              "letter (it names the run's directory)")
+    return name
+
+
 def model_slug(spec: str, model_id: str | None = None) -> str:
-    return (model_id or spec).strip("/").replace("/", "--").replace(" ", "_")
+    """One directory name for a model: path separators become '--', and no slug climbs out of its parent."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", (model_id or spec).strip("/").replace("/", "--"))
+    return slug if slug.strip(".") else f"model{slug}"
 
 
 class Run:
@@ -106,38 +137,56 @@ class Run:
         self._judges: dict[tuple[str, str | None], Any] = {}  # built judges by (spec, base URL)
         self.timings: dict[str, float] = {}
         self.command: str | None = None  # the command line that reproduces this run, for the report
+        self._art: TraitArtifacts | None = None  # artifacts made by the preflight, saved once the run is claimed
 
     # ---- models ----
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            self._lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+            self._lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype,
+                                  revision=self.cfg.revision)
         return self._lm
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """This process alone writes the run directory while the block runs (re-entrant)."""
+        with locked(self.dir, "this run (--out or --run-dir)"):
+            yield
+
     # ---- stages ----
+    REFUSAL_TODO = "pass --out or --run-dir to start a new run elsewhere, or delete that directory"
+
+    def preflight(self) -> None:
+        """Every check that can fail at the start, before anything is written: the directory's recorded settings,
+        the judge endpoint, and the artifacts (read, or generated; saved once the run is claimed)."""
+        refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
+        self.preflight_judge()
+        if not self.path("artifacts.json").exists():
+            self._art = self.make_artifacts()
+
     def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        p = self.path("run.json")
-        ident = self.cfg.identity()
-        if p.exists():
-            old = json.loads(p.read_text())
-            if old.get("config") != json.loads(json.dumps(ident, default=str)):
-                raise PersonavecError(f"{self.dir} holds a run with other settings; pass --out to start a new run "
-                                      "elsewhere, or delete that directory")
-            return
-        write_json(p, {"config": ident, "personavec": __version__, "torch": torch.__version__,
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        claim_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config",
+                       extra={"personavec": __version__, "torch": torch.__version__,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def artifacts(self) -> TraitArtifacts:
         p = self.path("artifacts.json")
         if p.exists():
             return TraitArtifacts.load(p)
+        art = self._art or self.make_artifacts()
+        art.save(p)
+        return art
+
+    def make_artifacts(self) -> TraitArtifacts:
+        """The run's artifacts from --artifacts, the built-in set, or the generator (nothing is written)."""
         cfg = self.cfg
         if cfg.artifacts_path:
-            art = TraitArtifacts.load(cfg.artifacts_path).validate()
+            art = load_artifacts(cfg.artifacts_path, cfg.eval_artifacts_path, name=cfg.trait).validate()
+        elif cfg.eval_artifacts_path:
+            raise PersonavecError("--eval-artifacts needs --artifacts (the official extraction file)")
         elif cfg.trait in builtin_traits() and not cfg.generator:
             art = builtin(cfg.trait)
         elif cfg.description and cfg.generator:
@@ -150,7 +199,6 @@ class Run:
                                   "local:MODEL) to write its artifacts, or --artifacts FILE")
         else:
             art = builtin(cfg.trait)  # raises the 'unknown trait' message
-        art.save(p)
         return art
 
     def jobs(self, art: TraitArtifacts) -> list[dict[str, Any]]:
@@ -176,7 +224,10 @@ class Run:
     def generate(self, art: TraitArtifacts) -> pd.DataFrame:
         out = self.path("responses.parquet")
         if out.exists():
-            return pd.read_parquet(out)
+            df = pd.read_parquet(out)
+            if "job" in df.columns and df["job"].is_unique and sorted(df["job"]) == list(range(len(df))):
+                return df
+            log.warning("%s does not hold one answer per job; rebuilding it from responses.jsonl", out)
         rows = run_sampling(self.lm, self.jobs(art), self.cfg.sampling, self.path("responses.jsonl"),
                             progress="sampling" if self.progress else False)
         df = pd.DataFrame(rows)
@@ -280,8 +331,9 @@ class Run:
         pos = ext[ext["side"] == "pos"].sort_values(key).reset_index(drop=True)
         neg = ext[ext["side"] == "neg"].sort_values(key).reset_index(drop=True)
         if not pos[key].equals(neg[key]):
-            raise PersonavecError(f"{self.path('judged.parquet')}: pos and neg rows do not pair up; delete it "
-                                  "and rerun")
+            raise PersonavecError(f"{self.path('judged.parquet')}: pos and neg rows do not pair up; delete it and "
+                                  "responses.parquet, then run the same command again (the answers are kept in "
+                                  "responses.jsonl and the scores in the judge cache)")
         decision = self.filter_decision(pos, neg)
         apply = decision["applied"]
         nonempty = (pos["answer"].str.strip() != "") & (neg["answer"].str.strip() != "")
@@ -440,6 +492,10 @@ class Run:
 
     def monitor(self, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
         """The monitoring experiment on a finished run: monitor.parquet, monitor.json, monitor.png."""
+        with self.locked():
+            return self._monitor(layer, n_samples)
+
+    def _monitor(self, layer: int | None, n_samples: int) -> dict[str, Any]:
         from dataclasses import replace
 
         from .monitoring import plot, run_experiment
@@ -472,17 +528,33 @@ class Run:
         write_json(out, corr)
         return corr
 
+    #: the file whose presence means a stage is done (its recorded time is then kept, not measured again)
+    STAGE_OUTPUTS: ClassVar[dict[str, str]] = {
+        "artifacts": "artifacts.json", "generate": "responses.parquet", "judge": "judged.parquet",
+        "extract": "vectors.safetensors", "separation": "separation.parquet", "steer": "selection.json",
+        "capability": "capability.json"}
+
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
-        self.write_config()
+        self.preflight()
+        with self.locked():
+            self.write_config()
+            return self._stages(t_start)
+
+    def _stages(self, t_start: float) -> dict[str, Any]:
+        timings_path = self.path("timings.json")
+        recorded = read_json(timings_path) if timings_path.exists() else {}
 
         def timed(name: str, fn: Any, *a: Any) -> Any:
+            done_before = self.path(self.STAGE_OUTPUTS[name]).exists()
             t0 = time.perf_counter()
             res = fn(*a)
-            self.timings[name] = round(time.perf_counter() - t0, 2)
+            if not (done_before and name in recorded):
+                recorded[name] = round(time.perf_counter() - t0, 2)
+                write_json(timings_path, recorded)
+            self.timings[name] = recorded[name]
             return res
 
-        self.preflight_judge()
         art = timed("artifacts", self.artifacts)
         responses = timed("generate", self.generate, art)
         judged = timed("judge", self.score, art, responses)

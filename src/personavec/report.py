@@ -13,7 +13,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import PersonavecError
+from .files import save_figure, write_text
 
 DASH = "–"
 REPORT_NAME = "report.html"
@@ -159,20 +159,8 @@ def _numeric(df: pd.DataFrame, cols: Iterable[str]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(fig: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+    save_figure(fig, path, dpi=110)
 
 
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]]:
@@ -618,5 +606,5 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             f"<title>personavec: {_e(trait)} — {_e(model)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
     out = run_dir / REPORT_NAME
-    _atomic_write(out, lambda f: f.write(page), "w")
+    write_text(out, page)
     return out

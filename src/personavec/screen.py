@@ -41,11 +41,11 @@ import torch
 
 from .activations import length_batches
 from .errors import PersonavecError
+from .files import atomic_path, atomic_write, claim_settings, save_figure, write_json
 from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel, model_id_for
 from .monitor import Probe, conversation_pair, iter_chunks
 from .projection import project_pairs
-from .tables import claim_settings, write_json
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -218,14 +218,12 @@ def write_part(df: pd.DataFrame, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"personavec_stats"] = json.dumps(df.attrs.get("stats", {})).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def part_stats(path: Path) -> dict[str, Any]:
@@ -279,19 +277,18 @@ def assemble(out_dir: Path, n_chunks: int) -> Path:
     if missing:
         raise PersonavecError(f"{len(missing)} chunks are not scored yet (first: {missing[0]}); run the command again")
     target = out_dir / "screen.parquet"
-    tmp = target.with_name(".screen.parquet.tmp")
-    writer = None
-    try:
-        for k in range(n_chunks):
-            t = pq.read_table(part_path(out_dir, k))
-            t = t.replace_schema_metadata(None)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, t.schema)
-            writer.write_table(t.cast(writer.schema))
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        writer = None
+        try:
+            for k in range(n_chunks):
+                t = pq.read_table(part_path(out_dir, k))
+                t = t.replace_schema_metadata(None)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
     return target
 
 
@@ -502,7 +499,7 @@ def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence
     originals = _rows_at(path, set(top_rows) | set(bottom_rows), cfg.chunk_rows)
     scores = table.set_index("row")
     for fname, sel in (("top.jsonl", top_rows), ("bottom.jsonl", bottom_rows)):
-        with open(out / fname, "w", encoding="utf-8") as f:
+        with atomic_write(out / fname) as f:
             for r in sel:
                 extra = {"row": int(r), **{c: _mean(scores.at[r, c]) for c in score_cols}}
                 if "base_answer" in scores.columns:
@@ -522,10 +519,9 @@ def write_filtered(path: Path, table: pd.DataFrame, cuts: dict[str, float], targ
     drop = pd.Series(False, index=table["row"].to_numpy())
     for col, cut in cuts.items():
         drop |= (table[col].astype("float64") > cut).to_numpy()
-    tmp = target.with_name(f".{target.name}.tmp")
     kept = 0
     start = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(target) as f:
         for chunk in iter_chunks(path, chunk_rows):
             mask = ~drop.iloc[start:start + len(chunk)].to_numpy()
             sub = chunk[mask]
@@ -533,7 +529,6 @@ def write_filtered(path: Path, table: pd.DataFrame, cuts: dict[str, float], targ
                 f.write(sub.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
             kept += int(mask.sum())
             start += len(chunk)
-    os.replace(tmp, target)
     return {"file": str(target), "kept": kept, "dropped": int(drop.sum()), "cuts": cuts}
 
 
@@ -564,6 +559,4 @@ def _histogram(vals: pd.Series, path: Path, title: str, cut: float | None) -> No
     ax.set(xlabel="score (projection on v̂)", ylabel="samples", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    save_figure(fig, path)

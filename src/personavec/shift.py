@@ -18,6 +18,7 @@ import torch
 
 from .activations import pooled_means
 from .errors import PersonavecError
+from .files import save_figure
 from .models import LoadedModel
 from .vectors import PersonaVector
 
@@ -74,8 +75,4 @@ def plot_shifts(table: pd.DataFrame, path: str | Path, title: str = "fine-tuning
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(p)
-    return p
+    return save_figure(fig, path)

@@ -11,48 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .errors import PersonavecError
-
-READERS = (".csv", ".jsonl", ".json", ".parquet")
-
-
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV, JSONL (one object per line) or Parquet table with a clear error on bad input."""
-    path = Path(path)
-    if not path.is_file():
-        raise PersonavecError(f"table {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"prompt": str, "answer": str})
-        if suffix in (".jsonl", ".json"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise PersonavecError(f"{path}:{n}: malformed JSON ({e.msg}); "
-                                                  "expected one JSON object per line") from None
-                        if not isinstance(obj, dict):
-                            raise PersonavecError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-                        rows.append(obj)
-            return pd.DataFrame(rows)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except PersonavecError:
-        raise
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
-        raise PersonavecError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    raise PersonavecError(f"{path}: unsupported table type {suffix!r}; use one of {', '.join(READERS)}")
 
 
 def missing(x: Any) -> bool:
@@ -76,48 +40,6 @@ def chat_messages(value: Any) -> list[dict[str, str]] | None:
     if not msgs or not all("role" in m and "content" in m for m in msgs):
         raise PersonavecError("a 'messages' row must be a list of {role, content} objects")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def claim_settings(path: str | os.PathLike, settings: dict[str, Any], refusal: str) -> None:
-    """Record the settings that define a directory's outputs (first call), or refuse different ones later.
-
-    ``refusal`` is the one-line error raised when ``path`` already holds other settings.
-    """
-    path = Path(path)
-    settings = json.loads(json.dumps(settings, default=str))
-    if path.exists():
-        if json.loads(path.read_text(encoding="utf-8")) != settings:
-            raise PersonavecError(refusal)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
-
-
-def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table atomically (type from the suffix)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        df.to_csv(tmp, index=False)
-    elif suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
-    elif suffix in (".jsonl", ".json"):
-        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    else:
-        raise PersonavecError(f"unsupported table type {suffix!r}")
-    os.replace(tmp, path)
-    return path
 
 
 def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:

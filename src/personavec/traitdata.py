@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from .errors import PersonavecError
+from .files import write_text
 
 KEY = ("instruction_id", "question_id", "sample_id")
 DEFAULT_FRACTIONS = (0, 25, 50, 75, 100)
@@ -72,10 +73,7 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if p.exists() and p.read_text(encoding="utf-8") == text:
         return p  # unchanged: keep the file (and its timestamps) as it is
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_text(p, text)
 
 
 def write_mixtures(responses: pd.DataFrame, out_dir: str | os.PathLike,

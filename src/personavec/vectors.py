@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .activations import POOLINGS
 from .errors import PersonavecError
+from .files import atomic_path
 
 LAYER_CONVENTION = "residual-after-l-blocks;0=embeddings;L=last-block-output-before-final-norm"
 FORMAT_VERSION = 1
@@ -164,15 +164,8 @@ class PersonaVector:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise PersonavecError(f"save vectors as .safetensors, not {path.suffix or 'no suffix'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors, tmp, metadata={"personavec": json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(self.tensors, str(tmp), metadata={"personavec": json.dumps(self.metadata())})
         return path
 
     @classmethod
@@ -263,22 +256,22 @@ def export_control_vector_gguf(vec: PersonaVector, path: str | os.PathLike, laye
         raise PersonavecError(f"layers {bad} cannot go into a llama.cpp control vector "
                               f"(which covers layers 2..{vec.n_layers})")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "controlvector")
-    writer.add_string("controlvector.model_hint", vec.model_id)
-    writer.add_uint32("controlvector.layer_count", len(layers))
-    writer.add_string("personavec.trait", vec.trait)
-    writer.add_string("personavec.pooling", pooling)
-    writer.add_float32("personavec.coef", float(coef))
-    for layer in sorted(layers):
-        arr = (vec.tensors[pooling][layer] * float(coef)).numpy().astype(np.float32)
-        writer.add_tensor(f"direction.{layer - 1}", arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        try:
+            writer.add_string("controlvector.model_hint", vec.model_id)
+            writer.add_uint32("controlvector.layer_count", len(layers))
+            writer.add_string("personavec.trait", vec.trait)
+            writer.add_string("personavec.pooling", pooling)
+            writer.add_float32("personavec.coef", float(coef))
+            for layer in sorted(layers):
+                arr = (vec.tensors[pooling][layer] * float(coef)).numpy().astype(np.float32)
+                writer.add_tensor(f"direction.{layer - 1}", arr)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

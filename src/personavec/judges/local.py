@@ -83,11 +83,15 @@ class LocalJudge:
         nodes = sorted({seq[:i] for seq in numbers for i in range(1, len(seq) + 1)}, key=lambda p: (len(p), p))
         where = {p: i for i, p in enumerate(nodes)}
         n, n_prompt = len(nodes), prompt_ids.shape[1]
-        mask = torch.zeros(1, 1, n, n_prompt + n, dtype=torch.bool, device=lm.device)
-        mask[..., :n_prompt] = True
+        allowed = torch.zeros(1, 1, n, n_prompt + n, dtype=torch.bool, device=lm.device)
+        allowed[..., :n_prompt] = True
         for i, p in enumerate(nodes):
             for j in range(1, len(p) + 1):
-                mask[0, 0, i, n_prompt + where[p[:j]]] = True
+                allowed[0, 0, i, n_prompt + where[p[:j]]] = True
+        # an additive mask in the model's dtype (0 where allowed, the most negative number elsewhere): every
+        # attention implementation adds a float 4-D mask, whereas eager attention would ADD a bool one as 0/1
+        mask = torch.zeros(allowed.shape, dtype=lm.dtype, device=lm.device)
+        mask.masked_fill_(~allowed, torch.finfo(lm.dtype).min)
         ids = torch.tensor([[p[-1] for p in nodes]], device=lm.device)
         pos = torch.tensor([[n_prompt + len(p) - 1 for p in nodes]], device=lm.device)
         logits = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,

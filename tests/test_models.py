@@ -1,0 +1,80 @@
+"""Loading models: hub revisions from the local Hugging Face cache, clear errors, shapes read before weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from personavec.errors import PersonavecError
+
+REV_A, REV_B = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tokenizer):
+    """A Hugging Face cache holding two revisions of one hub id (main = A), with different weights."""
+    from conftest import tiny_llama
+
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    for rev, seed in ((REV_A, 0), (REV_B, 1)):
+        snap = repo / "snapshots" / rev
+        tiny_llama(len(tokenizer), seed=seed).save_pretrained(snap)
+        tokenizer.save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REV_A)
+    return tmp_path / "hub"
+
+
+LOAD = """
+import json, sys
+from personavec.models import load_model
+lm = load_model("acme/tiny-chat", revision=sys.argv[1] or None)
+w = lm.model.model.embed_tokens.weight
+print(json.dumps({"revision": lm.revision, "w": float(w[5, 3])}))
+"""
+
+
+def test_a_hub_revision_is_the_one_loaded_and_recorded(hub_cache, tokenizer):
+    """``revision`` was recorded in the vector's provenance but never passed to the loader."""
+    from conftest import tiny_llama
+
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    got = {}
+    for rev in ("", REV_B):
+        out = subprocess.run([sys.executable, "-c", LOAD, rev], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-1500:]
+        got[rev] = json.loads(out.stdout.strip().splitlines()[-1])
+    want = {seed: float(tiny_llama(len(tokenizer), seed=seed).model.embed_tokens.weight[5, 3]) for seed in (0, 1)}
+    assert got[""] == {"revision": REV_A, "w": pytest.approx(want[0])}
+    assert got[REV_B] == {"revision": REV_B, "w": pytest.approx(want[1])}
+
+
+def test_revision_of_a_local_model_is_refused(model_dir):
+    from personavec.models import load_model
+
+    with pytest.raises(PersonavecError, match="revision"):
+        load_model(str(model_dir), revision="main")
+
+
+def test_a_directory_without_weights_is_one_clear_error(tmp_path, tokenizer):
+    from personavec.models import load_model
+
+    tokenizer.save_pretrained(tmp_path / "tok-only")
+    with pytest.raises(PersonavecError, match="holds no model"):
+        load_model(str(tmp_path / "tok-only"))
+
+
+def test_shape_is_read_from_the_config_without_loading_weights(model_dir, monkeypatch):
+    from personavec import models
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(models, "_from_pretrained", no_weights)
+    assert models.model_shape(str(model_dir)) == (2, 32, 256)  # layers, hidden size, context
+    with pytest.raises(PersonavecError, match="holds no model"):
+        models.model_shape(str(model_dir.parent))
