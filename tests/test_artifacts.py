@@ -130,7 +130,7 @@ def test_official_trait_files_are_accepted_by_the_run(tmp_path, model_dir):
         assert art.evaluation_questions == ref.evaluation_questions and art.validate()
     lone = tmp_path / "evil.json"
     lone.write_text(ext.read_text())
-    with pytest.raises(PersonavecError, match="--eval-artifacts trait_data_eval/evil.json"):
+    with pytest.raises(PersonavecError, match=r"--eval-artifacts trait_data_eval/evil\.json"):
         load_artifacts(lone)
     with pytest.raises(PersonavecError, match="drop it"):
         load_artifacts(tmp_path / "own.json" if ref.save(tmp_path / "own.json") else None, eval_path=ev)

@@ -183,6 +183,17 @@ def test_resumed_training_equals_uninterrupted(tokenizer, tmp_path):
         train_lora(fresh_lm(tokenizer), CHATS, c.replace(lr=1e-3), tmp_path / "full", progress=False)
 
 
+def test_stopping_early_always_checkpoints(tokenizer, tmp_path):
+    """``--save-every 0 --max-steps N`` saved nothing although the CLI said "run the same command to continue"."""
+    c = cfg(save_every=0)
+    ref = train_lora(fresh_lm(tokenizer), CHATS, c, tmp_path / "full", progress=False)
+    first = train_lora(fresh_lm(tokenizer), CHATS, c.replace(max_steps=2), tmp_path / "cut", progress=False)
+    assert not first.extra["complete"] and latest_checkpoint(tmp_path / "cut").name == "step-000002"
+    again = fresh_lm(tokenizer)
+    res = train_lora(again, CHATS, c, tmp_path / "cut", progress=False)
+    assert res.resumed_from == 2 and res.losses == ref.losses
+
+
 def test_interventions_find_blocks_through_the_peft_wrapper(tokenizer):
     from peft import LoraConfig, get_peft_model
 

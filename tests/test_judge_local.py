@@ -33,7 +33,6 @@ def _brute_force(lm, judge_prompt: str) -> dict[int, float]:
 def test_local_judge_equals_brute_force(tokenizer, attn):
     """The tree mask must be applied, not added, whatever attention implementation the model uses."""
     from conftest import tiny_llama
-
     from personavec.models import wrap_model
 
     model = tiny_llama(len(tokenizer))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -72,8 +73,34 @@ def test_resumed_projection_file_is_identical(lm, tmp_path):
     assert len(lines) == 10 and json.loads(lines[4])["id"] == 4
     part = tmp_path / "part.jsonl"
     part.write_text("".join(lines[:6]) + lines[6][:25])  # two chunks done, a third one torn mid-line
+    (tmp_path / "part.settings.json").write_text((tmp_path / "ref.settings.json").read_text())
     project_file(lm, src, probes, part, chunk_rows=3)
     assert part.read_text() == full
+
+
+def test_a_projection_file_of_other_settings_is_refused_and_left_as_it_was(lm, tmp_path):
+    """Rows of another vector, layers, poolings or input were appended under the old columns (or nothing done)."""
+    from personavec.errors import PersonavecError
+
+    src, other = tmp_path / "conv.jsonl", tmp_path / "other.jsonl"
+    src.write_text("".join(json.dumps({**ROWS[i % 3], "id": i}) + "\n" for i in range(4)))
+    other.write_text("".join(json.dumps({**ROWS[i % 3], "id": i}) + "\n" for i in range(5)))
+    out = tmp_path / "proj.jsonl"
+    probes = [Probe("evil", _vec(3), (1,))]
+    project_file(lm, src, probes, out)
+    before = out.read_bytes()
+    for changed, what in (({"probes": [Probe("evil", _vec(4), (1,))]}, "probes[0].digest"),
+                          ({"probes": [Probe("evil", _vec(3), (1, 2))]}, "probes[0].layers"),
+                          ({"poolings": ["prompt_last"]}, "poolings"), ({"path": other}, "input.size")):
+        kw = {"path": src, "probes": probes, **changed}
+        with pytest.raises(PersonavecError, match=re.escape(what)):
+            project_file(lm, kw.pop("path"), kw.pop("probes"), out, **kw)
+        assert out.read_bytes() == before
+    project_file(lm, src, probes, out)  # the same settings: accepted (nothing to add)
+    assert out.read_bytes() == before
+    with pytest.raises(PersonavecError, match="unknown pooling"):
+        project_file(lm, src, probes, tmp_path / "new.jsonl", poolings=["prompt_middle"])
+    assert not (tmp_path / "new.jsonl").exists() and not (tmp_path / "new.settings.json").exists()
 
 
 def test_live_monitor_reports_each_token_and_stops_on_threshold(lm, tokenizer):

@@ -71,7 +71,20 @@ def _outputs(run_dir: Path):
     return judged, vec, sep
 
 
-def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
+MILESTONES = ("run.json", "artifacts.json", "responses.jsonl", "responses.parquet", "judged.parquet",
+              "vectors.safetensors", "separation.parquet", "steering_answers.parquet", "selection.json",
+              "capability.json", "summary.json")
+
+
+def _progress(run_dir: Path, srv) -> tuple:
+    """How far a run has come: each stage's output, sampling in steps of 100 answers, judging in steps of 150
+    calls, and the steering cells started."""
+    steer = run_dir / "steer"
+    return (tuple(m for m in MILESTONES if (run_dir / m).exists()), _lines(run_dir / "responses.jsonl") // 100,
+            judged_calls(srv) // 150, len(list(steer.glob("*.jsonl"))) if steer.exists() else 0)
+
+
+def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_outputs(tmp_path, model_dir):
     with FakeOpenAIServer(responder=deterministic_judge, delay=0.005) as srv:
         ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
         cache_ref, cache_run = tmp_path / "cache-ref", tmp_path / "cache-run"
@@ -85,40 +98,51 @@ def test_killed_run_resumes_with_identical_outputs(tmp_path, model_dir):
 
         cmd, env = _cmd(model_dir, run_dir, srv.base_url), _env(cache_run)
         jsonl = run_dir / "responses.jsonl"
-        # 1) mid-generation: some batches written, stage not finished
-        assert _kill_when(cmd, env, lambda: _lines(jsonl) >= 40)
+        # Ctrl-C in the middle of sampling: exit 130 with one line, nothing half-written
+        srv.reset()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while _lines(jsonl) < 16 and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        assert "personavec: interrupted (run the same command again to continue)" in proc.stderr.read().splitlines()
         assert not (run_dir / "responses.parquet").exists()
-        # 2) mid-judging: some judge calls made
-        srv.reset()
-        assert _kill_when(cmd, env, lambda: judged_calls(srv) >= 60)
-        assert not (run_dir / "judged.parquet").exists()
-        made_before = judged_calls(srv)
-        # 3) between stages: judged table written, vector not yet
-        srv.reset()
-        _kill_when(cmd, env, lambda: (run_dir / "judged.parquet").exists())
-        calls_resumed = made_before + judged_calls(srv)
-        # 4) finish
-        srv.reset()
-        final = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        assert final.returncode == 0, final.stderr[-2000:]
-        calls_resumed += judged_calls(srv)
+        calls_resumed, kills = judged_calls(srv), 0
+        # SIGKILL as soon as the run shows progress (a stage's output, 100 more answers, 150 more judge calls, a new
+        # steering cell), again and again: every stage is cut right after its start and in its middle
+        while True:
+            srv.reset()
+            start = _progress(run_dir, srv)
+            killed = _kill_when(cmd, env, lambda start=start: _progress(run_dir, srv) != start)
+            calls_resumed += judged_calls(srv)
+            if not killed:
+                break
+            kills += 1
+            assert kills < 80
+        assert (run_dir / "summary.json").exists() and kills >= 15
 
-    # no judge call was repeated beyond the few in flight at the kill
-    assert calls_resumed <= calls_ref + 4
-    # no duplicated rows, identical outputs
+    # no judge call was repeated beyond those in flight at a kill (concurrency 2)
+    assert calls_resumed <= calls_ref + 2 * kills
+    # every job answered exactly once, here and in each steering cell
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert len(rows) == len({r["job"] for r in rows}) == 280  # 2 sides x (100 extraction + 40 held-out)
+    assert sorted(r["job"] for r in rows) == list(range(280))  # 2 sides x (100 extraction + 40 held-out)
+    for cell in (run_dir / "steer").glob("*.jsonl"):
+        assert sorted(json.loads(x)["job"] for x in cell.read_text().splitlines()) == list(range(20))
     j_ref, v_ref, s_ref = _outputs(ref_dir)
     j_run, v_run, s_run = _outputs(run_dir)
     pd.testing.assert_frame_equal(j_ref.drop(columns=["judge"]), j_run.drop(columns=["judge"]))
     for p in v_ref.tensors:
         assert torch.equal(v_ref.tensors[p], v_run.tensors[p])
     pd.testing.assert_frame_equal(s_ref, s_run)
+    pd.testing.assert_frame_equal(pd.read_parquet(ref_dir / "steering.parquet"),
+                                  pd.read_parquet(run_dir / "steering.parquet"))
+    assert json.loads((ref_dir / "selection.json").read_text()) == json.loads((run_dir / "selection.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["judge"].startswith("openai:fake-judge@") and summary["counts"]["kept"] > 0
     html = (run_dir / "report.html").read_text()
     assert "fake-judge" in html and summary["command"].startswith("personavec run --trait evil")
     assert (run_dir / "steering.png").exists() and (run_dir / "separation.png").exists()
+    assert not [p.name for p in run_dir.rglob("*") if ".tmp" in p.name]  # no temporary file left by any kill
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp_path, model_dir):

@@ -179,6 +179,8 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     dist = pd.read_parquet(tmp_path / "ray" / "screen.parquet")
     assert dist["base_answer"].tolist() == local["base_answer"].tolist()
     pd.testing.assert_frame_equal(dist, local, atol=1e-5, rtol=0)
+    # the workers' SQLite caches (WAL) stay on their own local disks, never in the shared output directory
+    assert not [p.name for p in (tmp_path / "ray").rglob("*.sqlite*")]
     # Parquet input (nested chat messages) on Ray, one actor: the same table again
     pq_data = tmp_path / "data.parquet"
     pd.DataFrame(rows(10)).to_parquet(pq_data)

@@ -117,3 +117,30 @@ def test_bad_files_give_clear_errors(tmp_path):
         PersonaVector.load(tmp_path / "foreign.safetensors")
     with pytest.raises(PersonavecError, match="no chosen layer"):
         _vec().get()
+
+
+def test_a_failed_gguf_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    import gguf
+
+    v = PersonaVector(tensors={"response_avg": torch.randn(4, 8)}, model_id="m", chosen_layer=2)
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(OSError):
+        export_control_vector_gguf(v, tmp_path / "v.gguf")
+    assert list(tmp_path.iterdir()) == []  # the fixed-name v.gguf.tmp used to stay
+
+
+def test_the_last_row_of_an_imported_official_vector_warns(tmp_path, caplog):
+    """The official format's row L is after the final norm; personavec's layer L is before it."""
+    torch.save(torch.randn(4, 8), tmp_path / "evil_response_avg_diff.pt")
+    v = import_official(tmp_path / "evil_response_avg_diff.pt")
+    with caplog.at_level("WARNING"):
+        v.get(2)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        v.get(3)
+        v.get(3)
+    assert len(caplog.records) == 1 and "AFTER the model's final norm" in caplog.text

@@ -14,6 +14,7 @@ Means over samples are running sums: memory does not grow with the number of sam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import PersonavecError
 from .internals import backbone, capture, check_layers, decoder_layers, run_forward
 from .models import LoadedModel, pad_token_id
 
+log = logging.getLogger(__name__)
 POOLINGS: tuple[str, ...] = ("response_avg", "prompt_avg", "prompt_last")
 #: statistics that are not directions: ``response_norm`` = mean L2 norm of the residual over answer tokens ([B, 1])
 STATS: tuple[str, ...] = ("response_norm",)
@@ -42,12 +44,21 @@ class Encoded:
         return len(self.ids) - self.n_prompt
 
 
+def encode_for(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str],
+               max_length: int | None = None) -> list[Encoded]:
+    """:func:`encode_pairs` for ``lm``, capped at ``max_length`` tokens (default: the model's context length), so
+    no text, however long, is fed to the model beyond what it takes."""
+    return encode_pairs(lm.tokenizer, prompts, responses,
+                        max_length=max_length if max_length is not None else lm.context_length)
+
+
 def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
                  max_length: int | None = None) -> list[Encoded]:
     """Tokenize each ``prompt + response`` once and locate the boundary exactly.
 
     Special tokens are not added: prompts are expected to be chat-templated already (the template
-    carries BOS and role markers). ``max_length`` truncates the response end of long pairs.
+    carries BOS and role markers). ``max_length`` truncates the response end of long pairs (the number of rows
+    cut is logged as a warning).
     """
     if len(prompts) != len(responses):
         raise PersonavecError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -73,6 +84,10 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
                     "use the model's fast tokenizer")
             out.append(Encoded(tuple(ids), len(pids)))
     if max_length is not None:
+        long = sum(len(e.ids) > max_length for e in out)
+        if long:
+            log.warning("%d of %d rows are longer than %d tokens (--max-length; default: the model's context) and "
+                        "were cut to that length", long, len(out), max_length)
         out = [Encoded(e.ids[:max_length], min(e.n_prompt, max_length)) for e in out]
     for i, e in enumerate(out):
         if e.n_prompt == 0:
@@ -203,9 +218,14 @@ def pooled_means(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[st
     """Mean over pairs of each pooling at each layer (all layers ``0..L`` by default), streamed."""
     n_layers = len(decoder_layers(lm.model, layers_path))
     layers = check_layers(range(n_layers + 1) if layers is None else layers, n_layers)
-    encs = encode_pairs(lm.tokenizer, prompts, responses, max_length=max_length)
+    encs = encode_for(lm, prompts, responses, max_length)
     empty = [i for i, e in enumerate(encs) if e.n_response == 0]
     if empty and ("response_avg" in poolings or "response_norm" in poolings):
+        cut = [i for i in empty if len(responses[i].strip())]
+        if cut:
+            raise PersonavecError(f"{len(cut)} prompts alone fill the --max-length of {len(encs[cut[0]].ids)} tokens "
+                                  f"(first at row {cut[0]}), leaving no answer tokens; raise --max-length or drop "
+                                  "those rows")
         raise PersonavecError(
             f"{len(empty)} answers are empty (first at row {empty[0]}); drop them before extracting "
             "response averages")

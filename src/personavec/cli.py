@@ -69,6 +69,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
 
 
+def _model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:
+    """Vector files (``.safetensors``, official ``.pt``, llama.cpp ``.gguf``) checked against the model's config,
+    before any weights are loaded."""
+    from .models import model_shape
+    from .vectors import load_vector
+
+    n_layers, hidden, _ = model_shape(args.model, args.revision)
+    vecs = []
+    for path in paths:
+        vec = load_vector(path, n_layers=n_layers)
+        vec.check_shape(n_layers, hidden, args.model)
+        vecs.append(vec)
+    return vecs
+
+
 def _load(args: argparse.Namespace):
     from .models import load_model
 
@@ -81,10 +96,13 @@ def _load(args: argparse.Namespace):
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from .extract import extract_vector
-    from .files import read_table
-    from .tables import FilterConfig
+    from .files import check_writable, read_table
+    from .tables import FilterConfig, check_columns
 
-    pos, neg = read_table(args.pos), read_table(args.neg)  # bad tables fail before the model loads
+    pos, neg = read_table(args.pos), read_table(args.neg)  # bad tables and outputs fail before the model loads
+    check_columns(pos, args.pos)
+    check_columns(neg, args.neg)
+    check_writable(args.out)
     lm = _load(args)
     vec = extract_vector(lm, pos, neg, trait=args.trait, layers=parse_layers(args.layers),
                          filter_config=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
@@ -119,10 +137,10 @@ def _describe(path: Path) -> str:
 
 
 def cmd_project(args: argparse.Namespace) -> None:
-    from .monitor import MONITOR_POOLINGS, Probe, project_file
-    from .vectors import PersonaVector
+    from .models import model_id_for
+    from .monitor import MONITOR_POOLINGS, Probe, check_projection, project_file
 
-    vecs = [PersonaVector.load(p) for p in args.vector]  # bad vector files fail before the model loads
+    vecs = _model_vectors(args, args.vector)  # bad vector files fail before the model loads
     layers = parse_layers(args.layers)
     probes = []
     for path, vec in zip(args.vector, vecs):
@@ -131,10 +149,11 @@ def cmd_project(args: argparse.Namespace) -> None:
             raise PersonavecError(f"{path} has no chosen layer; pass --layers")
         name = vec.trait if sum(v.trait == vec.trait for v in vecs) == 1 else Path(path).stem
         probes.append(Probe(name, vec, tuple(use)))
-    lm = _load(args)
     poolings = args.poolings.split(",") if args.poolings else list(MONITOR_POOLINGS)
+    check_projection(args.data, probes, args.out, poolings, model_id_for(args.model), args.max_length)
+    lm = _load(args)
     out = project_file(lm, args.data, probes, args.out, poolings=poolings, chunk_rows=args.chunk_rows,
-                       batch_size=args.batch_size, progress=True)
+                       batch_size=args.batch_size, progress=True, max_length=args.max_length)
     print(f"projections -> {out}")
 
 
@@ -195,15 +214,12 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 
 def _load_steering(args: argparse.Namespace):
-    from .vectors import PersonaVector
-
-    vec = PersonaVector.load(args.vector)
-    lm = _load(args)
-    vec.check_compatible(lm)
+    (vec,) = _model_vectors(args, [args.vector])
     layer = args.layer if args.layer is not None else vec.chosen_layer
     if layer is None:
         raise PersonavecError("the vector has no chosen layer; pass --layer")
-    return vec, lm, layer
+    vec.get(layer)  # a layer out of range fails before the model loads
+    return vec, _load(args), layer
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -317,7 +333,6 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .finetune import intervention_edits, read_chats, train_lora
-    from .vectors import PersonaVector
 
     cfg = _train_config(args)
     chats = read_chats(args.data)
@@ -325,15 +340,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.prevent_coef or args.caft:
         if not args.vector:
             raise PersonavecError("--prevent-coef and --caft need --vector")
-        vec = PersonaVector.load(args.vector)
+        (vec,) = _model_vectors(args, [args.vector])
         layers = parse_layers(args.intervention_layers) or ([vec.chosen_layer] if vec.chosen_layer is not None
                                                             else None)
         if not layers:
             raise PersonavecError("the vector has no chosen layer; pass --intervention-layers")
         edits = intervention_edits(vec, layers, prevent_coef=args.prevent_coef, caft=args.caft)
     lm = _load(args)
-    if vec is not None:
-        vec.check_compatible(lm)
     res = train_lora(lm, chats, cfg, args.out, edits=edits, progress=True)
     if res.extra["complete"]:
         print(f"{res.n_examples} conversations, {res.steps} steps (resumed from {res.resumed_from}), "
@@ -358,11 +371,12 @@ def cmd_trait_data(args: argparse.Namespace) -> None:
 
 def cmd_shift(args: argparse.Namespace) -> None:
     from .artifacts import builtin
-    from .files import read_table, write_table
+    from .files import check_writable, read_table, write_table
     from .finetune import load_adapter
     from .shift import last_prompt_means, plot_shifts, shift_table
 
-    vectors = dict(zip(*_named_vectors(args.vector)))
+    vectors = dict(zip(*_named_vectors(args, args.vector)))
+    check_writable(args.out)
     if args.prompts:
         df = read_table(args.prompts)
         col = next((c for c in ("question", "prompt") if c in df.columns), None)
@@ -374,14 +388,11 @@ def cmd_shift(args: argparse.Namespace) -> None:
         questions = builtin(trait).evaluation_questions
         col = "question"
     base = _load(args)
-    for v in vectors.values():
-        v.check_compatible(base)
     prompts = questions if col == "prompt" else [base.format_chat(q) for q in questions]
     base_means = last_prompt_means(base, prompts, progress="base model")
     tuned = load_adapter(base, args.adapter)  # the base means are taken: wrap the same weights, no second load
     table = shift_table(base_means, last_prompt_means(tuned, prompts, progress="fine-tuned"), vectors)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_table(table, out)
     plot_shifts(table, out.with_suffix(".png"), f"shift of {args.adapter}")
     for name, g in table.groupby("vector"):
@@ -439,7 +450,7 @@ def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
 
     layers = parse_layers(args.layers) if args.layers else None
     specs, probes = [], []
-    for name, vec, path in zip(*_named_vectors(args.vector), args.vector):
+    for name, vec, path in zip(*_named_vectors(args, args.vector), args.vector):
         use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
         if not use:
             raise PersonavecError(f"{path} has no chosen layer; pass --layers")
@@ -448,21 +459,17 @@ def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
     return specs, probes
 
 
-def _named_vectors(paths: Sequence[str]) -> tuple[list[str], list]:
-    """Load vector files and name each by its file stem, or by its trait for a run's ``vectors.safetensors``;
-    repeated names get a suffix."""
-    from .vectors import PersonaVector
-
+def _named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> tuple[list[str], list]:
+    """Load vector files (checked against the model's config) and name each by its file stem, or by its trait for a
+    run's ``vectors.safetensors``; repeated names get a suffix."""
     names: list[str] = []
-    vecs = []
-    for path in paths:
-        vec = PersonaVector.load(path)
+    vecs = _model_vectors(args, paths)
+    for path, vec in zip(paths, vecs):
         stem = Path(path).stem
         name = stem if stem not in ("vectors", "vector") else (vec.trait if vec.trait != "unknown" else stem)
         while name in names:
             name += "_"
         names.append(name)
-        vecs.append(vec)
     return names, vecs
 
 
@@ -481,10 +488,12 @@ def cmd_screen(args: argparse.Namespace) -> None:
         raise PersonavecError(f"{args.data} does not exist")
     specs, probes = _screen_probes(args)
     if args.ray:
+        if args.base_cache:
+            raise PersonavecError("--base-cache is for the local path; on Ray each worker keeps its own cache on "
+                                  "its node's local disk")
         speed = screen_file_ray(args.model, args.data, specs, args.out, cfg, workers=args.ray_workers,
                                 device=args.device, dtype=args.dtype, address=args.ray_address,
-                                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                cache_path=args.base_cache)
+                                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
     else:
         speed = screen_file(_load(args), args.data, probes, args.out, cfg, cache_path=args.base_cache)
     summary = report(args.out, args.data, probes, cfg, top_k=args.top_k, threshold=args.threshold,
@@ -687,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trait", default=None, help="trait name (also the score column name, as in the official CSV)")
     e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-length", type=int, default=None, help="truncate pairs to this many tokens")
+    e.add_argument("--max-length", type=int, default=None,
+                   help="cut pairs to this many tokens (default: the model's context length)")
     e.add_argument("--pos-min", type=finite_float, default=50.0, help="keep pairs whose pos trait score >= this")
     e.add_argument("--neg-max", type=finite_float, default=50.0, help="keep pairs whose neg trait score < this")
     e.add_argument("--coherence-min", type=finite_float, default=50.0, help="both sides' coherence >= this")
@@ -721,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     pj.add_argument("--out", required=True, help="output .jsonl (input columns + projections; resumable)")
     pj.add_argument("--chunk-rows", type=int, default=256)
     pj.add_argument("--batch-size", type=int, default=16)
+    pj.add_argument("--max-length", type=int, default=None,
+                    help="cut conversations to this many tokens (default: the model's context length)")
     _model_args(pj)
     pj.set_defaults(func=cmd_project)
 
@@ -791,7 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--gen-batch-size", type=int, default=16)
     sc.add_argument("--max-new-tokens", type=int, default=256, help="base answers' length")
     sc.add_argument("--temperature", type=finite_float, default=0.0, help="base answers: 0 = greedy (default)")
-    sc.add_argument("--max-length", type=int, default=2048, help="truncate pairs to this many tokens")
+    sc.add_argument("--max-length", type=int, default=None,
+                    help="cut pairs to this many tokens (default: the model's context length)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--base-cache", default=None,
                     help="SQLite cache of base answers (default: OUT/base_answers.sqlite)")
@@ -882,8 +895,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PersonavecError as e:
         print(f"personavec: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment refused: a read-only place, a full disk, a missing device
+        where = f" {e.filename}" if e.filename else ""
+        print(f"personavec: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("personavec: interrupted", file=sys.stderr)
+        print("\npersonavec: interrupted (run the same command again to continue)", file=sys.stderr)
         return 130
     return 0
 

@@ -230,6 +230,8 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
             else:
                 out += _differences(old[k], new[k], sub)
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old and isinstance(old[0], dict):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{where}[{i}]")]
     if old != new:
         return [f"{where or 'settings'} was {_short(old)}, now {_short(new)}"]
     return []
@@ -259,26 +261,44 @@ def settings_conflict(path: str | os.PathLike, settings: dict[str, Any], key: st
 
 
 def refuse_other_settings(path: str | os.PathLike, settings: dict[str, Any], what: str,
-                          todo: str = "use another --out, or delete it to start over", key: str | None = None) -> None:
+                          todo: str = "use another --out, or delete it to start over", key: str | None = None,
+                          where: str | os.PathLike | None = None) -> None:
     """Raise (writing nothing) when ``path`` records settings other than ``settings``."""
     diff = settings_conflict(path, settings, key)
     if diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise PersonavecError(f"{Path(path).parent} holds {what} with other settings ({shown}); {todo}")
+        raise PersonavecError(f"{where or Path(path).parent} holds {what} with other settings ({shown}); {todo}")
 
 
 def claim_settings(path: str | os.PathLike, settings: dict[str, Any], what: str,
                    todo: str = "use another --out, or delete it to start over", key: str | None = None,
-                   extra: dict[str, Any] | None = None) -> None:
+                   extra: dict[str, Any] | None = None, where: str | os.PathLike | None = None) -> None:
     """Record the settings that define a directory's outputs (first call), or refuse different ones later.
 
-    ``what`` names the directory's content in the refusal ("<dir> holds <what> with other settings (…)"). With
-    ``key`` the settings are stored under that key and ``extra`` (versions, dates: not compared) beside them.
+    ``what`` names the outputs in the refusal ("<where> holds <what> with other settings (…)"; ``where`` defaults to
+    the directory of ``path``). With ``key`` the settings are stored under that key and ``extra`` (versions, dates:
+    not compared) beside them.
     """
-    refuse_other_settings(path, settings, what, todo, key)
+    refuse_other_settings(path, settings, what, todo, key, where)
     if not Path(path).exists():
         settings = normalize_settings(settings)
         write_json(path, settings if key is None else {key: settings, **(extra or {})})
+
+
+def fingerprint(path: str | os.PathLike, span: int = 1 << 20) -> dict[str, Any]:
+    """An input file's identity: its name, size and a hash of its first and last MiB (cheap on huge files,
+    unchanged by copying or touching)."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return {"name": path.name, "size": size, "head_tail_sha256": h.hexdigest()[:16]}
 
 
 # --------------------------------------------------------------------------------------------- locks
@@ -316,6 +336,12 @@ def locked(target: str | os.PathLike, what: str = "the output", is_dir: bool = T
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv[:3])}\n".encode(), 0)
             _held[lock] = (fd, 1)
+            if is_dir:  # ours alone now: temporary files left by a writer that was killed can go
+                for stale in target.rglob(".*.tmp"):
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
     try:
         yield
     finally:

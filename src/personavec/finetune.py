@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,12 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PersonavecError
-from .files import atomic_dir, claim_settings, write_json
+from .files import atomic_dir, claim_settings, locked, write_json
 from .internals import decoder_layers
 from .models import LoadedModel, pad_token_id
 from .steering import Edit, steer
 from .tables import chat_messages, missing
 
+log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 SCHEDULES = ("linear", "constant", "cosine")
@@ -125,6 +127,7 @@ class Example:
 
     ids: tuple[int, ...]
     labels: tuple[int, ...]
+    truncated: bool = False  # the conversation was longer than max_length and was cut
 
     @property
     def n_loss_tokens(self) -> int:
@@ -207,13 +210,17 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: 
     ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
     labels = [t if any(end > s0 and start < s1 for s0, s1 in spans) else -100
               for t, (start, end) in zip(ids, offsets)]
-    return Example(tuple(ids), tuple(labels))
+    return Example(tuple(ids), tuple(labels), truncated=len(enc["input_ids"]) > max_length)
 
 
 def encode_chats(tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]], max_length: int) -> tuple[
         list[Example], int]:
     """Encode all chats; returns the examples with loss tokens and the number dropped (none left after truncation)."""
     out = [encode_chat(tokenizer, c, max_length) for c in chats]
+    cut = sum(e.truncated for e in out)
+    if cut:
+        log.warning("%d of %d conversations are longer than %d tokens (--train-max-length, at most the model's "
+                    "context) and were cut to that length", cut, len(out), max_length)
     kept = [e for e in out if e.n_loss_tokens > 0]
     return kept, len(out) - len(kept)
 
@@ -401,13 +408,18 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
     call ``lm`` *is* the fine-tuned model, without any intervention hooks. ``edits`` are training-time
     interventions (preventative steering: ``Edit(kind="add")``, CAFT: ``Edit(kind="ablate")``).
     """
+    with locked(out_dir, "the fine-tune (--out)"):
+        return _train_lora(lm, chats, cfg, Path(out_dir), edits, progress, resume, meta)
+
+
+def _train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig, out: Path,
+                edits: Sequence[Edit], progress: bool | str, resume: bool, meta: dict[str, Any] | None) -> TrainResult:
     from transformers import get_scheduler
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     edits = list(edits)
     check_training_edits(edits)
-    examples, dropped = encode_chats(lm.tokenizer, chats, cfg.max_length)
+    max_length = min(cfg.max_length, lm.context_length or cfg.max_length)
+    examples, dropped = encode_chats(lm.tokenizer, chats, max_length)
     if not examples:
         raise PersonavecError("no training example has assistant tokens within max_length")
     ident = {"config": cfg.identity(), "n_examples": len(examples), "interventions": describe_edits(edits),
@@ -467,8 +479,8 @@ def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: 
         with atomic_dir(adapter_dir) as tmp:
             model.save_pretrained(str(tmp))
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    elif cfg.save_every:
-        _save_checkpoint(model, opt, sched, stop_at, losses, out / CHECKPOINTS, cfg.keep_checkpoints)
+    else:  # stopped early (--max-steps): always leave a checkpoint to continue from
+        _save_checkpoint(model, opt, sched, stop_at, losses, out / CHECKPOINTS, max(1, cfg.keep_checkpoints))
     result = TrainResult(out_dir=out, adapter_dir=adapter_dir, steps=stop_at, losses=losses,
                          n_examples=len(examples), n_dropped=dropped, seconds=round(seconds, 2), resumed_from=start,
                          extra={"tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,

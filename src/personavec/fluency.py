@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .activations import encode_pairs, length_batches, make_batch
+from .activations import encode_for, length_batches, make_batch
 from .models import LoadedModel, pad_token_id
 
 
@@ -22,7 +22,7 @@ from .models import LoadedModel, pad_token_id
 def answer_nll(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16,
                max_length: int | None = None) -> list[float]:
     """Mean NLL (nats) per answer token of each answer after its prompt; NaN for an empty answer."""
-    encs = encode_pairs(lm.tokenizer, list(prompts), list(answers), max_length=max_length)
+    encs = encode_for(lm, list(prompts), list(answers), max_length)
     out = [math.nan] * len(encs)
     pad = pad_token_id(lm.tokenizer)
     for idx in length_batches([len(e.ids) for e in encs], batch_size):

@@ -8,7 +8,8 @@ dropped and sampled again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import PersonavecError
 from .files import append_jsonl, read_jsonl, rewrite_jsonl
+from .internals import _unwrap
 from .models import LoadedModel, pad_token_id
 
 
@@ -39,6 +41,41 @@ class SamplingConfig:
 QUICK = SamplingConfig(n_samples=2, max_new_tokens=64, batch_size=25)
 
 
+def stop_token_ids(lm: LoadedModel) -> list[int]:
+    """Tokens that end an answer: the tokenizer's end of sequence and the model's declared end-of-turn tokens."""
+    declared = getattr(getattr(_unwrap(lm.model), "generation_config", None), "eos_token_id", None)
+    ids = [lm.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
+    return sorted({int(t) for t in ids if t is not None})
+
+
+def generation_config(lm: LoadedModel, cfg: SamplingConfig) -> Any:
+    """A complete GenerationConfig for ``cfg``: plain sampling at ``temperature`` and ``top_p`` (no top-k, no
+    penalties, no minimum length), or greedy at temperature 0."""
+    from transformers import GenerationConfig
+
+    sample = cfg.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
+        temperature=cfg.temperature if sample else 1.0, top_p=cfg.top_p if sample else 1.0, top_k=0, min_p=None,
+        typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+        pad_token_id=pad_token_id(lm.tokenizer), eos_token_id=stop_token_ids(lm), bos_token_id=None)
+
+
+@contextmanager
+def _without_model_defaults(model: Any) -> Iterator[None]:
+    """Hide the model's own ``generation_config`` while ``generate`` runs: Hugging Face fills every setting left
+    unset from it (e.g. Qwen2.5-Instruct's repetition_penalty 1.05), so a run would not sample as recorded."""
+    from transformers import GenerationConfig
+
+    base = _unwrap(model)
+    own = getattr(base, "generation_config", None)
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = own
+
+
 @torch.no_grad()
 def sample_batch(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, seed: int) -> list[dict[str, Any]]:
     """Sample one answer per chat-formatted prompt (left-padded batch). Returns answer + token counts."""
@@ -50,14 +87,10 @@ def sample_batch(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, s
     finally:
         tok.padding_side = side
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_token_id(tok)}
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-    else:
-        kwargs.update(do_sample=False)
-    out = lm.model.generate(**enc, **kwargs)
+    with _without_model_defaults(lm.model):
+        out = lm.model.generate(**enc, generation_config=generation_config(lm, cfg))
     new = out[:, enc["input_ids"].shape[1]:]
-    eos = {t for t in (tok.eos_token_id, pad_token_id(tok)) if t is not None}
+    eos = {*stop_token_ids(lm), pad_token_id(tok)}
     rows = []
     for seq in new.tolist():
         n = len(seq)
@@ -93,15 +126,14 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
     if len(kept) != len(rows) or (path.exists() and len(rows) != _count_lines(path)):
         rewrite_jsonl(path, kept)  # drop partly written batches, repeated answers and any torn line
     todo = [b for b in range(len(batches)) if b not in complete]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - sum(len(batches[b]) for b in todo),
-               desc=progress if isinstance(progress, str) else "sampling", disable=not progress, unit="answer")
-    with open(path, "a", encoding="utf-8") as f:
+    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(batches[b]) for b in todo),
+              desc=progress if isinstance(progress, str) else "sampling", disable=not progress, unit="answer") as bar, \
+            open(path, "a", encoding="utf-8") as f:
         for b in todo:
             idx = batches[b]
             answers = sample_batch(lm, [jobs[i]["prompt"] for i in idx], cfg, seed=cfg.seed * 1_000_003 + b)
             append_jsonl(f, [{**jobs[i], **a, "job": i, "batch": b} for i, a in zip(idx, answers)])
             bar.update(len(idx))
-    bar.close()
     final = read_jsonl(path)
     final.sort(key=lambda r: int(r["job"]))
     if [int(r["job"]) for r in final] != list(range(len(jobs))):

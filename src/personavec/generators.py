@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .errors import PersonavecError
 from .llm_client import ChatClient, EndpointConfig
-from .models import LoadedModel, pad_token_id
+from .models import LoadedModel
 
 
 class EndpointGenerator:
     """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama)."""
 
     def __init__(self, config: EndpointConfig, temperature: float = 0.7, max_tokens: int = 4000) -> None:
-        self.client = ChatClient(config)
+        self.client = ChatClient(config, label="generator endpoint", hint="--generator-base-url or OPENAI_BASE_URL")
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.name = f"openai:{config.model}@{config.base_url}"
@@ -32,14 +30,12 @@ class LocalGenerator:
         self.max_new_tokens = max_new_tokens
         self.name = f"local:{lm.model_id}"
 
-    @torch.no_grad()
     def complete(self, messages: list[dict[str, str]]) -> str:
-        tok = self.lm.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(self.lm.device)
-        out = self.lm.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=pad_token_id(tok))
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        from .generation import SamplingConfig, sample_batch
+
+        text = self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
+        return sample_batch(self.lm, [text], cfg, seed=0)[0]["answer"]
 
 
 def make_generator(spec: str, base_url: str | None = None, **kwargs: Any) -> Any:

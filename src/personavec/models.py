@@ -118,16 +118,10 @@ class LoadedModel:
     def chat(self, user: str, system: str | None = None, max_new_tokens: int = 80,
              temperature: float = 0.0, seed: int = 0) -> str:
         """Generate one answer to ``user``; greedy unless ``temperature`` > 0."""
-        prompt = self.format_chat(user, system=system)
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(self.tokenizer)}
-        if temperature > 0:
-            torch.manual_seed(seed)
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
-        else:
-            kwargs.update(do_sample=False)
-        out = self.model.generate(**enc, **kwargs)
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        from .generation import SamplingConfig, sample_batch
+
+        cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+        return sample_batch(self, [self.format_chat(user, system=system)], cfg, seed=seed)[0]["answer"]
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -311,7 +305,9 @@ def model_shape(spec: str, revision: str | None = None) -> tuple[int, int, int |
             if path.is_dir():
                 raise _no_model_here(path) from None
             detail = str(e).splitlines()[0][:160]
-            raise PersonavecError(f"cannot read the config of model {spec!r} ({detail})") from None
+            known = ", ".join(sorted(EMBEDDED))
+            raise PersonavecError(f"could not load model {spec!r}: not an embedded name ({known}), an existing .gguf "
+                                  f"file or directory, nor a reachable hub id ({detail})") from None
         n, d, ctx = config_shape(cfg)
     if n is None or d is None:
         raise PersonavecError(f"the config of {spec} gives no layer count or hidden size")

@@ -26,9 +26,18 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .activations import encode_pairs, iter_pooled
+from .activations import encode_for, iter_pooled
 from .errors import PersonavecError
-from .files import append_text, read_table, repair_jsonl
+from .files import (
+    append_text,
+    check_writable,
+    claim_settings,
+    fingerprint,
+    locked,
+    read_table,
+    refuse_other_settings,
+    repair_jsonl,
+)
 from .internals import capture, decoder_layers, edit
 from .models import LoadedModel
 from .projection import unit
@@ -49,6 +58,20 @@ class Probe:
 
     def unit(self, layer: int) -> torch.Tensor:
         return unit(self.vector.get(layer, self.pooling))
+
+
+def probe_identity(probes: Sequence[Probe]) -> list[dict[str, Any]]:
+    """What defines each probe's numbers: name, layers, pooling, and a digest of the directions used."""
+    import hashlib
+
+    out = []
+    for p in probes:
+        h = hashlib.sha256()
+        for layer in p.layers:
+            h.update(p.vector.get(layer, p.pooling).float().numpy().tobytes())
+        out.append({"name": p.name, "layers": list(p.layers), "pooling": p.pooling, "trait": p.vector.trait,
+                    "model_id": p.vector.model_id, "digest": h.hexdigest()[:16]})
+    return out
 
 
 def conversation_pair(row: dict[str, Any], tokenizer: Any) -> tuple[str, str | None]:
@@ -76,13 +99,14 @@ def columns(probes: Sequence[Probe], poolings: Sequence[str]) -> list[str]:
 
 @torch.no_grad()
 def project_rows(lm: LoadedModel, rows: Sequence[dict[str, Any]], probes: Sequence[Probe],
-                 poolings: Sequence[str] = MONITOR_POOLINGS, batch_size: int = 16) -> pd.DataFrame:
+                 poolings: Sequence[str] = MONITOR_POOLINGS, batch_size: int = 16,
+                 max_length: int | None = None) -> pd.DataFrame:
     """Projection and cosine columns for ``rows`` (one model pass for all probes, layers and poolings)."""
     for p in probes:
         p.vector.check_compatible(lm)
     pairs = [conversation_pair(r, lm.tokenizer) for r in rows]
     has_answer = [a is not None and a != "" for _, a in pairs]
-    encs = encode_pairs(lm.tokenizer, [p for p, _ in pairs], [a or "" for _, a in pairs])
+    encs = encode_for(lm, [p for p, _ in pairs], [a or "" for _, a in pairs], max_length)
     layers = sorted({layer for p in probes for layer in p.layers})
     col = {layer: i for i, layer in enumerate(layers)}
     out = {c: [math.nan] * len(rows) for c in columns(probes, poolings)}
@@ -132,32 +156,68 @@ def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         read_table(path)  # raises the unsupported-type error
 
 
-def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe], out: str | os.PathLike,
-                 poolings: Sequence[str] = MONITOR_POOLINGS, chunk_rows: int = 256, batch_size: int = 16,
-                 progress: bool = False) -> Path:
-    """Project every row of ``path``; write input columns + projections to ``out`` (JSONL), resumably."""
+def projection_settings(path: str | os.PathLike, probes: Sequence[Probe], poolings: Sequence[str], model_id: str,
+                        max_length: int | None) -> dict[str, Any]:
+    """What defines a projection file's columns and values (its rows are appended over several calls)."""
+    return {"input": fingerprint(path), "model": model_id, "probes": probe_identity(probes),
+            "poolings": list(poolings), "max_length": max_length}
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_suffix(".settings.json")
+
+
+def check_projection(path: str | os.PathLike, probes: Sequence[Probe], out: str | os.PathLike,
+                     poolings: Sequence[str], model_id: str, max_length: int | None) -> dict[str, Any]:
+    """Refuse, before any work or write, an input that is missing, unknown poolings, or an output holding
+    projections of other settings; returns the settings to claim."""
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist")
     if out.suffix.lower() != ".jsonl":
         raise PersonavecError("write projections to a .jsonl file (it is appended chunk by chunk)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = repair_jsonl(out)
-    from tqdm.auto import tqdm
+    bad = [p for p in poolings if p not in MONITOR_POOLINGS]
+    if bad:
+        raise PersonavecError(f"unknown pooling {bad[0]!r}; choose from {', '.join(MONITOR_POOLINGS)}")
+    settings = projection_settings(path, probes, poolings, model_id, max_length)
+    if out.exists() and out.stat().st_size and not settings_path(out).exists():
+        raise PersonavecError(f"{out} holds rows but no record of their settings ({settings_path(out).name}); "
+                              "delete it or write to another --out")
+    refuse_other_settings(settings_path(out), settings, "projections", "use another --out, or delete both files to "
+                          "start over", where=out)
+    check_writable(out)
+    return settings
 
-    bar = tqdm(desc="projecting", unit="row", disable=not progress, initial=done)
-    seen = 0
-    with open(out, "a", encoding="utf-8") as f:
-        for chunk in iter_chunks(path, chunk_rows):
-            start, seen = seen, seen + len(chunk)
-            if seen <= done:
-                continue
-            chunk = chunk.iloc[max(0, done - start):].reset_index(drop=True)
-            proj = project_rows(lm, chunk.to_dict("records"), probes, poolings, batch_size)
-            merged = pd.concat([chunk, proj], axis=1)
-            append_text(f, merged.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
-            bar.update(len(chunk))
-    bar.close()
+
+def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe], out: str | os.PathLike,
+                 poolings: Sequence[str] = MONITOR_POOLINGS, chunk_rows: int = 256, batch_size: int = 16,
+                 progress: bool = False, max_length: int | None = None) -> Path:
+    """Project every row of ``path``; write input columns + projections to ``out`` (JSONL), resumably.
+
+    The settings (input, model, vectors and layers, poolings, max length) are recorded beside the output in
+    ``<out>.settings.json``; a later call with other settings is refused instead of appending rows that do not
+    belong under the same columns.
+    """
+    path, out = Path(path), Path(out)
+    settings = check_projection(path, probes, out, poolings, lm.model_id, max_length)
+    with locked(out, "the projections", is_dir=False):
+        claim_settings(settings_path(out), settings, "projections", where=out)
+        done = repair_jsonl(out)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="projecting", unit="row", disable=not progress, initial=done)
+        seen = 0
+        with open(out, "a", encoding="utf-8") as f:
+            for chunk in iter_chunks(path, chunk_rows):
+                start, seen = seen, seen + len(chunk)
+                if seen <= done:
+                    continue
+                chunk = chunk.iloc[max(0, done - start):].reset_index(drop=True)
+                proj = project_rows(lm, chunk.to_dict("records"), probes, poolings, batch_size, max_length)
+                merged = pd.concat([chunk, proj], axis=1)
+                append_text(f, merged.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
+                bar.update(len(chunk))
+        bar.close()
     return out
 
 

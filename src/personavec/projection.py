@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .activations import encode_pairs, iter_pooled
+from .activations import encode_for, iter_pooled
 from .models import LoadedModel
 
 #: ``{name: {layer: unit direction [d]}}``
@@ -37,7 +37,7 @@ def project_pairs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str
                                    for name, per in units.items() for layer in per for pool in poolings}
     if n == 0:
         return out, []
-    encs = encode_pairs(lm.tokenizer, list(prompts), list(answers), max_length=max_length)
+    encs = encode_for(lm, list(prompts), list(answers), max_length)
     layers = sorted({layer for per in units.values() for layer in per})
     col = {layer: i for i, layer in enumerate(layers)}
     for idx, pooled in iter_pooled(lm, encs, layers, list(poolings), batch_size=batch_size, stop_early=stop_early,

@@ -41,10 +41,10 @@ import torch
 
 from .activations import length_batches
 from .errors import PersonavecError
-from .files import atomic_path, atomic_write, claim_settings, save_figure, write_json
+from .files import atomic_path, atomic_write, claim_settings, fingerprint, locked, save_figure, write_json
 from .generation import SamplingConfig, sample_batch
 from .models import LoadedModel, model_id_for
-from .monitor import Probe, conversation_pair, iter_chunks
+from .monitor import Probe, conversation_pair, iter_chunks, probe_identity
 from .projection import project_pairs
 
 MODES = ("delta", "response", "prompt_last")
@@ -62,7 +62,7 @@ class ScreenConfig:
     max_new_tokens: int = 256
     temperature: float = 0.0  # base answers: greedy by default (deterministic, one per distinct prompt)
     seed: int = 0
-    max_length: int | None = 2048
+    max_length: int | None = None  # tokens per (prompt, answer) pair; None: the model's context length
     stop_early: bool = True
     bucket: bool = True
 
@@ -233,33 +233,10 @@ def part_stats(path: Path) -> dict[str, Any]:
     return json.loads(meta.get(b"personavec_stats", b"{}"))
 
 
-def _fingerprint(path: Path, span: int = 1 << 20) -> dict[str, Any]:
-    """Size plus a hash of the first and last MiB: cheap on huge files, unchanged by copying or touching."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(span))
-        if size > span:
-            f.seek(max(span, size - span))
-            h.update(f.read(span))
-    return {"name": path.name, "size": size, "head_tail_sha256": h.hexdigest()[:16]}
-
-
-def _probe_identity(probes: Sequence[Probe]) -> list[dict[str, Any]]:
-    out = []
-    for p in probes:
-        h = hashlib.sha256()
-        for layer in p.layers:
-            h.update(p.vector.get(layer, p.pooling).float().numpy().tobytes())
-        out.append({"name": p.name, "layers": list(p.layers), "pooling": p.pooling, "trait": p.vector.trait,
-                    "model_id": p.vector.model_id, "digest": h.hexdigest()[:16]})
-    return out
-
-
 def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: ScreenConfig, model_id: str) -> None:
     """Write ``screen_config.json`` once; refuse to continue a directory made with other settings or data."""
     claim_settings(out_dir / "screen_config.json",
-                   {"input": _fingerprint(path), "model": model_id, "probes": _probe_identity(probes),
+                   {"input": fingerprint(path), "model": model_id, "probes": probe_identity(probes),
                     "config": cfg.identity()},
                    f"{out_dir} holds a screening of other data or settings; use another --out or delete that directory")
 
@@ -300,13 +277,20 @@ def screen_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe
                 cfg: ScreenConfig = ScreenConfig(), cache_path: str | os.PathLike | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Score every row of ``path`` into ``out_dir`` (resumable); returns throughput figures of this call."""
-    from tqdm.auto import tqdm
 
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist")
     for p in probes:
         p.vector.check_compatible(lm)
+    with locked(out, "the screening (--out)"):
+        return _screen_file(lm, path, probes, out, cfg, cache_path, progress)
+
+
+def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path, cfg: ScreenConfig,
+                 cache_path: str | os.PathLike | None, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     check_settings(out, path, probes, cfg, lm.model_id)
     done = done_chunks(out)
     cache = BaseAnswerCache(cache_path or out / "base_answers.sqlite") if cfg.mode == "delta" else None
@@ -347,18 +331,25 @@ class _RayScreenWorker:
     """A Ray Data actor: loads the model and vectors once, then scores whole chunks and writes their parts."""
 
     def __init__(self, model: str, device: str | None, dtype: str | None, vectors: list[dict[str, Any]],
-                 cfg: dict[str, Any], out_dir: str, cache_path: str | None) -> None:
+                 cfg: dict[str, Any], out_dir: str) -> None:
         from .models import load_model
-        from .vectors import PersonaVector
+        from .vectors import load_vector
 
         self.lm = load_model(model, device=device, dtype=dtype)
-        self.probes = [Probe(v["name"], PersonaVector.load(v["path"]), tuple(v["layers"]), v.get("pooling"))
+        self.probes = [Probe(v["name"], load_vector(v["path"], self.lm.n_layers), tuple(v["layers"]), v.get("pooling"))
                        for v in vectors]
         for p in self.probes:
             p.vector.check_compatible(self.lm)
         self.cfg = ScreenConfig(**cfg)
         self.out = Path(out_dir)
-        self.cache = BaseAnswerCache(cache_path) if cache_path and self.cfg.mode == "delta" else None
+        # a cache of its own on the node's local disk: SQLite's WAL breaks on the network file systems that a
+        # cluster's shared output directory often lives on (the answers themselves are kept in the parts)
+        self.cache = None
+        if self.cfg.mode == "delta":
+            import tempfile
+
+            self._cache_dir = tempfile.TemporaryDirectory(prefix="personavec-base-answers-")
+            self.cache = BaseAnswerCache(Path(self._cache_dir.name) / "base_answers.sqlite")
 
     def __call__(self, group: pd.DataFrame) -> pd.DataFrame:
         group = group.sort_values("__pv_row", kind="stable")
@@ -375,27 +366,36 @@ class _RayScreenWorker:
 def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[str, Any]],
                     out_dir: str | os.PathLike, cfg: ScreenConfig = ScreenConfig(), workers: int = 1,
                     device: str | None = None, dtype: str | None = None, address: str | None = None,
-                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                    cache_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> dict[str, Any]:
     """The same screening on Ray Data: chunks of global rows → ``workers`` model actors → the same parts.
 
     ``vectors``: ``{"name", "path", "layers", "pooling"}`` per probe (workers load them). ``address``: an
     existing Ray cluster (``auto`` or ``ray://...``); default: a local Ray. The output directory must be on
-    storage every worker can write (a shared filesystem on a multi-node cluster).
+    storage every worker can write (a shared filesystem on a multi-node cluster); each worker keeps its cache of
+    base answers on its own node's local disk.
     """
     try:
         import ray
         import ray.data
     except ImportError:
         raise PersonavecError("the distributed path needs Ray Data: pip install 'ray[data]'") from None
-    from .vectors import PersonaVector
+    from .models import model_shape
+    from .vectors import load_vector
 
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist")
-    probes = [Probe(v["name"], PersonaVector.load(v["path"]), tuple(v["layers"]), v.get("pooling")) for v in vectors]
-    model_id = model_id_for(model)
-    check_settings(out, path, probes, cfg, model_id)
+    n_layers = model_shape(model)[0]
+    probes = [Probe(v["name"], load_vector(v["path"], n_layers), tuple(v["layers"]), v.get("pooling")) for v in vectors]
+    with locked(out, "the screening (--out)"):
+        check_settings(out, path, probes, cfg, model_id_for(model))
+        return _screen_ray(ray, model, path, vectors, out, cfg, workers, device, dtype, address, cpus_per_worker,
+                           gpus_per_worker)
+
+
+def _screen_ray(ray: Any, model: str, path: Path, vectors: Sequence[dict[str, Any]], out: Path, cfg: ScreenConfig,
+                workers: int, device: str | None, dtype: str | None, address: str | None, cpus_per_worker: float,
+                gpus_per_worker: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = False
     if not ray.is_initialized():
@@ -431,8 +431,7 @@ def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[
             _RayScreenWorker, batch_format="pandas", concurrency=workers, num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs={"model": model, "device": device, "dtype": dtype, "vectors": list(vectors),
-                                   "cfg": cfg.to_dict(), "out_dir": str(out.resolve()),
-                                   "cache_path": str(Path(cache_path or out / "base_answers.sqlite").resolve())},
+                                   "cfg": cfg.to_dict(), "out_dir": str(out.resolve())},
         ).to_pandas() if len(done) < n_chunks else pd.DataFrame(columns=["rows", "tokens", "generated_tokens"])
     finally:
         if started:

@@ -10,6 +10,7 @@ template. Optional score columns: the trait score (named after the trait, or ``t
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import pandas as pd
 
 from .errors import PersonavecError
+
+log = logging.getLogger(__name__)
 
 
 def missing(x: Any) -> bool:
@@ -51,11 +54,19 @@ def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:
     return [str(x) for x in col]
 
 
+def check_columns(df: pd.DataFrame, source: str = "table") -> None:
+    """Refuse a response table without an ``answer`` column and a ``prompt`` or ``question`` column (cheap: call it
+    before loading a model)."""
+    if "answer" not in df.columns:
+        raise PersonavecError(f"{source}: no 'answer' column (columns: {', '.join(map(str, df.columns))})")
+    if "prompt" not in df.columns and "question" not in df.columns:
+        raise PersonavecError(f"{source}: needs a 'prompt' column (chat-formatted text) or a 'question' column")
+
+
 def prompts_and_answers(df: pd.DataFrame, tokenizer: Any | None = None, source: str = "table") -> tuple[
         list[str], list[str]]:
     """The formatted prompt texts and answers of a table."""
-    if "answer" not in df.columns:
-        raise PersonavecError(f"{source}: no 'answer' column (columns: {', '.join(map(str, df.columns))})")
+    check_columns(df, source)
     answers = _text_column(df, "answer", source)
     if "prompt" in df.columns:
         return _text_column(df, "prompt", source), answers
@@ -121,15 +132,21 @@ def paired_filter(pos: pd.DataFrame, neg: pd.DataFrame, trait: str | None,
                                   "add it or run with --no-filter")
 
     def num(df: pd.DataFrame, col: str) -> pd.Series:
-        return pd.to_numeric(df[col], errors="coerce").reset_index(drop=True)
+        raw = df[col].reset_index(drop=True)
+        values = pd.to_numeric(raw, errors="coerce")
+        unreadable = values.isna() & raw.map(lambda x: not missing(x))
+        if unreadable.any():
+            log.warning("%d cells of column %r are not numbers (e.g. %r) and count as missing scores",
+                        int(unreadable.sum()), col, raw[unreadable].iloc[0])
+        return values
 
     pt, nt = num(pos, tp), num(neg, tn)
     pc, nc = num(pos, "coherence"), num(neg, "coherence")
     pos_ok = pt >= config.pos_min
     neg_ok = nt < config.neg_max
     coh_ok = (pc >= config.coherence_min) & (nc >= config.coherence_min)
-    empty_ok = pd.Series([bool(str(a).strip()) for a in pos["answer"]]) & pd.Series(
-        [bool(str(a).strip()) for a in neg["answer"]])
+    empty_ok = pd.Series([not missing(a) and bool(str(a).strip()) for a in pos["answer"]]) & pd.Series(
+        [not missing(a) and bool(str(a).strip()) for a in neg["answer"]])
     keep = pos_ok & neg_ok & coh_ok & empty_ok
     counts = {"rows": n, "pos_trait_ok": int(pos_ok.sum()), "neg_trait_ok": int(neg_ok.sum()),
               "coherent_both": int(coh_ok.sum()), "kept": int(keep.sum())}

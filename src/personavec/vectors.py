@@ -17,6 +17,7 @@ Files:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from .activations import POOLINGS
 from .errors import PersonavecError
 from .files import atomic_path
+
+log = logging.getLogger(__name__)
 
 LAYER_CONVENTION = "residual-after-l-blocks;0=embeddings;L=last-block-output-before-final-norm"
 FORMAT_VERSION = 1
@@ -56,6 +59,7 @@ class PersonaVector:
     layers: list[int] | None = None  # layers actually computed (others are zero rows)
     extra: dict[str, Any] = field(default_factory=dict)
     personavec_version: str = field(default_factory=_version)
+    _warned_last_row: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -64,6 +68,11 @@ class PersonaVector:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise PersonavecError(f"pooling tensors must all be [L+1, d]; got shapes {sorted(shapes)}")
         self.tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in self.tensors.items()}
+        for pooling, t in self.tensors.items():
+            bad = (~torch.isfinite(t)).any(dim=-1).nonzero().flatten().tolist()
+            if bad:
+                raise PersonavecError(f"the {pooling} vector holds NaN or infinite values at layer(s) "
+                                      f"{', '.join(map(str, bad[:8]))}; it cannot steer or project: extract it again")
 
     # ----- shape -----
     @property
@@ -93,6 +102,11 @@ class PersonaVector:
             layer = self.chosen_layer
         if not 0 <= layer <= self.n_layers:
             raise PersonavecError(f"layer {layer} out of range 0..{self.n_layers}")
+        if layer == self.n_layers and self.extra.get("last_row") == "hf_final_norm" and not self._warned_last_row:
+            self._warned_last_row = True
+            log.warning("layer %d of this imported vector was taken AFTER the model's final norm (the official "
+                        "format's last row), while personavec reads and edits layer %d before it: its scale and "
+                        "direction do not match; prefer a layer below %d", layer, layer, layer)
         return self.tensors[pooling][layer]
 
     def norms(self, pooling: str | None = None) -> list[float]:
@@ -104,12 +118,14 @@ class PersonaVector:
         from .internals import decoder_layers, hidden_size
 
         m = getattr(model, "model", model)
-        n, d = len(decoder_layers(m)), hidden_size(m)
-        if (n, d) != (self.n_layers, self.hidden_size):
-            mid = getattr(model, "model_id", type(m).__name__)
+        self.check_shape(len(decoder_layers(m)), hidden_size(m), getattr(model, "model_id", type(m).__name__))
+
+    def check_shape(self, n_layers: int, hidden_size: int, model_name: str) -> None:
+        """Refuse a vector whose shape is not ``[n_layers + 1, hidden_size]`` (read from a model's config)."""
+        if (n_layers, hidden_size) != (self.n_layers, self.hidden_size):
             raise PersonavecError(
                 f"vector for {self.model_id} has {self.n_layers} layers x {self.hidden_size} dims but model "
-                f"{mid} has {n} layers x {d} dims; extract a vector for this model instead")
+                f"{model_name} has {n_layers} layers x {hidden_size} dims; extract a vector for this model instead")
 
     # ----- arithmetic -----
     def _binary(self, other: PersonaVector, op: str) -> PersonaVector:
@@ -154,7 +170,7 @@ class PersonaVector:
 
     # ----- files -----
     def metadata(self) -> dict[str, Any]:
-        meta = {k: v for k, v in asdict(self).items() if k != "tensors"}
+        meta = {k: v for k, v in asdict(self).items() if k not in ("tensors", "_warned_last_row")}
         meta.update(format_version=FORMAT_VERSION, n_layers=self.n_layers, hidden_size=self.hidden_size,
                     poolings=self.poolings, norms={p: self.norms(p) for p in self.tensors})
         return meta
@@ -176,7 +192,8 @@ class PersonaVector:
         if path.suffix == ".pt":
             return import_official(path)
         if path.suffix == ".gguf":
-            raise PersonavecError(f"{path} is a GGUF control vector; read it with read_control_vector_gguf")
+            raise PersonavecError(f"{path} is a llama.cpp control vector, which does not record the model's layer "
+                                  "count; load it with load_vector(path, n_layers=...)")
         try:
             tensors = load_file(str(path))
             from safetensors import safe_open
@@ -317,4 +334,19 @@ def from_control_vector_gguf(path: str | os.PathLike, n_layers: int, model_id: s
     hint = fields.get("controlvector.model_hint", model_id)
     return PersonaVector(tensors={str(fields.get("personavec.pooling", "response_avg")): t},
                          model_id=str(hint), trait=str(fields.get("personavec.trait", "unknown")),
-                         layers=sorted(rows), extra={"imported_from": "llama.cpp control vector"})
+                         chosen_layer=next(iter(rows)) if len(rows) == 1 else None,
+                         layers=sorted(rows), extra={"imported_from": "llama.cpp control vector",
+                                                     "coef": fields.get("personavec.coef", 1.0)})
+
+
+def load_vector(path: str | os.PathLike, n_layers: int | None = None, model_id: str = "unknown") -> PersonaVector:
+    """A vector from any file personavec takes: ``.safetensors`` (native), official ``.pt``, or a llama.cpp control
+    vector ``.gguf`` (which needs the model's ``n_layers``: its rows are only the layers it steers)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if n_layers is None:
+            raise PersonavecError(f"{path}: reading a llama.cpp control vector needs the model's layer count")
+        if not path.is_file():
+            raise PersonavecError(f"vector file {path} does not exist")
+        return from_control_vector_gguf(path, n_layers, model_id=model_id)
+    return PersonaVector.load(path)
