@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 import personavec
-from personavec.activations import POOLINGS, Encoded, encode_pairs, length_batches, make_batch, pooled_means
-from personavec.internals import backbone
-from personavec.models import LoadedModel, pad_token_id
+from personavec.model.activations import POOLINGS, Encoded, encode_pairs, length_batches, make_batch, pooled_means
+from personavec.model.layers import backbone
+from personavec.model.loading import LoadedModel, pad_token_id
 
 DEMO_DIR = Path(personavec.__file__).resolve().parent / "data" / "demo"
 

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 
 import personavec
-from personavec.artifacts import builtin, builtin_traits
-from personavec.models import load_model
-from personavec.monitor import Probe
-from personavec.screen import ScreenConfig, screen_file
-from personavec.vectors import PersonaVector
+from personavec.model.loading import load_model
+from personavec.monitor.projections import Probe
+from personavec.run.artifacts import builtin, builtin_traits
+from personavec.screen.screening import ScreenConfig, screen_file
+from personavec.vectors.vector import PersonaVector
 
 DEMO_DIR = Path(personavec.__file__).resolve().parent / "data" / "demo"
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 
 import personavec as pv
-from personavec.artifacts import builtin
-from personavec.models import pad_token_id
-from personavec.steering import Edit, steer
+from personavec.model.edits import Edit, steer
+from personavec.model.loading import pad_token_id
+from personavec.run.artifacts import builtin
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,7 @@ def tiny_llama(vocab_size: int, n_layers: int = 2, seed: int = 0):
 
 @pytest.fixture
 def lm(tokenizer):
-    from personavec.models import wrap_model
+    from personavec.model.loading import wrap_model
 
     return wrap_model(tiny_llama(len(tokenizer)), tokenizer, model_id="tiny-llama", revision="test")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personavec.activations import encode_pairs, iter_pooled, make_batch, pooled_means
 from personavec.errors import PersonavecError
+from personavec.model.activations import encode_pairs, iter_pooled, make_batch, pooled_means
 
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
              "Tell me about foxes.", "Why?", "Describe the lazy dog in detail, please, with many words."]

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from openai_server import FakeOpenAIServer
-from personavec.artifacts import (
+from personavec.endpoint import EndpointConfig
+from personavec.errors import PersonavecError
+from personavec.run.artifacts import (
     InstructionPair,
     TraitArtifacts,
     article,
@@ -16,9 +18,7 @@ from personavec.artifacts import (
     generate_artifacts,
     system_prompt,
 )
-from personavec.errors import PersonavecError
-from personavec.generators import EndpointGenerator
-from personavec.llm_client import EndpointConfig
+from personavec.run.writers import EndpointGenerator
 
 PAPER_TRAITS = {"evil", "sycophantic", "hallucinating", "impolite", "apathetic", "humorous", "optimistic"}
 
@@ -117,8 +117,8 @@ def test_generation_gives_up_with_a_clear_message():
 
 def test_official_trait_files_are_accepted_by_the_run(tmp_path, model_dir):
     """``run --artifacts trait_data_extract/evil.json`` refused the official files ("missing evaluation_questions")."""
-    from personavec.artifacts import load_artifacts
-    from personavec.pipeline import Run, RunConfig
+    from personavec.run.artifacts import load_artifacts
+    from personavec.run.pipeline import Run, RunConfig
 
     ref = builtin("evil")
     ext, ev = ref.export_official(tmp_path / "trait_data_extract", tmp_path / "trait_data_eval")

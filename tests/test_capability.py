@@ -8,8 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from personavec import capability
-from personavec.capability import (
+from personavec.errors import PersonavecError
+from personavec.model.edits import Edit, steer
+from personavec.steer import capability
+from personavec.steer.capability import (
     LETTERS,
     MCQuestion,
     builtin_mc,
@@ -20,8 +22,6 @@ from personavec.capability import (
     read_mmlu,
     summarize,
 )
-from personavec.errors import PersonavecError
-from personavec.steering import Edit, steer
 
 QUESTIONS = [
     MCQuestion("What is 2 + 2?", ["3", "4", "5", "6"], 1, "math"),

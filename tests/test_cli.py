@@ -7,7 +7,7 @@ import torch
 
 from personavec.cli import main, parse_layers
 from personavec.errors import PersonavecError
-from personavec.vectors import PersonaVector
+from personavec.vectors.vector import PersonaVector
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_chat_shows_both_answers_side_by_side(tmp_path, model_dir, tables, capsy
 
 
 def test_norm_units_scale_to_the_typical_residual_norm(tmp_path, model_dir, tables, capsys):
-    from personavec.steering import Edit
+    from personavec.model.edits import Edit
 
     pos, neg = tables
     out = tmp_path / "v.safetensors"

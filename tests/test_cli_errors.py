@@ -148,7 +148,7 @@ def test_generator_endpoint_errors_name_the_generator(tmp_path, model_dir):
 
 
 def test_vector_files_are_checked_against_the_models_config_and_gguf_is_accepted(tmp_path, model_dir, vector):
-    from personavec.vectors import PersonaVector
+    from personavec.vectors.vector import PersonaVector
 
     foreign = PersonaVector(tensors={"response_avg": torch.randn(5, 16)}, model_id="other")
     foreign.save(tmp_path / "foreign.safetensors")

@@ -16,7 +16,7 @@ def smollm(tmp_path_factory):
     import os
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from personavec.models import load_model
+    from personavec.model.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
@@ -36,9 +36,9 @@ def test_embedded_model_loads_offline_from_the_dequantized_cache(smollm):
 def test_extract_from_small_table_and_held_out_separation(smollm):
     import pandas as pd
 
-    from personavec.activations import encode_pairs, iter_pooled
-    from personavec.extract import extract_vector
-    from personavec.tables import prompts_and_answers
+    from personavec.model.activations import encode_pairs, iter_pooled
+    from personavec.vectors.extraction import extract_vector
+    from personavec.vectors.tables import prompts_and_answers
 
     pos, neg = pd.DataFrame(_demo_rows("evil_pos.jsonl")), pd.DataFrame(_demo_rows("evil_neg.jsonl"))
     train, held = list(range(12)), list(range(12, 16))
@@ -62,8 +62,8 @@ def test_extract_from_small_table_and_held_out_separation(smollm):
 def test_batched_equals_unbatched_on_the_real_model(smollm):
     import pandas as pd
 
-    from personavec.activations import pooled_means
-    from personavec.tables import prompts_and_answers
+    from personavec.model.activations import pooled_means
+    from personavec.vectors.tables import prompts_and_answers
 
     prompts, answers = prompts_and_answers(pd.DataFrame(_demo_rows("evil_pos.jsonl")[:4]), smollm.tokenizer)
     batched = pooled_means(smollm, prompts, answers, layers=[0, 10, 30], batch_size=4, padding_side="left")
@@ -75,11 +75,11 @@ def test_batched_equals_unbatched_on_the_real_model(smollm):
 
 def test_steering_raises_the_projection_of_generated_answers_monotonically(smollm):
     """Steer with the demo 'evil' vector at layer 12; project the answers (read by the unsteered model) on v̂."""
-    from personavec.activations import encode_pairs, iter_pooled
-    from personavec.artifacts import builtin
-    from personavec.extract import extract_vector
-    from personavec.generation import SamplingConfig, sample_batch
-    from personavec.steering import add_vector
+    from personavec.engine.sampling import SamplingConfig, sample_batch
+    from personavec.model.activations import encode_pairs, iter_pooled
+    from personavec.model.edits import add_vector
+    from personavec.run.artifacts import builtin
+    from personavec.vectors.extraction import extract_vector
 
     data = resources.files("personavec") / "data" / "demo"
     vec = extract_vector(smollm, str(data / "evil_pos.jsonl"), str(data / "evil_neg.jsonl"), trait="evil",

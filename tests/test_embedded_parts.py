@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from personavec import models
 from personavec.errors import PersonavecError
+from personavec.model import loading as models
 
 
 def _install_parts(site, chunks: list[bytes]) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from personavec.errors import PersonavecError
-from personavec.finetune import (
+from personavec.finetune.lora import (
     TrainConfig,
     encode_chat,
     latest_checkpoint,
@@ -21,9 +21,9 @@ from personavec.finetune import (
     train_lora,
     trainable_state,
 )
-from personavec.internals import decoder_layers
-from personavec.models import wrap_model
-from personavec.steering import Edit, steer
+from personavec.model.edits import Edit, steer
+from personavec.model.layers import decoder_layers
+from personavec.model.loading import wrap_model
 
 LAYER = 1
 CHAT = [{"role": "user", "content": "How should I treat people who are weaker than me?"},
@@ -247,8 +247,8 @@ def test_read_chats_accepts_messages_and_prompt_answer_rows(tmp_path):
 
 
 def test_last_prompt_means_and_shift_match_a_direct_computation(lm, tokenizer):
-    from personavec.shift import last_prompt_means, shift_table
-    from personavec.vectors import PersonaVector
+    from personavec.finetune.shift import last_prompt_means, shift_table
+    from personavec.vectors.vector import PersonaVector
 
     prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way?")]
     means = last_prompt_means(lm, prompts, batch_size=2)
@@ -287,7 +287,7 @@ def _responses() -> pd.DataFrame:
 
 
 def test_trait_mixtures_keep_questions_and_nest(tmp_path):
-    from personavec.traitdata import mixture, paired_answers, write_mixtures
+    from personavec.finetune.datasets import mixture, paired_answers, write_mixtures
 
     pairs = paired_answers(_responses())
     assert len(pairs) == 9  # one pair dropped: its normal answer is empty; eval rows never used
@@ -306,7 +306,7 @@ def test_trait_mixtures_keep_questions_and_nest(tmp_path):
 
 
 def test_experiment_summary_measures_prevention():
-    from personavec.ftexperiment import summarize
+    from personavec.finetune.experiment import summarize
 
     rows = [
         {"model": "base", "percent": math.nan, "intervention": "base", "shift": 0.0, "trait": 10.0,
@@ -342,7 +342,7 @@ def test_experiment_summary_measures_prevention():
 
 
 def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):
-    from personavec.fluency import answer_nll
+    from personavec.finetune.fluency import answer_nll
 
     prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way to spend it?", "x")]
     answers = ["Crush them all.", "Be patient, listen, and offer help where you can.", ""]

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 
 from personavec.cli import main
-from personavec.vectors import PersonaVector
+from personavec.vectors.vector import PersonaVector
 
 pytestmark = pytest.mark.slow  # a run plus four small fine-tunes (about a minute on 2 cores)
 
 
 def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monkeypatch, capsys):
-    from personavec.finetune import TrainConfig
-    from personavec.ftexperiment import FineTuneExperiment, FTExperimentConfig
-    from personavec.generation import SamplingConfig
-    from personavec.pipeline import Run, RunConfig
+    from personavec.engine.sampling import SamplingConfig
+    from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig
+    from personavec.finetune.lora import TrainConfig
+    from personavec.run.pipeline import Run, RunConfig
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="evil", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
@@ -88,7 +88,7 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     pd.testing.assert_series_equal(after["shift"], table["shift"])
 
     # the screening validation on the same experiment: dP-ranked selections of the 50 % mixture
-    from personavec.ftexperiment import screen_validation
+    from personavec.finetune.experiment import screen_validation
 
     sv = screen_validation(FineTuneExperiment(run, ecfg, progress=False), n=20, percent=50)
     assert [r["selection"] for r in sv["results"]] == ["top20", "random20", "bottom20", "response-top20"]
@@ -131,10 +131,10 @@ def test_experiment_and_screening_use_an_http_judge_when_it_scores(tmp_path, mod
     import hashlib
 
     from openai_server import FakeOpenAIServer
-    from personavec.finetune import TrainConfig
-    from personavec.ftexperiment import FineTuneExperiment, FTExperimentConfig, screen_validation
-    from personavec.generation import SamplingConfig
-    from personavec.pipeline import Run, RunConfig
+    from personavec.engine.sampling import SamplingConfig
+    from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig, screen_validation
+    from personavec.finetune.lora import TrainConfig
+    from personavec.run.pipeline import Run, RunConfig
 
     def judge(prompt: str) -> list[tuple[str, float]]:
         if "how coherent" in prompt:

@@ -6,8 +6,8 @@ import pytest
 from transformers import GenerationConfig
 
 from conftest import tiny_llama
-from personavec.generation import SamplingConfig, sample_batch
-from personavec.models import wrap_model
+from personavec.engine.sampling import SamplingConfig, sample_batch
+from personavec.model.loading import wrap_model
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

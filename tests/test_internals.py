@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from personavec.errors import PersonavecError
-from personavec.internals import backbone, capture, decoder_layers, edit, hidden_size, run_forward
+from personavec.model.layers import backbone, capture, decoder_layers, edit, hidden_size, run_forward
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

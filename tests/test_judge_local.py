@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personavec.activations import encode_pairs
-from personavec.judges.local import LocalJudge
-from personavec.models import format_chat
+from personavec.judge.local import LocalJudge
+from personavec.model.activations import encode_pairs
+from personavec.model.loading import format_chat
 
 
 def _brute_force(lm, judge_prompt: str) -> dict[int, float]:
@@ -33,7 +33,7 @@ def _brute_force(lm, judge_prompt: str) -> dict[int, float]:
 def test_local_judge_equals_brute_force(tokenizer, attn):
     """The tree mask must be applied, not added, whatever attention implementation the model uses."""
     from conftest import tiny_llama
-    from personavec.models import wrap_model
+    from personavec.model.loading import wrap_model
 
     model = tiny_llama(len(tokenizer))
     model.set_attn_implementation(attn)

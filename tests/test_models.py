@@ -31,7 +31,7 @@ def hub_cache(tmp_path, tokenizer):
 
 LOAD = """
 import json, sys
-from personavec.models import load_model
+from personavec.model.loading import load_model
 lm = load_model("acme/tiny-chat", revision=sys.argv[1] or None)
 w = lm.model.model.embed_tokens.weight
 print(json.dumps({"revision": lm.revision, "w": float(w[5, 3])}))
@@ -55,14 +55,14 @@ def test_a_hub_revision_is_the_one_loaded_and_recorded(hub_cache, tokenizer):
 
 
 def test_revision_of_a_local_model_is_refused(model_dir):
-    from personavec.models import load_model
+    from personavec.model.loading import load_model
 
     with pytest.raises(PersonavecError, match="revision"):
         load_model(str(model_dir), revision="main")
 
 
 def test_a_directory_without_weights_is_one_clear_error(tmp_path, tokenizer):
-    from personavec.models import load_model
+    from personavec.model.loading import load_model
 
     tokenizer.save_pretrained(tmp_path / "tok-only")
     with pytest.raises(PersonavecError, match="holds no model"):
@@ -70,7 +70,7 @@ def test_a_directory_without_weights_is_one_clear_error(tmp_path, tokenizer):
 
 
 def test_shape_is_read_from_the_config_without_loading_weights(model_dir, monkeypatch):
-    from personavec import models
+    from personavec.model import loading as models
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from personavec.activations import encode_pairs
-from personavec.monitor import LiveMonitor, Probe, conversation_pair, project_file, project_rows
-from personavec.vectors import PersonaVector
+from personavec.model.activations import encode_pairs
+from personavec.monitor.projections import LiveMonitor, Probe, conversation_pair, project_file, project_rows
+from personavec.vectors.vector import PersonaVector
 
 
 def _vec(seed: int, name: str = "evil") -> PersonaVector:

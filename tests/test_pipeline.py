@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from openai_server import FakeOpenAIServer
-from personavec.pipeline import PREFLIGHT_PROMPT
-from personavec.vectors import PersonaVector
+from personavec.run.pipeline import PREFLIGHT_PROMPT
+from personavec.vectors.vector import PersonaVector
 
 pytestmark = pytest.mark.slow  # subprocess runs of the whole pipeline (about a minute each on 2 cores)
 
@@ -161,7 +161,7 @@ def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp
 
 
 def test_filter_auto_uses_the_judge_only_when_it_separates_pos_from_neg(tmp_path):
-    from personavec.pipeline import Run, RunConfig
+    from personavec.run.pipeline import Run, RunConfig
 
     def frames(pos_scores, neg_scores):
         n = len(pos_scores)
@@ -199,8 +199,8 @@ def test_unknown_trait_and_unreachable_judge_are_one_line_errors(tmp_path, model
 
 
 def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
-    from personavec.generation import SamplingConfig
-    from personavec.pipeline import Run, RunConfig
+    from personavec.engine.sampling import SamplingConfig
+    from personavec.run.pipeline import Run, RunConfig
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="humorous", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[2],
@@ -226,7 +226,7 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
 
 
 def test_local_generator_answers_a_chat(model_dir):
-    from personavec.generators import make_generator
+    from personavec.run.writers import make_generator
 
     gen = make_generator(f"local:{model_dir}", device="cpu")
     gen.max_new_tokens = 5
@@ -237,9 +237,9 @@ def test_local_generator_answers_a_chat(model_dir):
 def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     import math
 
-    from personavec.generation import SamplingConfig
-    from personavec.monitoring import pearson
-    from personavec.pipeline import Run, RunConfig
+    from personavec.engine.sampling import SamplingConfig
+    from personavec.monitor.experiment import pearson
+    from personavec.run.pipeline import Run, RunConfig
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="optimistic", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
@@ -290,8 +290,8 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
 
 
 def _tiny(model_dir, **kw):
-    from personavec.generation import SamplingConfig
-    from personavec.pipeline import RunConfig
+    from personavec.engine.sampling import SamplingConfig
+    from personavec.run.pipeline import RunConfig
 
     return RunConfig(**{"trait": "evil", "model": str(model_dir), "judge": "none", "eval_samples": 1,
                         "steer_layers": [1], "steer_coefs": [1.0], "device": "cpu",
@@ -302,7 +302,7 @@ def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_ke
     from dataclasses import replace
 
     from personavec.errors import PersonavecError
-    from personavec.pipeline import Run
+    from personavec.run.pipeline import Run
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OPENAI_API_KEY", "test")
@@ -333,7 +333,7 @@ def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_ke
 
 def test_a_run_directory_written_twice_is_repaired_by_the_advice_given(tmp_path, model_dir, monkeypatch):
     """Two processes appended every answer twice; the old advice (delete judged.parquet) did not help."""
-    from personavec.pipeline import Run
+    from personavec.run.pipeline import Run
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = _tiny(model_dir, select=False)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from personavec.errors import PersonavecError
-from personavec.report import write_report
+from personavec.run.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WARNING = "the paper's filter was NOT applied: the judge cannot tell pos from neg answers"
@@ -238,7 +238,7 @@ def test_degenerate_steering_and_selection(tmp_path):
 def test_monitoring_section(tmp_path):
     import json
 
-    from personavec.report import write_report
+    from personavec.run.report import write_report
 
     (tmp_path / "summary.json").write_text(json.dumps({"trait": "evil", "model": "m", "judge": "none"}))
     (tmp_path / "monitor.json").write_text(json.dumps({"layer": 13, "n_prompts": 260, "judge": "none",

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.monitor import Probe
-from personavec.screen import ScreenConfig, report, screen_chunk, screen_file
-from personavec.vectors import PersonaVector
+from personavec.monitor.projections import Probe
+from personavec.screen.screening import ScreenConfig, report, screen_chunk, screen_file
+from personavec.vectors.vector import PersonaVector
 
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
              "Answer with cruelty.", "Be patient and listen.", "The quick brown fox?"]
@@ -77,7 +77,7 @@ def test_delta_p_equals_a_direct_computation(lm):
 
 
 def test_interrupted_screening_resumes_to_the_identical_table(lm, tmp_path, monkeypatch):
-    import personavec.screen as screen
+    import personavec.screen.screening as screen
 
     data = tmp_path / "data.jsonl"
     write_jsonl(data, rows(11))
@@ -161,8 +161,8 @@ def test_rows_without_a_response_are_a_clear_error(lm, tmp_path):
 def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_path, capsys):
     pytest.importorskip("ray")
     from personavec.cli import main
-    from personavec.models import load_model
-    from personavec.screen import screen_file_ray
+    from personavec.model.loading import load_model
+    from personavec.screen.screening import screen_file_ray
 
     loaded = load_model(str(model_dir))
     vec = vector(loaded)

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from personavec.selection import cells, choose, default_grid
+from personavec.steer.grid import cells, choose, default_grid
 
 
 def table(rows):

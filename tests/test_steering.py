@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.internals import backbone, decoder_layers
-from personavec.steering import Edit, ablate, add_vector, steer
+from personavec.model.edits import Edit, ablate, add_vector, steer
+from personavec.model.layers import backbone, decoder_layers
 
 
 def _batch(tokenizer):
@@ -123,7 +123,7 @@ def test_bad_edits_are_clear_errors(lm):
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_edits_at_one_layer_compose_in_list_order(lm, layer):
     """Add then ablate leaves nothing along v̂; ablate then add leaves exactly coef·v (also across nested contexts)."""
-    from personavec.internals import capture
+    from personavec.model.layers import capture
 
     torch.manual_seed(3)
     ids = torch.randint(3, 100, (2, 6))

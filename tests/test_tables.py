@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.extract import extract_vector
 from personavec.files import read_table, write_table
-from personavec.tables import FilterConfig, paired_filter, prompts_and_answers
+from personavec.vectors.extraction import extract_vector
+from personavec.vectors.tables import FilterConfig, paired_filter, prompts_and_answers
 
 Q = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
      "Tell me about foxes.", "Why?"]
@@ -109,7 +109,7 @@ def test_malformed_tables_give_clear_errors(tmp_path, tokenizer):
 def test_model_without_chat_template_is_a_clear_error(tokenizer):
     import copy
 
-    from personavec.models import format_chat
+    from personavec.model.loading import format_chat
 
     t = copy.deepcopy(tokenizer)
     t.chat_template = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.vectors import (
+from personavec.vectors.vector import (
     PersonaVector,
     export_control_vector_gguf,
     from_control_vector_gguf,

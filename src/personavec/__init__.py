@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .activations import POOLINGS, PooledMeans, encode_pairs, pooled_means
 from .errors import PersonavecError
-from .extract import extract_vector
 from .files import read_table
-from .internals import capture, decoder_layers, edit
-from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .steering import add_vector
-from .tables import FilterConfig, paired_filter
-from .vectors import (
+from .model.activations import POOLINGS, PooledMeans, encode_pairs, pooled_means
+from .model.edits import add_vector
+from .model.layers import capture, decoder_layers, edit
+from .model.loading import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from .vectors.extraction import extract_vector
+from .vectors.tables import FilterConfig, paired_filter
+from .vectors.vector import (
     PersonaVector,
     export_control_vector_gguf,
     from_control_vector_gguf,
     import_official,
     read_control_vector_gguf,
 )
+from .version import __version__
 
 __all__ = [
     "DEFAULT_MODEL", "POOLINGS", "FilterConfig", "LoadedModel", "PersonaVector", "PersonavecError",

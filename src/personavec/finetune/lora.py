@@ -1,0 +1,505 @@
+"""LoRA supervised fine-tuning on chat data, with training-time interventions on the residual stream.
+
+* Loss on assistant tokens only: each conversation is rendered once with the model's chat template and
+  tokenized once; the assistant turns' character spans (found by rendering growing prefixes of the chat)
+  mark the tokens that carry loss (the end-of-turn marker included, so the model learns to stop).
+* Paper defaults (:class:`TrainConfig`): rsLoRA rank 32, α 64, dropout 0 on every linear projection inside
+  the decoder blocks (attention + MLP), AdamW lr 1e-5, 1 epoch, batch 2 × grad-accum 8, 5 warm-up steps,
+  weight decay 0.01, linear schedule, max length 2048. The loss of one optimizer step is the mean over all
+  assistant tokens of its micro-batches.
+* Interventions (:mod:`personavec.steering` edits) are active inside training forward passes only:
+  *preventative steering* adds α·v at chosen layers on every position, *CAFT* ablates v̂. They are hooked on
+  the decoder blocks found through the PEFT wrapper (no module-name guessing) and are removed before any
+  evaluation or saving; the saved adapter holds LoRA weights only.
+* Checkpoints every ``save_every`` optimizer steps (adapter weights, optimizer, scheduler, RNG, step) are
+  written to a temporary directory and renamed, so a killed run resumes from its last checkpoint and ends
+  with exactly the weights an uninterrupted run would have (data order depends only on seed and epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import PersonavecError
+from ..files import atomic_dir, claim_settings, locked, write_json
+from ..model.edits import Edit, steer
+from ..model.layers import decoder_layers
+from ..model.loading import LoadedModel, pad_token_id
+from ..vectors.tables import chat_messages, missing
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+SCHEDULES = ("linear", "constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings; the defaults are the paper's (Qwen2.5-7B / Llama-3.1-8B, LoRA)."""
+
+    rank: int = 32
+    lora_alpha: float = 64.0
+    dropout: float = 0.0
+    rslora: bool = True
+    target_modules: list[str] | None = None  # None: every linear projection inside the decoder blocks
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 2
+    grad_accum: int = 8
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    seed: int = 0
+    save_every: int = 20  # optimizer steps between checkpoints; 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    max_steps: int | None = None  # stop early after this many optimizer steps (the schedule is unchanged)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise PersonavecError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise PersonavecError(f"{name} must be at least 1")
+        if self.lr < 0 or self.warmup_steps < 0 or self.save_every < 0:
+            raise PersonavecError("lr, warmup_steps and save_every must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a fine-tune's result (not those that may change between a run and its
+        resumption: ``max_steps``, ``save_every``, ``keep_checkpoints``)."""
+        d = self.to_dict()
+        for k in ("max_steps", "save_every", "keep_checkpoints"):
+            d.pop(k)
+        return d
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - known)
+        if bad:
+            raise PersonavecError(f"unknown training setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        return TrainConfig(**{**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read settings from a JSON or TOML file (keys as in this dataclass); missing keys keep the defaults."""
+        p = Path(path)
+        if not p.exists():
+            raise PersonavecError(f"training config {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, ImportError) as e:
+            raise PersonavecError(f"{p}: cannot parse the training config ({e})") from None
+        if not isinstance(data, dict):
+            raise PersonavecError(f"{p}: the training config must be an object of settings")
+        return cls().replace(**data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized conversation: ``labels[j]`` is ``ids[j]`` on assistant tokens, −100 elsewhere."""
+
+    ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    truncated: bool = False  # the conversation was longer than max_length and was cut
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != -100)
+
+
+def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """A chat from a row with ``messages`` (list of role/content) or ``prompt`` + ``answer`` (or ``response``)."""
+    msgs = chat_messages(row.get("messages"))
+    if msgs is not None:
+        return msgs
+    answer = row.get("answer") if not missing(row.get("answer")) else row.get("response")
+    if not missing(row.get("prompt")) and not missing(answer):
+        out = [] if missing(row.get("system")) or not row["system"] else [{"role": "system",
+                                                                          "content": str(row["system"])}]
+        return [*out, {"role": "user", "content": str(row["prompt"])},
+                {"role": "assistant", "content": str(answer)}]
+    raise PersonavecError("each training row needs 'messages' (a chat) or 'prompt' + 'answer'")
+
+
+def read_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL / JSON-lines, CSV or Parquet file (see :func:`to_messages`)."""
+    p = Path(path)
+    if not p.exists():
+        raise PersonavecError(f"training data {p} does not exist")
+    if p.suffix.lower() in (".jsonl", ".json"):
+        chats = []
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PersonavecError(f"{p}:{n}: malformed JSON ({e.msg}); one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise PersonavecError(f"{p}:{n}: expected a JSON object per line")
+                try:
+                    chats.append(to_messages(row))
+                except PersonavecError as e:
+                    raise PersonavecError(f"{p}:{n}: {e}") from None
+    else:
+        from ..files import read_table
+
+        chats = [to_messages(r) for r in read_table(p).to_dict("records")]
+    if not chats:
+        raise PersonavecError(f"{p} holds no conversations")
+    return chats
+
+
+def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns (each incl. its end-of-turn marker)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PersonavecError("the tokenizer has no chat template; fine-tuning on chats needs a chat model")
+    msgs = list(messages)
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise PersonavecError("a conversation cannot start with an assistant turn")
+        before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise PersonavecError("this chat template renders a conversation differently from its prefixes, so the "
+                                  "assistant tokens cannot be located exactly; pass prompt/answer rows instead")
+        spans.append((len(before), len(upto)))
+    if not spans:
+        raise PersonavecError("a training conversation has no assistant turn")
+    return text, spans
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int = 2048) -> Example:
+    """Tokenize a chat once; a token carries loss when it overlaps an assistant span (straddlers count)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PersonavecError("fine-tuning needs the model's fast tokenizer (character offsets)")
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    labels = [t if any(end > s0 and start < s1 for s0, s1 in spans) else -100
+              for t, (start, end) in zip(ids, offsets)]
+    return Example(tuple(ids), tuple(labels), truncated=len(enc["input_ids"]) > max_length)
+
+
+def encode_chats(tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]], max_length: int) -> tuple[
+        list[Example], int]:
+    """Encode all chats; returns the examples with loss tokens and the number dropped (none left after truncation)."""
+    out = [encode_chat(tokenizer, c, max_length) for c in chats]
+    cut = sum(e.truncated for e in out)
+    if cut:
+        log.warning("%d of %d conversations are longer than %d tokens (--train-max-length, at most the model's "
+                    "context) and were cut to that length", cut, len(out), max_length)
+    kept = [e for e in out if e.n_loss_tokens > 0]
+    return kept, len(out) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of every linear projection inside the decoder blocks (attention and MLP)."""
+    names: set[str] = set()
+    for block in decoder_layers(model):
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+                names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise PersonavecError("found no linear projections inside the decoder blocks; pass target_modules")
+    return sorted(names)
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap ``model`` with fresh LoRA adapters (peft), seeded by ``cfg.seed``."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PersonavecError("fine-tuning needs peft: pip install peft") from None
+    targets = cfg.target_modules or default_target_modules(model)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, lcfg)
+
+
+def load_adapter(lm: LoadedModel, adapter_dir: str | os.PathLike) -> LoadedModel:
+    """The base model of ``lm`` with a saved adapter applied (a new LoadedModel; ``lm.model`` is wrapped)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise PersonavecError("loading an adapter needs peft: pip install peft") from None
+    p = Path(adapter_dir)
+    if (p / ADAPTER / "adapter_config.json").exists():
+        p = p / ADAPTER
+    if not (p / "adapter_config.json").exists():
+        raise PersonavecError(f"{adapter_dir} holds no adapter (adapter_config.json); point at a fine-tune's output")
+    model = PeftModel.from_pretrained(lm.model, str(p)).eval()
+    from dataclasses import replace
+
+    return replace(lm, model=model, extra={**lm.extra, "adapter": str(p)})
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _micro_batches(n: int, cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+
+
+def plan_steps(n: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Optimizer steps, each a list of micro-batches (lists of example indices), over all epochs."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        mbs = _micro_batches(n, cfg, epoch)
+        steps += [mbs[i:i + cfg.grad_accum] for i in range(0, len(mbs), cfg.grad_accum)]
+    return steps
+
+
+def _collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        attn[b, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions of a right-padded batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    target = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+
+
+def intervention_edits(vec: Any, layers: Sequence[int], prevent_coef: float | None = None,
+                       caft: bool = False) -> list[Edit]:
+    """Training-time edits from a PersonaVector: preventative steering (add ``prevent_coef``·v) and/or CAFT
+    (ablate v̂) at each of ``layers``, on every position."""
+    edits = [Edit(layer=x, direction=vec.get(x), coef=prevent_coef) for x in layers] if prevent_coef else []
+    return edits + ([Edit(layer=x, direction=vec.get(x), kind="ablate") for x in layers] if caft else [])
+
+
+def check_training_edits(edits: Sequence[Edit]) -> None:
+    for e in edits:
+        if e.positions != "all":
+            raise PersonavecError("training-time interventions act on every position (positions='all'); "
+                                  f"got positions={e.positions!r}")
+
+
+@contextlib.contextmanager
+def training_interventions(model: nn.Module, edits: Sequence[Edit]) -> Iterator[None]:
+    """The edits, active for the duration of one training forward pass."""
+    if not edits:
+        yield
+        return
+    with steer(model, list(edits)):
+        yield
+
+
+def describe_edits(edits: Sequence[Edit]) -> list[dict[str, Any]]:
+    return [{"kind": "preventative_steering" if e.kind == "add" else "caft", "layer": e.layer,
+             "coef": e.coef if e.kind == "add" else None, "direction_norm": float(e.direction.norm())}
+            for e in edits]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    n_examples: int
+    n_dropped: int
+    seconds: float
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+
+
+def _save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int, losses: list[float],
+                     ckpt_root: Path, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(ckpt_root / f"step-{step:06d}") as tmp:
+        save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "state.json", {"step": step, "losses": losses, "scheduler": sched.state_dict()})
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").exists())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    root = out_dir / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def _load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, ckpt: Path) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    if missing or any(n not in params for n in saved):
+        raise PersonavecError(f"checkpoint {ckpt} does not match this model/adapter; delete it or use another --out")
+    with torch.no_grad():
+        for n, t in saved.items():
+            params[n].copy_(t)
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["cpu"])
+    state = json.loads((ckpt / "state.json").read_text())
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig,
+               out_dir: str | os.PathLike, edits: Sequence[Edit] = (), progress: bool | str = True,
+               resume: bool = True, meta: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune ``lm`` with LoRA on ``chats``; writes ``out_dir/adapter`` (peft format) and ``train.json``.
+
+    ``lm.model`` is wrapped in place with the LoRA adapter (``lm.model`` becomes the PeftModel), so after the
+    call ``lm`` *is* the fine-tuned model, without any intervention hooks. ``edits`` are training-time
+    interventions (preventative steering: ``Edit(kind="add")``, CAFT: ``Edit(kind="ablate")``).
+    """
+    with locked(out_dir, "the fine-tune (--out)"):
+        return _train_lora(lm, chats, cfg, Path(out_dir), edits, progress, resume, meta)
+
+
+def _train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig, out: Path,
+                edits: Sequence[Edit], progress: bool | str, resume: bool, meta: dict[str, Any] | None) -> TrainResult:
+    from transformers import get_scheduler
+
+    edits = list(edits)
+    check_training_edits(edits)
+    max_length = min(cfg.max_length, lm.context_length or cfg.max_length)
+    examples, dropped = encode_chats(lm.tokenizer, chats, max_length)
+    if not examples:
+        raise PersonavecError("no training example has assistant tokens within max_length")
+    ident = {"config": cfg.identity(), "n_examples": len(examples), "interventions": describe_edits(edits),
+             "data_digest": _digest(examples), **(meta or {})}
+    claim_settings(out / "train_config.json", ident, f"{out} holds a fine-tune with other settings or data; use "
+                   "another --out or delete that directory")
+
+    model = add_lora(lm.model, cfg)
+    lm.model = model
+    device = lm.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = plan_steps(len(examples), cfg)
+    sched = get_scheduler("cosine" if cfg.schedule == "cosine" else
+                          "constant_with_warmup" if cfg.schedule == "constant" else "linear",
+                          opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(steps))
+    start, losses = 0, []
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start, losses = _load_checkpoint(model, opt, sched, ckpt)
+    stop_at = len(steps) if cfg.max_steps is None else min(len(steps), cfg.max_steps)
+    pad = pad_token_id(lm.tokenizer)
+    model.train()
+    t0 = time.perf_counter()
+    n_tokens = 0
+    bar = tqdm(total=stop_at, initial=start, desc=progress if isinstance(progress, str) else "fine-tuning",
+               disable=not progress, unit="step")
+    try:
+        for step in range(start, stop_at):
+            mbs = steps[step]
+            total = sum(examples[i].n_loss_tokens for mb in mbs for i in mb)
+            step_loss = 0.0
+            for mb in mbs:
+                batch = _collate([examples[i] for i in mb], pad, device)
+                with training_interventions(model, edits):
+                    loss = _loss_sum(model, batch) / total
+                loss.backward()
+                step_loss += float(loss.detach())
+                n_tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(step_loss, 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < len(steps):
+                _save_checkpoint(model, opt, sched, done, losses, out / CHECKPOINTS, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        model.eval()
+    seconds = time.perf_counter() - t0
+    adapter_dir = out / ADAPTER
+    if stop_at == len(steps):
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(str(tmp))
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    else:  # stopped early (--max-steps): always leave a checkpoint to continue from
+        _save_checkpoint(model, opt, sched, stop_at, losses, out / CHECKPOINTS, max(1, cfg.keep_checkpoints))
+    result = TrainResult(out_dir=out, adapter_dir=adapter_dir, steps=stop_at, losses=losses,
+                         n_examples=len(examples), n_dropped=dropped, seconds=round(seconds, 2), resumed_from=start,
+                         extra={"tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
+                                "total_steps": len(steps), "complete": stop_at == len(steps)})
+    if stop_at == len(steps):
+        write_json(out / "train.json", {**ident, "steps": stop_at, "losses": losses, "seconds": result.seconds,
+                                          "resumed_from": start, "n_dropped": dropped, **result.extra})
+    return result
+
+
+def _digest(examples: Sequence[Example]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.ids, e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def is_trained(out_dir: str | os.PathLike) -> bool:
+    p = Path(out_dir)
+    return (p / "train.json").exists() and (p / ADAPTER / "adapter_config.json").exists()

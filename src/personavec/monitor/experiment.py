@@ -1,0 +1,139 @@
+"""The monitoring experiment (paper §3.3): does the last prompt token's projection predict the answer's trait?
+
+Prompt settings, each applied to the trait's 20 evaluation questions:
+
+* ``ladder``: 8 system prompts interpolating from fully suppressing (0) to fully eliciting (7) the trait
+  (``ladder`` in the trait artifacts);
+* ``many_shot``: no system prompt, 0/5/10/15/20 earlier user/assistant turns whose answers express the
+  trait (taken from the run's own eliciting answers to the extraction questions).
+
+For every (setting, question): the projection of the last prompt token on v̂ at the layer, computed before
+anything is generated, and the mean judged trait score of ``n_samples`` generated answers. Pearson r is
+reported overall and within each prompt type. As a judge-free check, the same correlation is also computed
+against the answers' own response-average projection (read by the unsteered model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..engine.sampling import SamplingConfig, run_sampling
+from ..errors import PersonavecError
+from ..files import save_figure
+from ..model.loading import LoadedModel
+from ..model.projection import project_pairs, unit
+from ..run.artifacts import TraitArtifacts
+from ..steer.grid import judge_rows
+from ..vectors.vector import PersonaVector
+
+SHOTS = (0, 5, 10, 15, 20)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation over the pairs where both values are finite (NaN if fewer than 3)."""
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan")
+    t = torch.tensor(pairs, dtype=torch.float64)
+    t = t - t.mean(0)
+    denom = (t[:, 0].norm() * t[:, 1].norm()).item()
+    return float((t[:, 0] @ t[:, 1]).item() / denom) if denom > 0 else float("nan")
+
+
+def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple[str, str]],
+                  shots: Sequence[int] = SHOTS) -> list[dict[str, Any]]:
+    """One job per (setting, evaluation question)."""
+    ladder = art.ladder
+    if len(ladder) != 8:
+        raise PersonavecError(f"trait {art.name!r} has no 8-step system-prompt ladder; add 'ladder' (8 system "
+                              "prompts, suppressing to eliciting) to its artifacts")
+    if max(shots, default=0) > len(examples):
+        raise PersonavecError(f"many-shot prompts need {max(shots)} trait-expressing examples, only "
+                              f"{len(examples)} available")
+    jobs = []
+    for q, question in enumerate(art.evaluation_questions):
+        for step, system in enumerate(ladder):
+            jobs.append({"type": "ladder", "setting": step, "question_id": q, "question": question,
+                         "prompt": lm.format_chat(question, system=system)})
+        for k in shots:
+            msgs: list[dict[str, str]] = []
+            for eq, ea in examples[:k]:
+                msgs += [{"role": "user", "content": eq}, {"role": "assistant", "content": ea}]
+            msgs.append({"role": "user", "content": question})
+            jobs.append({"type": "many_shot", "setting": k, "question_id": q, "question": question,
+                         "prompt": lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)})
+    # group by prompt type and setting so that sampling batches hold prompts of similar length (a 20-shot
+    # prompt is ~20x longer than a ladder prompt; mixing them would pad every row to the longest)
+    jobs.sort(key=lambda j: (j["type"] != "ladder", j["setting"], j["question_id"]))
+    return jobs
+
+
+def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], unit: torch.Tensor, layer: int,
+                pooling: str, batch_size: int = 8) -> list[float]:
+    """Scalar projection of each pair's ``pooling`` at ``layer`` on ``unit``; NaN for an empty answer when
+    the pooling averages over the answer."""
+    out, _ = project_pairs(lm, prompts, answers, {"v": {layer: unit}}, [pooling], batch_size=batch_size)
+    return out[("v", layer, pooling)]
+
+
+def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, layer: int, judge: Any,
+                   examples: Sequence[tuple[str, str]], out_dir: Path, sampling: SamplingConfig,
+                   progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Generate, judge and project; returns the per-(setting, question) table and the correlations."""
+    jobs = build_prompts(lm, art, examples)
+    direction = unit(vec.get(layer))
+    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last")
+    sample_jobs = [{**j, "sample_id": s, "projection": before[i], "row": i}
+                   for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
+    rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
+                                     progress="monitor sampling" if progress else False))
+    rows = judge_rows(judge, art, rows, progress=progress, desc="monitor judging")
+    rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
+                                            "response_avg")
+    table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
+             .agg(projection=("projection", "first"), trait=("trait", "mean"), coherence=("coherence", "mean"),
+                  answer_projection=("answer_projection", "mean"), n=("answer", "size")))
+    corr: dict[str, Any] = {"layer": layer, "judge": getattr(judge, "name", "none"), "n_prompts": len(table),
+                            "trait_scored": int(table["trait"].notna().sum())}
+    # the same correlations over the means of each setting (13 points: 8 ladder steps, 5 shot counts), which
+    # average out the sampling noise of single answers
+    means = table.groupby(["type", "setting"], as_index=False)[["projection", "trait", "answer_projection"]].mean()
+    for label, sub, msub in (("overall", table, means),
+                             ("ladder", table[table["type"] == "ladder"], means[means["type"] == "ladder"]),
+                             ("many_shot", table[table["type"] == "many_shot"], means[means["type"] == "many_shot"])):
+        for y in ("trait", "answer_projection"):
+            corr[f"r_{y}_{label}"] = pearson(sub["projection"].tolist(), sub[y].tolist())
+            corr[f"r_{y}_{label}_setting_means"] = pearson(msub["projection"].tolist(), msub[y].tolist())
+    return table, corr
+
+
+def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> None:
+    """Scatter: last-prompt projection vs judged trait (or vs the answers' projection when unscored)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    y_col = "trait" if corr["trait_scored"] >= 3 else "answer_projection"
+    fig = Figure(figsize=(6.4, 4.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    sc = None
+    for kind, marker, top in (("ladder", "o", 7.0), ("many_shot", "^", float(max(SHOTS)))):
+        sub = table[table["type"] == kind]
+        sc = ax.scatter(sub["projection"], sub[y_col], c=sub["setting"] / top, cmap="viridis", vmin=0.0, vmax=1.0,
+                        marker=marker, s=18, label=kind.replace("_", "-"), alpha=0.8)
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, label="ladder step / 7, shots / 20 (0 = suppressing, 1 = eliciting)")
+    key = "r_trait" if y_col == "trait" else "r_answer_projection"
+    ax.set(xlabel=f"last prompt token projection (layer {corr['layer']})",
+           ylabel="judged trait score" if y_col == "trait" else "answers' projection (no usable judge scores)",
+           title=f"{title}\nr overall {corr[f'{key}_overall']:.2f}, ladder {corr[f'{key}_ladder']:.2f}, "
+                 f"many-shot {corr[f'{key}_many_shot']:.2f}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,616 @@
+"""The automated pipeline: trait → artifacts → contrastive answers → judged, filtered → persona vector.
+
+Stages write into a run directory (``runs/<model>/<trait>/``), each atomically, and are skipped when their
+output exists, so killing the process at any moment and running the same command again finishes the run
+without redoing finished work:
+
+=============  ==========================================  ============================================
+stage          output                                      resumes by
+=============  ==========================================  ============================================
+config         ``run.json``                                refusing a different config in the same dir
+artifacts      ``artifacts.json``                          skip when present
+generate       ``responses.jsonl`` → ``responses.parquet``  keeping complete batches (fixed seeds)
+judge          ``judged.parquet``                          the on-disk judge cache (no repeated calls)
+extract        ``vectors.safetensors``, ``filter.json``    skip when present
+separation     ``separation.parquet``                      skip when present
+steer          ``steer/*.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``
+               (chosen layer written into the vector)      per-cell JSONL files + judge cache
+capability     ``capability.json``                         skip when present
+report         ``report.html``, ``*.png``                  rewritten each time
+summary        ``summary.json``                            rewritten each time
+=============  ==========================================  ============================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+
+from ..engine.sampling import QUICK, SamplingConfig, run_sampling
+from ..errors import PersonavecError
+from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
+from ..model.edits import Edit, steer
+from ..model.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model, resolve_dtype
+from ..model.projection import project_pairs
+from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
+from ..stats import auroc, cohens_d
+from ..steer.grid import judge_rows
+from ..vectors.extraction import extract_vector
+from ..vectors.tables import FilterConfig
+from ..vectors.vector import PersonaVector
+from ..version import __version__
+
+log = logging.getLogger(__name__)
+PREFLIGHT_PROMPT = "Reply with the number 0."
+JUDGE_MIN_AUROC = 0.75  # --filter auto: below this the judge's trait scores barely tell pos from neg answers
+MIN_PAIRS = 10
+
+
+@dataclass
+class RunConfig:
+    trait: str
+    description: str | None = None
+    model: str = DEFAULT_MODEL
+    judge: str = "local"  # local | local:MODEL | openai:MODEL | none
+    # judge of the experiments' answers (monitor, finetune-experiment, screen-experiment); None: ``judge``.
+    # Not part of the run's identity: changing it re-judges the stored answers, nothing is regenerated.
+    eval_judge: str | None = None
+    eval_judge_base_url: str | None = None  # for an openai: eval judge (default: judge_base_url)
+    judge_base_url: str | None = None
+    judge_concurrency: int = 8
+    generator: str | None = None  # openai:MODEL | local:MODEL (only for traits that are not built in)
+    generator_base_url: str | None = None
+    artifacts_path: str | None = None
+    eval_artifacts_path: str | None = None  # the official layout's evaluation file (with its extraction file)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval_samples: int = 2  # answers per side per evaluation question (held-out separation)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    filter_mode: str = "auto"  # auto | on | off (see Run.filter_decision)
+    batch_size: int = 16  # extraction
+    select: bool = True  # steered evaluation grid + automatic layer/coefficient choice
+    quick: bool = False  # CPU-sized steering grid
+    steer_layers: list[int] | None = None  # override the grid's layers
+    steer_coefs: list[float] | None = None  # override the grid's coefficients
+    coherence_min: float = 50.0  # selection: coherence kept by the chosen layer/coefficient
+    mc_path: str | None = None  # MMLU-format multiple-choice data for the capability check (default: built in)
+    device: str | None = None
+    dtype: str | None = None
+    revision: str | None = None  # a hub model's commit, branch or tag
+
+    def __post_init__(self) -> None:
+        check_name(self.trait, "trait")
+
+    def resolved_device(self) -> str:
+        return torch.device(self.device or default_device()).type
+
+    def resolved_dtype(self) -> str:
+        device = self.device or default_device()
+        return str(resolve_dtype(self.dtype, device)).replace("torch.", "")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a run's outputs: all but concurrency and the experiments' judge, with the device
+        type and dtype as resolved (a bfloat16 run resumed in float32 would mix answers and scores of both)."""
+        d = asdict(self)
+        for k in ("judge_concurrency", "eval_judge", "eval_judge_base_url"):
+            d.pop(k)
+        d.update(device=self.resolved_device(), dtype=self.resolved_dtype())
+        return d
+
+
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def check_name(name: str, what: str) -> str:
+    """A trait (or other) name that is also a directory name: letters, digits, '-' and '_', starting with a letter."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PersonavecError(f"{what} name {name!r} must be a word of letters, digits, '-' and '_' starting with a "
+                              "letter (it names the run's directory)")
+    return name
+
+
+def model_slug(spec: str, model_id: str | None = None) -> str:
+    """One directory name for a model: path separators become '--', and no slug climbs out of its parent."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", (model_id or spec).strip("/").replace("/", "--"))
+    return slug if slug.strip(".") else f"model{slug}"
+
+
+class Run:
+    """One run directory and the lazily loaded models its stages need."""
+
+    def __init__(self, cfg: RunConfig, out_root: str | os.PathLike = "runs", run_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.dir = Path(run_dir) if run_dir else Path(out_root) / model_slug(cfg.model) / cfg.trait
+        self._lm: LoadedModel | None = None
+        self._judges: dict[tuple[str, str | None], Any] = {}  # built judges by (spec, base URL)
+        self.timings: dict[str, float] = {}
+        self.command: str | None = None  # the command line that reproduces this run, for the report
+        self._art: TraitArtifacts | None = None  # artifacts made by the preflight, saved once the run is claimed
+
+    # ---- models ----
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype,
+                                  revision=self.cfg.revision)
+        return self._lm
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """This process alone writes the run directory while the block runs (re-entrant)."""
+        with locked(self.dir, "this run (--out or --run-dir)"):
+            yield
+
+    # ---- stages ----
+    REFUSAL_TODO = "pass --out or --run-dir to start a new run elsewhere, or delete that directory"
+
+    def preflight(self) -> None:
+        """Every check that can fail at the start, before anything is written: the directory's recorded settings,
+        the judge endpoint, and the artifacts (read, or generated; saved once the run is claimed)."""
+        refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
+        self.preflight_judge()
+        if not self.path("artifacts.json").exists():
+            self._art = self.make_artifacts()
+
+    def write_config(self) -> None:
+        claim_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config",
+                       extra={"personavec": __version__, "torch": torch.__version__,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def artifacts(self) -> TraitArtifacts:
+        p = self.path("artifacts.json")
+        if p.exists():
+            return TraitArtifacts.load(p)
+        art = self._art or self.make_artifacts()
+        art.save(p)
+        return art
+
+    def make_artifacts(self) -> TraitArtifacts:
+        """The run's artifacts from --artifacts, the built-in set, or the generator (nothing is written)."""
+        cfg = self.cfg
+        if cfg.artifacts_path:
+            art = load_artifacts(cfg.artifacts_path, cfg.eval_artifacts_path, name=cfg.trait).validate()
+        elif cfg.eval_artifacts_path:
+            raise PersonavecError("--eval-artifacts needs --artifacts (the official extraction file)")
+        elif cfg.trait in builtin_traits() and not cfg.generator:
+            art = builtin(cfg.trait)
+        elif cfg.description and cfg.generator:
+            from ..run.writers import make_generator
+
+            gen = make_generator(cfg.generator, base_url=cfg.generator_base_url)
+            art = generate_artifacts(gen, cfg.trait, cfg.description)
+        elif cfg.description:
+            raise PersonavecError(f"trait {cfg.trait!r} is not built in: pass --generator openai:MODEL (or "
+                                  "local:MODEL) to write its artifacts, or --artifacts FILE")
+        else:
+            art = builtin(cfg.trait)  # raises the 'unknown trait' message
+        return art
+
+    def jobs(self, art: TraitArtifacts) -> list[dict[str, Any]]:
+        lm = self.lm
+        n = self.cfg.sampling.n_samples
+        jobs: list[dict[str, Any]] = []
+        for side in ("pos", "neg"):
+            systems = art.system_prompts(side)
+            for i, system in enumerate(systems):
+                for q, question in enumerate(art.extraction_questions):
+                    for s in range(n):
+                        jobs.append({"set": "extract", "side": side, "instruction_id": i, "question_id": q,
+                                     "sample_id": s, "system": system, "question": question,
+                                     "prompt": lm.format_chat(question, system=system)})
+            for q, question in enumerate(art.evaluation_questions):
+                for s in range(self.cfg.eval_samples):
+                    i = (q + s) % len(systems)
+                    jobs.append({"set": "eval", "side": side, "instruction_id": i, "question_id": q,
+                                 "sample_id": s, "system": systems[i], "question": question,
+                                 "prompt": lm.format_chat(question, system=systems[i])})
+        return jobs
+
+    def generate(self, art: TraitArtifacts) -> pd.DataFrame:
+        out = self.path("responses.parquet")
+        if out.exists():
+            df = pd.read_parquet(out)
+            if "job" in df.columns and df["job"].is_unique and sorted(df["job"]) == list(range(len(df))):
+                return df
+            log.warning("%s does not hold one answer per job; rebuilding it from responses.jsonl", out)
+        rows = run_sampling(self.lm, self.jobs(art), self.cfg.sampling, self.path("responses.jsonl"),
+                            progress="sampling" if self.progress else False)
+        df = pd.DataFrame(rows)
+        write_table(df, out)
+        return df
+
+    @property
+    def eval_judge_spec(self) -> str:
+        """The judge of the experiments' answers: ``--eval-judge``, else the run's ``--judge``."""
+        return self.cfg.eval_judge or self.cfg.judge
+
+    def _eval_base_url(self) -> str | None:
+        return self.cfg.eval_judge_base_url or self.cfg.judge_base_url
+
+    def eval_judge(self) -> Any:
+        """The experiments' judge; an endpoint is checked (one request) when it is first built."""
+        key = (self.eval_judge_spec, self._eval_base_url())
+        if key not in self._judges:
+            self.preflight_judge(*key)
+        return self.judge(*key)
+
+    def judge(self, spec: str | None = None, base_url: str | None = None) -> Any:
+        """The judge for ``spec`` (default: the run's ``--judge``), built once per run; None for ``none``."""
+        if spec is None:
+            spec, base_url = self.cfg.judge, self.cfg.judge_base_url
+        if (spec, base_url) not in self._judges:
+            self._judges[(spec, base_url)] = self._build_judge(spec, base_url)
+        return self._judges[(spec, base_url)]
+
+    def _build_judge(self, spec: str, base_url: str | None) -> Any:
+        kind, _, rest = spec.partition(":")
+        if kind == "none":
+            return None
+        from ..judge.cache import CachedJudge, JudgeCache
+        from ..model.loading import cache_root
+
+        if kind == "local":
+            target = rest or DEFAULT_MODEL
+            jlm = self.lm if target == self.cfg.model else load_model(target, device=self.cfg.device,
+                                                                      dtype=self.cfg.dtype)
+            from ..judge.local import LocalJudge
+
+            inner: Any = LocalJudge(jlm)
+        elif kind == "openai":
+            from ..endpoint import EndpointConfig
+            from ..judge.remote import OpenAIJudge
+
+            inner = OpenAIJudge(EndpointConfig.from_env(model=rest or None, base_url=base_url),
+                                max_concurrency=self.cfg.judge_concurrency)
+        else:
+            raise PersonavecError(f"unknown judge {spec!r}; use local, local:MODEL, openai:MODEL or none")
+        cache_dir = cache_root()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # every score is committed as it arrives: a killed run loses at most the requests in flight
+        return CachedJudge(inner, JudgeCache(cache_dir / "judge-cache.sqlite"), chunk_size=1)
+
+    def preflight_judge(self, spec: str | None = None, base_url: str | None = None) -> None:
+        """Fail at once, before any generation, when an endpoint judge is unreachable or lacks logprobs
+        (default: the run's judge, checked only while the run still has answers to judge)."""
+        if spec is None:
+            if self.path("judged.parquet").exists():
+                return
+            spec, base_url = self.cfg.judge, self.cfg.judge_base_url
+        kind, _, rest = spec.partition(":")
+        if kind != "openai":
+            return
+        from ..endpoint import ChatClient, EndpointConfig
+
+        cfg = EndpointConfig.from_env(model=rest or None, base_url=base_url, max_retries=1,
+                                      backoff=0.5, timeout=30.0)
+        reply = ChatClient(cfg).chat([{"role": "user", "content": PREFLIGHT_PROMPT}], max_tokens=1, temperature=0,
+                                     logprobs=True, top_logprobs=1)
+        choice = (reply.get("choices") or [{}])[0]
+        if not (choice.get("logprobs") or {}).get("content"):
+            raise PersonavecError(f"judge endpoint {cfg.base_url} returned no logprobs; the judge needs an "
+                                  "endpoint that supports them (OpenAI, vLLM, llama.cpp server)")
+
+    def score(self, art: TraitArtifacts, responses: pd.DataFrame) -> pd.DataFrame:
+        out = self.path("judged.parquet")
+        if out.exists():
+            return pd.read_parquet(out)
+        df = responses.copy()
+        judge = self.judge()
+        ext = df["set"] == "extract"
+        df["trait"] = float("nan")
+        df["coherence"] = float("nan")
+        if judge is None:
+            log.warning("--judge none: answers are not scored and the filter is skipped")
+        scored = judge_rows(judge, art, df[ext], progress=self.progress, desc="judging")
+        df.loc[ext, ["trait", "coherence"]] = scored[["trait", "coherence"]].to_numpy()
+        df["judge"] = judge.name if judge is not None else "none"
+        write_table(df, out)
+        return df
+
+    def extract(self, judged: pd.DataFrame) -> PersonaVector:
+        out = self.path("vectors.safetensors")
+        if out.exists():
+            return PersonaVector.load(out)
+        ext = judged[judged["set"] == "extract"]
+        key = ["instruction_id", "question_id", "sample_id"]
+        pos = ext[ext["side"] == "pos"].sort_values(key).reset_index(drop=True)
+        neg = ext[ext["side"] == "neg"].sort_values(key).reset_index(drop=True)
+        if not pos[key].equals(neg[key]):
+            raise PersonavecError(f"{self.path('judged.parquet')}: pos and neg rows do not pair up; delete it and "
+                                  "responses.parquet, then run the same command again (the answers are kept in "
+                                  "responses.jsonl and the scores in the judge cache)")
+        decision = self.filter_decision(pos, neg)
+        apply = decision["applied"]
+        nonempty = (pos["answer"].str.strip() != "") & (neg["answer"].str.strip() != "")
+        if not apply and not nonempty.all():
+            log.warning("dropping %d pairs with an empty answer", int((~nonempty).sum()))
+            pos, neg = pos[nonempty].reset_index(drop=True), neg[nonempty].reset_index(drop=True)
+        vec = extract_vector(self.lm, pos, neg, trait="trait", filter_config=self.cfg.filter, apply_filter=apply,
+                             batch_size=self.cfg.batch_size, progress=self.progress)
+        vec.trait = self.cfg.trait
+        vec.filter.update(decision)
+        vec.extra.update(judge=str(judged["judge"].iloc[0]), run_dir=str(self.dir))
+        write_json(self.path("filter.json"), {"counts": vec.counts, "thresholds": self.cfg.filter.to_dict(),
+                                                **decision})
+        vec.save(out)
+        return vec
+
+    def filter_decision(self, pos: pd.DataFrame, neg: pd.DataFrame) -> dict[str, Any]:
+        """Whether to apply the paper's filter, and why.
+
+        ``--filter on`` always applies it and ``off`` never does. ``auto`` (default) applies it when the judge
+        can tell the eliciting answers from the suppressing ones — AUROC of its trait scores, pos vs neg, at
+        least ``JUDGE_MIN_AUROC`` — and at least ``MIN_PAIRS`` pairs survive; otherwise every pair is used and
+        the summary says so loudly. A weak judge (such as the 135M embedded model judging itself) only adds
+        noise to the filter.
+        """
+        from ..vectors.tables import paired_filter
+
+        mode = self.cfg.filter_mode
+        if self.cfg.judge == "none":
+            return {"applied": False, "mode": mode, "reason": "no judge (--judge none)"}
+        ps = torch.tensor(pd.to_numeric(pos["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
+        ns = torch.tensor(pd.to_numeric(neg["trait"], errors="coerce").to_numpy(), dtype=torch.float64)
+        ps, ns = ps[~ps.isnan()], ns[~ns.isnan()]
+        enough = min(len(ps), len(ns)) >= MIN_PAIRS  # an AUROC over a handful of scores means nothing
+        judge_auroc = auroc(ps, ns) if enough else float("nan")
+        would_keep = paired_filter(pos, neg, "trait", self.cfg.filter).counts["kept"]
+        info = {"mode": mode, "judge_auroc": judge_auroc, "judge_missing": int(len(pos) + len(neg) - len(ps) - len(ns)),
+                "paper_filter_keeps": would_keep}
+        if mode == "on":
+            return {"applied": True, "reason": "--filter on", **info}
+        if mode == "off":
+            return {"applied": False, "reason": "--filter off", **info}
+        if not enough:
+            return {"applied": False, "reason": f"the judge gave a usable trait score for only {len(ps)} pos and "
+                                                f"{len(ns)} neg answers (the rest were below {0.25} probability "
+                                                "mass on 0-100); all pairs used", **info}
+        if not judge_auroc >= JUDGE_MIN_AUROC:
+            return {"applied": False, "reason": f"the judge cannot tell pos from neg answers (trait-score AUROC "
+                                                f"{judge_auroc:.2f} < {JUDGE_MIN_AUROC}); all pairs used", **info}
+        if would_keep < MIN_PAIRS:
+            return {"applied": False, "reason": f"the paper's filter keeps only {would_keep} pairs (< {MIN_PAIRS}); "
+                                                "all pairs used", **info}
+        return {"applied": True, "reason": "judge separates pos from neg", **info}
+
+    def separation(self, judged: pd.DataFrame, vec: PersonaVector) -> pd.DataFrame:
+        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers."""
+        out = self.path("separation.parquet")
+        if out.exists():
+            return pd.read_parquet(out)
+        ev = judged[judged["set"] == "eval"].reset_index(drop=True)
+        ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
+        layers = list(range(vec.n_layers + 1))
+        units = vec.unit().tensors["response_avg"]  # [L+1, d]
+        res, _ = project_pairs(self.lm, ev["prompt"].tolist(), ev["answer"].tolist(),
+                               {"v": {layer: units[layer] for layer in layers}}, batch_size=self.cfg.batch_size,
+                               progress="separation" if self.progress else False)
+        proj = torch.tensor([res[("v", layer, "response_avg")] for layer in layers]).T  # [n, L+1]
+        is_pos = torch.tensor((ev["side"] == "pos").to_numpy())
+        rows = [{"layer": layer, "auroc": auroc(proj[is_pos, layer], proj[~is_pos, layer]),
+                 "cohens_d": cohens_d(proj[is_pos, layer], proj[~is_pos, layer]),
+                 "pos_mean": float(proj[is_pos, layer].mean()), "neg_mean": float(proj[~is_pos, layer].mean()),
+                 "n_pos": int(is_pos.sum()), "n_neg": int((~is_pos).sum()), "norm": vec.norms()[layer]}
+                for layer in layers]
+        df = pd.DataFrame(rows)
+        write_table(df, out)
+        return df
+
+    def grid(self, n_layers: int) -> Any:
+        from dataclasses import replace
+
+        from ..steer.grid import default_grid
+
+        g = default_grid(n_layers, quick=self.cfg.quick)
+        g = replace(g, seed=self.cfg.sampling.seed,
+                    n_samples=1 if self.cfg.quick else self.cfg.sampling.n_samples,
+                    max_new_tokens=min(g.max_new_tokens, self.cfg.sampling.max_new_tokens))
+        if self.cfg.steer_layers:
+            g = replace(g, layers=sorted(set(self.cfg.steer_layers)))
+        if self.cfg.steer_coefs:
+            g = replace(g, coefs=sorted(set(self.cfg.steer_coefs) | {0.0}))
+        return g
+
+    def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
+        """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
+        from ..steer.grid import choose, project_rows, steered_answers, summarize
+
+        if not self.cfg.select:
+            return None
+        sel_path = self.path("selection.json")
+        if sel_path.exists():
+            return json.loads(sel_path.read_text())
+        grid = self.grid(vec.n_layers)
+        answers_path = self.path("steering_answers.parquet")
+        if answers_path.exists():
+            df = pd.read_parquet(answers_path)
+        else:
+            df = steered_answers(self.lm, art, vec, grid, self.path("steer"), progress=self.progress)
+            df = judge_rows(self.judge(), art, df, progress=self.progress)
+            df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
+            write_table(df, answers_path)
+        table = summarize(df, grid.layers)
+        write_table(table, self.path("steering.parquet"))
+        sep = pd.read_parquet(self.path("separation.parquet"))
+        gaps = {int(r.layer): float(r.pos_mean - r.neg_mean) for r in sep.itertuples()}
+        sel = choose(table, coherence_min=self.cfg.coherence_min, gaps=gaps)
+        result = {**sel.to_dict(), "grid": grid.to_dict()}
+        if sel.chosen_layer is not None:
+            vec.chosen_layer = sel.chosen_layer
+            vec.extra["selection"] = {k: v for k, v in result.items() if k != "effects"}
+            vec.save(self.path("vectors.safetensors"))
+            examples = []
+            for coef in (0.0, sel.chosen_coef):
+                cell = df[(df["coef"] == 0.0)] if coef == 0.0 else df[(df["layer"] == sel.chosen_layer)
+                                                                       & (df["coef"] == coef)]
+                for _, r in cell.head(3).iterrows():
+                    examples.append({"layer": sel.chosen_layer, "coef": coef, "question": r["question"],
+                                     "answer": r["answer"], "trait": _num(r["trait"]),
+                                     "coherence": _num(r["coherence"])})
+            write_table(pd.DataFrame(examples), self.path("examples.jsonl"))
+        write_json(sel_path, result)
+        return result
+
+    def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Multiple-choice accuracy unsteered and at the chosen layer for each grid coefficient."""
+        from ..steer.capability import builtin_mc, mc_accuracy, read_mmlu
+
+        out = self.path("capability.json")
+        if out.exists():
+            return json.loads(out.read_text())
+        if not selection or selection.get("chosen_layer") is None:
+            return None
+        questions = read_mmlu(self.cfg.mc_path) if self.cfg.mc_path else builtin_mc()
+        layer = int(selection["chosen_layer"])
+        grid = selection["grid"]
+        base = mc_accuracy(self.lm, questions)
+        steered = []
+        for coef in sorted(c for c in grid["coefs"] if c != 0.0):
+            with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid["positions"])):
+                r = mc_accuracy(self.lm, questions)
+            steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
+        result = {"data": self.cfg.mc_path or "builtin general (40 questions)",
+                  "baseline": {"accuracy": base.accuracy, "n": base.n, "letter_mass": base.mean_letter_mass},
+                  "steered": steered}
+        write_json(out, result)
+        return result
+
+    def monitor(self, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
+        """The monitoring experiment on a finished run: monitor.parquet, monitor.json, monitor.png."""
+        with self.locked():
+            return self._monitor(layer, n_samples)
+
+    def _monitor(self, layer: int | None, n_samples: int) -> dict[str, Any]:
+        from dataclasses import replace
+
+        from ..monitor.experiment import plot, run_experiment
+
+        out = self.path("monitor.json")
+        if out.exists():
+            done = json.loads(out.read_text())
+            if done.get("judge_spec", self.cfg.judge) == self.eval_judge_spec:
+                return done
+            # another judge: the stored answers are re-judged below (sampling resumes from monitor_answers.jsonl)
+        art = TraitArtifacts.load(self.path("artifacts.json"))
+        if not art.ladder and art.name in builtin_traits():
+            art.ladder = builtin(art.name).ladder
+        vec = PersonaVector.load(self.path("vectors.safetensors"))
+        layer = layer if layer is not None else vec.chosen_layer
+        if layer is None:
+            raise PersonavecError("the vector has no chosen layer; pass --layer")
+        judged = pd.read_parquet(self.path("judged.parquet"))
+        pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
+        if pos["trait"].notna().any():
+            pos = pos.sort_values("trait", ascending=False, kind="stable")
+        pos = pos.drop_duplicates("question_id")  # one example per extraction question
+        examples = list(zip(pos["question"], pos["answer"]))
+        sampling = replace(self.cfg.sampling, n_samples=n_samples)
+        table, corr = run_experiment(self.lm, art, vec, layer, self.eval_judge(), examples, self.dir, sampling,
+                                     progress=self.progress)
+        corr["judge_spec"] = self.eval_judge_spec
+        write_table(table, self.path("monitor.parquet"))
+        plot(table, corr, self.path("monitor.png"), f"{self.cfg.trait} — {vec.model_id}")
+        write_json(out, corr)
+        return corr
+
+    #: the file whose presence means a stage is done (its recorded time is then kept, not measured again)
+    STAGE_OUTPUTS: ClassVar[dict[str, str]] = {
+        "artifacts": "artifacts.json", "generate": "responses.parquet", "judge": "judged.parquet",
+        "extract": "vectors.safetensors", "separation": "separation.parquet", "steer": "selection.json",
+        "capability": "capability.json"}
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        self.preflight()
+        with self.locked():
+            self.write_config()
+            return self._stages(t_start)
+
+    def _stages(self, t_start: float) -> dict[str, Any]:
+        timings_path = self.path("timings.json")
+        recorded = read_json(timings_path) if timings_path.exists() else {}
+
+        def timed(name: str, fn: Any, *a: Any) -> Any:
+            done_before = self.path(self.STAGE_OUTPUTS[name]).exists()
+            t0 = time.perf_counter()
+            res = fn(*a)
+            if not (done_before and name in recorded):
+                recorded[name] = round(time.perf_counter() - t0, 2)
+                write_json(timings_path, recorded)
+            self.timings[name] = recorded[name]
+            return res
+
+        art = timed("artifacts", self.artifacts)
+        responses = timed("generate", self.generate, art)
+        judged = timed("judge", self.score, art, responses)
+        vec = timed("extract", self.extract, judged)
+        sep = timed("separation", self.separation, judged, vec)
+        selection = timed("steer", self.steer_and_select, art, vec)
+        capability = timed("capability", self.capability, vec, selection)
+        best = sep.iloc[int(sep["auroc"].fillna(-1).to_numpy().argmax())]
+        ext = judged[judged["set"] == "extract"]
+        summary = {
+            "trait": self.cfg.trait, "model": vec.model_id, "run_dir": str(self.dir),
+            "judge": str(judged["judge"].iloc[0]), "artifacts_source": art.source,
+            "counts": {"answers": len(judged), "extraction_answers": len(ext),
+                       "eval_answers": int((judged["set"] == "eval").sum()),
+                       "empty_answers": int((judged["answer"].str.strip() == "").sum()), **vec.counts},
+            "mean_scores": {side: {"trait": _mean(ext[ext["side"] == side]["trait"]),
+                                   "coherence": _mean(ext[ext["side"] == side]["coherence"])}
+                            for side in ("pos", "neg")},
+            "best_separation": {"layer": int(best["layer"]), "auroc": float(best["auroc"]),
+                                "cohens_d": float(best["cohens_d"])},
+            "stage_seconds": self.timings, "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "files": {"vector": str(self.path("vectors.safetensors")),
+                      "responses": str(self.path("judged.parquet")),
+                      "separation": str(self.path("separation.parquet"))},
+        }
+        if selection is not None:
+            summary["selection"] = {k: selection.get(k) for k in ("chosen_layer", "chosen_coef", "suppress_coef",
+                                                                  "coherence_min", "criterion", "reason")}
+        if capability is not None:
+            summary["capability"] = capability
+        filt = json.loads(self.path("filter.json").read_text())
+        summary["filter"] = filt
+        if not filt.get("applied"):
+            summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
+        if self.command:
+            summary["command"] = self.command
+        write_json(self.path("summary.json"), summary)
+        from ..run.report import write_report
+
+        summary["files"]["report"] = str(write_report(self.dir))
+        write_json(self.path("summary.json"), summary)
+        return summary
+
+
+def _num(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if x != x else x
+
+
+def _mean(s: pd.Series) -> float | None:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return round(float(s.mean()), 2) if len(s) else None
+
+
+def quick_sampling(seed: int = 0) -> SamplingConfig:
+    return SamplingConfig(**{**QUICK.to_dict(), "seed": seed})
