@@ -37,9 +37,9 @@ import torch
 
 import personavec
 from personavec.model.loading import load_model
-from personavec.monitor.projections import Probe
 from personavec.run.artifacts import builtin, builtin_traits
 from personavec.screen.screening import ScreenConfig, screen_file
+from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 
 DEMO_DIR = Path(personavec.__file__).resolve().parent / "data" / "demo"

@@ -6,7 +6,7 @@ import pytest
 from transformers import GenerationConfig
 
 from conftest import tiny_llama
-from personavec.engine.sampling import SamplingConfig, sample_batch
+from personavec.engine.sampling import SamplingConfig, chat, sample_batch
 from personavec.model.loading import wrap_model
 
 
@@ -21,5 +21,5 @@ def test_the_models_generation_defaults_are_not_inherited(tokenizer, temperature
     cfg = SamplingConfig(temperature=temperature, max_new_tokens=12)
     want = sample_batch(clean, prompts, cfg, seed=3)
     assert sample_batch(polluted, prompts, cfg, seed=3) == want
-    assert polluted.chat("Why?", max_new_tokens=8) == clean.chat("Why?", max_new_tokens=8)
+    assert chat(polluted, "Why?", max_new_tokens=8) == chat(clean, "Why?", max_new_tokens=8)
     assert polluted.model.generation_config.repetition_penalty == 50.0  # the model itself is left as it was

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from personavec.model.activations import encode_pairs
-from personavec.monitor.projections import LiveMonitor, Probe, conversation_pair, project_file, project_rows
+from personavec.model.chat import conversation_pair
+from personavec.monitor.live import LiveMonitor
+from personavec.monitor.projections import project_file, project_rows
+from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.monitor.projections import Probe
 from personavec.screen.screening import ScreenConfig, report, screen_chunk, screen_file
+from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",

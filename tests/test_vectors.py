@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.vectors.vector import (
-    PersonaVector,
+from personavec.vectors.formats import (
     export_control_vector_gguf,
     from_control_vector_gguf,
     import_official,
     read_control_vector_gguf,
 )
+from personavec.vectors.vector import PersonaVector
 
 
 def _vec(n_layers: int = 4, d: int = 8, seed: int = 0, **kw) -> PersonaVector:

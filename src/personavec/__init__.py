@@ -9,14 +9,14 @@ from .model.edits import add_vector
 from .model.layers import capture, decoder_layers, edit
 from .model.loading import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .vectors.extraction import extract_vector
-from .vectors.tables import FilterConfig, paired_filter
-from .vectors.vector import (
-    PersonaVector,
+from .vectors.formats import (
     export_control_vector_gguf,
     from_control_vector_gguf,
     import_official,
     read_control_vector_gguf,
 )
+from .vectors.tables import FilterConfig, paired_filter
+from .vectors.vector import PersonaVector
 from .version import __version__
 
 __all__ = [

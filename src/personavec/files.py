@@ -448,6 +448,35 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     raise PersonavecError(f"{path}: unsupported table type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
 
 
+def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Fixed-size chunks of a JSONL / JSON-lines, Parquet or CSV file, streamed."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            yield batch.to_pandas()
+    elif suffix == ".csv":
+        yield from pd.read_csv(path, chunksize=chunk_rows, keep_default_na=False, na_values=[""])
+    elif suffix in (".jsonl", ".json"):
+        buf: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    buf.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PersonavecError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                if len(buf) == chunk_rows:
+                    yield pd.DataFrame(buf)
+                    buf = []
+        if buf:
+            yield pd.DataFrame(buf)
+    else:
+        read_table(path)  # raises the unsupported-type error
+
+
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table atomically (type from the suffix)."""
     path = Path(path)

@@ -73,7 +73,7 @@ def _model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:
     """Vector files (``.safetensors``, official ``.pt``, llama.cpp ``.gguf``) checked against the model's config,
     before any weights are loaded."""
     from ..model.loading import model_shape
-    from ..vectors.vector import load_vector
+    from ..vectors.formats import load_vector
 
     n_layers, hidden, _ = model_shape(args.model, args.revision)
     vecs = []
@@ -114,7 +114,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def _describe(path: Path) -> str:
-    from ..vectors.vector import PersonaVector, read_control_vector_gguf
+    from ..vectors.formats import load_vector, read_control_vector_gguf
 
     if path.suffix == ".gguf":
         rows, fields = read_control_vector_gguf(path)
@@ -123,7 +123,7 @@ def _describe(path: Path) -> str:
         lines += [f"  layer {layer} (direction.{layer - 1}): norm {float(t.norm()):.4g}" for layer, t in
                   sorted(rows.items())]
         return "\n".join(lines)
-    vec = PersonaVector.load(path)
+    vec = load_vector(path)
     lines = [f"{path}: trait {vec.trait!r}, model {vec.model_id} ({vec.model_revision})",
              f"  shape [{vec.n_layers + 1}, {vec.hidden_size}], poolings {', '.join(vec.poolings)}, "
              f"chosen layer {vec.chosen_layer}",
@@ -138,7 +138,8 @@ def _describe(path: Path) -> str:
 
 def cmd_project(args: argparse.Namespace) -> None:
     from ..model.loading import model_id_for
-    from ..monitor.projections import MONITOR_POOLINGS, Probe, check_projection, project_file
+    from ..monitor.projections import MONITOR_POOLINGS, check_projection, project_file
+    from ..vectors.probe import Probe
 
     vecs = _model_vectors(args, args.vector)  # bad vector files fail before the model loads
     layers = parse_layers(args.layers)
@@ -168,7 +169,7 @@ def cmd_vectors_info(args: argparse.Namespace) -> None:
 
 
 def cmd_vectors_import(args: argparse.Namespace) -> None:
-    from ..vectors.vector import import_official
+    from ..vectors.formats import import_official
 
     vec = import_official(args.files, model_id=args.model_id, trait=args.trait)
     if args.check_model:
@@ -181,9 +182,9 @@ def cmd_vectors_import(args: argparse.Namespace) -> None:
 
 
 def cmd_vectors_export(args: argparse.Namespace) -> None:
-    from ..vectors.vector import PersonaVector, export_control_vector_gguf
+    from ..vectors.formats import export_control_vector_gguf, load_vector
 
-    vec = PersonaVector.load(args.vector)
+    vec = load_vector(args.vector)
     layers = parse_layers(args.layers) if args.layers else None
     out = export_control_vector_gguf(vec, args.out, layers=layers, coef=args.coef, pooling=args.pooling)
     print(f"wrote {out} (use with llama.cpp: --control-vector {out})")
@@ -191,12 +192,13 @@ def cmd_vectors_export(args: argparse.Namespace) -> None:
 
 def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
                 positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
+    from ..engine.sampling import chat
     from ..model.edits import Edit, steer
 
-    base = lm.chat(question, max_new_tokens=max_new_tokens)
+    base = chat(lm, question, max_new_tokens=max_new_tokens)
     edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
     with steer(lm, edit):
-        steered = lm.chat(question, max_new_tokens=max_new_tokens)
+        steered = chat(lm, question, max_new_tokens=max_new_tokens)
     return base, steered
 
 
@@ -446,7 +448,7 @@ def print_finetune_summary(s: dict) -> None:
 
 def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
     """Probe specs (for Ray workers, which load the files themselves) and the probes built from them."""
-    from ..monitor.projections import Probe
+    from ..vectors.probe import Probe
 
     layers = parse_layers(args.layers) if args.layers else None
     specs, probes = [], []

@@ -140,3 +140,11 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
         raise PersonavecError(f"{path} does not hold one answer per job (another process wrote to it?); run the "
                               "same command again to repair it")
     return final
+
+
+def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: int = 80, temperature: float = 0.0,
+         seed: int = 0) -> str:
+    """One answer to ``user`` (with an optional system prompt); greedy unless ``temperature`` > 0. Steering edits
+    active around the call apply."""
+    cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+    return sample_batch(lm, [lm.format_chat(user, system=system)], cfg, seed=seed)[0]["answer"]

@@ -396,8 +396,8 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
 def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: int,
                        max_new_tokens: int) -> dict[str, Any]:
     from ..finetune.datasets import write_jsonl
-    from ..monitor.projections import Probe
     from ..screen.screening import ScreenConfig, screen_file
+    from ..vectors.probe import Probe
 
     exp.write_config()
     judged = pd.read_parquet(exp.run.path("judged.parquet"))

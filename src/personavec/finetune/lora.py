@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from ..errors import PersonavecError
 from ..files import atomic_dir, claim_settings, locked, write_json
+from ..model.chat import chat_messages, missing
 from ..model.edits import Edit, steer
 from ..model.layers import decoder_layers
 from ..model.loading import LoadedModel, pad_token_id
-from ..vectors.tables import chat_messages, missing
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

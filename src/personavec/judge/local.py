@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.activations import encode_pairs
+from ..model.chat import format_chat
 from ..model.layers import cache_kwarg
-from ..model.loading import LoadedModel, format_chat
+from ..model.loading import LoadedModel
 
 MIN_MASS = 0.25
 SCORES = tuple(range(101))

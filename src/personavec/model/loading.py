@@ -22,6 +22,7 @@ import torch
 
 from ..errors import PersonavecError
 from ..files import atomic_dir, atomic_write, write_json
+from .chat import format_chat
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,6 @@ class LoadedModel:
         """The chat-templated prompt text for one user turn (with the generation prompt appended)."""
         return format_chat(self.tokenizer, user, system=system, assistant=assistant)
 
-    @torch.no_grad()
-    def chat(self, user: str, system: str | None = None, max_new_tokens: int = 80,
-             temperature: float = 0.0, seed: int = 0) -> str:
-        """Generate one answer to ``user``; greedy unless ``temperature`` > 0."""
-        from ..engine.sampling import SamplingConfig, sample_batch
-
-        cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
-        return sample_batch(self, [self.format_chat(user, system=system)], cfg, seed=seed)[0]["answer"]
-
 
 def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
@@ -130,21 +122,6 @@ def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     return 0
-
-
-def format_chat(tokenizer: Any, user: str, system: str | None = None, assistant: str | None = None) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise PersonavecError(
-            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!s} has no chat template; "
-            "use an instruction-tuned (chat) model, or give prompts already formatted in a 'prompt' column")
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": user})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if assistant is not None:
-        text += assistant
-    return text
 
 
 def default_device() -> str:

@@ -27,7 +27,7 @@ from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
 from ..files import save_figure
 from ..model.loading import LoadedModel
-from ..model.projection import project_pairs, unit
+from ..model.projection import column, project_pairs, unit
 from ..run.artifacts import TraitArtifacts
 from ..steer.grid import judge_rows
 from ..vectors.vector import PersonaVector
@@ -74,12 +74,12 @@ def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple
     return jobs
 
 
-def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], unit: torch.Tensor, layer: int,
-                pooling: str, batch_size: int = 8) -> list[float]:
-    """Scalar projection of each pair's ``pooling`` at ``layer`` on ``unit``; NaN for an empty answer when
-    the pooling averages over the answer."""
-    out, _ = project_pairs(lm, prompts, answers, {"v": {layer: unit}}, [pooling], batch_size=batch_size)
-    return out[("v", layer, pooling)]
+def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], direction: torch.Tensor,
+                layer: int, pooling: str, batch_size: int = 8) -> list[float]:
+    """Scalar projection of each pair's ``pooling`` at ``layer`` on ``direction`` (made unit); NaN for an empty
+    answer when the pooling averages over the answer."""
+    table = project_pairs(lm, prompts, answers, {"v": {layer: direction}}, [pooling], batch_size=batch_size)
+    return column(table, len(prompts), "v", layer, pooling)
 
 
 def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, layer: int, judge: Any,

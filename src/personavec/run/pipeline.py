@@ -42,7 +42,7 @@ from ..errors import PersonavecError
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
 from ..model.edits import Edit, steer
 from ..model.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model, resolve_dtype
-from ..model.projection import project_pairs
+from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from ..stats import auroc, cohens_d
 from ..steer.grid import judge_rows
@@ -396,11 +396,11 @@ class Run:
         ev = judged[judged["set"] == "eval"].reset_index(drop=True)
         ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
         layers = list(range(vec.n_layers + 1))
-        units = vec.unit().tensors["response_avg"]  # [L+1, d]
-        res, _ = project_pairs(self.lm, ev["prompt"].tolist(), ev["answer"].tolist(),
-                               {"v": {layer: units[layer] for layer in layers}}, batch_size=self.cfg.batch_size,
-                               progress="separation" if self.progress else False)
-        proj = torch.tensor([res[("v", layer, "response_avg")] for layer in layers]).T  # [n, L+1]
+        rows = vec.tensors["response_avg"]  # [L+1, d]
+        table = project_pairs(self.lm, ev["prompt"].tolist(), ev["answer"].tolist(),
+                              {"v": {layer: rows[layer] for layer in layers}}, batch_size=self.cfg.batch_size,
+                              progress="separation" if self.progress else False)
+        proj = torch.tensor([column(table, len(ev), "v", layer) for layer in layers]).T  # [n, L+1]
         is_pos = torch.tensor((ev["side"] == "pos").to_numpy())
         rows = [{"layer": layer, "auroc": auroc(proj[is_pos, layer], proj[~is_pos, layer]),
                  "cohens_d": cohens_d(proj[is_pos, layer], proj[~is_pos, layer]),

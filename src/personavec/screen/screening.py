@@ -41,11 +41,12 @@ import torch
 
 from ..engine.sampling import SamplingConfig, sample_batch
 from ..errors import PersonavecError
-from ..files import atomic_path, atomic_write, claim_settings, fingerprint, locked, save_figure, write_json
+from ..files import atomic_path, atomic_write, claim_settings, fingerprint, iter_chunks, locked, save_figure, write_json
 from ..model.activations import length_batches
+from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel, model_id_for
-from ..model.projection import project_pairs
-from ..monitor.projections import Probe, conversation_pair, iter_chunks, probe_identity
+from ..model.projection import column, project_pairs
+from ..vectors.probe import Probe, directions, probe_identity
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -157,10 +158,9 @@ def base_answers(lm: LoadedModel, prompts: Sequence[str], cfg: ScreenConfig, chu
 
 
 def _project(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], probes: Sequence[Probe],
-             poolings: Sequence[str], cfg: ScreenConfig) -> tuple[dict[tuple[str, int, str], list[float]], list[int]]:
-    units = {p.name: {layer: p.unit(layer) for layer in p.layers} for p in probes}
-    return project_pairs(lm, prompts, answers, units, poolings, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                         stop_early=cfg.stop_early, sort_by_length=cfg.bucket)
+             poolings: Sequence[str], cfg: ScreenConfig) -> pd.DataFrame:
+    return project_pairs(lm, prompts, answers, directions(probes), poolings, batch_size=cfg.batch_size,
+                         max_length=cfg.max_length, stop_early=cfg.stop_early, sort_by_length=cfg.bucket)
 
 
 @torch.no_grad()
@@ -181,23 +181,25 @@ def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int
     prompts = [p for p, _ in pairs]
     answers = [a for _, a in pairs]
     poolings = ["prompt_last"] if cfg.mode == "prompt_last" else ["response_avg", "prompt_last"]
-    proj, lengths = _project(lm, prompts, answers, probes, poolings, cfg)
+    proj = _project(lm, prompts, answers, probes, poolings, cfg)
+    lengths = proj.attrs["n_tokens"]
     n_tokens = sum(lengths)
-    df = pd.DataFrame({"row": range(first_row, first_row + len(rows))})
+    n = len(rows)
+    df = pd.DataFrame({"row": range(first_row, first_row + n)})
     for p in probes:
         for layer in p.layers:
             if cfg.mode != "prompt_last":
-                df[f"{p.name}@L{layer}:response"] = proj[(p.name, layer, "response_avg")]
-            df[f"{p.name}@L{layer}:prompt_last"] = proj[(p.name, layer, "prompt_last")]
+                df[f"{p.name}@L{layer}:response"] = column(proj, n, p.name, layer, "response_avg")
+            df[f"{p.name}@L{layer}:prompt_last"] = column(proj, n, p.name, layer, "prompt_last")
     generated = 0
     if cfg.mode == "delta":
         base, generated = base_answers(lm, prompts, cfg, chunk_id, cache)
-        bproj, base_lengths = _project(lm, prompts, base, probes, ["response_avg"], cfg)
-        n_tokens += sum(base_lengths)
+        bproj = _project(lm, prompts, base, probes, ["response_avg"], cfg)
+        n_tokens += sum(bproj.attrs["n_tokens"])
         df["base_answer"] = base
         for p in probes:
             for layer in p.layers:
-                b = pd.Series(bproj[(p.name, layer, "response_avg")], dtype="float64")
+                b = pd.Series(column(bproj, n, p.name, layer), dtype="float64")
                 df[f"{p.name}@L{layer}:base_response"] = b.to_numpy()
                 df[f"{p.name}@L{layer}:delta_p"] = (df[f"{p.name}@L{layer}:response"] - b).to_numpy()
     df["n_tokens"] = lengths
@@ -333,7 +335,7 @@ class _RayScreenWorker:
     def __init__(self, model: str, device: str | None, dtype: str | None, vectors: list[dict[str, Any]],
                  cfg: dict[str, Any], out_dir: str) -> None:
         from ..model.loading import load_model
-        from ..vectors.vector import load_vector
+        from ..vectors.formats import load_vector
 
         self.lm = load_model(model, device=device, dtype=dtype)
         self.probes = [Probe(v["name"], load_vector(v["path"], self.lm.n_layers), tuple(v["layers"]), v.get("pooling"))
@@ -380,7 +382,7 @@ def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[
     except ImportError:
         raise PersonavecError("the distributed path needs Ray Data: pip install 'ray[data]'") from None
     from ..model.loading import model_shape
-    from ..vectors.vector import load_vector
+    from ..vectors.formats import load_vector
 
     path, out = Path(path), Path(out_dir)
     if not path.is_file():

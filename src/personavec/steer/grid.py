@@ -27,7 +27,7 @@ from ..engine.sampling import SamplingConfig, run_sampling
 from ..judge.rubrics import coherence_prompt
 from ..model.edits import Edit, steer
 from ..model.loading import LoadedModel
-from ..model.projection import project_pairs
+from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts
 from ..vectors.vector import PersonaVector
 
@@ -105,11 +105,11 @@ def project_rows(lm: LoadedModel, vec: PersonaVector, df: pd.DataFrame, batch_si
     df = df.copy()
     answers = [a if a.strip() else "." for a in df["answer"]]
     layers = sorted({int(x) for x in df["layer"] if x >= 0})
-    units = vec.unit().tensors["response_avg"]
-    proj, _ = project_pairs(lm, df["prompt"].tolist(), answers, {"v": {layer: units[layer] for layer in layers}},
-                            batch_size=batch_size)
+    rows = vec.tensors["response_avg"]
+    table = project_pairs(lm, df["prompt"].tolist(), answers, {"v": {layer: rows[layer] for layer in layers}},
+                          batch_size=batch_size)
     for layer in layers:
-        df[f"proj_L{layer}"] = proj[("v", layer, "response_avg")]
+        df[f"proj_L{layer}"] = column(table, len(df), "v", layer)
     return df
 
 

@@ -13,7 +13,7 @@ from ..files import read_table
 from ..model.activations import POOLINGS, pooled_means
 from ..model.loading import LoadedModel
 from ..vectors.tables import FilterConfig, paired_filter, prompts_and_answers
-from ..vectors.vector import PersonaVector, mean_difference
+from .vector import PersonaVector, mean_difference
 
 log = logging.getLogger(__name__)
 

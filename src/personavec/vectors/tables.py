@@ -9,40 +9,16 @@ template. Optional score columns: the trait score (named after the trait, or ``t
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
 
 from ..errors import PersonavecError
+from ..model.chat import format_chat, missing
 
 log = logging.getLogger(__name__)
-
-
-def missing(x: Any) -> bool:
-    """None or NaN (what pandas puts in a cell that a row did not have)."""
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def chat_messages(value: Any) -> list[dict[str, str]] | None:
-    """The chat in a ``messages`` cell (a list of {role, content}, or its JSON text); None when absent."""
-    if missing(value):
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise PersonavecError("a 'messages' field holds a string that is not JSON") from None
-    try:
-        msgs = [dict(m) for m in value]
-    except (TypeError, ValueError):
-        msgs = []
-    if not msgs or not all("role" in m and "content" in m for m in msgs):
-        raise PersonavecError("a 'messages' row must be a list of {role, content} objects")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
 
 
 def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:
@@ -73,8 +49,6 @@ def prompts_and_answers(df: pd.DataFrame, tokenizer: Any | None = None, source: 
     if "question" in df.columns:
         if tokenizer is None:
             raise PersonavecError(f"{source}: formatting 'question' rows needs the model's tokenizer")
-        from ..model.loading import format_chat
-
         systems = df["system"].tolist() if "system" in df.columns else [None] * len(df)
         questions = _text_column(df, "question", source)
         return [format_chat(tokenizer, q, system=s if isinstance(s, str) and s else None)
