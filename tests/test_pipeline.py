@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from openai_server import FakeOpenAIServer
-from personavec.run.pipeline import PREFLIGHT_PROMPT
+from personavec.judge.spec import PREFLIGHT_PROMPT
 from personavec.vectors.vector import PersonaVector
 
 pytestmark = pytest.mark.slow  # subprocess runs of the whole pipeline (about a minute each on 2 cores)
@@ -238,15 +238,16 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     import math
 
     from personavec.engine.sampling import SamplingConfig
-    from personavec.monitor.experiment import pearson
+    from personavec.monitor.experiment import monitor_run
     from personavec.run.pipeline import Run, RunConfig
+    from personavec.stats import pearson
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="optimistic", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
                     steer_coefs=[1.0], sampling=SamplingConfig(n_samples=1, max_new_tokens=5, batch_size=50))
     run = Run(cfg, run_dir=tmp_path / "run", progress=False)
     run.run()
-    corr = run.monitor()
+    corr = monitor_run(run)
     table = pd.read_parquet(tmp_path / "run" / "monitor.parquet")
     # 20 evaluation questions x (8 ladder steps + 5 many-shot settings)
     assert len(table) == 20 * 13 and corr["n_prompts"] == 260 and corr["layer"] == 1
@@ -259,7 +260,7 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
         pearson(means["projection"].tolist(), means["answer_projection"].tolist()))
     assert math.isnan(corr["r_trait_ladder_setting_means"])
     assert (tmp_path / "run" / "monitor.png").read_bytes()[:4] == b"\x89PNG"
-    assert run.monitor() == json.loads((tmp_path / "run" / "monitor.json").read_text())  # resumable: read back
+    assert monitor_run(run) == json.loads((tmp_path / "run" / "monitor.json").read_text())  # resumable: read back
     assert abs(pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) - 0.9986) < 1e-3
 
     # another judge for the experiment (--eval-judge): the same run directory (its identity is unchanged), the
@@ -275,7 +276,7 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
         rerun = Run(replace(cfg, eval_judge="openai:fake-judge", eval_judge_base_url=srv.base_url),
                     run_dir=tmp_path / "run", progress=False)
         rerun.run()  # no "other settings" refusal
-        judged = rerun.monitor()
+        judged = monitor_run(rerun)
         n_requests = len(srv.chat_requests)
     assert judged["trait_scored"] == 260 and judged["judge_spec"] == "openai:fake-judge"
     assert judged["judge"].startswith("openai:fake-judge@")
@@ -284,7 +285,8 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     again = pd.read_parquet(tmp_path / "run" / "monitor.parquet")
     assert (again["trait"] == 40.0).all() and (again["coherence"] == 40.0).all()
     pd.testing.assert_series_equal(again["projection"], table["projection"])
-    read_back = Run(replace(cfg, eval_judge="openai:fake-judge"), run_dir=tmp_path / "run", progress=False).monitor()
+    read_back = monitor_run(Run(replace(cfg, eval_judge="openai:fake-judge"), run_dir=tmp_path / "run",
+                                progress=False))
     assert json.dumps(read_back) == json.dumps(judged)  # the same judge again: read back (no server to ask)
     assert math.isnan(pearson([1, 2], [3, 4]))
 

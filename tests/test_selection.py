@@ -6,7 +6,8 @@ import math
 
 import pandas as pd
 
-from personavec.steer.grid import cells, choose, default_grid
+from personavec.steer.grid import cells, default_grid
+from personavec.steer.selection import choose
 
 
 def table(rows):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 
@@ -22,3 +25,14 @@ def cohens_d(pos: torch.Tensor, neg: torch.Tensor) -> float:
         return float("nan")
     pooled = (((pos.numel() - 1) * pos.var() + (neg.numel() - 1) * neg.var()) / (pos.numel() + neg.numel() - 2))
     return float((pos.mean() - neg.mean()) / pooled.sqrt().clamp(min=1e-12))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation over the pairs where both values are finite (NaN if fewer than 3)."""
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan")
+    t = torch.tensor(pairs, dtype=torch.float64)
+    t = t - t.mean(0)
+    denom = (t[:, 0].norm() * t[:, 1].norm()).item()
+    return float((t[:, 0] @ t[:, 1]).item() / denom) if denom > 0 else float("nan")

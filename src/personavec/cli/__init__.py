@@ -285,7 +285,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_monitor(args: argparse.Namespace) -> None:
     run = _run_from_args(args)
     run.run()
-    corr = run.monitor(layer=args.layer, n_samples=args.monitor_samples)
+    from ..monitor.experiment import monitor_run
+
+    corr = monitor_run(run, layer=args.layer, n_samples=args.monitor_samples)
     print(f"\nmonitoring at layer {corr['layer']} ({corr['n_prompts']} prompts; judge {corr['judge']}, "
           f"{corr['trait_scored']} with a trait score)")
     for key, label in (("r_trait", "last-prompt projection vs judged trait"),
@@ -512,7 +514,8 @@ def cmd_screen(args: argparse.Namespace) -> None:
 
 
 def cmd_screen_experiment(args: argparse.Namespace) -> None:
-    from ..finetune.experiment import FineTuneExperiment, FTExperimentConfig, screen_validation
+    from ..finetune.experiment import FineTuneExperiment, FTExperimentConfig
+    from ..screen.experiment import screen_validation
 
     run = _run_from_args(args)
     run.run()

@@ -36,7 +36,7 @@ from ..finetune.lora import TrainConfig, intervention_edits, is_trained, load_ad
 from ..finetune.shift import last_prompt_means, plot_shifts, shift_table
 from ..model.edits import Edit
 from ..model.loading import LoadedModel, load_model
-from ..monitor.experiment import pearson
+from ..stats import pearson
 from ..vectors.vector import PersonaVector
 
 
@@ -232,9 +232,10 @@ class FineTuneExperiment:
 
     def judge_answers(self, answers: pd.DataFrame, name: str) -> pd.DataFrame:
         """``trait`` and ``coherence`` columns from the experiment's judge (NaN without one)."""
-        from ..steer.grid import judge_rows
+        from ..judge.scoring import judge_rows
 
-        return judge_rows(self.run.eval_judge(), self.art, answers, progress=self.progress, desc=f"judging {name}")
+        return judge_rows(self.run.eval_judge(), self.art.rubric, answers, progress=self.progress,
+                          desc=f"judging {name}")
 
     def judged_fields(self, answers: pd.DataFrame) -> dict[str, Any]:
         return {"trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
@@ -379,77 +380,3 @@ def parse_percents(text: str | Sequence[float] | None) -> list[float] | None:
     if not all(math.isfinite(x) for x in values):
         raise PersonavecError(f"expected comma-separated finite numbers, not {text!r}")
     return values
-
-
-# ---------------------------------------------------------------------------------------------------------
-# validation of data screening (ΔP): does fine-tuning on the highest-ΔP samples teach the most trait?
-
-
-def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50, seed: int = 0,
-                      max_new_tokens: int = 64) -> dict[str, Any]:
-    """Screen the ``percent`` % mixture with ΔP, fine-tune on its top / random / bottom ``n`` samples (and on
-    the top ``n`` by judged trait, when the judge scores), and compare the fine-tuned models."""
-    with exp.run.locked():
-        return _screen_validation(exp, n, percent, seed, max_new_tokens)
-
-
-def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: int,
-                       max_new_tokens: int) -> dict[str, Any]:
-    from ..finetune.datasets import write_jsonl
-    from ..screen.screening import ScreenConfig, screen_file
-    from ..vectors.probe import Probe
-
-    exp.write_config()
-    judged = pd.read_parquet(exp.run.path("judged.parquet"))
-    src = write_mixtures(judged, exp.dir / "data", [percent], seed=exp.cfg.seed)[f"mix{round(percent):03d}"]
-    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not 0 < n < len(rows):
-        raise PersonavecError(f"--n must be between 1 and {len(rows) - 1} (the mixture has {len(rows)} samples)")
-    out = exp.dir / f"screen_mix{round(percent):03d}"
-    cfg = ScreenConfig(mode="delta", chunk_rows=64, max_new_tokens=max_new_tokens, seed=seed)
-    speed = screen_file(exp.base, src, [Probe("trait", exp.vec, (exp.layer,))], out, cfg, progress=exp.progress)
-    table = pd.read_parquet(out / "screen.parquet")
-    table["is_trait"] = [bool(r["is_trait"]) for r in rows]
-    col = f"trait@L{exp.layer}:delta_p"
-    order = table.sort_values(col, ascending=False, kind="stable")["row"].tolist()
-    g = torch.Generator().manual_seed(seed + 7_919)  # not the mixture's own stream (that would pick its trait rows)
-    selections = {f"top{n}": order[:n], f"random{n}": sorted(torch.randperm(len(rows), generator=g)[:n].tolist()),
-                  f"bottom{n}": order[-n:]}
-    cheap = table.sort_values(f"trait@L{exp.layer}:response", ascending=False, kind="stable")["row"].tolist()
-    selections[f"response-top{n}"] = cheap[:n]
-    ext = judged[(judged["set"] == "extract")]
-    if ext["trait"].notna().sum() >= n:  # a judge that scores: the paper's alternative filter
-        score = {(r.side, r.instruction_id, r.question_id, r.sample_id): r.trait for r in ext.itertuples()}
-        js = [score.get(("pos" if r["is_trait"] else "neg", r["instruction_id"], r["question_id"], r["sample_id"]))
-              for r in rows]
-        table["judge_trait"] = js
-        selections[f"judge-top{n}"] = table.sort_values("judge_trait", ascending=False, kind="stable",
-                                                        na_position="last")["row"].head(n).tolist()
-    results = []
-    for name, sel in selections.items():
-        path = write_jsonl([rows[i] for i in sel], exp.dir / "data" / f"screen_{name}.jsonl")
-        ev = exp.train_and_evaluate(f"screen-{name}", path, "none", {"selection": name})
-        results.append({"selection": name, "n": len(sel), "trait_share": float(table.loc[sel, "is_trait"].mean()),
-                        "mean_delta_p": float(table.loc[sel, col].mean()),
-                        **{k: ev.get(k) for k in ("shift", "trait", "coherence", "answer_projection", "answer_nll",
-                                                  "mc_accuracy")}})
-    base = exp.evaluate("base", exp.base)
-    summary = {"mixture": src.name, "n": n, "layer": exp.layer, "column": col, "screen_throughput": speed,
-               "dataset_delta_p": float(table[col].mean()),
-               "auroc_delta_p_trait_rows": _auroc(table[col], table["is_trait"]),
-               "auroc_response_trait_rows": _auroc(table[f"trait@L{exp.layer}:response"], table["is_trait"]),
-               "base": {k: base.get(k) for k in ("trait", "answer_projection", "answer_nll")},
-               "results": results}
-    write_json(exp.dir / "screen_validation.json", summary)
-    from ..run.report import write_report
-
-    write_report(exp.run.dir)
-    return summary
-
-
-def _auroc(scores: pd.Series, labels: pd.Series) -> float:
-    from ..stats import auroc
-
-    pos = scores[labels.astype(bool)].dropna().tolist()
-    neg = scores[~labels.astype(bool)].dropna().tolist()
-    return auroc(torch.tensor(pos), torch.tensor(neg)) if pos and neg else math.nan

@@ -15,8 +15,8 @@ against the answers' own response-average projection (read by the unsteered mode
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,16 @@ import torch
 
 from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
-from ..files import save_figure
+from ..files import read_json, save_figure, write_json, write_table
+from ..judge.scoring import judge_rows
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs, unit
-from ..run.artifacts import TraitArtifacts
-from ..steer.grid import judge_rows
+from ..run.artifacts import TraitArtifacts, builtin, builtin_traits
+from ..run.pipeline import Run
+from ..stats import pearson
 from ..vectors.vector import PersonaVector
 
 SHOTS = (0, 5, 10, 15, 20)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation over the pairs where both values are finite (NaN if fewer than 3)."""
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return float("nan")
-    t = torch.tensor(pairs, dtype=torch.float64)
-    t = t - t.mean(0)
-    denom = (t[:, 0].norm() * t[:, 1].norm()).item()
-    return float((t[:, 0] @ t[:, 1]).item() / denom) if denom > 0 else float("nan")
 
 
 def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple[str, str]],
@@ -93,7 +84,7 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
                                      progress="monitor sampling" if progress else False))
-    rows = judge_rows(judge, art, rows, progress=progress, desc="monitor judging")
+    rows = judge_rows(judge, art.rubric, rows, progress=progress, desc="monitor judging")
     rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
                                             "response_avg")
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
@@ -137,3 +128,36 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
+    """The experiment on a finished run (``monitor.parquet``, ``monitor.json``, ``monitor.png`` in its directory);
+    read back when done with the same judge, the stored answers re-judged when the judge changed."""
+    with run.locked():
+        out = run.path("monitor.json")
+        if out.exists():
+            done = read_json(out)
+            if done.get("judge_spec", run.cfg.judge) == run.eval_judge_spec:
+                return done
+            # another judge: the stored answers are re-judged (sampling resumes from monitor_answers.jsonl)
+        art = TraitArtifacts.load(run.path("artifacts.json"))
+        if not art.ladder and art.name in builtin_traits():
+            art.ladder = builtin(art.name).ladder
+        vec = PersonaVector.load(run.path("vectors.safetensors"))
+        layer = layer if layer is not None else vec.chosen_layer
+        if layer is None:
+            raise PersonavecError("the vector has no chosen layer; pass --layer")
+        judged = pd.read_parquet(run.path("judged.parquet"))
+        pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
+        if pos["trait"].notna().any():
+            pos = pos.sort_values("trait", ascending=False, kind="stable")
+        pos = pos.drop_duplicates("question_id")  # one example per extraction question
+        examples = list(zip(pos["question"], pos["answer"]))
+        sampling = replace(run.cfg.sampling, n_samples=n_samples)
+        table, corr = run_experiment(run.lm, art, vec, layer, run.eval_judge(), examples, run.dir, sampling,
+                                     progress=run.progress)
+        corr["judge_spec"] = run.eval_judge_spec
+        write_table(table, run.path("monitor.parquet"))
+        plot(table, corr, run.path("monitor.png"), f"{run.cfg.trait} — {vec.model_id}")
+        write_json(out, corr)
+        return corr

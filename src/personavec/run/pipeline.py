@@ -40,19 +40,19 @@ import torch
 from ..engine.sampling import QUICK, SamplingConfig, run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
+from ..judge.scoring import judge_rows
+from ..judge.spec import make_judge, preflight_judge
 from ..model.edits import Edit, steer
 from ..model.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model, resolve_dtype
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from ..stats import auroc, cohens_d
-from ..steer.grid import judge_rows
 from ..vectors.extraction import extract_vector
 from ..vectors.tables import FilterConfig
 from ..vectors.vector import PersonaVector
 from ..version import __version__
 
 log = logging.getLogger(__name__)
-PREFLIGHT_PROMPT = "Reply with the number 0."
 JUDGE_MIN_AUROC = 0.75  # --filter auto: below this the judge's trait scores barely tell pos from neg answers
 MIN_PAIRS = 10
 
@@ -163,7 +163,8 @@ class Run:
         """Every check that can fail at the start, before anything is written: the directory's recorded settings,
         the judge endpoint, and the artifacts (read, or generated; saved once the run is claimed)."""
         refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
-        self.preflight_judge()
+        if not self.path("judged.parquet").exists():  # the run's judge still has answers to score
+            preflight_judge(self.cfg.judge, self.cfg.judge_base_url)
         if not self.path("artifacts.json").exists():
             self._art = self.make_artifacts()
 
@@ -243,67 +244,23 @@ class Run:
         return self.cfg.eval_judge_base_url or self.cfg.judge_base_url
 
     def eval_judge(self) -> Any:
-        """The experiments' judge; an endpoint is checked (one request) when it is first built."""
-        key = (self.eval_judge_spec, self._eval_base_url())
-        if key not in self._judges:
-            self.preflight_judge(*key)
-        return self.judge(*key)
+        """The experiments' judge (an endpoint is checked with one request when it is first built)."""
+        return self.judge(self.eval_judge_spec, self._eval_base_url(), preflight=True)
 
-    def judge(self, spec: str | None = None, base_url: str | None = None) -> Any:
-        """The judge for ``spec`` (default: the run's ``--judge``), built once per run; None for ``none``."""
+    def judge(self, spec: str | None = None, base_url: str | None = None, preflight: bool = False) -> Any:
+        """The judge for ``spec`` (default: the run's ``--judge``, checked by :meth:`preflight`), built once per run;
+        None for ``none``. A local judge on the run's own model shares it."""
         if spec is None:
             spec, base_url = self.cfg.judge, self.cfg.judge_base_url
         if (spec, base_url) not in self._judges:
-            self._judges[(spec, base_url)] = self._build_judge(spec, base_url)
+            self._judges[(spec, base_url)] = make_judge(spec, base_url, concurrency=self.cfg.judge_concurrency,
+                                                        preflight=preflight, load=self._model_for)
         return self._judges[(spec, base_url)]
 
-    def _build_judge(self, spec: str, base_url: str | None) -> Any:
-        kind, _, rest = spec.partition(":")
-        if kind == "none":
-            return None
-        from ..judge.cache import CachedJudge, JudgeCache
-        from ..model.loading import cache_root
-
-        if kind == "local":
-            target = rest or DEFAULT_MODEL
-            jlm = self.lm if target == self.cfg.model else load_model(target, device=self.cfg.device,
-                                                                      dtype=self.cfg.dtype)
-            from ..judge.local import LocalJudge
-
-            inner: Any = LocalJudge(jlm)
-        elif kind == "openai":
-            from ..endpoint import EndpointConfig
-            from ..judge.remote import OpenAIJudge
-
-            inner = OpenAIJudge(EndpointConfig.from_env(model=rest or None, base_url=base_url),
-                                max_concurrency=self.cfg.judge_concurrency)
-        else:
-            raise PersonavecError(f"unknown judge {spec!r}; use local, local:MODEL, openai:MODEL or none")
-        cache_dir = cache_root()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # every score is committed as it arrives: a killed run loses at most the requests in flight
-        return CachedJudge(inner, JudgeCache(cache_dir / "judge-cache.sqlite"), chunk_size=1)
-
-    def preflight_judge(self, spec: str | None = None, base_url: str | None = None) -> None:
-        """Fail at once, before any generation, when an endpoint judge is unreachable or lacks logprobs
-        (default: the run's judge, checked only while the run still has answers to judge)."""
-        if spec is None:
-            if self.path("judged.parquet").exists():
-                return
-            spec, base_url = self.cfg.judge, self.cfg.judge_base_url
-        kind, _, rest = spec.partition(":")
-        if kind != "openai":
-            return
-        from ..endpoint import ChatClient, EndpointConfig
-
-        cfg = EndpointConfig.from_env(model=rest or None, base_url=base_url, max_retries=1,
-                                      backoff=0.5, timeout=30.0)
-        reply = ChatClient(cfg).chat([{"role": "user", "content": PREFLIGHT_PROMPT}], max_tokens=1, temperature=0,
-                                     logprobs=True, top_logprobs=1)
-        choice = (reply.get("choices") or [{}])[0]
-        if not (choice.get("logprobs") or {}).get("content"):
-            raise PersonavecError(f"judge endpoint {cfg.base_url} returned no logprobs; the judge needs an "
-                                  "endpoint that supports them (OpenAI, vLLM, llama.cpp server)")
+    def _model_for(self, spec: str) -> LoadedModel:
+        if spec == self.cfg.model:
+            return self.lm
+        return load_model(spec, device=self.cfg.device, dtype=self.cfg.dtype)
 
     def score(self, art: TraitArtifacts, responses: pd.DataFrame) -> pd.DataFrame:
         out = self.path("judged.parquet")
@@ -316,7 +273,7 @@ class Run:
         df["coherence"] = float("nan")
         if judge is None:
             log.warning("--judge none: answers are not scored and the filter is skipped")
-        scored = judge_rows(judge, art, df[ext], progress=self.progress, desc="judging")
+        scored = judge_rows(judge, art.rubric, df[ext], progress=self.progress, desc="judging")
         df.loc[ext, ["trait", "coherence"]] = scored[["trait", "coherence"]].to_numpy()
         df["judge"] = judge.name if judge is not None else "none"
         write_table(df, out)
@@ -428,7 +385,8 @@ class Run:
 
     def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
         """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
-        from ..steer.grid import choose, project_rows, steered_answers, summarize
+        from ..steer.grid import project_rows, steered_answers, summarize
+        from ..steer.selection import choose
 
         if not self.cfg.select:
             return None
@@ -440,8 +398,9 @@ class Run:
         if answers_path.exists():
             df = pd.read_parquet(answers_path)
         else:
-            df = steered_answers(self.lm, art, vec, grid, self.path("steer"), progress=self.progress)
-            df = judge_rows(self.judge(), art, df, progress=self.progress)
+            df = steered_answers(self.lm, art.evaluation_questions, vec, grid, self.path("steer"),
+                                 progress=self.progress)
+            df = judge_rows(self.judge(), art.rubric, df, progress=self.progress, desc="judging steered")
             df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
             write_table(df, answers_path)
         table = summarize(df, grid.layers)
@@ -489,44 +448,6 @@ class Run:
                   "steered": steered}
         write_json(out, result)
         return result
-
-    def monitor(self, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
-        """The monitoring experiment on a finished run: monitor.parquet, monitor.json, monitor.png."""
-        with self.locked():
-            return self._monitor(layer, n_samples)
-
-    def _monitor(self, layer: int | None, n_samples: int) -> dict[str, Any]:
-        from dataclasses import replace
-
-        from ..monitor.experiment import plot, run_experiment
-
-        out = self.path("monitor.json")
-        if out.exists():
-            done = json.loads(out.read_text())
-            if done.get("judge_spec", self.cfg.judge) == self.eval_judge_spec:
-                return done
-            # another judge: the stored answers are re-judged below (sampling resumes from monitor_answers.jsonl)
-        art = TraitArtifacts.load(self.path("artifacts.json"))
-        if not art.ladder and art.name in builtin_traits():
-            art.ladder = builtin(art.name).ladder
-        vec = PersonaVector.load(self.path("vectors.safetensors"))
-        layer = layer if layer is not None else vec.chosen_layer
-        if layer is None:
-            raise PersonavecError("the vector has no chosen layer; pass --layer")
-        judged = pd.read_parquet(self.path("judged.parquet"))
-        pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
-        if pos["trait"].notna().any():
-            pos = pos.sort_values("trait", ascending=False, kind="stable")
-        pos = pos.drop_duplicates("question_id")  # one example per extraction question
-        examples = list(zip(pos["question"], pos["answer"]))
-        sampling = replace(self.cfg.sampling, n_samples=n_samples)
-        table, corr = run_experiment(self.lm, art, vec, layer, self.eval_judge(), examples, self.dir, sampling,
-                                     progress=self.progress)
-        corr["judge_spec"] = self.eval_judge_spec
-        write_table(table, self.path("monitor.parquet"))
-        plot(table, corr, self.path("monitor.png"), f"{self.cfg.trait} — {vec.model_id}")
-        write_json(out, corr)
-        return corr
 
     #: the file whose presence means a stage is done (its recorded time is then kept, not measured again)
     STAGE_OUTPUTS: ClassVar[dict[str, str]] = {
