@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.screen.screening import ScreenConfig, report, screen_chunk, screen_file
+from personavec.screen.report import report
+from personavec.screen.screening import ScreenConfig, screen_chunk, screen_file
 from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 
@@ -162,7 +163,7 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     pytest.importorskip("ray")
     from personavec.cli import main
     from personavec.model.loading import load_model
-    from personavec.screen.screening import screen_file_ray
+    from personavec.screen.ray import screen_file_ray
 
     loaded = load_model(str(model_dir))
     vec = vector(loaded)

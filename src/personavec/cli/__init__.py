@@ -478,7 +478,9 @@ def _named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> tuple[list
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
-    from ..screen.screening import ScreenConfig, report, screen_file, screen_file_ray
+    from ..screen.ray import screen_file_ray
+    from ..screen.report import report
+    from ..screen.screening import ScreenConfig, screen_file
 
     if args.threshold is not None and args.percentile is not None:
         raise PersonavecError("give --threshold or --percentile, not both")

@@ -2,67 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
-import sqlite3
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import PersonavecError
+from ..cache import KeyValueCache, digest
 from .base import Judge
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS judge_scores (
-    key TEXT PRIMARY KEY,
-    judge TEXT NOT NULL,
-    score REAL,
-    created REAL NOT NULL
-)
-"""
-_CHUNK = 500  # keys per SELECT ... IN (...), well under SQLite's variable limit
 
 
 def cache_key(judge_name: str, prompt: str) -> str:
-    """sha256 over the judge's name and the full prompt (JSON-encoded, so the pair is unambiguous)."""
-    return hashlib.sha256(json.dumps([judge_name, prompt]).encode("ascii")).hexdigest()
+    """The key of one score: the judge's name and the full prompt."""
+    return digest(judge_name, prompt)
 
 
 class JudgeCache:
-    """Scores by (judge name, prompt) in an SQLite file (WAL mode); safe to share between threads.
+    """Scores by (judge name, prompt) in an SQLite file (:class:`~personavec.cache.KeyValueCache`).
 
-    A stored NULL is a cached *missing* score (the judge refused), distinct from a prompt never scored.
-    Several processes may use the same file; writes are committed at once.
+    A stored None is a cached *missing* score (the judge refused), distinct from a prompt never scored. Several
+    processes may use the same file; writes are committed at once.
     """
 
-    def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        try:
-            if str(path) != ":memory:":
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
-            self._conn.commit()
-        except (sqlite3.Error, OSError) as exc:
-            raise PersonavecError(f"cannot open judge cache {path} ({exc}); pass another cache path "
-                                  "or delete the file if it is corrupt") from None
-        self._lock = threading.Lock()
+    def __init__(self, path: str | Path) -> None:
+        self.store = KeyValueCache(path, "judge_scores_v2", what="judge cache")
+        self.path = self.store.path
 
     def get_many(self, judge_name: str, prompts: Sequence[str]) -> dict[int, float | None]:
         """The cached scores of ``prompts``, by index; prompts not in the cache are left out."""
         keys = [cache_key(judge_name, p) for p in prompts]
-        found: dict[str, float | None] = {}
-        unique = list(dict.fromkeys(keys))
-        with self._lock:
-            for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start:start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(f"SELECT key, score FROM judge_scores WHERE key IN ({marks})", chunk)
-                found.update(rows.fetchall())
+        found = self.store.get_many(keys)
         return {i: found[k] for i, k in enumerate(keys) if k in found}
 
     def put_many(self, judge_name: str, prompts: Sequence[str], scores: Sequence[float | None]) -> None:
@@ -70,22 +37,14 @@ class JudgeCache:
         prompts, scores = list(prompts), list(scores)
         if len(prompts) != len(scores):
             raise ValueError(f"{len(prompts)} prompts but {len(scores)} scores")
-        now = time.time()
-        rows = [(cache_key(judge_name, p), judge_name, None if s is None else float(s), now)
-                for p, s in zip(prompts, scores)]
-        if not rows:
-            return
-        with self._lock, self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO judge_scores (key, judge, score, created) "
-                                   "VALUES (?, ?, ?, ?)", rows)
+        self.store.put_many({cache_key(judge_name, p): None if s is None else float(s)
+                             for p, s in zip(prompts, scores)})
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM judge_scores").fetchone()[0]
+        return len(self.store)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.store.close()
 
     def __enter__(self) -> JudgeCache:
         return self
