@@ -118,7 +118,8 @@ def test_generation_gives_up_with_a_clear_message():
 def test_official_trait_files_are_accepted_by_the_run(tmp_path, model_dir):
     """``run --artifacts trait_data_extract/evil.json`` refused the official files ("missing evaluation_questions")."""
     from personavec.run.artifacts import load_artifacts
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
 
     ref = builtin("evil")
     ext, ev = ref.export_official(tmp_path / "trait_data_extract", tmp_path / "trait_data_eval")

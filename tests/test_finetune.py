@@ -12,15 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from personavec.errors import PersonavecError
-from personavec.finetune.lora import (
-    TrainConfig,
-    encode_chat,
-    latest_checkpoint,
-    load_adapter,
-    read_chats,
-    train_lora,
-    trainable_state,
-)
+from personavec.finetune.conversations import encode_chat, read_chats
+from personavec.finetune.lora import TrainConfig, latest_checkpoint, load_adapter, train_lora, trainable_state
 from personavec.model.edits import Edit, steer
 from personavec.model.layers import decoder_layers
 from personavec.model.loading import wrap_model

@@ -18,7 +18,8 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     from personavec.engine.sampling import SamplingConfig
     from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig
     from personavec.finetune.lora import TrainConfig
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="evil", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[1],
@@ -134,7 +135,8 @@ def test_experiment_and_screening_use_an_http_judge_when_it_scores(tmp_path, mod
     from personavec.engine.sampling import SamplingConfig
     from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig
     from personavec.finetune.lora import TrainConfig
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
     from personavec.screen.experiment import screen_validation
 
     def judge(prompt: str) -> list[tuple[str, float]]:

@@ -161,7 +161,8 @@ def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp
 
 
 def test_filter_auto_uses_the_judge_only_when_it_separates_pos_from_neg(tmp_path):
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
 
     def frames(pos_scores, neg_scores):
         n = len(pos_scores)
@@ -200,7 +201,8 @@ def test_unknown_trait_and_unreachable_judge_are_one_line_errors(tmp_path, model
 
 def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     from personavec.engine.sampling import SamplingConfig
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(trait="humorous", model=str(model_dir), judge="none", eval_samples=1, steer_layers=[2],
@@ -239,7 +241,8 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
 
     from personavec.engine.sampling import SamplingConfig
     from personavec.monitor.experiment import monitor_run
-    from personavec.run.pipeline import Run, RunConfig
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
     from personavec.stats import pearson
 
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
@@ -293,7 +296,7 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
 
 def _tiny(model_dir, **kw):
     from personavec.engine.sampling import SamplingConfig
-    from personavec.run.pipeline import RunConfig
+    from personavec.run.config import RunConfig
 
     return RunConfig(**{"trait": "evil", "model": str(model_dir), "judge": "none", "eval_samples": 1,
                         "steer_layers": [1], "steer_coefs": [1.0], "device": "cpu",

@@ -336,7 +336,8 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from ..finetune.lora import intervention_edits, read_chats, train_lora
+    from ..finetune.conversations import read_chats
+    from ..finetune.lora import intervention_edits, train_lora
 
     cfg = _train_config(args)
     chats = read_chats(args.data)
@@ -541,7 +542,8 @@ def _run_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
     from ..engine.sampling import SamplingConfig
-    from ..run.pipeline import Run, RunConfig, quick_sampling
+    from ..run.config import RunConfig, quick_sampling
+    from ..run.pipeline import Run
     from ..vectors.tables import FilterConfig
 
     sampling = quick_sampling(args.seed) if args.quick else SamplingConfig(seed=args.seed)

@@ -32,12 +32,13 @@ from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, save_figure, write_json, write_table
 from ..finetune.datasets import write_mixtures
-from ..finetune.lora import TrainConfig, intervention_edits, is_trained, load_adapter, read_chats, train_lora
 from ..finetune.shift import last_prompt_means, plot_shifts, shift_table
 from ..model.edits import Edit
 from ..model.loading import LoadedModel, load_model
 from ..stats import pearson
 from ..vectors.vector import PersonaVector
+from .conversations import read_chats
+from .lora import TrainConfig, intervention_edits, is_trained, load_adapter, train_lora
 
 
 def kind(intervention: str) -> str:

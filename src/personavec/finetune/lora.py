@@ -1,13 +1,11 @@
 """LoRA supervised fine-tuning on chat data, with training-time interventions on the residual stream.
 
-* Loss on assistant tokens only: each conversation is rendered once with the model's chat template and
-  tokenized once; the assistant turns' character spans (found by rendering growing prefixes of the chat)
-  mark the tokens that carry loss (the end-of-turn marker included, so the model learns to stop).
+* Loss on assistant tokens only (:mod:`.conversations`).
 * Paper defaults (:class:`TrainConfig`): rsLoRA rank 32, α 64, dropout 0 on every linear projection inside
   the decoder blocks (attention + MLP), AdamW lr 1e-5, 1 epoch, batch 2 × grad-accum 8, 5 warm-up steps,
   weight decay 0.01, linear schedule, max length 2048. The loss of one optimizer step is the mean over all
   assistant tokens of its micro-batches.
-* Interventions (:mod:`personavec.steering` edits) are active inside training forward passes only:
+* Interventions (:mod:`personavec.model.edits`) are active inside training forward passes only:
   *preventative steering* adds α·v at chosen layers on every position, *CAFT* ablates v̂. They are hooked on
   the decoder blocks found through the PEFT wrapper (no module-name guessing) and are removed before any
   evaluation or saving; the saved adapter holds LoRA weights only.
@@ -35,10 +33,10 @@ from tqdm.auto import tqdm
 
 from ..errors import PersonavecError
 from ..files import atomic_dir, claim_settings, locked, write_json
-from ..model.chat import chat_messages, missing
 from ..model.edits import Edit, steer
 from ..model.layers import decoder_layers
 from ..model.loading import LoadedModel, pad_token_id
+from .conversations import Example, encode_chats
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -115,114 +113,6 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise PersonavecError(f"{p}: the training config must be an object of settings")
         return cls().replace(**data)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized conversation: ``labels[j]`` is ``ids[j]`` on assistant tokens, −100 elsewhere."""
-
-    ids: tuple[int, ...]
-    labels: tuple[int, ...]
-    truncated: bool = False  # the conversation was longer than max_length and was cut
-
-    @property
-    def n_loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != -100)
-
-
-def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    """A chat from a row with ``messages`` (list of role/content) or ``prompt`` + ``answer`` (or ``response``)."""
-    msgs = chat_messages(row.get("messages"))
-    if msgs is not None:
-        return msgs
-    answer = row.get("answer") if not missing(row.get("answer")) else row.get("response")
-    if not missing(row.get("prompt")) and not missing(answer):
-        out = [] if missing(row.get("system")) or not row["system"] else [{"role": "system",
-                                                                          "content": str(row["system"])}]
-        return [*out, {"role": "user", "content": str(row["prompt"])},
-                {"role": "assistant", "content": str(answer)}]
-    raise PersonavecError("each training row needs 'messages' (a chat) or 'prompt' + 'answer'")
-
-
-def read_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Conversations from a JSONL / JSON-lines, CSV or Parquet file (see :func:`to_messages`)."""
-    p = Path(path)
-    if not p.exists():
-        raise PersonavecError(f"training data {p} does not exist")
-    if p.suffix.lower() in (".jsonl", ".json"):
-        chats = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PersonavecError(f"{p}:{n}: malformed JSON ({e.msg}); one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise PersonavecError(f"{p}:{n}: expected a JSON object per line")
-                try:
-                    chats.append(to_messages(row))
-                except PersonavecError as e:
-                    raise PersonavecError(f"{p}:{n}: {e}") from None
-    else:
-        from ..files import read_table
-
-        chats = [to_messages(r) for r in read_table(p).to_dict("records")]
-    if not chats:
-        raise PersonavecError(f"{p} holds no conversations")
-    return chats
-
-
-def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans of its assistant turns (each incl. its end-of-turn marker)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise PersonavecError("the tokenizer has no chat template; fine-tuning on chats needs a chat model")
-    msgs = list(messages)
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        if i == 0:
-            raise PersonavecError("a conversation cannot start with an assistant turn")
-        before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise PersonavecError("this chat template renders a conversation differently from its prefixes, so the "
-                                  "assistant tokens cannot be located exactly; pass prompt/answer rows instead")
-        spans.append((len(before), len(upto)))
-    if not spans:
-        raise PersonavecError("a training conversation has no assistant turn")
-    return text, spans
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int = 2048) -> Example:
-    """Tokenize a chat once; a token carries loss when it overlaps an assistant span (straddlers count)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise PersonavecError("fine-tuning needs the model's fast tokenizer (character offsets)")
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
-    labels = [t if any(end > s0 and start < s1 for s0, s1 in spans) else -100
-              for t, (start, end) in zip(ids, offsets)]
-    return Example(tuple(ids), tuple(labels), truncated=len(enc["input_ids"]) > max_length)
-
-
-def encode_chats(tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]], max_length: int) -> tuple[
-        list[Example], int]:
-    """Encode all chats; returns the examples with loss tokens and the number dropped (none left after truncation)."""
-    out = [encode_chat(tokenizer, c, max_length) for c in chats]
-    cut = sum(e.truncated for e in out)
-    if cut:
-        log.warning("%d of %d conversations are longer than %d tokens (--train-max-length, at most the model's "
-                    "context) and were cut to that length", cut, len(out), max_length)
-    kept = [e for e in out if e.n_loss_tokens > 0]
-    return kept, len(out) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,103 +26,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 
-from ..engine.sampling import QUICK, SamplingConfig, run_sampling
+from ..engine.sampling import run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
 from ..judge.scoring import judge_rows
 from ..judge.spec import make_judge, preflight_judge
 from ..model.edits import Edit, steer
-from ..model.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model, resolve_dtype
+from ..model.loading import LoadedModel, load_model
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from ..stats import auroc, cohens_d
 from ..vectors.extraction import extract_vector
-from ..vectors.tables import FilterConfig
 from ..vectors.vector import PersonaVector
 from ..version import __version__
+from .config import RunConfig, model_slug
 
 log = logging.getLogger(__name__)
 JUDGE_MIN_AUROC = 0.75  # --filter auto: below this the judge's trait scores barely tell pos from neg answers
 MIN_PAIRS = 10
-
-
-@dataclass
-class RunConfig:
-    trait: str
-    description: str | None = None
-    model: str = DEFAULT_MODEL
-    judge: str = "local"  # local | local:MODEL | openai:MODEL | none
-    # judge of the experiments' answers (monitor, finetune-experiment, screen-experiment); None: ``judge``.
-    # Not part of the run's identity: changing it re-judges the stored answers, nothing is regenerated.
-    eval_judge: str | None = None
-    eval_judge_base_url: str | None = None  # for an openai: eval judge (default: judge_base_url)
-    judge_base_url: str | None = None
-    judge_concurrency: int = 8
-    generator: str | None = None  # openai:MODEL | local:MODEL (only for traits that are not built in)
-    generator_base_url: str | None = None
-    artifacts_path: str | None = None
-    eval_artifacts_path: str | None = None  # the official layout's evaluation file (with its extraction file)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eval_samples: int = 2  # answers per side per evaluation question (held-out separation)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    filter_mode: str = "auto"  # auto | on | off (see Run.filter_decision)
-    batch_size: int = 16  # extraction
-    select: bool = True  # steered evaluation grid + automatic layer/coefficient choice
-    quick: bool = False  # CPU-sized steering grid
-    steer_layers: list[int] | None = None  # override the grid's layers
-    steer_coefs: list[float] | None = None  # override the grid's coefficients
-    coherence_min: float = 50.0  # selection: coherence kept by the chosen layer/coefficient
-    mc_path: str | None = None  # MMLU-format multiple-choice data for the capability check (default: built in)
-    device: str | None = None
-    dtype: str | None = None
-    revision: str | None = None  # a hub model's commit, branch or tag
-
-    def __post_init__(self) -> None:
-        check_name(self.trait, "trait")
-
-    def resolved_device(self) -> str:
-        return torch.device(self.device or default_device()).type
-
-    def resolved_dtype(self) -> str:
-        device = self.device or default_device()
-        return str(resolve_dtype(self.dtype, device)).replace("torch.", "")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that define a run's outputs: all but concurrency and the experiments' judge, with the device
-        type and dtype as resolved (a bfloat16 run resumed in float32 would mix answers and scores of both)."""
-        d = asdict(self)
-        for k in ("judge_concurrency", "eval_judge", "eval_judge_base_url"):
-            d.pop(k)
-        d.update(device=self.resolved_device(), dtype=self.resolved_dtype())
-        return d
-
-
-NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-
-
-def check_name(name: str, what: str) -> str:
-    """A trait (or other) name that is also a directory name: letters, digits, '-' and '_', starting with a letter."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise PersonavecError(f"{what} name {name!r} must be a word of letters, digits, '-' and '_' starting with a "
-                              "letter (it names the run's directory)")
-    return name
-
-
-def model_slug(spec: str, model_id: str | None = None) -> str:
-    """One directory name for a model: path separators become '--', and no slug climbs out of its parent."""
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", (model_id or spec).strip("/").replace("/", "--"))
-    return slug if slug.strip(".") else f"model{slug}"
 
 
 class Run:
@@ -531,7 +461,3 @@ def _num(x: Any) -> float | None:
 def _mean(s: pd.Series) -> float | None:
     s = pd.to_numeric(s, errors="coerce").dropna()
     return round(float(s.mean()), 2) if len(s) else None
-
-
-def quick_sampling(seed: int = 0) -> SamplingConfig:
-    return SamplingConfig(**{**QUICK.to_dict(), "seed": seed})
