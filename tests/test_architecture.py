@@ -31,6 +31,11 @@ def _unit(module: str) -> str:
     return module.split(".")[1] if module.count(".") >= 1 else "__init__"
 
 
+def _is_module(name: str) -> bool:
+    path = SRC.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def _imports(path: Path) -> set[str]:
     """Absolute names of the personavec modules a file imports (module level and inside functions)."""
     package = list(path.relative_to(SRC.parent).parts[:-1])
@@ -42,8 +47,9 @@ def _imports(path: Path) -> set[str]:
                 name = ".".join([*base, node.module] if node.module else base)
             else:
                 name = node.module or ""
-            if name.startswith("personavec"):
-                out.add(name)
+            if name.startswith("personavec"):  # ``from . import x`` imports the module x, where there is one
+                submodules = {f"{name}.{a.name}" for a in node.names if _is_module(f"{name}.{a.name}")}
+                out |= submodules or {name}
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("personavec")}
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personavec.cli import main, parse_layers
+from personavec.cli import main
+from personavec.cli.common import parse_layers
 from personavec.errors import PersonavecError
 from personavec.vectors.vector import PersonaVector
 

@@ -324,7 +324,7 @@ def test_experiment_summary_measures_prevention():
     import io
     from contextlib import redirect_stdout
 
-    from personavec.cli import print_finetune_summary
+    from personavec.cli.finetune import print_finetune_summary
 
     buf = io.StringIO()
     with redirect_stdout(buf):

@@ -1,0 +1,226 @@
+"""What the command groups share: the parser class, number and layer parsing, model and vector loading, and the
+arguments of a run (taken by run, monitor, finetune-experiment and screen-experiment)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from ..errors import PersonavecError
+
+log = logging.getLogger("personavec")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``all`` / None → every layer; ``20``; ``4-8``; ``4,8,12``; combinations like ``1,4-6``."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise PersonavecError(f"cannot parse layers {text!r}; use e.g. 20, 4-8, 4,8,12 or all") from None
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``personavec: error: …``), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"personavec: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinities are refused with the usual usage line)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
+
+
+def finite_floats(text: str) -> list[float]:
+    """Comma-separated finite numbers, e.g. ``-4,-2,0,2,4``."""
+    return [finite_float(x) for x in text.split(",") if x.strip()]
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, .gguf file, local directory, or hub id (default: smollm2-135m)")
+    p.add_argument("--revision", default=None, help="a hub model's commit, branch or tag (default: main)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+
+
+def model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:
+    """Vector files (``.safetensors``, official ``.pt``, llama.cpp ``.gguf``) checked against the model's config,
+    before any weights are loaded."""
+    from ..model.loading import model_shape
+    from ..vectors.formats import load_vector
+
+    n_layers, hidden, _ = model_shape(args.model, args.revision)
+    vecs = []
+    for path in paths:
+        vec = load_vector(path, n_layers=n_layers)
+        vec.check_shape(n_layers, hidden, args.model)
+        vecs.append(vec)
+    return vecs
+
+
+def load_lm(args: argparse.Namespace):
+    from ..model.loading import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    log.info("model %s: %d layers x %d dims on %s (%s), loaded in %.1fs", lm.model_id, lm.n_layers,
+             lm.hidden_size, lm.device, str(lm.dtype).replace("torch.", ""), time.perf_counter() - t0)
+    return lm
+
+
+def named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> tuple[list[str], list]:
+    """Load vector files (checked against the model's config) and name each by its file stem, or by its trait for a
+    run's ``vectors.safetensors``; repeated names get a suffix."""
+    names: list[str] = []
+    vecs = model_vectors(args, paths)
+    for path, vec in zip(paths, vecs):
+        stem = Path(path).stem
+        name = stem if stem not in ("vectors", "vector") else (vec.trait if vec.trait != "unknown" else stem)
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names, vecs
+
+
+def run_from_args(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from ..engine.sampling import SamplingConfig
+    from ..run.config import RunConfig, quick_sampling
+    from ..run.pipeline import Run
+    from ..vectors.tables import FilterConfig
+
+    sampling = quick_sampling(args.seed) if args.quick else SamplingConfig(seed=args.seed)
+    overrides = {k: v for k, v in (("n_samples", args.n_samples), ("max_new_tokens", args.max_new_tokens),
+                                   ("batch_size", args.gen_batch_size), ("temperature", args.temperature))
+                 if v is not None}
+    sampling = replace(sampling, **overrides)
+    cfg = RunConfig(trait=args.trait, description=args.description, model=args.model, judge=args.judge,
+                    judge_base_url=args.judge_base_url, judge_concurrency=args.judge_concurrency,
+                    eval_judge=args.eval_judge, eval_judge_base_url=args.eval_judge_base_url,
+                    generator=args.generator, generator_base_url=args.generator_base_url,
+                    artifacts_path=args.artifacts, eval_artifacts_path=args.eval_artifacts, sampling=sampling,
+                    eval_samples=args.eval_samples,
+                    filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
+                    batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
+                    steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
+                    steer_coefs=args.steer_coefs or None,
+                    coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
+                    dtype=args.dtype, revision=args.revision)
+    run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
+    run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
+    return run
+
+
+def fmt(x: float) -> str:
+    return "–" if x != x else f"{x:.1f}"
+
+
+def train_config(args: argparse.Namespace):
+    from ..finetune.lora import TrainConfig
+
+    base = TrainConfig.load(args.train_config) if args.train_config else TrainConfig()
+    return base.replace(lr=args.lr, epochs=args.epochs, rank=args.rank, lora_alpha=args.lora_alpha,
+                        batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+                        max_length=args.train_max_length, seed=args.train_seed, save_every=args.save_every,
+                        max_steps=args.max_steps, schedule=args.schedule)
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the paper's; a --train-config JSON/TOML file sets any of them)")
+    g.add_argument("--train-config", default=None, help="JSON or TOML file with TrainConfig keys (rank, lr, ...)")
+    g.add_argument("--lr", type=finite_float, default=None, help="learning rate (paper: 1e-5)")
+    g.add_argument("--epochs", type=int, default=None, help="paper: 1")
+    g.add_argument("--rank", type=int, default=None, help="LoRA rank (paper: 32)")
+    g.add_argument("--lora-alpha", type=finite_float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
+    g.add_argument("--train-batch-size", type=int, default=None, help="micro-batch size (paper: 2)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (paper: 8)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="paper: 5")
+    g.add_argument("--schedule", choices=["linear", "constant", "cosine"], default=None, help="paper: linear")
+    g.add_argument("--train-max-length", type=int, default=None, help="tokens per conversation (paper: 2048)")
+    g.add_argument("--train-seed", type=int, default=None)
+    g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default 20)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+
+
+def experiment_args(p: argparse.ArgumentParser) -> None:
+    """What both fine-tuning experiments take: read-out layer, evaluation sampling, training settings."""
+    p.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
+    p.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
+    p.add_argument("--ft-max-new-tokens", type=int, default=64)
+    train_args(p)
+
+
+def run_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--trait", required=True, help="a built-in trait (evil, sycophantic, hallucinating, impolite, "
+                                                   "apathetic, humorous, optimistic) or a new name")
+    r.add_argument("--description", default=None, help="one sentence defining a new trait (needs --generator)")
+    r.add_argument("--artifacts", default=None, help="artifacts JSON to use instead of built-in/generated ones, or "
+                                                     "an official trait_data_extract/<trait>.json file")
+    r.add_argument("--eval-artifacts", default=None, help="with an official extraction file: its "
+                                                          "trait_data_eval/<trait>.json (found by itself beside it)")
+    r.add_argument("--generator", default=None, help="openai:MODEL or local:MODEL, writes artifacts for new traits")
+    r.add_argument("--generator-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
+    r.add_argument("--judge", default="local", help="local (the embedded model), local:MODEL, openai:MODEL, "
+                                                    "or none (no scores, no filter)")
+    r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
+                                                          "key from OPENAI_API_KEY")
+    r.add_argument("--judge-concurrency", type=int, default=8)
+    r.add_argument("--eval-judge", default=None,
+                   help="judge of the experiments' answers (monitor, finetune-experiment, screen-experiment), e.g. "
+                        "local:qwen2.5-coder-1.5b (see `make judge-model`); default: --judge. Changing it later "
+                        "re-judges the stored answers without regenerating them")
+    r.add_argument("--eval-judge-base-url", default=None, help="base URL for an openai: --eval-judge "
+                                                               "(default: --judge-base-url)")
+    r.add_argument("--quick", action="store_true", help="CPU profile: 2 samples per (question, instruction), "
+                                                        "64 new tokens")
+    r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")
+    r.add_argument("--eval-samples", type=int, default=2, help="held-out answers per side per evaluation question")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="paper: 1000")
+    r.add_argument("--temperature", type=finite_float, default=None, help="paper: 1.0")
+    r.add_argument("--gen-batch-size", type=int, default=None)
+    r.add_argument("--batch-size", type=int, default=16, help="extraction batch size")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--filter", choices=["auto", "on", "off"], default="auto",
+                   help="the paper's filter: auto (default) applies it when the judge tells pos from neg answers "
+                        "apart (trait-score AUROC >= 0.75) and >= 10 pairs survive; on; off")
+    r.add_argument("--no-select", action="store_true", help="skip the steered evaluation and layer choice")
+    r.add_argument("--steer-layers", default=None, help="layers of the steering grid (default: 4 spread over "
+                                                        "the middle of the network)")
+    r.add_argument("--steer-coefs", default=None, type=finite_floats,
+                   help="comma-separated coefficients in raw-vector units, written --steer-coefs=-2,2 "
+                        "(default -4,-2,0,2,4 with --quick)")
+    r.add_argument("--select-coherence-min", type=finite_float, default=50.0,
+                   help="the chosen layer/coefficient must keep mean coherence >= this (when the judge scores)")
+    r.add_argument("--mmlu", default=None, help="MMLU-format multiple-choice data (CSV per subject, a folder of "
+                                                "them, or Parquet) for the capability check; default: a built-in "
+                                                "40-question set")
+    r.add_argument("--pos-min", type=finite_float, default=50.0)
+    r.add_argument("--neg-max", type=finite_float, default=50.0)
+    r.add_argument("--coherence-min", type=finite_float, default=50.0)
+    r.add_argument("--out", default="runs", help="runs root (default: runs)")
+    r.add_argument("--run-dir", default=None, help="exact run directory (default: <out>/<model>/<trait>)")
+    model_args(r)

@@ -1,0 +1,83 @@
+"""`personavec project` (projections of conversations) and `personavec monitor` (the experiment)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import PersonavecError
+from .common import (
+    load_lm,
+    model_args,
+    model_vectors,
+    parse_layers,
+    run_args,
+    run_from_args,
+)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    pj = sub.add_parser("project", help="project conversations on persona vectors (resumable, one model pass)",
+                        description="Adds columns <trait>@L<layer>:<pooling> (scalar projection on the unit "
+                                    "vector) and ...:cos for each vector, layer and pooling. Input rows: a chat "
+                                    "'messages' list, or 'prompt' (chat-formatted) + optional 'answer'.")
+    pj.add_argument("data", help="CSV, JSONL or Parquet")
+    pj.add_argument("--vector", action="append", required=True, help="a vector file (repeat for several)")
+    pj.add_argument("--layers", default=None, help="layers (default: each vector's chosen layer)")
+    pj.add_argument("--poolings", default=None, help="comma-separated: prompt_last,response_avg,prompt_avg")
+    pj.add_argument("--out", required=True, help="output .jsonl (input columns + projections; resumable)")
+    pj.add_argument("--chunk-rows", type=int, default=256)
+    pj.add_argument("--batch-size", type=int, default=16)
+    pj.add_argument("--max-length", type=int, default=None,
+                    help="cut conversations to this many tokens (default: the model's context length)")
+    model_args(pj)
+    pj.set_defaults(func=cmd_project)
+
+    mo = sub.add_parser("monitor", help="monitoring experiment: does the last prompt token predict the trait?",
+                        description="Runs (or resumes) the trait's run, then the paper's monitoring experiment: an "
+                                    "8-step system-prompt ladder and 0-20-shot prompts on the evaluation questions; "
+                                    "Pearson r between the last-prompt projection and the answers' judged trait.")
+    run_args(mo)
+    mo.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    mo.add_argument("--monitor-samples", type=int, default=1, help="answers per prompt (default 1)")
+    mo.set_defaults(func=cmd_monitor)
+
+
+def cmd_project(args: argparse.Namespace) -> None:
+    from ..model.loading import model_id_for
+    from ..monitor.projections import MONITOR_POOLINGS, check_projection, project_file
+    from ..vectors.probe import Probe
+
+    vecs = model_vectors(args, args.vector)  # bad vector files fail before the model loads
+    layers = parse_layers(args.layers)
+    probes = []
+    for path, vec in zip(args.vector, vecs):
+        use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
+        if not use:
+            raise PersonavecError(f"{path} has no chosen layer; pass --layers")
+        name = vec.trait if sum(v.trait == vec.trait for v in vecs) == 1 else Path(path).stem
+        probes.append(Probe(name, vec, tuple(use)))
+    poolings = args.poolings.split(",") if args.poolings else list(MONITOR_POOLINGS)
+    check_projection(args.data, probes, args.out, poolings, model_id_for(args.model), args.max_length)
+    lm = load_lm(args)
+    out = project_file(lm, args.data, probes, args.out, poolings=poolings, chunk_rows=args.chunk_rows,
+                       batch_size=args.batch_size, progress=True, max_length=args.max_length)
+    print(f"projections -> {out}")
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    run = run_from_args(args)
+    run.run()
+    from ..monitor.experiment import monitor_run
+
+    corr = monitor_run(run, layer=args.layer, n_samples=args.monitor_samples)
+    print(f"\nmonitoring at layer {corr['layer']} ({corr['n_prompts']} prompts; judge {corr['judge']}, "
+          f"{corr['trait_scored']} with a trait score)")
+    for key, label in (("r_trait", "last-prompt projection vs judged trait"),
+                       ("r_answer_projection", "last-prompt projection vs the answers' projection")):
+        print(f"  Pearson r, {label}: overall {corr[key + '_overall']:.3f}, ladder {corr[key + '_ladder']:.3f}, "
+              f"many-shot {corr[key + '_many_shot']:.3f}")
+        if key + "_overall_setting_means" in corr:
+            print(f"    over the setting means: overall {corr[key + '_overall_setting_means']:.3f}, ladder "
+                  f"{corr[key + '_ladder_setting_means']:.3f}, many-shot {corr[key + '_many_shot_setting_means']:.3f}")
+    print(f"table -> {run.path('monitor.parquet')}, plot -> {run.path('monitor.png')}")

@@ -1,0 +1,142 @@
+"""`personavec steer`, `chat` and `demo`: answers with and without a vector added."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from importlib import resources
+from pathlib import Path
+
+from ..errors import PersonavecError
+from .common import (
+    finite_float,
+    load_lm,
+    model_args,
+    model_vectors,
+)
+
+DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("steer", help="answer a question with and without the vector added")
+    s.add_argument("question")
+    _steer_args(s)
+    s.set_defaults(func=cmd_steer)
+
+    c = sub.add_parser("chat", help="interactive: unsteered and steered answers side by side")
+    _steer_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="main job on the embedded model: extract an 'evil' vector from the shipped "
+                                    "table and show a steered answer")
+    d.add_argument("--out", default="runs", help="run directory root (default: runs)")
+    d.add_argument("--layer", type=int, default=None, help="steering layer (default: 40%% of depth)")
+    d.add_argument("--coef", type=finite_float, default=2.0, help="multiple of the raw vector to add (default 2)")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--max-new-tokens", type=int, default=60)
+    model_args(d)
+    d.set_defaults(func=cmd_demo)
+
+
+def _steer_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--vector", required=True)
+    s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
+    s.add_argument("--coef", type=finite_float, default=1.0, help="strength (default 1), in --units")
+    s.add_argument("--units", default="raw", choices=["raw", "norm"],
+                   help="raw: add coef x the vector (default); norm: coef x the typical residual norm at the layer")
+    s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
+                   help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
+                        "response_and_last_prompt (the official code's 'response')")
+    s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
+    s.add_argument("--max-new-tokens", type=int, default=60)
+    model_args(s)
+
+
+def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
+                positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
+    from ..engine.sampling import chat
+    from ..model.edits import Edit, steer
+
+    base = chat(lm, question, max_new_tokens=max_new_tokens)
+    edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
+    with steer(lm, edit):
+        steered = chat(lm, question, max_new_tokens=max_new_tokens)
+    return base, steered
+
+
+def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:
+    """Two answers in columns of ``width`` characters in all."""
+    import textwrap
+
+    col = max(20, (width - 3) // 2)
+    a = [titles[0], "-" * min(col, len(titles[0])), *textwrap.wrap(left, col)]
+    b = [titles[1], "-" * min(col, len(titles[1])), *textwrap.wrap(right, col)]
+    rows = max(len(a), len(b))
+    a += [""] * (rows - len(a))
+    b += [""] * (rows - len(b))
+    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
+
+
+def _load_steering(args: argparse.Namespace):
+    (vec,) = model_vectors(args, [args.vector])
+    layer = args.layer if args.layer is not None else vec.chosen_layer
+    if layer is None:
+        raise PersonavecError("the vector has no chosen layer; pass --layer")
+    vec.get(layer)  # a layer out of range fails before the model loads
+    return vec, load_lm(args), layer
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Interactive: each question is answered unsteered and steered, shown side by side."""
+    import shutil
+
+    vec, lm, layer = _load_steering(args)
+    kind = "ablate" if args.ablate else "add"
+    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef:g} ({args.units})"
+    width = shutil.get_terminal_size((120, 20)).columns
+    print(f"steering: {how} at layer {layer}, positions {args.positions}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not question or question in ("quit", "exit"):
+            break
+        base, steered = _steer_pair(lm, vec, question, layer, args.coef, args.max_new_tokens, args.positions,
+                                    kind, args.units)
+        print(side_by_side(base, steered, ("unsteered", f"steered ({how})"), width))
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    vec, lm, layer = _load_steering(args)
+    kind = "ablate" if args.ablate else "add"
+    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens, args.positions, kind,
+                                args.units)
+    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef}"
+    print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {how} at layer {layer}, {args.positions}]\n"
+          f"{steered}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Main job for now: extract an 'evil' vector from the shipped table on the model, then steer with it."""
+    from ..vectors.extraction import extract_vector
+
+    t0 = time.perf_counter()
+    lm = load_lm(args)
+    data = resources.files("personavec") / "data" / "demo"
+    with resources.as_file(data / "evil_pos.jsonl") as pos, resources.as_file(data / "evil_neg.jsonl") as neg:
+        vec = extract_vector(lm, pos, neg, trait="evil", batch_size=args.batch_size, progress=True)
+    layer = args.layer if args.layer is not None else round(lm.n_layers * 0.4)
+    vec.chosen_layer = layer
+    vec.extra["chosen_by"] = "demo default: 40% of depth, picked by hand on smollm2-135m (not yet automatic)"
+    out_dir = Path(args.out) / lm.model_id.replace("/", "--") / "demo-evil"
+    path = vec.save(out_dir / "vectors.safetensors")
+    norms = vec.norms()
+    print(f"\nextracted 'evil' from {vec.counts['kept']} pairs: vector [{vec.n_layers + 1}, {vec.hidden_size}] "
+          f"-> {path}")
+    print("response_avg norm by layer: " + " ".join(f"{i}:{n:.2f}" for i, n in enumerate(norms)))
+    for q in DEMO_QUESTIONS:
+        base, steered = _steer_pair(lm, vec, q, layer, args.coef, args.max_new_tokens)
+        print(f"\nQ: {q}\n[unsteered]\n{base}\n[steered: evil x {args.coef} at layer {layer}]\n{steered}")
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s")
