@@ -1,0 +1,119 @@
+"""The report's plots (matplotlib's Agg canvas directly: no pyplot, no global state): separation per layer, the
+steering sweep, and capability under steering; each written atomically as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..files import save_figure
+from .format import number
+
+
+def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]]:
+    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, list(axes)
+
+
+def plot_separation(sep: pd.DataFrame, best_layer: int | None, path: Path, title: str) -> None:
+    fig, (ax1, ax2) = _new_figure(10, 3.8, 2)
+    layer = sep["layer"].to_numpy()
+    ax1.plot(layer, sep["auroc"].to_numpy(), marker="o", ms=3, color="#1f77b4")
+    ax1.axhline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
+    ax1.set(xlabel="layer", ylabel="AUROC", title="AUROC (pos vs neg projections)")
+    ax2.plot(layer, sep["cohens_d"].to_numpy(), marker="o", ms=3, color="#d62728")
+    ax2.axhline(0.0, color="grey", ls="--", lw=1)
+    ax2.set(xlabel="layer", ylabel="Cohen's d", title="Cohen's d")
+    if best_layer is not None:
+        for ax in (ax1, ax2):
+            ax.axvline(best_layer, color="#2ca02c", lw=1.5, alpha=0.8, label=f"best layer {best_layer}")
+    ax1.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path, dpi=110)
+
+
+def plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    chosen_layer = number(selection.get("chosen_layer"))
+    coherence_min = number(selection.get("coherence_min"))
+    layers = sorted(steer["layer"].dropna().unique())
+    # distinct colours for the other layers (tab10 without its red, which marks the chosen layer); viridis when many
+    tab = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3]
+    viridis = matplotlib.colormaps["viridis"]
+
+    def colour(i: int) -> Any:
+        return tab[i % len(tab)] if len(layers) <= len(tab) else viridis(i / max(1, len(layers) - 1) * 0.85)
+
+    has_proj = "projection_mean" in steer.columns and steer["projection_mean"].notna().any()
+    fig, axes = _new_figure(16 if has_proj else 11, 4.2, 3 if has_proj else 2)
+    ax1, ax2 = axes[0], axes[1]
+    for i, layer in enumerate(layers):
+        d = steer[steer["layer"] == layer].sort_values("coef")
+        chosen = chosen_layer is not None and layer == chosen_layer
+        style = ({"color": "#d62728", "lw": 2.8, "alpha": 1.0, "zorder": 5, "marker": "o", "ms": 5}
+                 if chosen else
+                 {"color": colour(i), "lw": 1.2, "alpha": 0.7, "marker": ".", "ms": 5})
+        label = f"layer {int(layer)}" + (" (chosen)" if chosen else "")
+        if not chosen and len(layers) > 12:
+            label = None  # too many layers for a legend: label only the chosen one
+        ax1.plot(d["coef"], d["trait_mean"], **style)
+        ax2.plot(d["coef"], d["coherence_mean"], label=label, **style)
+        if has_proj:
+            axes[2].plot(d["coef"], d["projection_mean"], **style)
+    if coherence_min is not None:
+        ax2.axhline(coherence_min, color="black", ls="--", lw=1.2, label=f"coherence min {coherence_min:g}")
+    for key, name, color in (("chosen_coef", "chosen coef", "#d62728"), ("suppress_coef", "suppress coef", "black")):
+        c = number(selection.get(key))
+        if c is not None:
+            ax1.axvline(c, color=color, ls=":", lw=1.2, label=f"{name} {c:g}")
+            ax2.axvline(c, color=color, ls=":", lw=1.2)
+    ax1.set(xlabel="steering coefficient", ylabel="trait score (0-100)", title="Trait expression (judge)")
+    ax2.set(xlabel="steering coefficient", ylabel="coherence (0-100)", title="Coherence (judge)")
+    if has_proj:
+        axes[2].set(xlabel="steering coefficient", ylabel="mean projection on unit vector",
+                    title="Answers' projection (unsteered read-out)")
+    for ax in axes:
+        ax.axvline(0, color="grey", lw=0.8)
+    for ax in (ax1, ax2):
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles, labels, loc="best", fontsize=8, ncol=2 if len(handles) > 6 else 1)
+    fig.suptitle(title)
+    save_figure(fig, path, dpi=110)
+
+
+def plot_capability(cap: dict[str, Any], path: Path, title: str) -> None:
+    fig, (ax,) = _new_figure(6.5, 3.8)
+    base = number(cap["baseline"].get("accuracy"))
+    steered = pd.DataFrame(cap["steered"])
+    if len(steered) and {"layer", "coef", "accuracy"} <= set(steered.columns):
+        steered = numeric(steered, ["layer", "coef", "accuracy"])
+        for layer, d in steered.groupby("layer", sort=True):
+            d = d.sort_values("coef")
+            ax.plot(d["coef"], d["accuracy"], marker="o", label=f"layer {int(layer)}")
+    if base is not None:
+        ax.axhline(base, color="black", ls="--", lw=1.2, label=f"unsteered {base:.3g}")
+    ax.set(xlabel="steering coefficient", ylabel="accuracy", title="Capability under steering")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path, dpi=110)
+
+
+def numeric(df: pd.DataFrame, cols: Any) -> pd.DataFrame:
+    df = df.copy()
+    for c in cols:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
