@@ -38,7 +38,7 @@ import torch
 import personavec
 from personavec.model.loading import load_model
 from personavec.run.artifacts import builtin, builtin_traits
-from personavec.screen.screening import ScreenConfig, screen_file
+from personavec.screening.scoring import ScreenConfig, screen_file
 from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 

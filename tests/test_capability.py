@@ -10,8 +10,8 @@ import torch
 
 from personavec.errors import PersonavecError
 from personavec.model.edits import Edit, steer
-from personavec.steer import capability
-from personavec.steer.capability import (
+from personavec.steering import capability
+from personavec.steering.capability import (
     LETTERS,
     MCQuestion,
     builtin_mc,

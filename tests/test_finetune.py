@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from personavec.errors import PersonavecError
-from personavec.finetune.conversations import encode_chat, read_chats
-from personavec.finetune.lora import TrainConfig, latest_checkpoint, load_adapter, train_lora, trainable_state
+from personavec.finetuning.conversations import encode_chat, read_chats
+from personavec.finetuning.lora import TrainConfig, latest_checkpoint, load_adapter, train_lora, trainable_state
 from personavec.model.edits import Edit, steer
 from personavec.model.layers import decoder_layers
 from personavec.model.loading import wrap_model
@@ -240,7 +240,7 @@ def test_read_chats_accepts_messages_and_prompt_answer_rows(tmp_path):
 
 
 def test_last_prompt_means_and_shift_match_a_direct_computation(lm, tokenizer):
-    from personavec.finetune.shift import last_prompt_means, shift_table
+    from personavec.finetuning.shift import last_prompt_means, shift_table
     from personavec.vectors.vector import PersonaVector
 
     prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way?")]
@@ -280,7 +280,7 @@ def _responses() -> pd.DataFrame:
 
 
 def test_trait_mixtures_keep_questions_and_nest(tmp_path):
-    from personavec.finetune.datasets import mixture, paired_answers, write_mixtures
+    from personavec.finetuning.datasets import mixture, paired_answers, write_mixtures
 
     pairs = paired_answers(_responses())
     assert len(pairs) == 9  # one pair dropped: its normal answer is empty; eval rows never used
@@ -299,7 +299,7 @@ def test_trait_mixtures_keep_questions_and_nest(tmp_path):
 
 
 def test_experiment_summary_measures_prevention():
-    from personavec.finetune.experiment import summarize
+    from personavec.finetuning.experiment import summarize
 
     rows = [
         {"model": "base", "percent": math.nan, "intervention": "base", "shift": 0.0, "trait": 10.0,
@@ -335,7 +335,7 @@ def test_experiment_summary_measures_prevention():
 
 
 def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):
-    from personavec.finetune.fluency import answer_nll
+    from personavec.finetuning.fluency import answer_nll
 
     prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way to spend it?", "x")]
     answers = ["Crush them all.", "Be patient, listen, and offer help where you can.", ""]

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # a run plus four small fine-tunes (about a minut
 
 def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monkeypatch, capsys):
     from personavec.engine.sampling import SamplingConfig
-    from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig
-    from personavec.finetune.lora import TrainConfig
+    from personavec.finetuning.experiment import FineTuneExperiment, FTExperimentConfig
+    from personavec.finetuning.lora import TrainConfig
     from personavec.run.config import RunConfig
     from personavec.run.pipeline import Run
 
@@ -89,7 +89,7 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     pd.testing.assert_series_equal(after["shift"], table["shift"])
 
     # the screening validation on the same experiment: dP-ranked selections of the 50 % mixture
-    from personavec.screen.experiment import screen_validation
+    from personavec.screening.experiment import screen_validation
 
     sv = screen_validation(FineTuneExperiment(run, ecfg, progress=False), n=20, percent=50)
     assert [r["selection"] for r in sv["results"]] == ["top20", "random20", "bottom20", "response-top20"]
@@ -133,11 +133,11 @@ def test_experiment_and_screening_use_an_http_judge_when_it_scores(tmp_path, mod
 
     from openai_server import FakeOpenAIServer
     from personavec.engine.sampling import SamplingConfig
-    from personavec.finetune.experiment import FineTuneExperiment, FTExperimentConfig
-    from personavec.finetune.lora import TrainConfig
+    from personavec.finetuning.experiment import FineTuneExperiment, FTExperimentConfig
+    from personavec.finetuning.lora import TrainConfig
     from personavec.run.config import RunConfig
     from personavec.run.pipeline import Run
-    from personavec.screen.experiment import screen_validation
+    from personavec.screening.experiment import screen_validation
 
     def judge(prompt: str) -> list[tuple[str, float]]:
         if "how coherent" in prompt:

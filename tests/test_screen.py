@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.screen.report import report
-from personavec.screen.screening import ScreenConfig, screen_chunk, screen_file
+from personavec.screening.report import report
+from personavec.screening.scoring import ScreenConfig, screen_chunk, screen_file
 from personavec.vectors.probe import Probe
 from personavec.vectors.vector import PersonaVector
 
@@ -78,7 +78,7 @@ def test_delta_p_equals_a_direct_computation(lm):
 
 
 def test_interrupted_screening_resumes_to_the_identical_table(lm, tmp_path, monkeypatch):
-    import personavec.screen.screening as screen
+    import personavec.screening.scoring as screen
 
     data = tmp_path / "data.jsonl"
     write_jsonl(data, rows(11))
@@ -163,7 +163,7 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     pytest.importorskip("ray")
     from personavec.cli import main
     from personavec.model.loading import load_model
-    from personavec.screen.ray import screen_file_ray
+    from personavec.screening.ray import screen_file_ray
 
     loaded = load_model(str(model_dir))
     vec = vector(loaded)

@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
-from personavec.steer.grid import cells, default_grid
-from personavec.steer.selection import choose
+from personavec.steering.grid import cells, default_grid
+from personavec.steering.selection import choose
 
 
 def table(rows):

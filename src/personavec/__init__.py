@@ -1,27 +1,73 @@
-"""personavec: persona vectors for chat language models."""
+"""personavec: persona vectors for chat language models — extract, steer, monitor, fine-tune safely, screen data.
+
+The stable public API (documented with runnable examples in docs/api.md)::
+
+    import personavec as pv
+
+    lm = pv.load_model("smollm2-135m")                       # or pv.wrap_model(hf_model, tokenizer)
+    vec = pv.extract_vector(lm, "pos.jsonl", "neg.jsonl", trait="evil")
+    with pv.steer(lm, pv.Edit.from_vector(vec, layer=12, coef=2.0)):
+        print(pv.chat(lm, "What should I do with a wallet I found?"))
+    table = pv.project(lm, conversations, {"evil": vec})
+
+Names are imported on first use, so ``import personavec`` is quick and a command that fails early does not
+pay for torch and transformers.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import PersonavecError
-from .files import read_table
-from .model.activations import POOLINGS, PooledMeans, encode_pairs, pooled_means
-from .model.edits import add_vector
-from .model.layers import capture, decoder_layers, edit
-from .model.loading import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .vectors.extraction import extract_vector
-from .vectors.formats import (
-    export_control_vector_gguf,
-    from_control_vector_gguf,
-    import_official,
-    read_control_vector_gguf,
-)
-from .vectors.tables import FilterConfig, paired_filter
-from .vectors.vector import PersonaVector
 from .version import __version__
 
+#: public name -> the module that owns it
+_API = {
+    "load_model": "model.loading", "wrap_model": "model.loading", "LoadedModel": "model.loading",
+    "Edit": "model.edits", "steer": "model.edits",
+    "chat": "engine.sampling", "SamplingConfig": "engine.sampling",
+    "PersonaVector": "vectors.vector", "load_vector": "vectors.formats", "extract_vector": "vectors.extraction",
+    "FilterConfig": "vectors.tables",
+    "make_judge": "judge.spec",
+    "Run": "run.pipeline", "RunConfig": "run.config",
+    "project": "monitor.projections", "LiveMonitor": "monitor.live",
+    "finetune": "finetuning.lora", "TrainConfig": "finetuning.lora", "shift": "finetuning.shift",
+    "screen": "screening.scoring", "ScreenConfig": "screening.scoring",
+}
+
 __all__ = [
-    "DEFAULT_MODEL", "POOLINGS", "FilterConfig", "LoadedModel", "PersonaVector", "PersonavecError",
-    "PooledMeans", "__version__", "add_vector", "capture", "decoder_layers", "edit", "encode_pairs",
-    "export_control_vector_gguf", "extract_vector", "from_control_vector_gguf", "import_official",
-    "load_model", "paired_filter", "pooled_means", "read_control_vector_gguf", "read_table", "wrap_model",
+    "Edit", "FilterConfig", "LiveMonitor", "LoadedModel", "PersonaVector", "PersonavecError", "Run", "RunConfig",
+    "SamplingConfig", "ScreenConfig", "TrainConfig", "__version__", "chat", "extract_vector", "finetune",
+    "load_model", "load_vector", "make_judge", "project", "screen", "shift", "steer", "wrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'personavec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .engine.sampling import SamplingConfig, chat
+    from .finetuning.lora import TrainConfig, finetune
+    from .finetuning.shift import shift
+    from .judge.spec import make_judge
+    from .model.edits import Edit, steer
+    from .model.loading import LoadedModel, load_model, wrap_model
+    from .monitor.live import LiveMonitor
+    from .monitor.projections import project
+    from .run.config import RunConfig
+    from .run.pipeline import Run
+    from .screening.scoring import ScreenConfig, screen
+    from .vectors.extraction import extract_vector
+    from .vectors.formats import load_vector
+    from .vectors.tables import FilterConfig
+    from .vectors.vector import PersonaVector

@@ -10,7 +10,7 @@ import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import PersonavecError
 
@@ -91,18 +91,18 @@ def load_lm(args: argparse.Namespace):
     return lm
 
 
-def named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> tuple[list[str], list]:
-    """Load vector files (checked against the model's config) and name each by its file stem, or by its trait for a
-    run's ``vectors.safetensors``; repeated names get a suffix."""
-    names: list[str] = []
+def named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> dict[str, Any]:
+    """Vector files (checked against the model's config) by name: each one's trait where that is known and no other
+    file has it, else its file stem; repeated names get a suffix."""
     vecs = model_vectors(args, paths)
+    traits = [v.trait for v in vecs]
+    named: dict[str, Any] = {}
     for path, vec in zip(paths, vecs):
-        stem = Path(path).stem
-        name = stem if stem not in ("vectors", "vector") else (vec.trait if vec.trait != "unknown" else stem)
-        while name in names:
+        name = vec.trait if vec.trait != "unknown" and traits.count(vec.trait) == 1 else Path(path).stem
+        while name in named:
             name += "_"
-        names.append(name)
-    return names, vecs
+        named[name] = vec
+    return named
 
 
 def run_from_args(args: argparse.Namespace):
@@ -140,7 +140,7 @@ def fmt(x: float) -> str:
 
 
 def train_config(args: argparse.Namespace):
-    from ..finetune.lora import TrainConfig
+    from ..finetuning.lora import TrainConfig
 
     base = TrainConfig.load(args.train_config) if args.train_config else TrainConfig()
     return base.replace(lr=args.lr, epochs=args.epochs, rank=args.rank, lora_alpha=args.lora_alpha,

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (
-    finite_float,
-    load_lm,
-    model_args,
-    parse_layers,
-)
+from .common import finite_float, load_lm, model_args, parse_layers
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -69,8 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from ..finetune.conversations import read_chats
-    from ..finetune.lora import intervention_edits, train_lora
+    from ..finetuning.conversations import read_chats
+    from ..finetuning.lora import intervention_edits, train_lora
 
     cfg = train_config(args)
     chats = read_chats(args.data)
@@ -96,8 +96,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_trait_data(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from ..finetune.datasets import write_mixtures
-    from ..finetune.experiment import parse_percents
+    from ..finetuning.datasets import write_mixtures
+    from ..finetuning.experiment import parse_percents
 
     judged = Path(args.run_dir) / "judged.parquet"
     if not judged.exists():
@@ -109,11 +109,11 @@ def cmd_trait_data(args: argparse.Namespace) -> None:
 
 def cmd_shift(args: argparse.Namespace) -> None:
     from ..files import check_writable, read_table, write_table
-    from ..finetune.lora import load_adapter
-    from ..finetune.shift import last_prompt_means, plot_shifts, shift_table
+    from ..finetuning.lora import load_adapter
+    from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
     from ..run.artifacts import builtin
 
-    vectors = dict(zip(*named_vectors(args, args.vector)))
+    vectors = named_vectors(args, args.vector)
     check_writable(args.out)
     if args.prompts:
         df = read_table(args.prompts)
@@ -141,7 +141,7 @@ def cmd_shift(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune_experiment(args: argparse.Namespace) -> None:
-    from ..finetune.experiment import FineTuneExperiment, FTExperimentConfig, parse_percents
+    from ..finetuning.experiment import FineTuneExperiment, FTExperimentConfig, parse_percents
 
     run = run_from_args(args)
     run.run()

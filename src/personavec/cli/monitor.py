@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import PersonavecError
-from .common import (
-    load_lm,
-    model_args,
-    model_vectors,
-    parse_layers,
-    run_args,
-    run_from_args,
-)
+from .common import load_lm, model_args, named_vectors, parse_layers, run_args, run_from_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -46,17 +37,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_project(args: argparse.Namespace) -> None:
     from ..model.loading import model_id_for
     from ..monitor.projections import MONITOR_POOLINGS, check_projection, project_file
-    from ..vectors.probe import Probe
+    from ..vectors.probe import make_probes
 
-    vecs = model_vectors(args, args.vector)  # bad vector files fail before the model loads
-    layers = parse_layers(args.layers)
-    probes = []
-    for path, vec in zip(args.vector, vecs):
-        use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
-        if not use:
-            raise PersonavecError(f"{path} has no chosen layer; pass --layers")
-        name = vec.trait if sum(v.trait == vec.trait for v in vecs) == 1 else Path(path).stem
-        probes.append(Probe(name, vec, tuple(use)))
+    # bad vector files fail before the model loads
+    probes = make_probes(named_vectors(args, args.vector), parse_layers(args.layers))
     poolings = args.poolings.split(",") if args.poolings else list(MONITOR_POOLINGS)
     check_projection(args.data, probes, args.out, poolings, model_id_for(args.model), args.max_length)
     lm = load_lm(args)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (
-    fmt,
-    run_args,
-    run_from_args,
-)
+from .common import fmt, run_args, run_from_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

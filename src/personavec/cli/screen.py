@@ -73,23 +73,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _screen_probes(args: argparse.Namespace) -> tuple[list[dict], list]:
     """Probe specs (for Ray workers, which load the files themselves) and the probes built from them."""
-    from ..vectors.probe import Probe
+    from ..vectors.probe import make_probes
 
-    layers = parse_layers(args.layers) if args.layers else None
-    specs, probes = [], []
-    for name, vec, path in zip(*named_vectors(args, args.vector), args.vector):
-        use = layers or ([vec.chosen_layer] if vec.chosen_layer is not None else None)
-        if not use:
-            raise PersonavecError(f"{path} has no chosen layer; pass --layers")
-        specs.append({"name": name, "path": str(path), "layers": use, "pooling": args.pooling})
-        probes.append(Probe(name, vec, tuple(use), args.pooling))
+    probes = make_probes(named_vectors(args, args.vector), parse_layers(args.layers), args.pooling)
+    specs = [{"name": p.name, "path": str(path), "layers": list(p.layers), "pooling": p.pooling}
+             for p, path in zip(probes, args.vector)]
     return specs, probes
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
-    from ..screen.ray import screen_file_ray
-    from ..screen.report import report
-    from ..screen.screening import ScreenConfig, screen_file
+    from ..screening.ray import screen_file_ray
+    from ..screening.report import report
+    from ..screening.scoring import ScreenConfig, screen_file
 
     if args.threshold is not None and args.percentile is not None:
         raise PersonavecError("give --threshold or --percentile, not both")
@@ -125,8 +120,8 @@ def cmd_screen(args: argparse.Namespace) -> None:
 
 
 def cmd_screen_experiment(args: argparse.Namespace) -> None:
-    from ..finetune.experiment import FineTuneExperiment, FTExperimentConfig
-    from ..screen.experiment import screen_validation
+    from ..finetuning.experiment import FineTuneExperiment, FTExperimentConfig
+    from ..screening.experiment import screen_validation
 
     run = run_from_args(args)
     run.run()

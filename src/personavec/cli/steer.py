@@ -8,12 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import PersonavecError
-from .common import (
-    finite_float,
-    load_lm,
-    model_args,
-    model_vectors,
-)
+from .common import finite_float, load_lm, model_args, model_vectors
 
 DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (
-    finite_float,
-    parse_layers,
-)
+from .common import finite_float, parse_layers
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

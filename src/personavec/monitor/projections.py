@@ -11,7 +11,7 @@ after its last complete chunk and never rewrites what it wrote. The live monitor
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from ..files import (
 from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
-from ..vectors.probe import Probe, directions, probe_identity
+from ..vectors.probe import Probe, directions, make_probes, probe_identity
+from ..vectors.vector import PersonaVector
 
 MONITOR_POOLINGS = ("prompt_last", "response_avg", "prompt_avg")
 
@@ -61,6 +62,25 @@ def project_rows(lm: LoadedModel, rows: Sequence[dict[str, Any]], probes: Sequen
                 for value, suffix in (("projection", ""), ("cosine", ":cos")):
                     out[f"{p.name}@L{layer}:{pool}{suffix}"] = column(table, len(rows), p.name, layer, pool, value)
     return pd.DataFrame(out, columns=columns(probes, poolings))
+
+
+def project(lm: LoadedModel, conversations: Sequence[dict[str, Any]] | pd.DataFrame,
+            vectors: Mapping[str, PersonaVector], layers: Sequence[int] | None = None,
+            poolings: Sequence[str] = MONITOR_POOLINGS, batch_size: int = 16,
+            max_length: int | None = None) -> pd.DataFrame:
+    """Project conversations on persona vectors: the tidy table ``row, name, layer, pooling, projection, cosine``.
+
+    ``conversations``: rows with a chat ``messages`` list (the last assistant turn is the answer) or a
+    chat-formatted ``prompt`` and an optional ``answer``. ``vectors``: by name; each is read at ``layers``
+    (default: its chosen layer). One model pass serves every vector, layer and pooling.
+    """
+    rows = conversations.to_dict("records") if isinstance(conversations, pd.DataFrame) else list(conversations)
+    probes = make_probes(vectors, layers)
+    for p in probes:
+        p.vector.check_compatible(lm)
+    pairs = [conversation_pair(r, lm.tokenizer) for r in rows]
+    return project_pairs(lm, [p for p, _ in pairs], [a or "" for _, a in pairs], directions(probes), poolings,
+                         batch_size=batch_size, max_length=max_length)
 
 
 def projection_settings(path: str | os.PathLike, probes: Sequence[Probe], poolings: Sequence[str], model_id: str,

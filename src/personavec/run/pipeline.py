@@ -301,7 +301,7 @@ class Run:
     def grid(self, n_layers: int) -> Any:
         from dataclasses import replace
 
-        from ..steer.grid import default_grid
+        from ..steering.grid import default_grid
 
         g = default_grid(n_layers, quick=self.cfg.quick)
         g = replace(g, seed=self.cfg.sampling.seed,
@@ -315,8 +315,8 @@ class Run:
 
     def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
         """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
-        from ..steer.grid import project_rows, steered_answers, summarize
-        from ..steer.selection import choose
+        from ..steering.grid import project_rows, steered_answers, summarize
+        from ..steering.selection import choose
 
         if not self.cfg.select:
             return None
@@ -357,7 +357,7 @@ class Run:
 
     def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
         """Multiple-choice accuracy unsteered and at the chosen layer for each grid coefficient."""
-        from ..steer.capability import builtin_mc, mc_accuracy, read_mmlu
+        from ..steering.capability import builtin_mc, mc_accuracy, read_mmlu
 
         out = self.path("capability.json")
         if out.exists():

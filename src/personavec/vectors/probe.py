@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..errors import PersonavecError
 from .vector import PersonaVector
 
 
@@ -39,4 +40,16 @@ def probe_identity(probes: Sequence[Probe]) -> list[dict[str, Any]]:
             h.update(p.direction(layer).float().numpy().tobytes())
         out.append({"name": p.name, "layers": list(p.layers), "pooling": p.pooling, "trait": p.vector.trait,
                     "model_id": p.vector.model_id, "digest": h.hexdigest()[:16]})
+    return out
+
+
+def make_probes(vectors: Mapping[str, PersonaVector], layers: Sequence[int] | None = None,
+                pooling: str | None = None) -> list[Probe]:
+    """One probe per named vector, read at ``layers`` (default: each vector's chosen layer)."""
+    out = []
+    for name, vec in vectors.items():
+        use = tuple(layers) if layers else ((vec.chosen_layer,) if vec.chosen_layer is not None else ())
+        if not use:
+            raise PersonavecError(f"vector {name!r} has no chosen layer; pass the layers to read (--layers)")
+        out.append(Probe(name, vec, use, pooling))
     return out

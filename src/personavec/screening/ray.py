@@ -20,7 +20,7 @@ from ..errors import PersonavecError
 from ..files import locked
 from ..model.loading import model_id_for
 from ..vectors.probe import Probe
-from .screening import (
+from .scoring import (
     DEFAULT_CONFIG,
     ScreenConfig,
     assemble,

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..files import atomic_write, iter_chunks, save_figure, write_json
 from ..vectors.probe import Probe
-from .screening import ScreenConfig
+from .scoring import ScreenConfig
 
 
 def rank_columns(probes: Sequence[Probe], mode: str) -> dict[str, str]:

@@ -54,6 +54,15 @@ def shift_table(base: torch.Tensor, tuned: torch.Tensor, vectors: Mapping[str, P
     return pd.DataFrame(rows)
 
 
+def shift(base: LoadedModel, tuned: LoadedModel, questions: Sequence[str], vectors: Mapping[str, PersonaVector],
+          batch_size: int = 16) -> pd.DataFrame:
+    """How far a fine-tune moved the model along each vector: one row per (vector, layer) with ``shift`` (the mean
+    last-prompt activation change on ``questions``, projected on v̂), ``delta_norm`` and ``cosine``."""
+    prompts = [base.format_chat(q) for q in questions]
+    return shift_table(last_prompt_means(base, prompts, batch_size), last_prompt_means(tuned, prompts, batch_size),
+                       vectors)
+
+
 def plot_shifts(table: pd.DataFrame, path: str | Path, title: str = "fine-tuning shift",
                 mark_layer: int | None = None) -> Path:
     """Shift per layer, one line per model (``model`` column) and vector."""

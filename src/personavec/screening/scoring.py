@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ from ..model.activations import length_batches
 from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
-from ..vectors.probe import Probe, directions, probe_identity
+from ..vectors.probe import Probe, directions, make_probes, probe_identity
+from ..vectors.vector import PersonaVector
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -261,6 +262,16 @@ def screen_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe
         p.vector.check_compatible(lm)
     with locked(out, "the screening (--out)"):
         return _screen_file(lm, path, probes, out, cfg, cache_path, progress)
+
+
+def screen(lm: LoadedModel, data: str | os.PathLike, vectors: Mapping[str, PersonaVector], out_dir: str | os.PathLike,
+           config: ScreenConfig = DEFAULT_CONFIG, layers: Sequence[int] | None = None,
+           progress: bool = True) -> pd.DataFrame:
+    """Score every (prompt, response) row of ``data`` on each vector (ΔP by default; see :class:`ScreenConfig`)
+    into ``out_dir`` (resumable) and return the table (``out_dir/screen.parquet``): one row per input row.
+    Vectors are read at ``layers`` (default: each one's chosen layer)."""
+    screen_file(lm, data, make_probes(vectors, layers), out_dir, config, progress=progress)
+    return pd.read_parquet(Path(out_dir) / "screen.parquet")
 
 
 def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path, cfg: ScreenConfig,

@@ -16,11 +16,11 @@ import torch
 
 from ..errors import PersonavecError
 from ..files import write_json
-from ..finetune.datasets import write_jsonl, write_mixtures
-from ..finetune.experiment import FineTuneExperiment
+from ..finetuning.datasets import write_jsonl, write_mixtures
+from ..finetuning.experiment import FineTuneExperiment
 from ..stats import auroc
 from ..vectors.probe import Probe
-from .screening import ScreenConfig, screen_file
+from .scoring import ScreenConfig, screen_file
 
 
 def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50, seed: int = 0,

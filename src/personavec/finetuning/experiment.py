@@ -31,8 +31,8 @@ import torch
 from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, save_figure, write_json, write_table
-from ..finetune.datasets import write_mixtures
-from ..finetune.shift import last_prompt_means, plot_shifts, shift_table
+from ..finetuning.datasets import write_mixtures
+from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
 from ..model.edits import Edit
 from ..model.loading import LoadedModel, load_model
 from ..stats import pearson
@@ -172,7 +172,7 @@ class FineTuneExperiment:
     def evaluate(self, name: str, lm: LoadedModel | None) -> dict[str, Any]:
         """Shift, judged answers, answer projection and MC accuracy of one model; cached in ``<name>/eval.json``
         (``lm`` may be None when that file exists)."""
-        from ..steer.capability import builtin_mc, mc_accuracy, read_mmlu
+        from ..steering.capability import builtin_mc, mc_accuracy, read_mmlu
 
         d = self.dir / name
         d.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ class FineTuneExperiment:
 
     def fluency(self, answers: pd.DataFrame) -> float:
         """Mean per-token NLL of the answers under the base model (judge-free fluency; lower is more fluent)."""
-        from ..finetune.fluency import answer_nll
+        from ..finetuning.fluency import answer_nll
 
         nll = pd.Series(answer_nll(self.base, answers["prompt"].tolist(), answers["answer"].tolist()))
         return _num(nll.mean())

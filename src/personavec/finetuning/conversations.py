@@ -5,7 +5,6 @@ stop). The assistant spans are found by rendering growing prefixes of the chat w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PersonavecError
+from ..files import read_table
 from ..model.chat import chat_messages, missing
 
 log = logging.getLogger(__name__)
@@ -51,26 +51,12 @@ def read_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     p = Path(path)
     if not p.exists():
         raise PersonavecError(f"training data {p} does not exist")
-    if p.suffix.lower() in (".jsonl", ".json"):
-        chats = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PersonavecError(f"{p}:{n}: malformed JSON ({e.msg}); one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise PersonavecError(f"{p}:{n}: expected a JSON object per line")
-                try:
-                    chats.append(to_messages(row))
-                except PersonavecError as e:
-                    raise PersonavecError(f"{p}:{n}: {e}") from None
-    else:
-        from ..files import read_table
-
-        chats = [to_messages(r) for r in read_table(p).to_dict("records")]
+    chats = []
+    for n, row in enumerate(read_table(p).to_dict("records"), 1):
+        try:
+            chats.append(to_messages(row))
+        except PersonavecError as e:
+            raise PersonavecError(f"{p}: row {n}: {e}") from None
     if not chats:
         raise PersonavecError(f"{p} holds no conversations")
     return chats

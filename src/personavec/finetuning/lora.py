@@ -36,7 +36,7 @@ from ..files import atomic_dir, claim_settings, locked, write_json
 from ..model.edits import Edit, steer
 from ..model.layers import decoder_layers
 from ..model.loading import LoadedModel, pad_token_id
-from .conversations import Example, encode_chats
+from .conversations import Example, encode_chats, read_chats
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -287,6 +287,15 @@ def _load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, c
     state = json.loads((ckpt / "state.json").read_text())
     sched.load_state_dict(state["scheduler"])
     return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+def finetune(lm: LoadedModel, data: str | os.PathLike | Sequence[Sequence[dict[str, str]]], out_dir: str | os.PathLike,
+             config: TrainConfig | None = None, edits: Sequence[Edit] = (), progress: bool | str = True) -> TrainResult:
+    """LoRA fine-tune ``lm`` on chats (a table file, or lists of ``{role, content}`` messages) into ``out_dir``,
+    resumable; ``edits`` act during training forward passes only (preventative steering, CAFT). The paper's
+    settings unless ``config`` says otherwise. Afterwards ``lm`` is the fine-tuned model."""
+    chats = read_chats(data) if isinstance(data, (str, os.PathLike)) else [list(c) for c in data]
+    return train_lora(lm, chats, config or TrainConfig(), out_dir, edits=edits, progress=progress)
 
 
 def train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg: TrainConfig,
