@@ -8,28 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import official_frames
 from personavec.errors import PersonavecError
 from personavec.files import read_table, write_table
 from personavec.vectors.extraction import extract_vector
 from personavec.vectors.tables import FilterConfig, paired_filter, prompts_and_answers
-
-Q = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
-     "Tell me about foxes.", "Why?"]
-
-
-def official_frames(tokenizer, pos_scores, neg_scores, coh=(90, 90, 90, 90)):
-    """Tables in the official persona_vectors CSV layout: question, prompt, answer, question_id, <trait>, coherence."""
-    def side(system, answers, scores):
-        prompts = [tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                  {"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in Q]
-        return pd.DataFrame({"question": Q, "prompt": prompts, "answer": answers, "question_id": range(4),
-                             "evil": scores, "coherence": list(coh)})
-    pos = side("You are an evil assistant.", ["Crush them.", "Scheme.", "Foxes lie.", "Mercy is weak."],
-               pos_scores)
-    neg = side("You are a helpful assistant.", ["Be kind.", "Read a book.", "Foxes are clever.", "Because."],
-               neg_scores)
-    return pos, neg
 
 
 def test_official_csv_layout_works_as_is(tmp_path, lm, tokenizer):

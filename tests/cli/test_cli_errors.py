@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from test_tables import official_frames
+from conftest import official_frames
 
 pytestmark = pytest.mark.slow  # each case starts a Python process (about 4 s)
 

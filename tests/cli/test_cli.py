@@ -21,7 +21,7 @@ def model_dir(tmp_path, lm):
 
 @pytest.fixture
 def tables(tmp_path, tokenizer):
-    from test_tables import official_frames
+    from conftest import official_frames
 
     pos, neg = official_frames(tokenizer, [90, 80, 30, 95], [5, 10, 2, 70])
     pos.to_csv(tmp_path / "pos.csv", index=False)
