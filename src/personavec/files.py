@@ -11,6 +11,9 @@
 * :func:`locked` — one process at a time per output directory (or file): a second one gets "in use by PID …".
 * :func:`check_writable` — fail before computing, not after, when an output cannot be written.
 * :func:`read_table` / :func:`write_table` / :func:`write_json` — CSV, JSONL and Parquet tables; JSON documents.
+
+One module on purpose (about 500 lines): every file the project writes goes through it, so there is exactly one
+place to get atomicity, permissions, locking and torn-line handling right.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ capability     ``capability.json``                         skip when present
 report         ``report.html``, ``*.png``                  rewritten each time
 summary        ``summary.json``                            rewritten each time
 =============  ==========================================  ============================================
+
+The stages are read top to bottom in the order they run, hence one module of about 460 lines.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""screen."""
+"""Training-data screening: ΔP and cheaper scores per sample (locally and on Ray Data), the report, and the
+screening experiment."""
