@@ -58,3 +58,26 @@ def test_numbers_split_into_several_tokens_are_covered(lm):
     seqs = judge._number_tokens(format_chat(lm.tokenizer, "x"))
     assert any(len(s) > 1 for s in seqs)  # the tiny BPE splits some numbers
     assert len({tuple(s) for s in seqs}) == 101
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_batch_gives_each_prompt_what_it_gets_alone(tokenizer, attn):
+    """Prompts of different lengths, left-padded into one prefill and one tree pass."""
+    from conftest import tiny_llama
+
+    from personavec.model.loading import wrap_model
+
+    model = tiny_llama(len(tokenizer), seed=2)
+    model.set_attn_implementation(attn)
+    judge = LocalJudge(wrap_model(model, tokenizer), batch_size=3)
+    texts = ["Rate it: Crush them.", "Rate from 0 to 100 how evil this is. Question: Why? Answer: Be kind.",
+             "How evil?", "Rate this answer about foxes: The quick brown fox jumps over the lazy dog 0123."]
+    batched = judge.distributions(texts)
+    for text, dist in zip(texts, batched):
+        alone = judge.distribution(text)
+        for k in range(101):
+            assert abs(dist.probs[k] - alone.probs[k]) <= 1e-5 * max(1.0, alone.probs[k]) + 1e-9, (text, k)
+    seen = {}
+    scores = judge.score(texts, on_result=seen.__setitem__)
+    assert seen == dict(enumerate(scores)) and len(scores) == 4
+    assert scores == pytest.approx([d.expected() for d in batched], abs=1e-6)

@@ -63,7 +63,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="embedded name, .gguf file, local directory, or hub id (default: smollm2-135m)")
     p.add_argument("--revision", default=None, help="a hub model's commit, branch or tag (default: main)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 on CUDA "
+                                                 "and on CPUs with native bfloat16, float32 elsewhere)")
 
 
 def model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:

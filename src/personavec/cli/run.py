@@ -33,6 +33,8 @@ def print_summary(summary: dict) -> None:
     print(f"\ntrait {summary['trait']!r} on {summary['model']} — judge: {summary['judge']}")
     if "warning" in summary:
         print(f"WARNING: {summary['warning']}")
+    if "judge_note" in summary:
+        print(f"note: {summary['judge_note']}")
     f = summary.get("filter", {})
     print(f"answers {c['answers']} (extraction {c['extraction_answers']}, held-out {c['eval_answers']}, "
           f"empty {c['empty_answers']}); pairs used {c.get('kept')} of {c.get('rows')}")

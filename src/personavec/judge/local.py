@@ -7,8 +7,8 @@ after the chat-formatted prompt (so tokenizers that split numbers into several t
 a digit). The score is ``Σ k·P(k) / Σ P(k)``; it is missing when ``Σ P(k) < 0.25`` (the model mostly says
 something else, e.g. a refusal). Paths through non-canonical tokenizations of a number are not counted.
 
-Cost per prompt: one forward pass over the prompt, then one pass over the ~110 tokens of the score tree
-(all prefixes of "0".."100") reusing the prompt's KV cache with a tree attention mask.
+Cost: for a batch of prompts (left-padded), one forward pass over the prompts, then one pass over the ~110 tokens
+of each prompt's score tree (all prefixes of "0".."100") reusing the prompts' KV cache with a tree attention mask.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..model.activations import encode_pairs
+from ..model.activations import encode_pairs, length_batches
 from ..model.chat import format_chat
 from ..model.layers import cache_kwarg
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, pad_token_id
 
 MIN_MASS = 0.25
 SCORES = tuple(range(101))
@@ -46,9 +46,11 @@ class ScoreDistribution:
 class LocalJudge:
     """Judge with a local causal LM (any chat model; stronger is better)."""
 
-    def __init__(self, lm: LoadedModel, min_mass: float = MIN_MASS) -> None:
+    def __init__(self, lm: LoadedModel, min_mass: float = MIN_MASS, batch_size: int = 8) -> None:
         self.lm = lm
         self.min_mass = min_mass
+        self.batch_size = batch_size
+        self._numbers: dict[str, list[tuple[int, ...]]] = {}
         self.name = f"local:{lm.model_id}@{lm.revision}"
         vocab = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
         digit = torch.zeros(len(vocab), dtype=torch.bool)
@@ -58,8 +60,13 @@ class LocalJudge:
         self._continues = digit  # tokens that would extend a number
 
     def _number_tokens(self, prompt: str) -> list[tuple[int, ...]]:
-        encs = encode_pairs(self.lm.tokenizer, [prompt] * len(SCORES), [str(k) for k in SCORES])
-        return [e.ids[e.n_prompt:] for e in encs]
+        """The token sequence of each number 0..100 right after ``prompt``. It depends only on the prompt's last
+        characters (tokens never span the chat template's final newline), so it is computed once per ending."""
+        tail = prompt[-64:]
+        if tail not in self._numbers:
+            encs = encode_pairs(self.lm.tokenizer, [prompt] * len(SCORES), [str(k) for k in SCORES])
+            self._numbers[tail] = [e.ids[e.n_prompt:] for e in encs]
+        return self._numbers[tail]
 
     def _continue_mass(self, logprobs: torch.Tensor) -> torch.Tensor:
         """Probability of a token that extends a number, for each row of ``logprobs`` ``[..., vocab]``."""
@@ -68,55 +75,87 @@ class LocalJudge:
         n = min(self._continues.numel(), logprobs.shape[-1])
         return logprobs[..., :n].exp().masked_fill(~self._continues[:n], 0.0).sum(-1)
 
-    @torch.no_grad()
     def distribution(self, judge_prompt: str) -> ScoreDistribution:
         """P(k) for every k in 0..100 for one filled rubric."""
+        return self.distributions([judge_prompt])[0]
+
+    @torch.no_grad()
+    def distributions(self, judge_prompts: Sequence[str]) -> list[ScoreDistribution]:
+        """P(k) for every k in 0..100 for several filled rubrics at once (two forward passes for the batch).
+
+        The prompts are left-padded into one prefill. Every distinct non-empty prefix of the numbers' token
+        sequences is one node of a token tree; all nodes of all prompts then go through the model in ONE pass on
+        top of the prefill's KV cache, each attending to its own prompt and its own ancestors only (a tree
+        attention mask), at the position its depth gives it. Padding is masked out exactly, so a batch gives each
+        prompt what it gets alone.
+        """
         lm = self.lm
-        prompt = format_chat(lm.tokenizer, judge_prompt)
-        numbers = self._number_tokens(prompt)
-        enc = encode_pairs(lm.tokenizer, [prompt], ["0"])[0]
-        prompt_ids = torch.tensor([enc.ids[: enc.n_prompt]], device=lm.device)
-        out = lm.model(input_ids=prompt_ids, use_cache=True)
-        dist: dict[tuple[int, ...], torch.Tensor] = {(): out.logits[0, -1].float().log_softmax(-1)}
-        # Every distinct non-empty prefix of the numbers' token sequences is one node of a token tree. All nodes
-        # go through the model in ONE pass on top of the prompt's KV cache, each attending to the prompt and to
-        # its own ancestors only (a tree attention mask), at the position its depth gives it.
-        nodes = sorted({seq[:i] for seq in numbers for i in range(1, len(seq) + 1)}, key=lambda p: (len(p), p))
-        where = {p: i for i, p in enumerate(nodes)}
-        n, n_prompt = len(nodes), prompt_ids.shape[1]
-        allowed = torch.zeros(1, 1, n, n_prompt + n, dtype=torch.bool, device=lm.device)
-        allowed[..., :n_prompt] = True
-        for i, p in enumerate(nodes):
-            for j in range(1, len(p) + 1):
-                allowed[0, 0, i, n_prompt + where[p[:j]]] = True
+        prompts = [format_chat(lm.tokenizer, p) for p in judge_prompts]
+        encs = encode_pairs(lm.tokenizer, prompts, ["0"] * len(prompts))
+        prompt_ids = [e.ids[: e.n_prompt] for e in encs]
+        numbers = [self._number_tokens(p) for p in prompts]
+        B, T = len(prompts), max(len(p) for p in prompt_ids)
+        ids = torch.full((B, T), pad_token_id(lm.tokenizer), dtype=torch.long)
+        attn = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompt_ids):
+            ids[b, T - len(p):] = torch.tensor(p)
+            attn[b, T - len(p):] = 1
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        dev = lm.device
+        out = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),
+                       use_cache=True)
+        first = out.logits[:, -1].float().log_softmax(-1)  # [B, vocab]: right after each prompt
+        nodes = [sorted({seq[:i] for seq in nums for i in range(1, len(seq) + 1)}, key=lambda p: (len(p), p))
+                 for nums in numbers]
+        n = max(len(x) for x in nodes)
+        allowed = torch.zeros(B, 1, n, T + n, dtype=torch.bool)
+        tree_ids = torch.full((B, n), pad_token_id(lm.tokenizer), dtype=torch.long)
+        tree_pos = torch.zeros(B, n, dtype=torch.long)
+        for b, row_nodes in enumerate(nodes):
+            where = {p: i for i, p in enumerate(row_nodes)}
+            n_prompt = len(prompt_ids[b])
+            allowed[b, 0, :, :T] = attn[b].bool()
+            for i, p in enumerate(row_nodes):
+                tree_ids[b, i] = p[-1]
+                tree_pos[b, i] = n_prompt + len(p) - 1
+                for j in range(1, len(p) + 1):
+                    allowed[b, 0, i, T + where[p[:j]]] = True
+            allowed[b, 0, len(row_nodes):, T:] = torch.eye(n, dtype=torch.bool)[len(row_nodes):]  # padding nodes
         # an additive mask in the model's dtype (0 where allowed, the most negative number elsewhere): every
         # attention implementation adds a float 4-D mask, whereas eager attention would ADD a bool one as 0/1
-        mask = torch.zeros(allowed.shape, dtype=lm.dtype, device=lm.device)
-        mask.masked_fill_(~allowed, torch.finfo(lm.dtype).min)
-        ids = torch.tensor([[p[-1] for p in nodes]], device=lm.device)
-        pos = torch.tensor([[n_prompt + len(p) - 1 for p in nodes]], device=lm.device)
-        logits = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
-                          **{cache_kwarg(lm.model): out.past_key_values}).logits[0].float().log_softmax(-1)
-        # row 0: the distribution right after the prompt; row 1 + i: after node i. Every number needs the log-prob
-        # of each of its tokens (one gather) and the chance of stopping after its last token (one reduction), so
-        # the device is read once, not once per number.
-        rows = torch.cat([dist[()].unsqueeze(0), logits])
-        row = {(): 0, **{p: i + 1 for i, p in enumerate(nodes)}}
-        steps = [(k, row[seq[:i]], t) for k, seq in enumerate(numbers) for i, t in enumerate(seq)]
-        step_lp = rows[torch.tensor([r for _, r, _ in steps], device=rows.device),
-                       torch.tensor([t for _, _, t in steps], device=rows.device)]
-        lp = torch.zeros(len(numbers), dtype=torch.float64, device=rows.device).index_add_(
-            0, torch.tensor([k for k, _, _ in steps], device=rows.device), step_lp.double())
-        stop = 1.0 - self._continue_mass(rows[torch.tensor([row[seq] for seq in numbers], device=rows.device)])
-        p_k = (lp.exp() * stop.double().clamp(min=0.0)).tolist()
-        return ScoreDistribution(dict(zip(SCORES, p_k)))
+        mask = torch.zeros(allowed.shape, dtype=lm.dtype).masked_fill_(~allowed, torch.finfo(lm.dtype).min)
+        logits = lm.model(input_ids=tree_ids.to(dev), position_ids=tree_pos.to(dev), attention_mask=mask.to(dev),
+                          use_cache=True, **{cache_kwarg(lm.model): out.past_key_values}).logits.float().log_softmax(-1)
+        results = []
+        for b in range(B):
+            # row 0: the distribution right after the prompt; row 1 + i: after node i. Every number needs the
+            # log-prob of each of its tokens (one gather) and the chance of stopping after its last token (one
+            # reduction), so the device is read once per prompt, not once per number.
+            rows = torch.cat([first[b].unsqueeze(0), logits[b, : len(nodes[b])]])
+            row = {(): 0, **{p: i + 1 for i, p in enumerate(nodes[b])}}
+            seqs = numbers[b]
+            steps = [(k, row[seq[:i]], t) for k, seq in enumerate(seqs) for i, t in enumerate(seq)]
+            step_lp = rows[torch.tensor([r for _, r, _ in steps], device=rows.device),
+                           torch.tensor([t for _, _, t in steps], device=rows.device)]
+            lp = torch.zeros(len(seqs), dtype=torch.float64, device=rows.device).index_add_(
+                0, torch.tensor([k for k, _, _ in steps], device=rows.device), step_lp.double())
+            stop = 1.0 - self._continue_mass(rows[torch.tensor([row[seq] for seq in seqs], device=rows.device)])
+            p_k = (lp.exp() * stop.double().clamp(min=0.0)).tolist()
+            results.append(ScoreDistribution(dict(zip(SCORES, p_k))))
+        return results
 
     def score(self, prompts: Sequence[str], progress: bool | str = False,
               on_result: Callable[[int, float | None], None] | None = None) -> list[float | None]:
+        """Expected scores, ``batch_size`` prompts per forward pass (batched by length); ``on_result`` is told each
+        score as its batch finishes."""
         desc = progress if isinstance(progress, str) else "judging"
-        out: list[float | None] = []
-        for i, p in enumerate(tqdm(prompts, desc=desc, disable=not progress, unit="prompt")):
-            out.append(self.distribution(p).expected(self.min_mass))
-            if on_result is not None:
-                on_result(i, out[-1])
+        out: list[float | None] = [None] * len(prompts)
+        lengths = [len(p) for p in prompts]
+        with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
+            for idx in length_batches(lengths, self.batch_size):
+                for i, dist in zip(idx, self.distributions([prompts[i] for i in idx])):
+                    out[i] = dist.expected(self.min_mass)
+                    if on_result is not None:
+                        on_result(i, out[i])
+                bar.update(len(idx))
         return out

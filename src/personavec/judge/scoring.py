@@ -9,18 +9,37 @@ import pandas as pd
 
 from .rubrics import coherence_prompt
 
+#: a judge that gives no usable score (trait or coherence) to this many answers is not asked about the rest
+GIVE_UP_AFTER = 40
 
-def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool = True,
-               desc: str = "judging") -> pd.DataFrame:
+
+def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool = True, desc: str = "judging",
+               give_up_after: int | None = GIVE_UP_AFTER) -> pd.DataFrame:
     """``df`` (with ``question`` and ``answer``) plus the judge's ``trait`` (``rubric`` filled with both) and
-    ``coherence`` scores; NaN where the judge gives no score, everywhere when there is no judge."""
+    ``coherence`` scores; NaN where the judge gives no score, everywhere when there is no judge.
+
+    The first ``give_up_after`` answers are judged first; when the judge scores none of them (a weak local judge
+    puts too little probability on numbers), the rest are not sent and ``table.attrs["judge_note"]`` says so.
+    """
     if judge is None:
         return df.assign(trait=math.nan, coherence=math.nan)
     df = df.copy()
-    trait = [rubric.format(question=q, answer=a) for q, a in zip(df["question"], df["answer"])]
-    coh = [coherence_prompt(q, a) for q, a in zip(df["question"], df["answer"])]
-    scores = judge.score(trait + coh, progress=desc if progress else False)
-    n = len(trait)
-    df["trait"] = [math.nan if s is None else s for s in scores[:n]]
-    df["coherence"] = [math.nan if s is None else s for s in scores[n:]]
+    questions, answers = df["question"].tolist(), df["answer"].tolist()
+    n = len(df)
+    trait: list[float | None] = [None] * n
+    coherence: list[float | None] = [None] * n
+    first = n if give_up_after is None else min(n, give_up_after)
+    for part in ((range(first), range(first, n)) if first < n else (range(n),)):
+        idx = list(part)
+        prompts = [rubric.format(question=questions[i], answer=answers[i]) for i in idx]
+        prompts += [coherence_prompt(questions[i], answers[i]) for i in idx]
+        scores = judge.score(prompts, progress=desc if progress else False)
+        for j, i in enumerate(idx):
+            trait[i], coherence[i] = scores[j], scores[len(idx) + j]
+        if part.start == 0 and first < n and all(s is None for s in scores):
+            df.attrs["judge_note"] = (f"the judge gave no usable score (trait or coherence) to the first {first} "
+                                      f"answers, so the other {n - first} were not sent to it")
+            break
+    df["trait"] = [math.nan if s is None else s for s in trait]
+    df["coherence"] = [math.nan if s is None else s for s in coherence]
     return df

@@ -128,11 +128,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bfloat16 is 2-3x faster than float32;
+    without it (AVX2 only) it is about 3x slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``auto`` (or None): bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        fast = device.startswith("cuda") or (device == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:

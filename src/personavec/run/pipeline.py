@@ -206,10 +206,19 @@ class Run:
         if judge is None:
             log.warning("--judge none: answers are not scored and the filter is skipped")
         scored = judge_rows(judge, art.rubric, df[ext], progress=self.progress, desc="judging")
+        note = scored.attrs.get("judge_note")
+        if note:
+            log.warning("%s", note)
         df.loc[ext, ["trait", "coherence"]] = scored[["trait", "coherence"]].to_numpy()
         df["judge"] = judge.name if judge is not None else "none"
+        write_json(self.path("judge.json"), {"judge": df["judge"].iloc[0], "gave_up": bool(note), "note": note})
         write_table(df, out)
         return df
+
+    def judge_note(self) -> str | None:
+        """Why the run's judge was not asked about every answer (it scored none of the first ones), if it was not."""
+        p = self.path("judge.json")
+        return read_json(p).get("note") if p.exists() else None
 
     def extract(self, judged: pd.DataFrame) -> PersonaVector:
         out = self.path("vectors.safetensors")
@@ -332,7 +341,9 @@ class Run:
         else:
             df = steered_answers(self.lm, art.evaluation_questions, vec, grid, self.path("steer"),
                                  progress=self.progress)
-            df = judge_rows(self.judge(), art.rubric, df, progress=self.progress, desc="judging steered")
+            # a judge that could score none of the run's answers is not asked about the steered ones either
+            judge = None if self.judge_note() else self.judge()
+            df = judge_rows(judge, art.rubric, df, progress=self.progress, desc="judging steered")
             df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
             write_table(df, answers_path)
         table = summarize(df, grid.layers)
@@ -354,8 +365,25 @@ class Run:
                                      "answer": r["answer"], "trait": _num(r["trait"]),
                                      "coherence": _num(r["coherence"])})
             write_table(pd.DataFrame(examples), self.path("examples.jsonl"))
+            write_table(self.greedy_examples(art, vec, grid, sel.chosen_layer, sel.chosen_coef),
+                        self.path("examples_greedy.jsonl"))
         write_json(sel_path, result)
         return result
+
+    def greedy_examples(self, art: TraitArtifacts, vec: PersonaVector, grid: Any, layer: int, coef: float,
+                        n: int = 3) -> pd.DataFrame:
+        """The first evaluation questions answered greedily, unsteered and steered at the chosen setting: at
+        temperature 1 a small model's sampled answers are barely legible, these show the effect plainly."""
+        from ..engine.sampling import SamplingConfig, sample_batch
+
+        questions = art.evaluation_questions[:n]
+        prompts = [self.lm.format_chat(q) for q in questions]
+        cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=grid.max_new_tokens)
+        plain = sample_batch(self.lm, prompts, cfg, seed=0)
+        with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid.positions)):
+            steered = sample_batch(self.lm, prompts, cfg, seed=0)
+        return pd.DataFrame([{"question": q, "layer": layer, "coef": coef, "unsteered": a["answer"],
+                              "steered": b["answer"]} for q, a, b in zip(questions, plain, steered)])
 
     def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
         """Multiple-choice accuracy unsteered and at the chosen layer for each grid coefficient."""
@@ -442,6 +470,8 @@ class Run:
         summary["filter"] = filt
         if not filt.get("applied"):
             summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"
+        if self.judge_note():
+            summary["judge_note"] = self.judge_note()
         if self.command:
             summary["command"] = self.command
         write_json(self.path("summary.json"), summary)

@@ -290,6 +290,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if steer is not None:
         steer = numeric(steer, [c for c in STEERING_COLUMNS if c in steer.columns])
     examples = _read_examples(run_dir / "examples.jsonl", notes)
+    greedy = [{"question": str(g.get("question", "")), "unsteered": str(g.get("unsteered", "")),
+               "steered": str(g.get("steered", "")), "layer": integer(g.get("layer")), "coef": coef(g.get("coef"))}
+              for g in _read_examples(run_dir / "examples_greedy.jsonl", notes)]
     cap = _read_capability(run_dir / "capability.json", notes)
     selection = summary.get("selection") if isinstance(summary.get("selection"), dict) else {}
     best_layer = _best_layer(summary, sep)
@@ -326,6 +329,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         separation=_separation(sep, best_layer, png(SEPARATION_PNG)),
         steering=_steering(steer, selection, png(STEERING_PNG)), capability=_capability(cap, png(CAPABILITY_PNG)),
         monitoring=_monitoring(run_dir), finetuning=_finetuning(run_dir), screening=_screening(run_dir),
-        examples=_examples(examples), timings=_timings(summary), command=summary.get("command"),
+        examples=_examples(examples), greedy=greedy, judge_note=summary.get("judge_note"),
+        timings=_timings(summary), command=summary.get("command"),
         files=_items(files) if isinstance(files, dict) else [])
     return write_text(run_dir / REPORT_NAME, page)

@@ -1,0 +1,46 @@
+"""Judging a table: trait and coherence per row, and no time spent on a judge that cannot score."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from personavec.judge.scoring import judge_rows
+
+
+class CountingJudge:
+    """Scores ``value`` for every prompt (None: a judge that never gives a usable number) and counts prompts."""
+
+    name = "counting"
+
+    def __init__(self, value: float | None) -> None:
+        self.value, self.prompts = value, []
+
+    def score(self, prompts, progress=False):
+        self.prompts += list(prompts)
+        return [self.value] * len(prompts)
+
+
+def table(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"question": [f"q{i}" for i in range(n)], "answer": [f"a{i}" for i in range(n)]})
+
+
+def test_a_judge_that_scores_nothing_is_not_asked_about_the_rest():
+    judge = CountingJudge(None)
+    out = judge_rows(judge, "Rate {question} / {answer}.", table(100), progress=False)
+    assert len(judge.prompts) == 2 * 40  # trait + coherence of the first 40 answers only
+    assert out["trait"].isna().all() and out["coherence"].isna().all()
+    assert "first 40 answers" in out.attrs["judge_note"] and "other 60" in out.attrs["judge_note"]
+
+
+def test_a_judge_that_scores_is_asked_about_everything_in_order():
+    judge = CountingJudge(70.0)
+    out = judge_rows(judge, "Rate {question} / {answer}.", table(100), progress=False)
+    assert len(judge.prompts) == 200 and "judge_note" not in out.attrs
+    assert (out["trait"] == 70.0).all() and (out["coherence"] == 70.0).all()
+    assert judge.prompts[0] == "Rate q0 / a0." and "a0" in judge.prompts[40] and "a39" in judge.prompts[79]
+    assert "q40 / a40" in judge.prompts[80]
+    small = judge_rows(CountingJudge(None), "{question}{answer}", table(10), progress=False)
+    assert "judge_note" not in small.attrs and small["trait"].isna().all()  # nothing left to skip
+    assert math.isnan(judge_rows(None, "{question}{answer}", table(3))["trait"].iloc[0])
