@@ -64,7 +64,6 @@ def test_numbers_split_into_several_tokens_are_covered(lm):
 def test_a_batch_gives_each_prompt_what_it_gets_alone(tokenizer, attn):
     """Prompts of different lengths, left-padded into one prefill and one tree pass."""
     from conftest import tiny_llama
-
     from personavec.model.loading import wrap_model
 
     model = tiny_llama(len(tokenizer), seed=2)
