@@ -75,7 +75,7 @@ def test_batched_equals_unbatched_on_the_real_model(smollm):
 
 def test_steering_raises_the_projection_of_generated_answers_monotonically(smollm):
     """Steer with the demo 'evil' vector at layer 12; project the answers (read by the unsteered model) on v̂."""
-    from personavec.engine.sampling import SamplingConfig, sample_batch
+    from personavec.engine.sampling import SamplingConfig, generate
     from personavec.model.activations import encode_pairs, iter_pooled
     from personavec.model.edits import add_vector
     from personavec.run.artifacts import builtin
@@ -92,7 +92,7 @@ def test_steering_raises_the_projection_of_generated_answers_monotonically(smoll
     means = []
     for coef in (0.0, 1.0, 2.0):
         with add_vector(smollm, v, layer, coef, positions="response"):
-            answers = [r["answer"] or "." for r in sample_batch(smollm, prompts, greedy, seed=0)]
+            answers = [r["answer"] or "." for r in generate(smollm, prompts, greedy)]
         encs = encode_pairs(smollm.tokenizer, prompts, answers)
         proj = torch.cat([p["response_avg"][:, 0] @ unit for _, p in iter_pooled(smollm, encs, [layer],
                                                                                   ["response_avg"], batch_size=8)])

@@ -78,10 +78,9 @@ MILESTONES = ("run.json", "artifacts.json", "responses.jsonl", "responses.parque
 
 def _progress(run_dir: Path, srv) -> tuple:
     """How far a run has come: each stage's output, sampling in steps of 100 answers, judging in steps of 150
-    calls, and the steering cells started."""
-    steer = run_dir / "steer"
+    calls, and the steered answers in steps of 30."""
     return (tuple(m for m in MILESTONES if (run_dir / m).exists()), _lines(run_dir / "responses.jsonl") // 100,
-            judged_calls(srv) // 150, len(list(steer.glob("*.jsonl"))) if steer.exists() else 0)
+            judged_calls(srv) // 150, _lines(run_dir / "steer" / "answers.jsonl") // 30)
 
 
 def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_outputs(tmp_path, model_dir):
@@ -108,8 +107,8 @@ def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_out
         assert "personavec: interrupted (run the same command again to continue)" in proc.stderr.read().splitlines()
         assert not (run_dir / "responses.parquet").exists()
         calls_resumed, kills = judged_calls(srv), 0
-        # SIGKILL as soon as the run shows progress (a stage's output, 100 more answers, 150 more judge calls, a new
-        # steering cell), again and again: every stage is cut right after its start and in its middle
+        # SIGKILL as soon as the run shows progress (a stage's output, 100 more answers, 150 more judge calls, 30 more
+        # steered answers), again and again: every stage is cut right after its start and in its middle
         while True:
             srv.reset()
             start = _progress(run_dir, srv)
@@ -123,11 +122,11 @@ def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_out
 
     # no judge call was repeated beyond those in flight at a kill (concurrency 2)
     assert calls_resumed <= calls_ref + 2 * kills
-    # every job answered exactly once, here and in each steering cell
+    # every job answered exactly once, here and in the steering grid (1 baseline + 2 x 2 cells, 20 questions each)
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert sorted(r["job"] for r in rows) == list(range(280))  # 2 sides x (100 extraction + 40 held-out)
-    for cell in (run_dir / "steer").glob("*.jsonl"):
-        assert sorted(json.loads(x)["job"] for x in cell.read_text().splitlines()) == list(range(20))
+    steered = [json.loads(x)["job"] for x in (run_dir / "steer" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(steered) == list(range(5 * 20))
     j_ref, v_ref, s_ref = _outputs(ref_dir)
     j_run, v_run, s_run = _outputs(run_dir)
     pd.testing.assert_frame_equal(j_ref.drop(columns=["judge"]), j_run.drop(columns=["judge"]))

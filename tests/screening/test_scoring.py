@@ -49,7 +49,7 @@ def test_delta_p_equals_a_direct_computation(lm):
     probe = Probe("evil", vec, (0, 1))  # layers below L: HF's hidden_states[L] is after the final norm, ours is not
     cfg = ScreenConfig(mode="delta", max_new_tokens=6, batch_size=3, gen_batch_size=3)
     rs = rows(6)
-    df = screen_chunk(lm, rs, first_row=0, chunk_id=0, probes=[probe], cfg=cfg)
+    df = screen_chunk(lm, rs, first_row=0, probes=[probe], cfg=cfg)
     tok = lm.tokenizer
     for i, r in enumerate(rs):
         prompt = tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)

@@ -1,139 +1,101 @@
-"""Batched, seeded chat sampling on the target model, written incrementally and resumable.
+"""Seeded chat sampling on the engine, written incrementally and resumable.
 
-Jobs are fixed in advance and cut into fixed batches; batch ``b`` samples with seed ``seed · 1_000_003 + b``,
-so a resumed run reproduces exactly what an uninterrupted one would have written. Rows are appended to a
-JSONL file one batch at a time (flushed and fsynced); on resume, a batch that was only partly written is
-dropped and sampled again.
+:func:`run_sampling` answers a fixed list of jobs into a JSONL log: job ``j`` samples with its own seed
+(``seed · 1 000 003 + j``), so its answer does not depend on which other jobs share its batch, on the batch size,
+or on whether the run was interrupted. Each answer is appended (flushed and fsynced) the moment it finishes; on
+resume, the jobs already in the log are kept (the first answer of each, a torn last line dropped) and only the
+others are sampled. :func:`generate` and :func:`chat` are the same engine for answers that need no log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from ..errors import PersonavecError
 from ..files import append_jsonl, read_jsonl, rewrite_jsonl
-from ..model.layers import _unwrap
-from ..model.loading import LoadedModel, pad_token_id
+from ..model.edits import Edit
+from ..model.loading import LoadedModel
+from .decoder import Engine, Request
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Paper defaults: 10 samples per (question, instruction), temperature 1, top_p 1, up to 1000 new tokens."""
+    """Paper defaults: 10 samples per (question, instruction), temperature 1, top_p 1, up to 1000 new tokens.
+
+    ``batch_size``: rows decoded together (None: from free memory on CUDA, 32 on CPU). ``engine`` names how jobs are
+    seeded and batched, so that a run directory sampled another way is not resumed with this one.
+    """
 
     n_samples: int = 10
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1000
-    batch_size: int = 16
+    batch_size: int | None = None
     seed: int = 0
+    engine: str = "continuous-batching, seeded per job"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def request(self, prompt: str, seed: int, edits: Sequence[Edit] = (), key: Any = None) -> Request:
+        return Request(prompt, self.max_new_tokens, self.temperature, self.top_p, seed, tuple(edits), key)
 
 
 QUICK = SamplingConfig(n_samples=2, max_new_tokens=64, batch_size=25)
 
 
-def stop_token_ids(lm: LoadedModel) -> list[int]:
-    """Tokens that end an answer: the tokenizer's end of sequence and the model's declared end-of-turn tokens."""
-    declared = getattr(getattr(_unwrap(lm.model), "generation_config", None), "eos_token_id", None)
-    ids = [lm.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
-    return sorted({int(t) for t in ids if t is not None})
+def job_seed(seed: int, job: int) -> int:
+    return seed * 1_000_003 + job
 
 
-def generation_config(lm: LoadedModel, cfg: SamplingConfig) -> Any:
-    """A complete GenerationConfig for ``cfg``: plain sampling at ``temperature`` and ``top_p`` (no top-k, no
-    penalties, no minimum length), or greedy at temperature 0."""
-    from transformers import GenerationConfig
-
-    sample = cfg.temperature > 0
-    return GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
-        temperature=cfg.temperature if sample else 1.0, top_p=cfg.top_p if sample else 1.0, top_k=0, min_p=None,
-        typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
-        pad_token_id=pad_token_id(lm.tokenizer), eos_token_id=stop_token_ids(lm), bos_token_id=None)
-
-
-@contextmanager
-def _without_model_defaults(model: Any) -> Iterator[None]:
-    """Hide the model's own ``generation_config`` while ``generate`` runs: Hugging Face fills every setting left
-    unset from it (e.g. Qwen2.5-Instruct's repetition_penalty 1.05), so a run would not sample as recorded."""
-    from transformers import GenerationConfig
-
-    base = _unwrap(model)
-    own = getattr(base, "generation_config", None)
-    base.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        base.generation_config = own
+def generate(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, seeds: Sequence[int] | None = None,
+             edits: Sequence[Sequence[Edit]] | None = None, progress: bool | str = False) -> list[dict[str, Any]]:
+    """One answer per chat-formatted prompt (its own seed and edits), in order: ``answer``, ``n_tokens``,
+    ``truncated``."""
+    seeds = seeds if seeds is not None else [job_seed(cfg.seed, i) for i in range(len(prompts))]
+    requests = [cfg.request(p, s, edits[i] if edits else (), key=i) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    out: list[dict[str, Any]] = [{}] * len(prompts)
+    for r in Engine(lm, cfg.batch_size).generate(requests, progress=progress):
+        out[r.key] = {"answer": r.text, "n_tokens": r.n_tokens, "truncated": r.finish == "length"}
+    return out
 
 
-@torch.no_grad()
-def sample_batch(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, seed: int) -> list[dict[str, Any]]:
-    """Sample one answer per chat-formatted prompt (left-padded batch). Returns answer + token counts."""
-    tok = lm.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    finally:
-        tok.padding_side = side
-    torch.manual_seed(seed)
-    with _without_model_defaults(lm.model):
-        out = lm.model.generate(**enc, generation_config=generation_config(lm, cfg))
-    new = out[:, enc["input_ids"].shape[1]:]
-    eos = {*stop_token_ids(lm), pad_token_id(tok)}
-    rows = []
-    for seq in new.tolist():
-        n = len(seq)
-        for j, t in enumerate(seq):
-            if t in eos:
-                n = j
-                break
-        rows.append({"answer": tok.decode(seq[:n], skip_special_tokens=True).strip(), "n_tokens": n,
-                     "truncated": n >= cfg.max_new_tokens})
-    return rows
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
+def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: int = 80, temperature: float = 0.0,
+         seed: int = 0) -> str:
+    """One answer to ``user`` (with an optional system prompt); greedy unless ``temperature`` > 0. Steering edits
+    active around the call apply."""
+    cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+    return generate(lm, [lm.format_chat(user, system=system)], cfg, seeds=[seed])[0]["answer"]
 
 
 def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingConfig, path: Path,
-                 progress: bool | str = True) -> list[dict[str, Any]]:
-    """Sample an answer for every job (a dict with at least ``prompt``), appending rows to ``path``.
-
-    Each row is the job plus ``answer``, ``n_tokens``, ``truncated``, ``job`` (index) and ``batch``. Already complete
-    batches in ``path`` are kept; the rest is sampled. Returns all rows in job order.
-    """
+                 progress: bool | str = True,
+                 edits: Callable[[dict[str, Any]], Sequence[Edit]] | None = None) -> list[dict[str, Any]]:
+    """Sample an answer for every job (a dict with at least ``prompt``; ``edits(job)`` gives its steering, an
+    optional ``seed`` its seed), appending rows to ``path``. Each row is the job plus ``answer``, ``n_tokens``,
+    ``truncated`` and ``job`` (its index). Jobs already answered in ``path`` are kept; the rest are sampled. Returns
+    all rows in job order."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    batches = [list(range(i, min(i + cfg.batch_size, len(jobs)))) for i in range(0, len(jobs), cfg.batch_size)]
     rows = read_jsonl(path)
-    by_batch: dict[int, dict[int, dict[str, Any]]] = {}
+    kept: dict[int, dict[str, Any]] = {}
     for r in rows:  # the first answer of each job counts (a log written twice holds every job twice)
-        by_batch.setdefault(int(r["batch"]), {}).setdefault(int(r["job"]), r)
-    complete = {b for b, rs in by_batch.items() if b < len(batches) and sorted(rs) == batches[b]}
-    kept = [r for b in sorted(complete) for r in by_batch[b].values()]
+        j = int(r.get("job", -1))
+        if 0 <= j < len(jobs) and j not in kept:
+            kept[j] = r
     if len(kept) != len(rows) or (path.exists() and len(rows) != _count_lines(path)):
-        rewrite_jsonl(path, kept)  # drop partly written batches, repeated answers and any torn line
-    todo = [b for b in range(len(batches)) if b not in complete]
-    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(batches[b]) for b in todo),
-              desc=progress if isinstance(progress, str) else "sampling", disable=not progress, unit="answer") as bar, \
-            open(path, "a", encoding="utf-8") as f:
-        for b in todo:
-            idx = batches[b]
-            answers = sample_batch(lm, [jobs[i]["prompt"] for i in idx], cfg, seed=cfg.seed * 1_000_003 + b)
-            append_jsonl(f, [{**jobs[i], **a, "job": i, "batch": b} for i, a in zip(idx, answers)])
-            bar.update(len(idx))
+        rewrite_jsonl(path, sorted(kept.values(), key=lambda r: int(r["job"])))  # drop repeats and a torn line
+    todo = [j for j in range(len(jobs)) if j not in kept]
+    requests = [cfg.request(jobs[j]["prompt"], int(jobs[j].get("seed", job_seed(cfg.seed, j))),
+                            edits(jobs[j]) if edits else (), key=j) for j in todo]
+    if todo:
+        with open(path, "a", encoding="utf-8") as f:
+            engine = Engine(lm, cfg.batch_size)
+            for r in engine.generate(requests, progress=progress, total=len(jobs), initial=len(kept)):
+                append_jsonl(f, [{**jobs[r.key], "answer": r.text, "n_tokens": r.n_tokens,
+                                  "truncated": r.finish == "length", "job": r.key}])
     final = read_jsonl(path)
     final.sort(key=lambda r: int(r["job"]))
     if [int(r["job"]) for r in final] != list(range(len(jobs))):
@@ -142,9 +104,6 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
     return final
 
 
-def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: int = 80, temperature: float = 0.0,
-         seed: int = 0) -> str:
-    """One answer to ``user`` (with an optional system prompt); greedy unless ``temperature`` > 0. Steering edits
-    active around the call apply."""
-    cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
-    return sample_batch(lm, [lm.format_chat(user, system=system)], cfg, seed=seed)[0]["answer"]
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)

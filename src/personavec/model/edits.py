@@ -23,6 +23,7 @@ active at once (they compose in order); all hooks are removed on exit, including
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +35,18 @@ from ..errors import PersonavecError
 from ..model.layers import backbone, decoder_layers, edit
 
 POSITIONS = ("all", "prompt", "response", "response_and_last_prompt")
-KINDS = ("add", "ablate")
+KINDS = ("add", "ablate", "cap")
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One edit: ``add`` → ``h + coef·direction``; ``ablate`` → ``h − (h·v̂) v̂`` (``coef`` ignored)."""
+    """One edit of the residual stream at ``layer``, at ``positions``:
+
+    * ``add``: ``h + coef·direction``;
+    * ``ablate``: ``h − (h·v̂) v̂`` (``coef`` ignored);
+    * ``cap``: where the projection ``h·v̂`` exceeds ``coef``, it is clamped to ``coef`` (the component along v̂ is
+      reduced, nothing else changes) — activation capping.
+    """
 
     layer: int
     direction: torch.Tensor
@@ -72,6 +79,8 @@ class Edit:
             raise PersonavecError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.direction.ndim != 1:
             raise PersonavecError(f"a steering direction is one [d] row, got shape {tuple(self.direction.shape)}")
+        if not math.isfinite(self.coef):
+            raise PersonavecError(f"an edit's coefficient must be a finite number, not {self.coef}")
 
 
 class _Tracker:
@@ -106,13 +115,24 @@ class _Tracker:
         return cols >= self.prompt_len - 1  # response_and_last_prompt
 
 
+def edit_delta(h: torch.Tensor, kind: str, directions: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
+    """What one edit per row adds to ``h`` ``[n, t, d]``: ``directions`` ``[n, d]`` (float32) and ``coefs`` ``[n]``.
+
+    The one formula behind :func:`steer` (one edit for every row) and the engine (each request its own edit).
+    """
+    if kind == "add":
+        return (coefs[:, None] * directions).to(h.dtype)[:, None, :].expand_as(h)
+    u = directions / directions.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # [n, d]
+    proj = torch.einsum("ntd,nd->nt", h.float(), u)  # [n, t]
+    if kind == "cap":
+        proj = (proj - coefs[:, None]).clamp(min=0.0)  # only the excess above the cap is removed
+    return -(proj[..., None] * u[:, None, :]).to(h.dtype)
+
+
 def _apply(h: torch.Tensor, e: Edit, mask: torch.Tensor | None) -> torch.Tensor:
-    v = e.direction.to(device=h.device, dtype=torch.float32)
-    if e.kind == "add":
-        delta = (e.coef * v).to(h.dtype).expand_as(h)
-    else:
-        u = v / v.norm().clamp(min=1e-12)
-        delta = -((h.float() @ u)[..., None] * u).to(h.dtype)
+    n = h.shape[0]
+    v = e.direction.to(device=h.device, dtype=torch.float32).expand(n, -1)
+    delta = edit_delta(h, e.kind, v, torch.full((n,), float(e.coef), device=h.device))
     if mask is not None:
         delta = delta * mask.to(h.dtype)[None, :, None]
     return h + delta

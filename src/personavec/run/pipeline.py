@@ -374,14 +374,14 @@ class Run:
                         n: int = 3) -> pd.DataFrame:
         """The first evaluation questions answered greedily, unsteered and steered at the chosen setting: at
         temperature 1 a small model's sampled answers are barely legible, these show the effect plainly."""
-        from ..engine.sampling import SamplingConfig, sample_batch
+        from ..engine.sampling import SamplingConfig, generate
 
         questions = art.evaluation_questions[:n]
         prompts = [self.lm.format_chat(q) for q in questions]
         cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=grid.max_new_tokens)
-        plain = sample_batch(self.lm, prompts, cfg, seed=0)
-        with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid.positions)):
-            steered = sample_batch(self.lm, prompts, cfg, seed=0)
+        edit = Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid.positions)
+        answers = generate(self.lm, prompts * 2, cfg, edits=[[]] * len(prompts) + [[edit]] * len(prompts))
+        plain, steered = answers[:len(prompts)], answers[len(prompts):]
         return pd.DataFrame([{"question": q, "layer": layer, "coef": coef, "unsteered": a["answer"],
                               "steered": b["answer"]} for q, a, b in zip(questions, plain, steered)])
 

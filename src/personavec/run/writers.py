@@ -31,11 +31,11 @@ class LocalGenerator:
         self.name = f"local:{lm.model_id}"
 
     def complete(self, messages: list[dict[str, str]]) -> str:
-        from ..engine.sampling import SamplingConfig, sample_batch
+        from ..engine.sampling import SamplingConfig, generate
 
         text = self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-        return sample_batch(self.lm, [text], cfg, seed=0)[0]["answer"]
+        return generate(self.lm, [text], cfg)[0]["answer"]
 
 
 def make_generator(spec: str, base_url: str | None = None, **kwargs: Any) -> Any:

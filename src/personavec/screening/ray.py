@@ -63,7 +63,7 @@ class _RayScreenWorker:
         k = int(group["__pv_chunk"].iloc[0])
         first = int(group["__pv_row"].iloc[0])
         rows = group.drop(columns=["__pv_row", "__pv_chunk"]).to_dict("records")
-        df = screen_chunk(self.lm, rows, first, k, self.probes, self.cfg, self.cache)
+        df = screen_chunk(self.lm, rows, first, self.probes, self.cfg, self.cache)
         write_part(df, part_path(self.out, k))
         s = df.attrs["stats"]
         return pd.DataFrame({"chunk": [k], "rows": [len(df)], "tokens": [s["tokens"]],

@@ -38,10 +38,9 @@ import pandas as pd
 import torch
 
 from ..cache import KeyValueCache, digest
-from ..engine.sampling import SamplingConfig, sample_batch
+from ..engine.sampling import SamplingConfig, generate
 from ..errors import PersonavecError
 from ..files import atomic_path, claim_settings, fingerprint, iter_chunks, locked
-from ..model.activations import length_batches
 from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
@@ -104,24 +103,22 @@ def base_key(lm: LoadedModel, cfg: ScreenConfig, prompt: str) -> str:
     return digest(lm.model_id, lm.revision, str(lm.dtype), cfg.max_new_tokens, cfg.temperature, cfg.seed, prompt)
 
 
-def base_answers(lm: LoadedModel, prompts: Sequence[str], cfg: ScreenConfig, chunk_id: int,
+def base_answers(lm: LoadedModel, prompts: Sequence[str], cfg: ScreenConfig,
                  cache: KeyValueCache | None = None) -> tuple[list[str], int]:
-    """The base model's answer to each prompt (one per distinct prompt); returns answers and tokens generated."""
+    """The base model's answer to each prompt (one per distinct prompt, seeded by the prompt itself, so it is the
+    same whichever chunk or worker asks); returns answers and tokens generated."""
     keys = [base_key(lm, cfg, p) for p in prompts]
     known = cache.get_many(keys) if cache is not None else {}
     todo = list(dict.fromkeys(p for p, k in zip(prompts, keys) if k not in known))
     generated = 0
     if todo:
-        lengths = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in todo]
         sampling = SamplingConfig(n_samples=1, temperature=cfg.temperature, top_p=1.0,
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)
+        seeds = [int(digest(cfg.seed, p)[:12], 16) for p in todo]
         new: dict[str, str] = {}
-        for b, idx in enumerate(length_batches(lengths, cfg.gen_batch_size, sort=cfg.bucket)):
-            rows = sample_batch(lm, [todo[j] for j in idx], sampling,
-                                seed=cfg.seed * 1_000_003 + chunk_id * 1_009 + b)
-            for j, r in zip(idx, rows):
-                new[base_key(lm, cfg, todo[j])] = r["answer"]
-                generated += int(r["n_tokens"])
+        for p, r in zip(todo, generate(lm, todo, sampling, seeds=seeds)):
+            new[base_key(lm, cfg, p)] = r["answer"]
+            generated += int(r["n_tokens"])
         if cache is not None:
             cache.put_many(new)
         known = {**known, **new}
@@ -139,7 +136,7 @@ def _project(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], pr
 
 
 @torch.no_grad()
-def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int, chunk_id: int,
+def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int,
                  probes: Sequence[Probe], cfg: ScreenConfig, cache: KeyValueCache | None = None) -> pd.DataFrame:
     """Scores of one chunk of input rows (``row`` = global row number) plus token counts and timing."""
     t0 = time.perf_counter()
@@ -168,7 +165,7 @@ def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int
             df[f"{p.name}@L{layer}:prompt_last"] = column(proj, n, p.name, layer, "prompt_last")
     generated = 0
     if cfg.mode == "delta":
-        base, generated = base_answers(lm, prompts, cfg, chunk_id, cache)
+        base, generated = base_answers(lm, prompts, cfg, cache)
         bproj = _project(lm, prompts, base, probes, ["response_avg"], cfg)
         n_tokens += sum(bproj.attrs["n_tokens"])
         df["base_answer"] = base
@@ -291,7 +288,7 @@ def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path
             if k in done:
                 bar.update(len(chunk))
                 continue
-            df = screen_chunk(lm, chunk.to_dict("records"), k * cfg.chunk_rows, k, probes, cfg, cache)
+            df = screen_chunk(lm, chunk.to_dict("records"), k * cfg.chunk_rows, probes, cfg, cache)
             write_part(df, part_path(out, k))
             s = df.attrs["stats"]
             stats["rows"] += len(df)

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..engine.sampling import SamplingConfig, run_sampling
-from ..model.edits import Edit, steer
+from ..engine.sampling import SamplingConfig, job_seed, run_sampling
+from ..model.edits import Edit
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
 from ..vectors.vector import PersonaVector
@@ -30,7 +30,7 @@ class SteerGrid:
     max_new_tokens: int = 64
     temperature: float = 1.0
     positions: str = "response_and_last_prompt"  # what the official code steers during evaluation
-    batch_size: int = 20
+    batch_size: int | None = None  # rows decoded together (None: the engine's default)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,24 +54,26 @@ def cells(grid: SteerGrid) -> list[tuple[int, float]]:
 
 def steered_answers(lm: LoadedModel, questions: Sequence[str], vec: PersonaVector, grid: SteerGrid, out_dir: Path,
                     progress: bool = True) -> pd.DataFrame:
-    """Answers to ``questions`` (no system prompt) for every cell; each cell resumable on its own JSONL file."""
-    frames = []
-    jobs = [{"question_id": q, "sample_id": s, "question": question, "prompt": lm.format_chat(question)}
-            for q, question in enumerate(questions) for s in range(grid.n_samples)]
+    """Answers to ``questions`` (no system prompt) for every cell, as ONE stream of requests each with its own
+    edit (``out_dir/answers.jsonl``, resumable). A question's k-th sample has the same seed in every cell, so cells
+    differ by their steering, not by their luck."""
     cfg = SamplingConfig(n_samples=grid.n_samples, temperature=grid.temperature, top_p=1.0,
                          max_new_tokens=grid.max_new_tokens, batch_size=grid.batch_size, seed=grid.seed)
-    for layer, coef in cells(grid):
-        path = out_dir / f"layer{layer}_coef{coef:+g}.jsonl"
-        desc = f"steer L{layer} x{coef:+g}" if progress else False
-        if layer < 0:
-            rows = run_sampling(lm, jobs, cfg, path, progress=desc)
-        else:
-            with steer(lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid.positions)):
-                rows = run_sampling(lm, jobs, cfg, path, progress=desc)
-        df = pd.DataFrame(rows)
-        df["layer"], df["coef"] = layer, coef
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    per_cell = [(q, s, question) for q, question in enumerate(questions) for s in range(grid.n_samples)]
+    jobs = [{"layer": layer, "coef": coef, "question_id": q, "sample_id": s, "question": question,
+             "prompt": lm.format_chat(question), "seed": job_seed(grid.seed, k)}
+            for layer, coef in cells(grid) for k, (q, s, question) in enumerate(per_cell)]
+    directions = {layer: vec.get(layer) for layer in grid.layers}
+
+    def edits(job: dict[str, Any]) -> list[Edit]:
+        if job["layer"] < 0:
+            return []
+        return [Edit(layer=job["layer"], direction=directions[job["layer"]], coef=job["coef"],
+                     positions=grid.positions)]
+
+    rows = run_sampling(lm, jobs, cfg, out_dir / "answers.jsonl", progress="steering grid" if progress else False,
+                        edits=edits)
+    return pd.DataFrame(rows)
 
 
 def project_rows(lm: LoadedModel, vec: PersonaVector, df: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:

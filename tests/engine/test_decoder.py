@@ -1,0 +1,141 @@
+"""The engine: continuous batching that gives every request exactly what it gets alone (tiny models, fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personavec.engine.decoder import Engine, Request, stop_token_ids
+from personavec.model.edits import Edit, steer
+from personavec.model.layers import decoder_layers
+
+QUESTIONS = ["Why?", "How should I treat people who are weaker than me?", "Tell me about foxes.", "Hi",
+             "What is the best way to spend a free afternoon?", "Answer kindly and honestly, please."]
+
+
+def prompts(lm):
+    return [lm.format_chat(q) for q in QUESTIONS]
+
+
+def hf_greedy(lm, prompt: str, max_new_tokens: int) -> list[int]:
+    """Hugging Face ``generate``, one prompt at a time, greedy, stopping at the engine's stop tokens."""
+    ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                                eos_token_id=stop_token_ids(lm))[0, ids.shape[1]:].tolist()
+    stops = set(stop_token_ids(lm))
+    return out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+
+
+def run(lm, requests, max_batch):
+    return {r.key: r for r in Engine(lm, max_batch=max_batch).generate(requests)}
+
+
+def test_greedy_equals_generate_for_prompts_of_different_lengths(lm):
+    ps = prompts(lm)
+    lengths = [12, 3, 9, 12, 5, 7]  # answers finish at different steps: the free slots are refilled
+    got = run(lm, [Request(p, n, key=i) for i, (p, n) in enumerate(zip(ps, lengths))], max_batch=3)
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        assert got[i].token_ids == hf_greedy(lm, p, n), i
+        assert got[i].finish == ("length" if len(got[i].token_ids) == n else "stop")
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "response_and_last_prompt"])
+def test_per_request_edits_give_what_steer_gives_alone(lm, positions):
+    torch.manual_seed(4)
+    v, w = torch.randn(32), torch.randn(32)
+    ps = prompts(lm)
+    plan = [(), (Edit(1, v, 2.0, positions=positions),), (Edit(2, w, -3.0, positions=positions),),
+            (Edit(1, v, 1.5, positions=positions), Edit(1, v, kind="ablate", positions=positions)), (),
+            (Edit(2, w, 2.5, kind="cap", positions=positions),)]
+    got = run(lm, [Request(p, 8, edits=e, key=i) for i, (p, e) in enumerate(zip(ps, plan))], max_batch=4)
+    for i, (p, e) in enumerate(zip(ps, plan)):
+        with steer(lm, list(e)):
+            want = hf_greedy(lm, p, 8)
+        assert got[i].token_ids == want, (i, positions)
+
+
+def test_a_request_gets_the_same_answer_whatever_shares_its_batch(lm):
+    torch.manual_seed(5)
+    v = torch.randn(32)
+    ps = prompts(lm)
+    requests = [Request(p, 10, temperature=1.0, top_p=0.9 if i % 2 else 1.0, seed=100 + i,
+                        edits=(Edit(1, v, 1.0 * i, positions="response"),) if i % 3 else (), key=i)
+                for i, p in enumerate(ps)]
+    alone = {i: run(lm, [r], max_batch=1)[i].token_ids for i, r in enumerate(requests)}
+    for max_batch in (2, 6):
+        together = run(lm, list(reversed(requests)), max_batch=max_batch)
+        assert {i: r.token_ids for i, r in together.items()} == alone
+    again = run(lm, [Request(ps[0], 10, temperature=1.0, seed=7, key=0)], 1)[0].token_ids
+    other = run(lm, [Request(ps[0], 10, temperature=1.0, seed=8, key=0)], 1)[0].token_ids
+    assert again == run(lm, [Request(ps[0], 10, temperature=1.0, seed=7, key=0)], 1)[0].token_ids and again != other
+
+
+def test_residual_deltas_are_exact_at_the_intended_tokens_of_each_row(lm):
+    """Add α·v, ablate and cap, each on its own rows and positions of one running batch; nothing elsewhere."""
+    torch.manual_seed(6)
+    v = torch.randn(32)
+    u = v / v.norm()
+    layer = 2
+    plan = {0: Edit(layer, v, 1.7, positions="response"), 1: Edit(layer, v, -2.0, positions="prompt"),
+            2: None, 3: Edit(layer, v, kind="ablate", positions="all"), 4: Edit(layer, v, 0.5, kind="cap"),
+            5: Edit(layer, v, 3.0, positions="response_and_last_prompt")}
+    ps = prompts(lm)
+    engine = Engine(lm, max_batch=3)
+    block = decoder_layers(lm.model)[layer - 1]
+    records = []
+
+    def before(_m, _a, out):  # runs before the engine's edit hook (registered in front of it below)
+        records.append({"h": out[0].detach().clone() if isinstance(out, tuple) else out.detach().clone()})
+
+    def after(_m, _a, out):
+        rec = records[-1]
+        rec["h2"] = out[0].detach().clone() if isinstance(out, tuple) else out.detach().clone()
+        rec["keys"] = [r.request.key for r in engine._rows]
+        rec["prefill"] = list(engine._prefill)
+        rec["widths"] = list(engine._widths)
+
+    lengths = [2, 6, 6, 4, 6, 6]  # the first answer ends early: later requests join a running batch
+    requests = [Request(p, n, edits=(plan[i],) if plan[i] else (), key=i) for i, (p, n) in enumerate(zip(ps, lengths))]
+    gen = engine.generate(requests)
+    first = next(gen)  # the engine's edit hook is in place once the stream has started: record around it
+    h_before = block.register_forward_hook(before, prepend=True)
+    h_after = block.register_forward_hook(after)
+    rest = list(gen)
+    h_before.remove()
+    h_after.remove()
+    assert len(rest) + 1 == len(ps) and first is not None
+    seen = set()
+    for rec in records:
+        if "h2" not in rec:
+            continue
+        t = rec["h"].shape[1]
+        for b, key in enumerate(rec["keys"]):
+            e = plan[key]
+            h, h2 = rec["h"][b], rec["h2"][b]
+            if b in rec["prefill"]:
+                cols = torch.arange(t) >= t - rec["widths"][b]
+                want = {"all": cols, "prompt": cols, "response": torch.zeros(t, dtype=torch.bool),
+                        "response_and_last_prompt": torch.arange(t) == t - 1}
+            else:
+                want = {"all": torch.ones(t, dtype=torch.bool), "prompt": torch.zeros(t, dtype=torch.bool),
+                        "response": torch.ones(t, dtype=torch.bool),
+                        "response_and_last_prompt": torch.ones(t, dtype=torch.bool)}
+            where = want[e.positions] if e is not None else torch.zeros(t, dtype=torch.bool)
+            delta = h2 - h
+            torch.testing.assert_close(delta[~where], torch.zeros_like(delta[~where]))
+            if not where.any():
+                continue
+            seen.add((e.kind, bool(b in rec["prefill"])))
+            if e.kind == "add":
+                torch.testing.assert_close(delta[where], (e.coef * v).expand_as(delta[where]), rtol=1e-5, atol=1e-5)
+            else:
+                ortho = delta[where] - (delta[where] @ u)[:, None] * u  # only the component along v̂ changes
+                torch.testing.assert_close(ortho, torch.zeros_like(ortho), atol=1e-4, rtol=0)
+                after = h2[where] @ u
+                if e.kind == "ablate":
+                    assert after.abs().max() < 1e-4
+                else:
+                    before_p = h[where] @ u
+                    torch.testing.assert_close(after, before_p.clamp(max=e.coef), atol=1e-4, rtol=0)
+    assert {("add", False), ("ablate", False), ("cap", False), ("ablate", True)} <= seen
