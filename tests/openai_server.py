@@ -1,7 +1,8 @@
 """A real OpenAI-compatible chat-completions HTTP server for tests (127.0.0.1, random port, background thread).
 
 ``POST /v1/chat/completions`` answers with one generated token and its top logprobs, taken from
-``responder(prompt_text) -> [(token, logprob), ...]`` (``prompt_text`` is the last user message). Fault
+``responder(prompt_text) -> [(token, logprob), ...]`` (``prompt_text`` is the last user message), or, with
+``completer(body) -> (content, finish_reason, n_tokens)``, with a whole answer (a server that generates). Fault
 injection: ``fail_next(500, 429, retry_after=...)`` makes the next requests return those statuses. Every request
 is recorded (path, headers, JSON body), and the maximum number of requests in flight at once is tracked
 (``delay`` holds each request open that long, so concurrency is observable). A responder that raises makes
@@ -47,8 +48,9 @@ class FakeOpenAIServer:
     """Start with ``with FakeOpenAIServer(...) as srv:``; point clients at ``srv.base_url``."""
 
     def __init__(self, responder: Responder | None = None, *, delay: float = 0.0, logprobs: bool = True,
-                 model: str = "fake-judge") -> None:
+                 model: str = "fake-judge", completer: Callable[[dict], tuple[str, str, int]] | None = None) -> None:
         self.responder = responder or default_responder
+        self.completer = completer  # body -> (content, finish_reason, completion tokens): a whole answer
         self.delay = delay
         self.logprobs = logprobs  # False: behave like a server that ignores logprobs requests
         self.model = model
@@ -152,6 +154,13 @@ class FakeOpenAIServer:
                 self.in_flight -= 1
 
     def _completion(self, body: dict) -> dict:
+        if self.completer is not None:
+            content, finish, n = self.completer(body)
+            return {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", self.model),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                                 "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
         messages = body.get("messages") or []
         prompt = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
         ranked = sorted(self.responder(prompt), key=lambda tl: -tl[1])

@@ -130,7 +130,8 @@ def run_from_args(args: argparse.Namespace):
                     steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
                     steer_coefs=args.steer_coefs or None,
                     coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
-                    dtype=args.dtype, revision=args.revision)
+                    dtype=args.dtype, revision=args.revision, sampler=args.sampler,
+                    sampler_base_url=args.sampler_base_url, sampler_concurrency=args.sampler_concurrency)
     run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
     run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
     return run
@@ -190,6 +191,12 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
                                                           "key from OPENAI_API_KEY")
     r.add_argument("--judge-concurrency", type=int, default=8)
+    r.add_argument("--sampler", default="local",
+                   help="local (default), or openai:MODEL: the contrastive answers from an OpenAI-compatible server "
+                        "serving the same weights (vLLM, SGLang, llama.cpp, personavec serve); checked first with a "
+                        "greedy probe; steered answers and all activations stay local")
+    r.add_argument("--sampler-base-url", default=None, help="the sampler's base URL (or OPENAI_BASE_URL)")
+    r.add_argument("--sampler-concurrency", type=int, default=16, help="sampler requests in flight")
     r.add_argument("--eval-judge", default=None,
                    help="judge of the experiments' answers (monitor, finetune-experiment, screen-experiment), e.g. "
                         "local:qwen2.5-coder-1.5b (see `make judge-model`); default: --judge. Changing it later "

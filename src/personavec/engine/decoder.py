@@ -36,7 +36,8 @@ from ..model.loading import LoadedModel, pad_token_id
 
 @dataclass(frozen=True)
 class Request:
-    """One answer to generate. ``prompt``: chat-formatted text (or token ids); ``key``: the caller's id."""
+    """One answer to generate. ``prompt``: chat-formatted text (or token ids); ``messages``: the same chat as
+    ``{role, content}`` messages (what an endpoint takes); ``key``: the caller's id."""
 
     prompt: str | Sequence[int]
     max_new_tokens: int = 64
@@ -45,19 +46,22 @@ class Request:
     seed: int = 0
     edits: tuple[Edit, ...] = ()
     key: Any = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass
 class Result:
     key: Any
     request: Request
-    token_ids: list[int]
+    token_ids: list[int]  # empty when an endpoint answered
     text: str
     finish: str  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
+    n_generated: int | None = None  # an endpoint's count of generated tokens
 
     @property
     def n_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.n_generated is None else self.n_generated
 
 
 @dataclass
@@ -193,7 +197,7 @@ class Engine:
             req = row.request
             token = greedy[j] if row.generator is None else _sample(logits[j], req.temperature, req.top_p,
                                                                      row.generator)
-            stopped = token in self.stop
+            stopped = token in self.stop and not req.ignore_eos
             if not stopped:
                 row.tokens.append(token)
             if stopped or len(row.tokens) >= req.max_new_tokens:

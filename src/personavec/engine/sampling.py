@@ -40,8 +40,10 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def request(self, prompt: str, seed: int, edits: Sequence[Edit] = (), key: Any = None) -> Request:
-        return Request(prompt, self.max_new_tokens, self.temperature, self.top_p, seed, tuple(edits), key)
+    def request(self, prompt: str, seed: int, edits: Sequence[Edit] = (), key: Any = None,
+                messages: Sequence[dict[str, str]] | None = None) -> Request:
+        return Request(prompt, self.max_new_tokens, self.temperature, self.top_p, seed, tuple(edits), key,
+                       messages=tuple(messages) if messages else None)
 
 
 QUICK = SamplingConfig(n_samples=2, max_new_tokens=64, batch_size=25)
@@ -71,13 +73,21 @@ def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: 
     return generate(lm, [lm.format_chat(user, system=system)], cfg, seeds=[seed])[0]["answer"]
 
 
+def job_messages(job: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat of a job as messages: its ``system`` prompt (if any) and its ``question``."""
+    system = job.get("system")
+    return ([{"role": "system", "content": str(system)}] if system else []) + [
+        {"role": "user", "content": str(job["question"])}]
+
+
 def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingConfig, path: Path,
-                 progress: bool | str = True,
-                 edits: Callable[[dict[str, Any]], Sequence[Edit]] | None = None) -> list[dict[str, Any]]:
+                 progress: bool | str = True, edits: Callable[[dict[str, Any]], Sequence[Edit]] | None = None,
+                 sampler: Any = None) -> list[dict[str, Any]]:
     """Sample an answer for every job (a dict with at least ``prompt``; ``edits(job)`` gives its steering, an
     optional ``seed`` its seed), appending rows to ``path``. Each row is the job plus ``answer``, ``n_tokens``,
-    ``truncated`` and ``job`` (its index). Jobs already answered in ``path`` are kept; the rest are sampled. Returns
-    all rows in job order."""
+    ``truncated`` and ``job`` (its index). Jobs already answered in ``path`` are kept; the rest are sampled, by the
+    local engine or by ``sampler`` (an :class:`~personavec.engine.remote.EndpointSampler`, which takes each job's
+    ``system`` and ``question`` as chat messages). Returns all rows in job order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(path)
     kept: dict[int, dict[str, Any]] = {}
@@ -89,10 +99,11 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
         rewrite_jsonl(path, sorted(kept.values(), key=lambda r: int(r["job"])))  # drop repeats and a torn line
     todo = [j for j in range(len(jobs)) if j not in kept]
     requests = [cfg.request(jobs[j]["prompt"], int(jobs[j].get("seed", job_seed(cfg.seed, j))),
-                            edits(jobs[j]) if edits else (), key=j) for j in todo]
+                            edits(jobs[j]) if edits else (), key=j,
+                            messages=job_messages(jobs[j]) if sampler is not None else None) for j in todo]
     if todo:
         with open(path, "a", encoding="utf-8") as f:
-            engine = Engine(lm, cfg.batch_size)
+            engine = sampler if sampler is not None else Engine(lm, cfg.batch_size)
             for r in engine.generate(requests, progress=progress, total=len(jobs), initial=len(kept)):
                 append_jsonl(f, [{**jobs[r.key], "answer": r.text, "n_tokens": r.n_tokens,
                                   "truncated": r.finish == "length", "job": r.key}])

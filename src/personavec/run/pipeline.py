@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
+from ..engine.remote import EndpointSampler, parse_sampler
 from ..engine.sampling import run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
@@ -70,6 +71,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.command: str | None = None  # the command line that reproduces this run, for the report
         self._art: TraitArtifacts | None = None  # artifacts made by the preflight, saved once the run is claimed
+        self._sampler: Any = None
 
     # ---- models ----
     @property
@@ -97,6 +99,8 @@ class Run:
         refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
         if not self.path("judged.parquet").exists():  # the run's judge still has answers to score
             preflight_judge(self.cfg.judge, self.cfg.judge_base_url)
+        if self.sampler() is not None and not self.path("responses.parquet").exists():
+            self.sampler().check_same_model(self.lm)
         if not self.path("artifacts.json").exists():
             self._art = self.make_artifacts()
 
@@ -162,6 +166,7 @@ class Run:
                 return df
             log.warning("%s does not hold one answer per job; rebuilding it from responses.jsonl", out)
         rows = run_sampling(self.lm, self.jobs(art), self.cfg.sampling, self.path("responses.jsonl"),
+                            sampler=self.sampler(),
                             progress="sampling" if self.progress else False)
         df = pd.DataFrame(rows)
         write_table(df, out)
@@ -188,6 +193,15 @@ class Run:
             self._judges[(spec, base_url)] = make_judge(spec, base_url, concurrency=self.cfg.judge_concurrency,
                                                         preflight=preflight, load=self._model_for)
         return self._judges[(spec, base_url)]
+
+    def sampler(self) -> Any:
+        """The endpoint that samples the contrastive answers (``--sampler openai:MODEL``), or None (local)."""
+        model = parse_sampler(self.cfg.sampler)
+        if model is None:
+            return None
+        if self._sampler is None:
+            self._sampler = EndpointSampler(model, self.cfg.sampler_base_url, self.cfg.sampler_concurrency)
+        return self._sampler
 
     def _model_for(self, spec: str) -> LoadedModel:
         if spec == self.cfg.model:
