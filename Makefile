@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, CPU profile)
-	$(BIN)/personavec run --trait evil --quick --dtype bfloat16
+	$(BIN)/personavec run --trait evil --quick
 
 extract-demo: $(STAMP)  ## vector from the shipped 16-pair table, then a steered answer
 	$(BIN)/personavec demo
