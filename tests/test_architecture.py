@@ -20,7 +20,6 @@ LAYERS = [
     {"monitor"},
     {"finetuning"},
     {"screening"},
-    {"serve"},
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

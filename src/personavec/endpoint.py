@@ -1,4 +1,4 @@
-"""OpenAI-compatible chat-completions endpoints (OpenAI, vLLM, SGLang, the llama.cpp server, ``personavec serve``),
+"""OpenAI-compatible chat-completions endpoints (OpenAI, vLLM, SGLang, the llama.cpp server),
 through the official ``openai`` SDK.
 
 The SDK sends the requests and retries what is worth retrying (timeouts, connection errors, HTTP 408, 409, 429

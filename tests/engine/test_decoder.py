@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personavec.engine.decoder import Engine, Request, stop_token_ids
+from personavec.engine.decoder import Engine, Request
 from personavec.model.edits import Edit, steer
 from personavec.model.layers import decoder_layers
+from personavec.model.loading import stop_token_ids
 
 QUESTIONS = ["Why?", "How should I treat people who are weaker than me?", "Tell me about foxes.", "Hi",
              "What is the best way to spend a free afternoon?", "Answer kindly and honestly, please."]
@@ -92,7 +93,7 @@ def test_residual_deltas_are_exact_at_the_intended_tokens_of_each_row(lm):
         rec = records[-1]
         rec["h2"] = out[0].detach().clone() if isinstance(out, tuple) else out.detach().clone()
         rec["keys"] = [r.request.key for r in engine._rows]
-        rec["prefill"] = list(engine._prefill)
+        rec["prefill"] = engine._prefill
         rec["widths"] = list(engine._widths)
 
     lengths = [2, 6, 6, 4, 6, 6]  # the first answer ends early: later requests join a running batch
@@ -113,7 +114,7 @@ def test_residual_deltas_are_exact_at_the_intended_tokens_of_each_row(lm):
         for b, key in enumerate(rec["keys"]):
             e = plan[key]
             h, h2 = rec["h"][b], rec["h2"][b]
-            if b in rec["prefill"]:
+            if rec["prefill"]:
                 cols = torch.arange(t) >= t - rec["widths"][b]
                 want = {"all": cols, "prompt": cols, "response": torch.zeros(t, dtype=torch.bool),
                         "response_and_last_prompt": torch.arange(t) == t - 1}
@@ -126,7 +127,7 @@ def test_residual_deltas_are_exact_at_the_intended_tokens_of_each_row(lm):
             torch.testing.assert_close(delta[~where], torch.zeros_like(delta[~where]))
             if not where.any():
                 continue
-            seen.add((e.kind, bool(b in rec["prefill"])))
+            seen.add((e.kind, rec["prefill"]))
             if e.kind == "add":
                 torch.testing.assert_close(delta[where], (e.coef * v).expand_as(delta[where]), rtol=1e-5, atol=1e-5)
             else:
@@ -139,3 +140,26 @@ def test_residual_deltas_are_exact_at_the_intended_tokens_of_each_row(lm):
                     before_p = h[where] @ u
                     torch.testing.assert_close(after, before_p.clamp(max=e.coef), atol=1e-4, rtol=0)
     assert {("add", False), ("ablate", False), ("cap", False), ("ablate", True)} <= seen
+
+
+def test_a_sliding_window_model_is_served_in_waves_and_stays_exact(tokenizer):
+    """A cache with sliding-window layers cannot take joining rows: the engine fills a batch, decodes it to its end,
+    then starts the next, and each answer still equals ``generate``'s."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from personavec.model.loading import wrap_model
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+                        pad_token_id=0)
+    lm = wrap_model(MistralForCausalLM(cfg).eval(), tokenizer)
+    from personavec.engine.decoder import _mergeable
+
+    with torch.no_grad():
+        assert not _mergeable(lm.model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values)
+    ps = prompts(lm)
+    lengths = [10, 3, 7, 10, 4, 9]
+    got = run(lm, [Request(p, n, key=i) for i, (p, n) in enumerate(zip(ps, lengths))], max_batch=2)
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        assert got[i].token_ids == hf_greedy(lm, p, n), i

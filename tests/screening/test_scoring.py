@@ -110,7 +110,7 @@ def test_interrupted_screening_resumes_to_the_identical_table(lm, tmp_path, monk
 
     os.utime(data, (1, 1))
     assert screen_file(lm, data, probes, tmp_path / "cut", cfg, progress=False)["rows"] == 0
-    with pytest.raises(PersonavecError, match="other data or settings"):
+    with pytest.raises(PersonavecError, match=r"holds a screening .of other data.. with other settings"):
         screen_file(lm, data, probes, tmp_path / "cut", ScreenConfig(mode="response", chunk_rows=4), progress=False)
 
 

@@ -53,6 +53,17 @@ def finite_float(text: str) -> float:
     return x
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return n
+
+
 def finite_floats(text: str) -> list[float]:
     """Comma-separated finite numbers, e.g. ``-4,-2,0,2,4``."""
     return [finite_float(x) for x in text.split(",") if x.strip()]
@@ -131,7 +142,8 @@ def run_from_args(args: argparse.Namespace):
                     steer_coefs=args.steer_coefs or None,
                     coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
                     dtype=args.dtype, revision=args.revision, sampler=args.sampler,
-                    sampler_base_url=args.sampler_base_url, sampler_concurrency=args.sampler_concurrency)
+                    sampler_base_url=args.sampler_base_url, sampler_concurrency=args.sampler_concurrency,
+                    sampler_check=not args.no_sampler_check)
     run = Run(cfg, out_root=args.out, run_dir=args.run_dir)
     run.command = "personavec " + " ".join(shlex.quote(a) for a in args.argv)
     return run
@@ -155,14 +167,14 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the paper's; a --train-config JSON/TOML file sets any of them)")
     g.add_argument("--train-config", default=None, help="JSON or TOML file with TrainConfig keys (rank, lr, ...)")
     g.add_argument("--lr", type=finite_float, default=None, help="learning rate (paper: 1e-5)")
-    g.add_argument("--epochs", type=int, default=None, help="paper: 1")
-    g.add_argument("--rank", type=int, default=None, help="LoRA rank (paper: 32)")
+    g.add_argument("--epochs", type=positive_int, default=None, help="paper: 1")
+    g.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (paper: 32)")
     g.add_argument("--lora-alpha", type=finite_float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
-    g.add_argument("--train-batch-size", type=int, default=None, help="micro-batch size (paper: 2)")
-    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (paper: 8)")
+    g.add_argument("--train-batch-size", type=positive_int, default=None, help="micro-batch size (paper: 2)")
+    g.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per optimizer step (paper: 8)")
     g.add_argument("--warmup-steps", type=int, default=None, help="paper: 5")
     g.add_argument("--schedule", choices=["linear", "constant", "cosine"], default=None, help="paper: linear")
-    g.add_argument("--train-max-length", type=int, default=None, help="tokens per conversation (paper: 2048)")
+    g.add_argument("--train-max-length", type=positive_int, default=None, help="tokens per conversation (paper: 2048)")
     g.add_argument("--train-seed", type=int, default=None)
     g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default 20)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
@@ -171,8 +183,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
 def experiment_args(p: argparse.ArgumentParser) -> None:
     """What both fine-tuning experiments take: read-out layer, evaluation sampling, training settings."""
     p.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")
-    p.add_argument("--ft-eval-samples", type=int, default=2, help="answers per evaluation question per model")
-    p.add_argument("--ft-max-new-tokens", type=int, default=64)
+    p.add_argument("--ft-eval-samples", type=positive_int, default=2, help="answers per evaluation question per model")
+    p.add_argument("--ft-max-new-tokens", type=positive_int, default=64)
     train_args(p)
 
 
@@ -190,13 +202,15 @@ def run_args(r: argparse.ArgumentParser) -> None:
                                                     "or none (no scores, no filter)")
     r.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL); "
                                                           "key from OPENAI_API_KEY")
-    r.add_argument("--judge-concurrency", type=int, default=8)
+    r.add_argument("--judge-concurrency", type=positive_int, default=8)
     r.add_argument("--sampler", default="local",
                    help="local (default), or openai:MODEL: the contrastive answers from an OpenAI-compatible server "
-                        "serving the same weights (vLLM, SGLang, llama.cpp, personavec serve); checked first with a "
+                        "serving the same weights (vLLM, SGLang, llama.cpp); checked first with a "
                         "greedy probe; steered answers and all activations stay local")
     r.add_argument("--sampler-base-url", default=None, help="the sampler's base URL (or OPENAI_BASE_URL)")
-    r.add_argument("--sampler-concurrency", type=int, default=16, help="sampler requests in flight")
+    r.add_argument("--sampler-concurrency", type=positive_int, default=16, help="sampler requests in flight")
+    r.add_argument("--no-sampler-check", action="store_true",
+                   help="skip the greedy probe that checks the sampler serves the same model (e.g. another precision)")
     r.add_argument("--eval-judge", default=None,
                    help="judge of the experiments' answers (monitor, finetune-experiment, screen-experiment), e.g. "
                         "local:qwen2.5-coder-1.5b (see `make judge-model`); default: --judge. Changing it later "
@@ -205,12 +219,14 @@ def run_args(r: argparse.ArgumentParser) -> None:
                                                                "(default: --judge-base-url)")
     r.add_argument("--quick", action="store_true", help="CPU profile: 2 samples per (question, instruction), "
                                                         "64 new tokens")
-    r.add_argument("--n-samples", type=int, default=None, help="answers per (question, instruction); paper: 10")
-    r.add_argument("--eval-samples", type=int, default=2, help="held-out answers per side per evaluation question")
-    r.add_argument("--max-new-tokens", type=int, default=None, help="paper: 1000")
+    r.add_argument("--n-samples", type=positive_int, default=None,
+                   help="answers per (question, instruction); paper: 10")
+    r.add_argument("--eval-samples", type=positive_int, default=2,
+                   help="held-out answers per side per evaluation question")
+    r.add_argument("--max-new-tokens", type=positive_int, default=None, help="paper: 1000")
     r.add_argument("--temperature", type=finite_float, default=None, help="paper: 1.0")
-    r.add_argument("--gen-batch-size", type=int, default=None)
-    r.add_argument("--batch-size", type=int, default=16, help="extraction batch size")
+    r.add_argument("--gen-batch-size", type=positive_int, default=None)
+    r.add_argument("--batch-size", type=positive_int, default=16, help="extraction batch size")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--filter", choices=["auto", "on", "off"], default="auto",
                    help="the paper's filter: auto (default) applies it when the judge tells pos from neg answers "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import finite_float, load_lm, model_args, parse_layers
+from .common import finite_float, load_lm, model_args, parse_layers, positive_int
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="output .safetensors")
     e.add_argument("--trait", default=None, help="trait name (also the score column name, as in the official CSV)")
     e.add_argument("--layers", default=None, help="layers to compute: all (default), 20, 4-8, 4,8,12")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-length", type=int, default=None,
+    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--max-length", type=positive_int, default=None,
                    help="cut pairs to this many tokens (default: the model's context length)")
     e.add_argument("--pos-min", type=finite_float, default=50.0, help="keep pairs whose pos trait score >= this")
     e.add_argument("--neg-max", type=finite_float, default=50.0, help="keep pairs whose neg trait score < this")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import load_lm, model_args, named_vectors, parse_layers, run_args, run_from_args
+from .common import load_lm, model_args, named_vectors, parse_layers, positive_int, run_args, run_from_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +17,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pj.add_argument("--layers", default=None, help="layers (default: each vector's chosen layer)")
     pj.add_argument("--poolings", default=None, help="comma-separated: prompt_last,response_avg,prompt_avg")
     pj.add_argument("--out", required=True, help="output .jsonl (input columns + projections; resumable)")
-    pj.add_argument("--chunk-rows", type=int, default=256)
-    pj.add_argument("--batch-size", type=int, default=16)
-    pj.add_argument("--max-length", type=int, default=None,
+    pj.add_argument("--chunk-rows", type=positive_int, default=256)
+    pj.add_argument("--batch-size", type=positive_int, default=16)
+    pj.add_argument("--max-length", type=positive_int, default=None,
                     help="cut conversations to this many tokens (default: the model's context length)")
     model_args(pj)
     pj.set_defaults(func=cmd_project)
@@ -30,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     "Pearson r between the last-prompt projection and the answers' judged trait.")
     run_args(mo)
     mo.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
-    mo.add_argument("--monitor-samples", type=int, default=1, help="answers per prompt (default 1)")
+    mo.add_argument("--monitor-samples", type=positive_int, default=1, help="answers per prompt (default 1)")
     mo.set_defaults(func=cmd_monitor)
 
 

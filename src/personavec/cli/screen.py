@@ -14,6 +14,7 @@ from .common import (
     model_args,
     named_vectors,
     parse_layers,
+    positive_int,
     run_args,
     run_from_args,
     train_config,
@@ -34,16 +35,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--mode", choices=["delta", "response", "prompt_last"], default="delta",
                     help="delta: dP (generates base answers, cached); response: the response's projection only; "
                          "prompt_last: the last prompt token only (cheapest)")
-    sc.add_argument("--top-k", type=int, default=20)
+    sc.add_argument("--top-k", type=positive_int, default=20)
     sc.add_argument("--threshold", type=finite_float, default=None,
                     help="write filtered.jsonl without rows scoring above")
     sc.add_argument("--percentile", type=finite_float, default=None, help="... or above this percentile of the scores")
-    sc.add_argument("--chunk-rows", type=int, default=512, help="rows per checkpointed chunk")
-    sc.add_argument("--batch-size", type=int, default=16)
-    sc.add_argument("--gen-batch-size", type=int, default=16)
-    sc.add_argument("--max-new-tokens", type=int, default=256, help="base answers' length")
+    sc.add_argument("--chunk-rows", type=positive_int, default=512, help="rows per checkpointed chunk")
+    sc.add_argument("--batch-size", type=positive_int, default=16)
+    sc.add_argument("--gen-batch-size", type=positive_int, default=16)
+    sc.add_argument("--max-new-tokens", type=positive_int, default=256, help="base answers' length")
     sc.add_argument("--temperature", type=finite_float, default=0.0, help="base answers: 0 = greedy (default)")
-    sc.add_argument("--max-length", type=int, default=None,
+    sc.add_argument("--max-length", type=positive_int, default=None,
                     help="cut pairs to this many tokens (default: the model's context length)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--base-cache", default=None,
@@ -51,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--no-early-stop", action="store_true", help="run every layer (benchmarking)")
     sc.add_argument("--no-bucketing", action="store_true", help="batch in input order (benchmarking)")
     sc.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
-    sc.add_argument("--ray-workers", type=int, default=2, help="model actors")
+    sc.add_argument("--ray-workers", type=positive_int, default=2, help="model actors")
     sc.add_argument("--ray-address", default=None, help="existing cluster: auto or ray://host:port")
     sc.add_argument("--cpus-per-worker", type=finite_float, default=1.0)
     sc.add_argument("--gpus-per-worker", type=finite_float, default=0.0)

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import PersonavecError
-from .common import finite_float, load_lm, model_args, model_vectors
+from .common import finite_float, load_lm, model_args, model_vectors, positive_int
 
 DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
 
@@ -28,8 +28,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="runs", help="run directory root (default: runs)")
     d.add_argument("--layer", type=int, default=None, help="steering layer (default: 40%% of depth)")
     d.add_argument("--coef", type=finite_float, default=2.0, help="multiple of the raw vector to add (default 2)")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=60)
+    d.add_argument("--batch-size", type=positive_int, default=16)
+    d.add_argument("--max-new-tokens", type=positive_int, default=60)
     model_args(d)
     d.set_defaults(func=cmd_demo)
 
@@ -44,20 +44,20 @@ def _steer_args(s: argparse.ArgumentParser) -> None:
                    help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
                         "response_and_last_prompt (the official code's 'response')")
     s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
-    s.add_argument("--max-new-tokens", type=int, default=60)
+    s.add_argument("--max-new-tokens", type=positive_int, default=60)
     model_args(s)
 
 
 def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
                 positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
-    from ..engine.sampling import chat
-    from ..model.edits import Edit, steer
+    from ..engine.sampling import SamplingConfig, generate
+    from ..model.edits import Edit
 
-    base = chat(lm, question, max_new_tokens=max_new_tokens)
     edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
-    with steer(lm, edit):
-        steered = chat(lm, question, max_new_tokens=max_new_tokens)
-    return base, steered
+    prompt = lm.format_chat(question)
+    cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    base, steered = generate(lm, [prompt, prompt], cfg, edits=[[], [edit]])
+    return base["answer"], steered["answer"]
 
 
 def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:

@@ -21,17 +21,20 @@ decoded to its end, then the next one starts.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import PersonavecError
+from ..model.activations import Encoded, make_batch
 from ..model.edits import Edit, edit_delta
-from ..model.layers import cache_kwarg, edit
-from ..model.loading import LoadedModel, pad_token_id
+from ..model.layers import cache_kwarg, edit, last_logits_kwarg
+from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,9 @@ class _Row:
     request: Request
     prompt_len: int
     generator: torch.Generator | None
+    edits: dict[int, list[tuple[str, torch.Tensor, float, str]]]  # layer -> (kind, direction, coef, positions)
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
-
-
-def stop_token_ids(lm: LoadedModel) -> list[int]:
-    """Tokens that end an answer: the tokenizer's end of sequence and the model's declared end-of-turn tokens."""
-    from ..model.layers import _unwrap
-
-    declared = getattr(getattr(_unwrap(lm.model), "generation_config", None), "eos_token_id", None)
-    ids = [lm.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
-    return sorted({int(t) for t in ids if t is not None})
 
 
 def default_max_batch(lm: LoadedModel) -> int:
@@ -103,14 +98,17 @@ class Engine:
     """Continuous batching with per-request edits and seeds over one loaded model (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, max_batch: int | None = None) -> None:
+        if max_batch is not None and max_batch < 1:
+            raise PersonavecError(f"the batch size must be at least 1, not {max_batch}")
         self.lm = lm
         self.max_batch = max_batch or default_max_batch(lm)
         self.stop = set(stop_token_ids(lm))
         self.pad = pad_token_id(lm.tokenizer)
+        self.keep_last = last_logits_kwarg(lm.model)
+        # what the edit hooks need to know about the forward pass under way
         self._rows: list[_Row] = []
-        self._prefill: list[int] = []  # rows (indices into the forward's batch) that are prefilled
-        self._cols = 0  # columns of the forward under way
-        self._widths: list[int] = []  # per row: its prompt's width in this forward (prefill) or 1
+        self._prefill = False
+        self._widths: list[int] = []
 
     # ---- the stream ----
     @torch.no_grad()
@@ -118,8 +116,12 @@ class Engine:
                  initial: int = 0) -> Iterator[Result]:
         """Answers to ``requests`` in the order they finish (``total`` and ``initial`` size the progress bar)."""
         waiting: deque[Request] = deque(requests)
+        for r in waiting:
+            check_request(r)
         desc = progress if isinstance(progress, str) else "sampling"
         layers = sorted({e.layer for r in waiting for e in r.edits})
+        # new requests join once this many slots are free (or the queue is nearly empty): fewer, fuller prefills
+        join_at = max(1, self.max_batch // 4)
         with contextlib.ExitStack() as stack, tqdm(total=total or len(waiting), initial=initial, desc=desc,
                                                    unit="answer", disable=not progress) as bar:
             for layer in layers:
@@ -127,76 +129,67 @@ class Engine:
             rows: list[_Row] = []
             cache: Any = None
             mask = torch.zeros(0, 0, dtype=torch.long, device=self.lm.device)
-            merge = True
+            mergeable = True
             while waiting or rows:
-                if waiting and len(rows) < self.max_batch and (merge or not rows):
-                    new = [waiting.popleft() for _ in range(min(self.max_batch - len(rows), len(waiting)))]
+                free = self.max_batch - len(rows)
+                if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
+                    new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                     new_rows, new_cache, new_mask, logits = self._prefill_rows(new)
                     if rows:
                         cache, mask = _merge(cache, mask, new_cache, new_mask)
                     else:
                         cache, mask = new_cache, new_mask
-                    merge = _mergeable(cache)
+                        mergeable = _mergeable(cache)
                     rows += new_rows
-                    first = len(rows) - len(new_rows)
-                    yield from self._advance(rows, list(range(first, len(rows))), logits, bar)
+                    yield from self._advance(new_rows, logits, bar)
                 else:
-                    logits = self._decode(rows, cache, mask)
-                    mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=mask.device)], 1)
-                    yield from self._advance(rows, list(range(len(rows))), logits, bar)
+                    logits, mask = self._decode(rows, cache, mask)
+                    yield from self._advance(rows, logits, bar)
                 if any(r.finished for r in rows):
                     keep = [i for i, r in enumerate(rows) if not r.finished]
                     rows = [rows[i] for i in keep]
-                    if rows:
-                        idx = torch.tensor(keep, device=mask.device)
-                        cache.batch_select_indices(idx)
-                        mask = mask[idx]
-                        cache, mask = _trim(cache, mask)
-                    else:
+                    if not rows:
                         cache, mask = None, mask[:0, :0]
-                        merge = True
+                        continue
+                    idx = torch.tensor(keep, device=mask.device)
+                    cache.batch_select_indices(idx)
+                    mask = mask[idx]
+                    if mergeable:
+                        cache, mask = _trim(cache, mask)
 
     # ---- forward passes ----
     def _prefill_rows(self, requests: list[Request]) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor]:
         tok = self.lm.tokenizer
         ids_list = [list(r.prompt) if not isinstance(r.prompt, str) else
                     tok(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
-        width = max(len(x) for x in ids_list)
         dev = self.lm.device
-        ids = torch.full((len(ids_list), width), self.pad, dtype=torch.long)
-        attn = torch.zeros(len(ids_list), width, dtype=torch.long)
-        for b, x in enumerate(ids_list):
-            ids[b, width - len(x):] = torch.tensor(x, dtype=torch.long)
-            attn[b, width - len(x):] = 1
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
-        rows = [_Row(r, len(x), _generator(r, dev)) for r, x in zip(requests, ids_list)]
-        self._rows, self._cols, self._widths = rows, width, [len(x) for x in ids_list]
-        self._prefill = list(range(len(rows)))
+        batch = make_batch([Encoded(tuple(x), len(x)) for x in ids_list], self.pad, "left", dev)
+        rows = [_Row(r, len(x), _generator(r), _row_edits(r, dev)) for r, x in zip(requests, ids_list)]
+        self._rows, self._prefill, self._widths = rows, True, [len(x) for x in ids_list]
         # the model makes the cache its architecture needs (sliding windows included)
-        out = self.lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),
-                            use_cache=True)
-        return rows, out.past_key_values, attn.to(dev), out.logits[:, -1].float()
+        out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, use_cache=True, **self._last_logits())
+        return rows, out.past_key_values, batch.attention_mask, out.logits[:, -1].float()
 
-    def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for every row; returns its logits and the attention mask grown by one column."""
         dev = self.lm.device
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=dev)
         pos = torch.tensor([[r.prompt_len + len(r.tokens) - 1] for r in rows], dtype=torch.long, device=dev)
-        attn = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
-        self._rows, self._cols, self._widths, self._prefill = rows, 1, [1] * len(rows), []
-        out = self.lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                            **{cache_kwarg(self.lm.model): cache})
-        return out.logits[:, -1].float()
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
+        self._rows, self._prefill, self._widths = rows, False, [1] * len(rows)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{cache_kwarg(self.lm.model): cache}, **self._last_logits())
+        return out.logits[:, -1].float(), mask
+
+    def _last_logits(self) -> dict[str, int]:
+        return {self.keep_last: 1} if self.keep_last else {}
 
     # ---- sampling ----
-    def _advance(self, rows: list[_Row], which: list[int], logits: torch.Tensor, bar: Any) -> Iterator[Result]:
-        """Sample the next token of each row in ``which`` (``logits`` rows in the same order); yield the answers that
-        finished."""
-        greedy = logits.argmax(-1).tolist()
-        for j, i in enumerate(which):
-            row = rows[i]
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, bar: Any) -> Iterator[Result]:
+        """Sample the next token of each row (``logits`` in the same order); yield the answers that finished."""
+        for row, token in zip(rows, _next_tokens(rows, logits)):
             req = row.request
-            token = greedy[j] if row.generator is None else _sample(logits[j], req.temperature, req.top_p,
-                                                                     row.generator)
             stopped = token in self.stop and not req.ignore_eos
             if not stopped:
                 row.tokens.append(token)
@@ -207,60 +200,90 @@ class Engine:
                 yield Result(req.key, req, list(row.tokens), text, "stop" if stopped else "length")
 
     # ---- per-request edits ----
-    def _edit_fn(self, layer: int):
+    def _edit_fn(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(h: torch.Tensor) -> torch.Tensor:
             return self._edit(layer, h)
         return fn
 
     def _edit(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Each row's own edits at ``layer``, in list order, at its own positions in this forward pass."""
-        per_row = [[e for e in r.request.edits if e.layer == layer] for r in self._rows]
+        per_row = [r.edits.get(layer, []) for r in self._rows]
         rounds = max((len(x) for x in per_row), default=0)
-        if not rounds:
-            return h
         t = h.shape[1]
         cols = torch.arange(t, device=h.device)
         for k in range(rounds):
-            groups: dict[str, list[tuple[int, Edit]]] = {}
+            groups: dict[str, list[tuple[int, torch.Tensor, float, str]]] = {}
             for b, edits in enumerate(per_row):
                 if len(edits) > k:
-                    groups.setdefault(edits[k].kind, []).append((b, edits[k]))
+                    kind, direction, coef, positions = edits[k]
+                    groups.setdefault(kind, []).append((b, direction, coef, positions))
             for kind, items in groups.items():
-                idx = torch.tensor([b for b, _ in items], device=h.device)
-                dirs = torch.stack([e.direction.to(device=h.device, dtype=torch.float32) for _, e in items])
-                coefs = torch.tensor([float(e.coef) for _, e in items], device=h.device)
-                m = torch.stack([self._positions(b, e.positions, cols, t) for b, e in items]).to(h.dtype)
+                idx = torch.tensor([b for b, *_ in items], device=h.device)
+                dirs = torch.stack([d for _, d, _, _ in items])
+                coefs = torch.tensor([c for _, _, c, _ in items], device=h.device)
+                m = torch.stack([self._positions(b, p, cols, t) for b, _, _, p in items]).to(h.dtype)
                 sub = h[idx]
                 h = h.index_copy(0, idx, sub + edit_delta(sub, kind, dirs, coefs) * m[:, :, None])
         return h
 
     def _positions(self, b: int, positions: str, cols: torch.Tensor, t: int) -> torch.Tensor:
         """``[t]`` mask of the columns of row ``b`` that ``positions`` covers in this forward pass."""
-        if b not in self._prefill:  # a decode step: the one column is a generated token
+        if not self._prefill:  # a decode step: the one column is a generated token
             return torch.full((t,), positions != "prompt", dtype=torch.bool, device=cols.device)
-        valid = cols >= t - self._widths[b]
         if positions in ("all", "prompt"):
-            return valid
+            return cols >= t - self._widths[b]
         if positions == "response":
-            return torch.zeros_like(valid)
+            return torch.zeros(t, dtype=torch.bool, device=cols.device)
         return cols == t - 1  # response_and_last_prompt: the last prompt token
 
 
-def _generator(req: Request, device: torch.device) -> torch.Generator | None:
+def check_request(r: Request) -> None:
+    """Refuse settings that cannot be sampled, with the field named."""
+    if r.max_new_tokens < 1:
+        raise PersonavecError(f"max_new_tokens must be at least 1, not {r.max_new_tokens}")
+    if not math.isfinite(r.temperature) or r.temperature < 0:
+        raise PersonavecError(f"temperature must be a finite number >= 0, not {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise PersonavecError(f"top_p must be in (0, 1], not {r.top_p}")
+
+
+def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, torch.Tensor, float, str]]]:
+    """A request's edits by layer, in list order, with each direction moved to the device once."""
+    out: dict[int, list[tuple[str, torch.Tensor, float, str]]] = {}
+    for e in r.edits:
+        out.setdefault(e.layer, []).append((e.kind, e.direction.to(device=device, dtype=torch.float32),
+                                            float(e.coef), e.positions))
+    return out
+
+
+def _generator(req: Request) -> torch.Generator | None:
+    """A request's own random stream (on the CPU: one uniform number per token, whatever the device)."""
     if req.temperature <= 0:
         return None
-    g = torch.Generator(device=device)
+    g = torch.Generator()
     g.manual_seed(int(req.seed))
     return g
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _next_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """Greedy for rows at temperature 0; otherwise inverse-CDF sampling (temperature, then top-p) with one uniform
+    number from the row's own generator. One transfer from the device for the whole batch."""
+    sampled = [i for i, r in enumerate(rows) if r.generator is not None]
+    tokens = logits.argmax(-1)
+    if sampled:
+        idx = torch.tensor(sampled, device=logits.device)
+        temps = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+        top_p = torch.tensor([rows[i].request.top_p for i in sampled], device=logits.device)
+        if bool((top_p < 1).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]  # outside the smallest set reaching top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        u = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled]).to(logits.device)
+        cdf = probs.cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        tokens = tokens.index_copy(0, idx, picks)
+    return tokens.tolist()
 
 
 def _layers(cache: Any) -> list[Any]:

@@ -1,5 +1,5 @@
 """Unsteered sampling on an OpenAI-compatible server that serves the same weights (vLLM, SGLang, the llama.cpp
-server, ``personavec serve``): the official code's fast path for the contrastive answers.
+server): the official code's fast path for the contrastive answers.
 
 :class:`EndpointSampler` answers :class:`~personavec.engine.decoder.Request` objects like the local engine does
 (same ``generate`` interface, answers yielded as they finish, at most ``concurrency`` requests in flight), from
@@ -105,4 +105,5 @@ class EndpointSampler:
             raise PersonavecError(
                 f"{self.client.where} does not serve {lm.model_id}: its greedy answer to a probe differs from the "
                 f"local model's ({served[:40]!r} vs {local[:40]!r}); serve the same weights (and chat template), "
-                "or sample locally (--sampler local)")
+                "or sample locally (--sampler local); --no-sampler-check skips this check (for a server that runs the "
+                "same weights at another precision)")

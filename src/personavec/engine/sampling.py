@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PersonavecError
-from ..files import append_jsonl, read_jsonl, rewrite_jsonl
+from ..files import append_jsonl, read_jsonl, repair_jsonl, rewrite_jsonl
 from ..model.edits import Edit
 from ..model.loading import LoadedModel
-from .decoder import Engine, Request
+from .decoder import Engine, Request, check_request
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,11 @@ class SamplingConfig:
     batch_size: int | None = None
     seed: int = 0
     engine: str = "continuous-batching, seeded per job"
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise PersonavecError("n_samples, max_new_tokens and the batch size must be at least 1")
+        check_request(self.request("", 0))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,23 +94,25 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
     local engine or by ``sampler`` (an :class:`~personavec.engine.remote.EndpointSampler`, which takes each job's
     ``system`` and ``question`` as chat messages). Returns all rows in job order."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)  # a torn last line from a killed writer
     rows = read_jsonl(path)
+    seeds = [int(job.get("seed", job_seed(cfg.seed, j))) for j, job in enumerate(jobs)]
     kept: dict[int, dict[str, Any]] = {}
-    for r in rows:  # the first answer of each job counts (a log written twice holds every job twice)
+    for r in rows:  # the first answer of each job counts; an answer to another prompt or seed does not
         j = int(r.get("job", -1))
-        if 0 <= j < len(jobs) and j not in kept:
+        if 0 <= j < len(jobs) and j not in kept and r.get("prompt") == jobs[j]["prompt"] and \
+                int(r.get("seed", seeds[j])) == seeds[j]:
             kept[j] = r
-    if len(kept) != len(rows) or (path.exists() and len(rows) != _count_lines(path)):
-        rewrite_jsonl(path, sorted(kept.values(), key=lambda r: int(r["job"])))  # drop repeats and a torn line
+    if len(kept) != len(rows):
+        rewrite_jsonl(path, sorted(kept.values(), key=lambda r: int(r["job"])))
     todo = [j for j in range(len(jobs)) if j not in kept]
-    requests = [cfg.request(jobs[j]["prompt"], int(jobs[j].get("seed", job_seed(cfg.seed, j))),
-                            edits(jobs[j]) if edits else (), key=j,
+    requests = [cfg.request(jobs[j]["prompt"], seeds[j], edits(jobs[j]) if edits else (), key=j,
                             messages=job_messages(jobs[j]) if sampler is not None else None) for j in todo]
     if todo:
         with open(path, "a", encoding="utf-8") as f:
             engine = sampler if sampler is not None else Engine(lm, cfg.batch_size)
             for r in engine.generate(requests, progress=progress, total=len(jobs), initial=len(kept)):
-                append_jsonl(f, [{**jobs[r.key], "answer": r.text, "n_tokens": r.n_tokens,
+                append_jsonl(f, [{**jobs[r.key], "seed": seeds[r.key], "answer": r.text, "n_tokens": r.n_tokens,
                                   "truncated": r.finish == "length", "job": r.key}])
     final = read_jsonl(path)
     final.sort(key=lambda r: int(r["job"]))
@@ -113,8 +120,3 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
         raise PersonavecError(f"{path} does not hold one answer per job (another process wrote to it?); run the "
                               "same command again to repair it")
     return final
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)

@@ -18,7 +18,6 @@ skipped when present, training resumes from checkpoints, and sampling/judging re
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ import torch
 
 from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
-from ..files import claim_settings, save_figure, write_json, write_table
+from ..files import claim_settings, read_json, save_figure, write_json, write_table
 from ..finetuning.datasets import write_mixtures
 from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
 from ..model.edits import Edit
@@ -110,8 +109,8 @@ class FineTuneExperiment:
         ident = {**self.cfg.to_dict(), "train": self.cfg.train.identity(), "layer": self.layer}
         for k in ("percents", "prevent_percents", "caft_percents", "prevent_coefs"):
             ident.pop(k)  # conditions may be added later; each one's own settings are checked by its fine-tune
-        claim_settings(self.dir / "experiment.json", ident, f"{self.dir} holds a fine-tuning experiment with other "
-                       "settings; move it away or pass the same settings")
+        claim_settings(self.dir / "experiment.json", ident, "a fine-tuning experiment",
+                       "move it away or pass the same settings")
 
     def datasets(self) -> dict[str, Path]:
         data = self.dir / "data"
@@ -178,7 +177,7 @@ class FineTuneExperiment:
         d.mkdir(parents=True, exist_ok=True)
         out = d / "eval.json"
         if out.exists():
-            result = json.loads(out.read_text())
+            result = read_json(out)
             stale_judge = result.get("judge_spec", self.run.cfg.judge) != self.run.eval_judge_spec
             if stale_judge or "answer_nll" not in result or "coherence_scored" not in result:
                 answers = pd.read_parquet(d / "answers.parquet")
@@ -225,7 +224,7 @@ class FineTuneExperiment:
             result["mc_accuracy"] = mc_accuracy(lm, qs).accuracy
         train = d / "train.json"
         if train.exists():
-            t = json.loads(train.read_text())
+            t = read_json(train)
             result.update(final_loss=t["losses"][-1] if t["losses"] else None, train_seconds=t["seconds"],
                           train_steps=t["steps"])
         write_json(out, result)

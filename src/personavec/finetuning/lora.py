@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PersonavecError
-from ..files import atomic_dir, claim_settings, locked, write_json
+from ..files import atomic_dir, claim_settings, locked, read_json, write_json
 from ..model.edits import Edit, steer
 from ..model.layers import decoder_layers
 from ..model.loading import LoadedModel, pad_token_id
@@ -284,7 +284,7 @@ def _load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, c
             params[n].copy_(t)
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["cpu"])
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json(ckpt / "state.json")
     sched.load_state_dict(state["scheduler"])
     return int(state["step"]), [float(x) for x in state["losses"]]
 
@@ -323,8 +323,8 @@ def _train_lora(lm: LoadedModel, chats: Sequence[Sequence[dict[str, str]]], cfg:
         raise PersonavecError("no training example has assistant tokens within max_length")
     ident = {"config": cfg.identity(), "n_examples": len(examples), "interventions": describe_edits(edits),
              "data_digest": _digest(examples), **(meta or {})}
-    claim_settings(out / "train_config.json", ident, f"{out} holds a fine-tune with other settings or data; use "
-                   "another --out or delete that directory")
+    claim_settings(out / "train_config.json", ident, "a fine-tune (of other data?)",
+                   "use another --out or delete that directory")
 
     model = add_lora(lm.model, cfg)
     lm.model = model

@@ -51,7 +51,8 @@ class LocalJudge:
         self.min_mass = min_mass
         self.batch_size = batch_size
         self._numbers: dict[str, list[tuple[int, ...]]] = {}
-        self.name = f"local:{lm.model_id}@{lm.revision}"
+        # the dtype is part of the judge: scores in bfloat16 and float32 differ, and are cached apart
+        self.name = f"local:{lm.model_id}@{lm.revision}:{str(lm.dtype).replace('torch.', '')}"
         vocab = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
         digit = torch.zeros(len(vocab), dtype=torch.bool)
         for i, tok in enumerate(vocab):

@@ -16,7 +16,7 @@ same column, so the split is exact for the whole batch:
   The official persona_vectors code instead edits "the newest position of every forward pass", i.e. the last
   prompt token at prefill and every generated token after; that is ``response_and_last_prompt`` here.
 
-An edit at layer ℓ acts on the output of block ℓ − 1 (see :mod:`personavec.internals`). Several edits may be
+An edit at layer ℓ acts on the output of block ℓ − 1 (see :mod:`personavec.model.layers`). Several edits may be
 active at once (they compose in order); all hooks are removed on exit, including on exceptions.
 """
 

@@ -223,6 +223,15 @@ def backbone(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else base
 
 
+def last_logits_kwarg(model: nn.Module) -> str | None:
+    """The forward argument that limits the LM head to the last positions (``logits_to_keep``), if there is one."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
+
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword a model's forward takes its KV cache by (``cache`` in newer transformers)."""
     params = inspect.signature(model.forward).parameters

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import PersonavecError
-from ..files import atomic_dir, atomic_write, write_json
+from ..files import atomic_dir, atomic_write, read_json, write_json
 from .chat import format_chat
 
 log = logging.getLogger(__name__)
@@ -114,6 +113,15 @@ class LoadedModel:
     def format_chat(self, user: str, system: str | None = None, assistant: str | None = None) -> str:
         """The chat-templated prompt text for one user turn (with the generation prompt appended)."""
         return format_chat(self.tokenizer, user, system=system, assistant=assistant)
+
+
+def stop_token_ids(lm: LoadedModel) -> list[int]:
+    """Tokens that end an answer: the tokenizer's end of sequence and the model's declared end-of-turn tokens."""
+    from .layers import _unwrap
+
+    declared = getattr(getattr(_unwrap(lm.model), "generation_config", None), "eos_token_id", None)
+    ids = [lm.tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]
+    return sorted({int(t) for t in ids if t is not None})
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -337,7 +345,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         if not (cached / "config.json").is_file():
             _dequantize_to_cache(gguf, cached)
         model, tok = _from_pretrained(str(cached), torch_dtype, device, local_only=True)
-        src = json.loads((cached / "personavec-source.json").read_text())
+        src = read_json(cached / "personavec-source.json")
         source = "embedded" if spec in EMBEDDED else "gguf"
         rev = "gguf-sha256:" + src["sha256"][:16]
     elif path.is_dir():

@@ -71,12 +71,6 @@ def _frame(parts: dict[str, list[np.ndarray]], n_tokens: list[int]) -> pd.DataFr
     return table
 
 
-def wide(table: pd.DataFrame, value: str = "projection") -> pd.DataFrame:
-    """One row per pair, one column per ``(name, layer, pooling)`` (a MultiIndex), from the tidy table."""
-    return table.pivot_table(index="row", columns=["name", "layer", "pooling"], values=value, dropna=False,
-                             sort=True)
-
-
 def column(table: pd.DataFrame, n: int, name: str, layer: int, pooling: str = "response_avg",
            value: str = "projection") -> list[float]:
     """The values of one (name, layer, pooling) for pairs ``0..n-1`` in order."""

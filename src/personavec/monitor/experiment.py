@@ -25,7 +25,7 @@ import torch
 
 from ..engine.sampling import SamplingConfig, run_sampling
 from ..errors import PersonavecError
-from ..files import read_json, save_figure, write_json, write_table
+from ..files import claim_settings, read_json, save_figure, write_json, write_table
 from ..judge.scoring import judge_rows
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs, unit
@@ -134,6 +134,13 @@ def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[
     """The experiment on a finished run (``monitor.parquet``, ``monitor.json``, ``monitor.png`` in its directory);
     read back when done with the same judge, the stored answers re-judged when the judge changed."""
     with run.locked():
+        vec = PersonaVector.load(run.path("vectors.safetensors"))
+        layer = layer if layer is not None else vec.chosen_layer
+        if layer is None:
+            raise PersonavecError("the vector has no chosen layer; pass --layer")
+        claim_settings(run.path("monitor_settings.json"), {"layer": layer, "n_samples": n_samples},
+                       "a monitoring experiment", "pass the same --layer and --monitor-samples, or delete its "
+                       "monitor* files to start it over")
         out = run.path("monitor.json")
         if out.exists():
             done = read_json(out)
@@ -143,10 +150,6 @@ def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[
         art = TraitArtifacts.load(run.path("artifacts.json"))
         if not art.ladder and art.name in builtin_traits():
             art.ladder = builtin(art.name).ladder
-        vec = PersonaVector.load(run.path("vectors.safetensors"))
-        layer = layer if layer is not None else vec.chosen_layer
-        if layer is None:
-            raise PersonavecError("the vector has no chosen layer; pass --layer")
         judged = pd.read_parquet(run.path("judged.parquet"))
         pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
         if pos["trait"].notna().any():

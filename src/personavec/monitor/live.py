@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PersonavecError
 from ..model.layers import capture, decoder_layers, edit
+from ..model.projection import unit
 
 
 @dataclass
@@ -37,7 +38,7 @@ class LiveMonitor:
     def __post_init__(self) -> None:
         if self.action not in ("stop", "steer", "none"):
             raise PersonavecError(f"monitor action must be stop, steer or none, not {self.action!r}")
-        self.unit = self.vector.float() / self.vector.float().norm().clamp(min=1e-12)
+        self.unit = unit(self.vector)
 
     def _observe(self, _layer: int, hidden: torch.Tensor) -> None:
         p = (hidden[:, -1].float() @ self.unit.to(hidden.device)).cpu()

@@ -47,6 +47,7 @@ class RunConfig:
     sampler: str = "local"  # local | openai:MODEL (the contrastive answers from a server serving the same weights)
     sampler_base_url: str | None = None
     sampler_concurrency: int = 16
+    sampler_check: bool = True  # refuse a server whose greedy probe answer differs from the local model's
 
     def __post_init__(self) -> None:
         check_name(self.trait, "trait")
@@ -62,7 +63,8 @@ class RunConfig:
         """The settings that define a run's outputs: all but concurrency and the experiments' judge, with the device
         type and dtype as resolved (a bfloat16 run resumed in float32 would mix answers and scores of both)."""
         d = asdict(self)
-        for k in ("judge_concurrency", "eval_judge", "eval_judge_base_url", "sampler_base_url", "sampler_concurrency"):
+        for k in ("judge_concurrency", "eval_judge", "eval_judge_base_url", "sampler_base_url", "sampler_concurrency",
+                  "sampler_check"):
             d.pop(k)
         d.update(device=self.resolved_device(), dtype=self.resolved_dtype())
         return d

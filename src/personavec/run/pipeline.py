@@ -9,12 +9,12 @@ stage          output                                      resumes by
 =============  ==========================================  ============================================
 config         ``run.json``                                refusing a different config in the same dir
 artifacts      ``artifacts.json``                          skip when present
-generate       ``responses.jsonl`` → ``responses.parquet``  keeping complete batches (fixed seeds)
+generate       ``responses.jsonl`` → ``responses.parquet``  keeping the answered jobs (seeded per job)
 judge          ``judged.parquet``                          the on-disk judge cache (no repeated calls)
 extract        ``vectors.safetensors``, ``filter.json``    skip when present
 separation     ``separation.parquet``                      skip when present
-steer          ``steer/*.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``
-               (chosen layer written into the vector)      per-cell JSONL files + judge cache
+steer          ``steer/answers.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``,
+               ``examples*.jsonl`` (chosen layer into the vector)  the answered jobs + judge cache
 capability     ``capability.json``                         skip when present
 report         ``report.html``, ``*.png``                  rewritten each time
 summary        ``summary.json``                            rewritten each time
@@ -25,7 +25,6 @@ The stages are read top to bottom in the order they run, hence one module of abo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -99,7 +98,7 @@ class Run:
         refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
         if not self.path("judged.parquet").exists():  # the run's judge still has answers to score
             preflight_judge(self.cfg.judge, self.cfg.judge_base_url)
-        if self.sampler() is not None and not self.path("responses.parquet").exists():
+        if self.sampler() is not None and self.cfg.sampler_check and not self.path("responses.parquet").exists():
             self.sampler().check_same_model(self.lm)
         if not self.path("artifacts.json").exists():
             self._art = self.make_artifacts()
@@ -347,7 +346,7 @@ class Run:
             return None
         sel_path = self.path("selection.json")
         if sel_path.exists():
-            return json.loads(sel_path.read_text())
+            return read_json(sel_path)
         grid = self.grid(vec.n_layers)
         answers_path = self.path("steering_answers.parquet")
         if answers_path.exists():
@@ -405,7 +404,7 @@ class Run:
 
         out = self.path("capability.json")
         if out.exists():
-            return json.loads(out.read_text())
+            return read_json(out)
         if not selection or selection.get("chosen_layer") is None:
             return None
         questions = read_mmlu(self.cfg.mc_path) if self.cfg.mc_path else builtin_mc()
@@ -480,7 +479,7 @@ class Run:
                                                                   "coherence_min", "criterion", "reason")}
         if capability is not None:
             summary["capability"] = capability
-        filt = json.loads(self.path("filter.json").read_text())
+        filt = read_json(self.path("filter.json"))
         summary["filter"] = filt
         if not filt.get("applied"):
             summary["warning"] = f"the paper's filter was NOT applied: {filt.get('reason')}"

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import PersonavecError
-from ..files import write_text
+from ..files import read_json, write_text
 from .format import DASH, coef, fixed, integer, number, value
 from .plots import numeric, plot_capability, plot_separation, plot_steering
 
@@ -37,10 +37,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist; run `personavec run` first (or pass the run directory)")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise PersonavecError(f"cannot read {path}: {e}") from None
+    summary = read_json(path)
     if not isinstance(summary, dict):
         raise PersonavecError(f"{path}: expected a JSON object")
     return summary

@@ -86,10 +86,6 @@ class ScreenConfig:
 DEFAULT_CONFIG = ScreenConfig()
 
 
-def score_columns(probes: Sequence[Probe], mode: str) -> list[str]:
-    return [f"{p.name}@L{layer}:{kind}" for p in probes for layer in p.layers for kind in KINDS[mode]]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # base answers, generated once
 
@@ -200,19 +196,12 @@ def write_part(df: pd.DataFrame, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def part_stats(path: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"personavec_stats", b"{}"))
-
-
 def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: ScreenConfig, model_id: str) -> None:
     """Write ``screen_config.json`` once; refuse to continue a directory made with other settings or data."""
     claim_settings(out_dir / "screen_config.json",
                    {"input": fingerprint(path), "model": model_id, "probes": probe_identity(probes),
                     "config": cfg.identity()},
-                   f"{out_dir} holds a screening of other data or settings; use another --out or delete that directory")
+                   "a screening (of other data?)", "use another --out or delete that directory")
 
 
 def done_chunks(out_dir: Path) -> set[int]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import inspect
 import math
 import weakref
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import PersonavecError
+from ..model.layers import last_logits_kwarg
 from ..model.loading import LoadedModel, pad_token_id
 
 LETTERS = "ABCDEFGHIJ"
@@ -288,18 +288,6 @@ def letter_token_ids(tokenizer: Any, n: int = MAX_CHOICES) -> list[list[int]]:
     return out
 
 
-def _keeps_last_logits(model: Any) -> str | None:
-    """The name of the forward argument that limits the LM head to the last positions, if there is one."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return name
-    return None
-
-
 @torch.no_grad()
 def letter_scores(lm: LoadedModel, questions: Sequence[MCQuestion], batch_size: int = 16, progress: bool = False,
                   system: str | None = None,
@@ -324,7 +312,7 @@ def letter_scores(lm: LoadedModel, questions: Sequence[MCQuestion], batch_size: 
     pad = pad_token_id(tok)
     device = lm.device
     model = lm.model
-    keep = _keeps_last_logits(model)
+    keep = last_logits_kwarg(model)
     probs: list[list[float]] = [[] for _ in questions]
     mass: list[float] = [0.0] * len(questions)
     bar = tqdm(total=len(questions), desc="mc", unit="question", disable=not progress, leave=False)
