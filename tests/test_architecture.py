@@ -104,3 +104,12 @@ def test_no_circular_imports_between_modules():
     for m in graph:
         visit(m)
     assert not cycles, "\n".join(cycles)
+
+
+def test_test_files_have_unique_names():
+    # pytest's default import mode keys test modules by file name: two tests/*/test_x.py cannot be collected together
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        assert path.name not in seen, f"{path.relative_to(tests)} and {seen[path.name].relative_to(tests)} share a name"
+        seen[path.name] = path

@@ -24,6 +24,7 @@ from personavec.files import (
     locked,
     read_jsonl,
     repair_jsonl,
+    rewrite_jsonl,
     write_json,
     write_table,
 )
@@ -111,6 +112,20 @@ def test_jsonl_log_drops_a_torn_last_line(tmp_path):
         f.write('{"i": 2, "ans')  # a writer killed mid-line
     assert read_jsonl(log) == [{"i": 0}, {"i": 1}]
     assert repair_jsonl(log) == 2 and log.read_text().count("\n") == 2 and log.read_text().endswith("\n")
+
+
+def test_jsonl_rows_stay_one_line_whatever_the_text(tmp_path):
+    """Model output may hold U+2028, U+2029 or U+0085, which str.splitlines and many JSONL tools treat as line ends:
+    every JSONL writer escapes them, so a row is one line for any reader."""
+    rows = [{"answer": "a\u2028b\u2029c\x85d\ne\x1cf"}, {"answer": "ok"}]
+    log = tmp_path / "log.jsonl"
+    with open(log, "a", encoding="utf-8") as f:
+        append_jsonl(f, rows)
+    rewrite_jsonl(tmp_path / "whole.jsonl", rows)
+    write_table(pd.DataFrame(rows), tmp_path / "table.jsonl")
+    for path in (log, tmp_path / "whole.jsonl", tmp_path / "table.jsonl"):
+        text = path.read_text(encoding="utf-8")
+        assert [json.loads(x) for x in text.splitlines()] == rows == read_jsonl(path)
 
 
 def test_claim_settings_names_what_differs(tmp_path):

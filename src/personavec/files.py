@@ -171,9 +171,23 @@ def append_text(f: IO[str], text: str) -> None:
         os.fsync(f.fileno())
 
 
+_LINE_ENDS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def escape_line_ends(json_text: str) -> str:
+    """JSON text with the characters that some readers take for line ends (U+2028, U+2029, U+0085; valid raw
+    inside JSON strings) escaped, so a JSONL row is one line for every reader."""
+    return json_text.translate(_LINE_ENDS)
+
+
+def jsonl_line(row: Any) -> str:
+    """One JSONL line: UTF-8 JSON (see :func:`escape_line_ends`)."""
+    return escape_line_ends(json.dumps(row, ensure_ascii=False, default=str)) + "\n"
+
+
 def append_jsonl(f: IO[str], rows: Iterable[dict[str, Any]]) -> None:
     """Append whole rows to an open JSONL log (see :func:`append_text`)."""
-    append_text(f, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    append_text(f, "".join(jsonl_line(r) for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -215,7 +229,7 @@ def repair_jsonl(path: str | os.PathLike) -> int:
 def rewrite_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
     with atomic_write(path) as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            f.write(jsonl_line(r))
 
 
 # --------------------------------------------------------------------------------------------- settings claims
@@ -492,7 +506,8 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         elif suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_json(tmp, orient="records", lines=True, force_ascii=False, default_handler=str)
+            text = df.to_json(orient="records", lines=True, force_ascii=False, default_handler=str)
+            Path(tmp).write_text(escape_line_ends(text), encoding="utf-8")
     return path
 
 

@@ -22,6 +22,14 @@ class CountingJudge:
         return [self.value] * len(prompts)
 
 
+class HalfJudge(CountingJudge):
+    """Scores the coherence rubric but never the trait one: no answer gets the pair of scores the filter needs."""
+
+    def score(self, prompts, progress=False):
+        self.prompts += list(prompts)
+        return [50.0 if p.startswith("COHERENCE") else None for p in prompts]
+
+
 def table(n: int) -> pd.DataFrame:
     return pd.DataFrame({"question": [f"q{i}" for i in range(n)], "answer": [f"a{i}" for i in range(n)]})
 
@@ -44,3 +52,13 @@ def test_a_judge_that_scores_is_asked_about_everything_in_order():
     small = judge_rows(CountingJudge(None), "{question}{answer}", table(10), progress=False)
     assert "judge_note" not in small.attrs and small["trait"].isna().all()  # nothing left to skip
     assert math.isnan(judge_rows(None, "{question}{answer}", table(3))["trait"].iloc[0])
+
+
+def test_an_answer_needs_both_scores_to_count_as_judged(monkeypatch):
+    import personavec.judge.scoring as scoring
+
+    monkeypatch.setattr(scoring, "coherence_prompt", lambda q, a: f"COHERENCE {q} {a}")
+    judge = HalfJudge(None)
+    out = judge_rows(judge, "Rate {question} / {answer}.", table(100), progress=False)
+    assert len(judge.prompts) == 2 * 40 and "first 40 answers" in out.attrs["judge_note"]
+    assert out["trait"].isna().all() and (out["coherence"].iloc[:40] == 50.0).all()

@@ -254,7 +254,7 @@ def test_batched_equals_unbatched(lm, batch_size):
 
 def test_full_logits_path_matches_last_only(lm, monkeypatch):
     ref, _ = letter_scores(lm, QUESTIONS, batch_size=3)
-    monkeypatch.setattr(capability, "_keeps_last_logits", lambda model: None)
+    monkeypatch.setattr(capability, "last_logits_kwarg", lambda model: None)
     full, _ = letter_scores(lm, QUESTIONS, batch_size=3)
     torch.testing.assert_close(torch.tensor([x for p in full for x in p]),
                                torch.tensor([x for p in ref for x in p]), atol=1e-6, rtol=1e-5)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import PersonavecError
 from ..model.activations import Encoded, make_batch
 from ..model.edits import Edit, edit_delta
-from ..model.layers import cache_kwarg, edit, last_logits_kwarg
+from ..model.layers import cache_kwarg, edit, last_logits_kwarg, output_cache
 from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
 
 
@@ -169,7 +169,7 @@ class Engine:
         # the model makes the cache its architecture needs (sliding windows included)
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=True, **self._last_logits())
-        return rows, out.past_key_values, batch.attention_mask, out.logits[:, -1].float()
+        return rows, output_cache(out), batch.attention_mask, out.logits[:, -1].float()
 
     def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every row; returns its logits and the attention mask grown by one column."""

@@ -11,7 +11,6 @@ a larger one, so mixtures differ only in how many answers carry the trait.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import pandas as pd
 import torch
 
 from ..errors import PersonavecError
-from ..files import write_text
+from ..files import jsonl_line, write_text
 
 KEY = ("instruction_id", "question_id", "sample_id")
 DEFAULT_FRACTIONS = (0, 25, 50, 75, 100)
@@ -70,7 +69,7 @@ def mixture(pairs: pd.DataFrame, percent: float, seed: int = 0) -> list[dict[str
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    text = "".join(jsonl_line(r) for r in rows)
     if p.exists() and p.read_text(encoding="utf-8") == text:
         return p  # unchanged: keep the file (and its timestamps) as it is
     return write_text(p, text)

@@ -7,25 +7,38 @@ after the chat-formatted prompt (so tokenizers that split numbers into several t
 a digit). The score is ``Σ k·P(k) / Σ P(k)``; it is missing when ``Σ P(k) < 0.25`` (the model mostly says
 something else, e.g. a refusal). Paths through non-canonical tokenizations of a number are not counted.
 
-Cost: for a batch of prompts (left-padded), one forward pass over the prompts, then one pass over the ~110 tokens
-of each prompt's score tree (all prefixes of "0".."100") reusing the prompts' KV cache with a tree attention mask.
+Cost: for a batch of prompts, one forward pass over the tokens they all start with (the rubric's instructions),
+one over each prompt's own rest (left-padded), then one pass over the ~110 tokens of each prompt's score tree (all
+prefixes of "0".."100") reusing the prompts' KV cache with a tree attention mask. :meth:`LocalJudge.score` orders
+prompts so that a batch holds one rubric and, where it can, one question.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..model.activations import encode_pairs, length_batches
+from ..model.activations import encode_pairs
 from ..model.chat import format_chat
-from ..model.layers import cache_kwarg
+from ..model.layers import cache_kwarg, last_logits_kwarg, output_cache
 from ..model.loading import LoadedModel, pad_token_id
 
 MIN_MASS = 0.25
 SCORES = tuple(range(101))
+MIN_SHARED = 8  # a shared prompt prefix shorter than this is not worth a pass of its own
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens all ``seqs`` share."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
 
 
 @dataclass
@@ -59,6 +72,7 @@ class LocalJudge:
             text = lm.tokenizer.convert_tokens_to_string([tok]) if tok is not None else ""
             digit[i] = bool(text) and text[0].isdigit()
         self._continues = digit  # tokens that would extend a number
+        self._keep_last = last_logits_kwarg(lm.model)
 
     def _number_tokens(self, prompt: str) -> list[tuple[int, ...]]:
         """The token sequence of each number 0..100 right after ``prompt``. It depends only on the prompt's last
@@ -80,11 +94,48 @@ class LocalJudge:
         """P(k) for every k in 0..100 for one filled rubric."""
         return self.distributions([judge_prompt])[0]
 
+    def _prefill(self, prompt_ids: list[list[int]]) -> tuple[Any, torch.Tensor]:
+        """One forward pass over the prompts (with their KV cache), returning it and the ``[B, T]`` attention mask.
+
+        The tokens every prompt of the batch starts with (the rubric's instructions; the question too when a
+        batch holds answers to one question) are computed once, as a batch of one, and their cache is shared by
+        all rows; each row's own rest is left-padded after it. Rows: ``[shared prefix | padding | own tokens]``,
+        so the last column holds every prompt's last token.
+        """
+        lm, dev, pad = self.lm, self.lm.device, pad_token_id(self.lm.tokenizer)
+        shared = common_prefix(prompt_ids) if len(prompt_ids) > 1 else 0
+        shared = min(shared, min(len(p) for p in prompt_ids) - 1)  # every row keeps a token of its own
+        if shared < MIN_SHARED:
+            shared = 0
+        rests = [p[shared:] for p in prompt_ids]
+        B, S = len(rests), max(len(r) for r in rests)
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        attn = torch.ones(B, shared + S, dtype=torch.long)
+        attn[:, shared:] = 0
+        for b, r in enumerate(rests):
+            ids[b, S - len(r):] = torch.tensor(r)
+            attn[b, shared + S - len(r):] = 1
+        positions = (attn.cumsum(1) - 1).clamp(min=0)[:, shared:]
+        kwargs: dict[str, Any] = {}
+        if shared:
+            head = lm.model(input_ids=torch.tensor([prompt_ids[0][:shared]], device=dev), use_cache=True,
+                            **self._last_logits())
+            cache = output_cache(head)
+            cache.batch_repeat_interleave(B)
+            kwargs[cache_kwarg(lm.model)] = cache
+        out = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),
+                       use_cache=True, **kwargs, **self._last_logits())
+        return out, attn
+
+    def _last_logits(self) -> dict[str, int]:
+        return {self._keep_last: 1} if self._keep_last else {}
+
     @torch.no_grad()
     def distributions(self, judge_prompts: Sequence[str]) -> list[ScoreDistribution]:
-        """P(k) for every k in 0..100 for several filled rubrics at once (two forward passes for the batch).
+        """P(k) for every k in 0..100 for several filled rubrics at once (two forward passes for the batch, plus
+        one for the prefix they share).
 
-        The prompts are left-padded into one prefill. Every distinct non-empty prefix of the numbers' token
+        The prompts go through one prefill (see :meth:`_prefill`). Every distinct non-empty prefix of the numbers' token
         sequences is one node of a token tree; all nodes of all prompts then go through the model in ONE pass on
         top of the prefill's KV cache, each attending to its own prompt and its own ancestors only (a tree
         attention mask), at the position its depth gives it. Padding is masked out exactly, so a batch gives each
@@ -95,16 +146,9 @@ class LocalJudge:
         encs = encode_pairs(lm.tokenizer, prompts, ["0"] * len(prompts))
         prompt_ids = [e.ids[: e.n_prompt] for e in encs]
         numbers = [self._number_tokens(p) for p in prompts]
-        B, T = len(prompts), max(len(p) for p in prompt_ids)
-        ids = torch.full((B, T), pad_token_id(lm.tokenizer), dtype=torch.long)
-        attn = torch.zeros(B, T, dtype=torch.long)
-        for b, p in enumerate(prompt_ids):
-            ids[b, T - len(p):] = torch.tensor(p)
-            attn[b, T - len(p):] = 1
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        out, attn = self._prefill(prompt_ids)
+        B, T = attn.shape
         dev = lm.device
-        out = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),
-                       use_cache=True)
         first = out.logits[:, -1].float().log_softmax(-1)  # [B, vocab]: right after each prompt
         nodes = [sorted({seq[:i] for seq in nums for i in range(1, len(seq) + 1)}, key=lambda p: (len(p), p))
                  for nums in numbers]
@@ -126,7 +170,7 @@ class LocalJudge:
         # attention implementation adds a float 4-D mask, whereas eager attention would ADD a bool one as 0/1
         mask = torch.zeros(allowed.shape, dtype=lm.dtype).masked_fill_(~allowed, torch.finfo(lm.dtype).min)
         logits = lm.model(input_ids=tree_ids.to(dev), position_ids=tree_pos.to(dev), attention_mask=mask.to(dev),
-                          use_cache=True, **{cache_kwarg(lm.model): out.past_key_values}).logits.float().log_softmax(-1)
+                          use_cache=True, **{cache_kwarg(lm.model): output_cache(out)}).logits.float().log_softmax(-1)
         results = []
         for b in range(B):
             # row 0: the distribution right after the prompt; row 1 + i: after node i. Every number needs the
@@ -147,13 +191,14 @@ class LocalJudge:
 
     def score(self, prompts: Sequence[str], progress: bool | str = False,
               on_result: Callable[[int, float | None], None] | None = None) -> list[float | None]:
-        """Expected scores, ``batch_size`` prompts per forward pass (batched by length); ``on_result`` is told each
-        score as its batch finishes."""
+        """Expected scores, ``batch_size`` prompts per forward pass; ``on_result`` is told each score as its batch
+        finishes."""
         desc = progress if isinstance(progress, str) else "judging"
         out: list[float | None] = [None] * len(prompts)
-        lengths = [len(p) for p in prompts]
+        # in text order a batch holds one rubric (and mostly one question): its shared prefix is computed once
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])
         with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt") as bar:
-            for idx in length_batches(lengths, self.batch_size):
+            for idx in (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)):
                 for i, dist in zip(idx, self.distributions([prompts[i] for i in idx])):
                     out[i] = dist.expected(self.min_mass)
                     if on_result is not None:

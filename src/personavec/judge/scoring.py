@@ -9,7 +9,8 @@ import pandas as pd
 
 from .rubrics import coherence_prompt
 
-#: a judge that gives no usable score (trait or coherence) to this many answers is not asked about the rest
+#: a judge that gives no answer among the first this many both a trait and a coherence score is not asked about
+#: the rest
 GIVE_UP_AFTER = 40
 
 
@@ -18,7 +19,7 @@ def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool 
     """``df`` (with ``question`` and ``answer``) plus the judge's ``trait`` (``rubric`` filled with both) and
     ``coherence`` scores; NaN where the judge gives no score, everywhere when there is no judge.
 
-    The first ``give_up_after`` answers are judged first; when the judge scores none of them (a weak local judge
+    The first ``give_up_after`` answers are judged first; when none of them gets both scores (a weak local judge
     puts too little probability on numbers), the rest are not sent and ``table.attrs["judge_note"]`` says so.
     """
     if judge is None:
@@ -36,9 +37,10 @@ def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool 
         scores = judge.score(prompts, progress=desc if progress else False)
         for j, i in enumerate(idx):
             trait[i], coherence[i] = scores[j], scores[len(idx) + j]
-        if part.start == 0 and first < n and all(s is None for s in scores):
-            df.attrs["judge_note"] = (f"the judge gave no usable score (trait or coherence) to the first {first} "
-                                      f"answers, so the other {n - first} were not sent to it")
+        if part.start == 0 and first < n and all(trait[i] is None or coherence[i] is None for i in idx):
+            df.attrs["judge_note"] = (f"the judge scored none of the first {first} answers on both trait and "
+                                      f"coherence (what the filter and the selection need), so the other "
+                                      f"{n - first} were not sent to it")
             break
     df["trait"] = [math.nan if s is None else s for s in trait]
     df["coherence"] = [math.nan if s is None else s for s in coherence]

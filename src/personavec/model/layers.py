@@ -238,6 +238,12 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned (``cache`` in newer transformers, ``past_key_values`` before)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -22,6 +22,7 @@ from ..files import (
     append_text,
     check_writable,
     claim_settings,
+    escape_line_ends,
     fingerprint,
     iter_chunks,
     locked,
@@ -142,7 +143,8 @@ def project_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Prob
                 chunk = chunk.iloc[max(0, done - start):].reset_index(drop=True)
                 proj = project_rows(lm, chunk.to_dict("records"), probes, poolings, batch_size, max_length)
                 merged = pd.concat([chunk, proj], axis=1)
-                append_text(f, merged.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
+                append_text(f, escape_line_ends(merged.to_json(orient="records", lines=True, force_ascii=False,
+                                                                default_handler=str)))
                 bar.update(len(chunk))
         bar.close()
     return out

@@ -7,7 +7,6 @@ fine-tuning experiment, and compares the fine-tuned models.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -15,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..errors import PersonavecError
-from ..files import write_json
+from ..files import read_jsonl, write_json
 from ..finetuning.datasets import write_jsonl, write_mixtures
 from ..finetuning.experiment import FineTuneExperiment
 from ..stats import auroc
@@ -36,7 +35,7 @@ def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: in
     exp.write_config()
     judged = pd.read_parquet(exp.run.path("judged.parquet"))
     src = write_mixtures(judged, exp.dir / "data", [percent], seed=exp.cfg.seed)[f"mix{round(percent):03d}"]
-    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(src)
     if not 0 < n < len(rows):
         raise PersonavecError(f"--n must be between 1 and {len(rows) - 1} (the mixture has {len(rows)} samples)")
     out = exp.dir / f"screen_mix{round(percent):03d}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..files import atomic_write, iter_chunks, save_figure, write_json
+from ..files import atomic_write, escape_line_ends, iter_chunks, jsonl_line, save_figure, write_json
 from ..vectors.probe import Probe
 from .scoring import ScreenConfig
 
@@ -73,7 +73,7 @@ def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence
                 extra = {"row": int(r), **{c: _mean(scores.at[r, c]) for c in score_cols}}
                 if "base_answer" in scores.columns:
                     extra["base_answer"] = scores.at[r, "base_answer"]
-                f.write(json.dumps({**_jsonable(originals[r]), "screen": extra}, ensure_ascii=False) + "\n")
+                f.write(jsonl_line({**_jsonable(originals[r]), "screen": extra}))
     if cuts:
         summary["filtered"] = write_filtered(path, table, cuts, out / "filtered.jsonl", cfg.chunk_rows)
     if throughput is not None:
@@ -95,7 +95,8 @@ def write_filtered(path: Path, table: pd.DataFrame, cuts: dict[str, float], targ
             mask = ~drop.iloc[start:start + len(chunk)].to_numpy()
             sub = chunk[mask]
             if len(sub):
-                f.write(sub.to_json(orient="records", lines=True, force_ascii=False, default_handler=str))
+                f.write(escape_line_ends(sub.to_json(orient="records", lines=True, force_ascii=False,
+                                                      default_handler=str)))
             kept += int(mask.sum())
             start += len(chunk)
     return {"file": str(target), "kept": kept, "dropped": int(drop.sum()), "cuts": cuts}
