@@ -163,3 +163,34 @@ def test_a_sliding_window_model_is_served_in_waves_and_stays_exact(tokenizer):
     got = run(lm, [Request(p, n, key=i) for i, (p, n) in enumerate(zip(ps, lengths))], max_batch=2)
     for i, (p, n) in enumerate(zip(ps, lengths)):
         assert got[i].token_ids == hf_greedy(lm, p, n), i
+
+
+def test_the_cache_appends_in_place_and_holds_what_concatenation_holds():
+    """Decode steps write one column into spare room (no copy of the whole cache per token); rows leaving or
+    padding trimmed replace the tensors, and the next append adopts them: always equal to plain concatenation."""
+    from transformers.cache_utils import DynamicLayer
+
+    from personavec.engine.decoder import _roomy
+
+    class Holder:
+        def __init__(self) -> None:
+            self.layers = [DynamicLayer()]
+
+    g = torch.Generator().manual_seed(0)
+    plain, roomy = DynamicLayer(), Holder()
+    first = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    plain.update(*first)
+    roomy.layers[0].update(*first)
+    layer = _roomy(roomy).layers[0]
+    pointers = set()
+    for step in range(150):
+        rows = 3 if step < 70 else 2
+        k, v = torch.randn(rows, 2, 1, 4, generator=g), torch.randn(rows, 2, 1, 4, generator=g)
+        if step == 70:  # a row leaves, then the leading column is trimmed (what the engine does)
+            for x in (plain, layer):
+                x.batch_select_indices(torch.tensor([0, 2]))
+                x.keys, x.values = x.keys[:, :, 1:], x.values[:, :, 1:]
+        got, want = layer.update(k, v), plain.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        pointers.add(got[0].data_ptr())
+    assert len(pointers) <= 4  # a handful of buffers over 150 steps, not one per step

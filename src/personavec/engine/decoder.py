@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
 from ..errors import PersonavecError
 from ..model.activations import Encoded, make_batch
@@ -79,9 +80,9 @@ class _Row:
 
 def default_max_batch(lm: LoadedModel) -> int:
     """Rows decoded together: on CUDA as many as a quarter of the free memory holds for a 2 048-token KV cache
-    each (at most 256); 32 on CPU."""
+    each (at most 256); 64 on CPU."""
     if lm.device.type != "cuda":
-        return 32
+        return 64
     from ..model.layers import config_shape
 
     free, _ = torch.cuda.mem_get_info(lm.device)
@@ -169,7 +170,7 @@ class Engine:
         # the model makes the cache its architecture needs (sliding windows included)
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=True, **self._last_logits())
-        return rows, output_cache(out), batch.attention_mask, out.logits[:, -1].float()
+        return rows, _roomy(output_cache(out)), batch.attention_mask, out.logits[:, -1].float()
 
     def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every row; returns its logits and the attention mask grown by one column."""
@@ -292,10 +293,56 @@ def _layers(cache: Any) -> list[Any]:
 
 def _mergeable(cache: Any) -> bool:
     """Whether requests may join a running batch: every cache layer is a plain growing one (no sliding window)."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = _layers(cache)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return bool(layers) and all(type(layer) in (DynamicLayer, _RoomyLayer) for layer in layers)
+
+
+class _RoomyLayer(DynamicLayer):
+    """A full-attention KV cache layer that appends into spare room at the end of a larger buffer.
+
+    A plain :class:`DynamicLayer` concatenates (copies) its whole cache at every decode step, a third of the decode
+    time on CPU; here a step writes one column. ``keys``/``values`` stay views of the buffer (what attention reads);
+    when the engine replaces them (rows leaving, padding trimmed, a batch joining) the next append adopts the new
+    tensors into a fresh buffer.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self.keys.dim() != key_states.dim():
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, new = self.keys.shape[-2], key_states.shape[-2]
+        buf = getattr(self, "_buffer", None)
+        if buf is None or not (_heads(self.keys, buf[0]) and _heads(self.values, buf[1])) or n + new > buf[0].shape[-2]:
+            room = n + new + max(64, n // 2)
+            buf = tuple(_with_room(x, room) for x in (self.keys, self.values))
+            self._buffer = buf
+        buf[0][..., n:n + new, :] = key_states
+        buf[1][..., n:n + new, :] = value_states
+        self.keys, self.values = buf[0][..., : n + new, :], buf[1][..., : n + new, :]
+        return self.keys, self.values
+
+
+def _heads(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``view`` is the leading columns of ``buffer`` (not replaced since the last append)."""
+    return (view.data_ptr() == buffer.data_ptr() and view.shape[:-2] == buffer.shape[:-2]
+            and view.stride() == buffer.stride())
+
+
+def _with_room(x: torch.Tensor, length: int) -> torch.Tensor:
+    out = x.new_empty(*x.shape[:-2], length, x.shape[-1])
+    out[..., : x.shape[-2], :] = x
+    return out
+
+
+def _roomy(cache: Any) -> Any:
+    """The cache with every plain growing layer turned into a :class:`_RoomyLayer` (same tensors, no copy)."""
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers or []):
+        if type(layer) is DynamicLayer:
+            roomy = _RoomyLayer.__new__(_RoomyLayer)
+            roomy.__dict__.update(layer.__dict__)
+            layers[i] = roomy
+    return cache
 
 
 def _merge(cache: Any, mask: torch.Tensor, new: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
