@@ -75,10 +75,11 @@ def workload(lm, n: int, lo: int, hi: int, steered: bool, seed: int = 0) -> list
     return out
 
 
-def previous_path(lm, jobs, batch: int) -> float:
-    """Seconds for ``generate`` in fixed batches (per steering cell), each running to its longest answer."""
+def previous_path(lm, jobs, batch: int, by_length: bool = False) -> float:
+    """Seconds for ``generate`` in fixed batches (per steering cell), each running to its longest answer;
+    ``by_length``: batches of similar lengths (length-bucketed ``generate``, the answer lengths known in advance)."""
     cells: dict[tuple, list] = {}
-    for job in jobs:
+    for job in sorted(jobs, key=lambda j: j[1]) if by_length else jobs:
         e = job[2]
         cells.setdefault((e.layer, e.coef) if e else None, []).append(job)
     pad = lm.tokenizer.pad_token_id or 0
@@ -108,6 +109,30 @@ def engine_path(lm, jobs, max_batch: int | None) -> float:
     _sync(lm)
     assert sum(r.n_tokens for r in results) == sum(n for _, n, _ in jobs)
     return time.perf_counter() - t0
+
+
+def transformers_cb(lm, jobs) -> tuple[float, int]:
+    """Seconds and new tokens for transformers' own continuous batching (``init_continuous_batching``), greedy,
+    unsteered: it has no per-request edits or seeds, so it is measured for the unsteered workload only. EOS is not
+    ignored here (it stops at the model's end of turn), so its tokens are counted, not assumed."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n, _ in jobs),
+                           pad_token_id=lm.tokenizer.pad_token_id or 0)
+    manager = lm.model.init_continuous_batching(generation_config=cfg)
+    manager.start()
+    try:
+        t0 = time.perf_counter()
+        for i, (p, n, _) in enumerate(jobs):
+            manager.add_request(list(p), request_id=str(i), max_new_tokens=n)
+        tokens = 0
+        for _ in jobs:
+            result = manager.get_result(timeout=600)
+            tokens += len(result.generated_tokens)
+        _sync(lm)
+        return time.perf_counter() - t0, tokens
+    finally:
+        manager.stop(block=True)
 
 
 def _sync(lm) -> None:
@@ -146,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hf-batch", type=int, default=16, help="the previous path's batch size")
     ap.add_argument("--max-batch", type=int, default=None, help="the engine's (default: its own)")
     ap.add_argument("--skip-previous", action="store_true")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also time length-bucketed generate and (unsteered) transformers' continuous batching")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     n = args.requests or (256 if cuda else 48)
@@ -164,6 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_old = previous_path(lm, jobs, args.hf_batch)
             line += f" | previous {tokens / t_old:8.1f} tokens/s | ratio {t_old / t_new:.2f}x"
         print(line, flush=True)
+        if args.alternatives:
+            t_sorted = previous_path(lm, jobs, args.hf_batch, by_length=True)
+            print(f"{'':<42} length-bucketed generate {tokens / t_sorted:8.1f} tokens/s", flush=True)
+        if args.alternatives and not steered:
+            seconds, cb_tokens = transformers_cb(lm, jobs)
+            print(f"{'unsteered, transformers continuous batching':<42} {cb_tokens / seconds:8.1f} new tokens/s "
+                  f"({cb_tokens} tokens: it stops at EOS)", flush=True)
     return 0
 
 
