@@ -190,6 +190,7 @@ def test_the_cache_appends_in_place_and_holds_what_concatenation_holds():
             for x in (plain, layer):
                 x.batch_select_indices(torch.tensor([0, 2]))
                 x.keys, x.values = x.keys[:, :, 1:], x.values[:, :, 1:]
+            assert layer._buffer is None  # the old buffer is freed at once, not kept beside the new tensors
         got, want = layer.update(k, v), plain.update(k, v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         pointers.add(got[0].data_ptr())

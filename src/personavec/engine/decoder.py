@@ -138,6 +138,7 @@ class Engine:
                     new_rows, new_cache, new_mask, logits = self._prefill_rows(new)
                     if rows:
                         cache, mask = _merge(cache, mask, new_cache, new_mask)
+                        del new_cache  # its rows now live in the merged cache
                     else:
                         cache, mask = new_cache, new_mask
                         mergeable = _mergeable(cache)
@@ -280,7 +281,8 @@ def _next_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]  # outside the smallest set reaching top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        u = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled]).to(logits.device)
+        # u in (0, 1]: u = 0 would pick token 0 even where its probability is 0
+        u = 1.0 - torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled]).to(logits.device)
         cdf = probs.cumsum(-1)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
         tokens = tokens.index_copy(0, idx, picks)
@@ -321,6 +323,17 @@ class _RoomyLayer(DynamicLayer):
         self.keys, self.values = buf[0][..., : n + new, :], buf[1][..., : n + new, :]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        _drop_room(self)
+
+
+def _drop_room(layer: Any) -> None:
+    """Free a layer's buffer once its tensors were replaced (rows left, padding trimmed, a batch joined): the next
+    append builds a new one, and the old must not stay alive beside the new tensors until then."""
+    if isinstance(layer, _RoomyLayer):
+        layer._buffer = None
+
 
 def _heads(view: torch.Tensor, buffer: torch.Tensor) -> bool:
     """Whether ``view`` is the leading columns of ``buffer`` (not replaced since the last append)."""
@@ -351,6 +364,7 @@ def _merge(cache: Any, mask: torch.Tensor, new: Any, new_mask: torch.Tensor) -> 
     for old_layer, new_layer in zip(_layers(cache), _layers(new)):
         old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)], 0)
         old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)], 0)
+        _drop_room(old_layer)
     mask = torch.cat([_pad_left(mask, width, dim=1), _pad_left(new_mask, width, dim=1)], 0)
     return cache, mask
 
@@ -372,5 +386,6 @@ def _trim(cache: Any, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
         for layer in _layers(cache):
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
+            _drop_room(layer)
         mask = mask[:, start:]
     return cache, mask

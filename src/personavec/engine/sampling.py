@@ -35,7 +35,7 @@ class SamplingConfig:
     max_new_tokens: int = 1000
     batch_size: int | None = None
     seed: int = 0
-    engine: str = "continuous-batching, seeded per job"
+    engine: str = "continuous-batching, seeded per job, u in (0, 1]"
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
 from ..model.activations import encode_pairs
 from ..model.chat import format_chat
@@ -94,7 +95,7 @@ class LocalJudge:
         """P(k) for every k in 0..100 for one filled rubric."""
         return self.distributions([judge_prompt])[0]
 
-    def _prefill(self, prompt_ids: list[list[int]]) -> tuple[Any, torch.Tensor]:
+    def _prefill(self, prompt_ids: list[list[int]], share: bool = True) -> tuple[Any, torch.Tensor]:
         """One forward pass over the prompts (with their KV cache), returning it and the ``[B, T]`` attention mask.
 
         The tokens every prompt of the batch starts with (the rubric's instructions; the question too when a
@@ -103,7 +104,7 @@ class LocalJudge:
         so the last column holds every prompt's last token.
         """
         lm, dev, pad = self.lm, self.lm.device, pad_token_id(self.lm.tokenizer)
-        shared = common_prefix(prompt_ids) if len(prompt_ids) > 1 else 0
+        shared = common_prefix(prompt_ids) if share and len(prompt_ids) > 1 else 0
         shared = min(shared, min(len(p) for p in prompt_ids) - 1)  # every row keeps a token of its own
         if shared < MIN_SHARED:
             shared = 0
@@ -121,6 +122,9 @@ class LocalJudge:
             head = lm.model(input_ids=torch.tensor([prompt_ids[0][:shared]], device=dev), use_cache=True,
                             **self._last_logits())
             cache = output_cache(head)
+            if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+                # a sliding-window, recurrent or hybrid cache: no padding between the prefix and the rows
+                return self._prefill(prompt_ids, share=False)
             cache.batch_repeat_interleave(B)
             kwargs[cache_kwarg(lm.model)] = cache
         out = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),

@@ -37,7 +37,7 @@ def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool 
         scores = judge.score(prompts, progress=desc if progress else False)
         for j, i in enumerate(idx):
             trait[i], coherence[i] = scores[j], scores[len(idx) + j]
-        if part.start == 0 and first < n and all(trait[i] is None or coherence[i] is None for i in idx):
+        if part.start == 0 and 0 < first < n and all(trait[i] is None or coherence[i] is None for i in idx):
             df.attrs["judge_note"] = (f"the judge scored none of the first {first} answers on both trait and "
                                       f"coherence (what the filter and the selection need), so the other "
                                       f"{n - first} were not sent to it")
