@@ -195,3 +195,68 @@ def test_the_cache_appends_in_place_and_holds_what_concatenation_holds():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         pointers.add(got[0].data_ptr())
     assert len(pointers) <= 4  # a handful of buffers over 150 steps, not one per step
+
+
+def test_a_live_feed_gives_what_a_list_gives(lm):
+    """A live feed (what a server fills): requests put from another thread while the engine decodes join the
+    running batch (one with an edit at a layer nobody edited before) and get the answers they get alone;
+    ``on_token`` sees every generated token of every request, in order."""
+    import threading
+
+    from personavec.engine.decoder import Feed
+
+    torch.manual_seed(6)
+    v = torch.randn(32)
+    ps = prompts(lm)
+    plan = [Request(p, 10, edits=(Edit(2, v, 2.0, positions="response"),) if i == 4 else (), temperature=1.0 * (i % 2),
+                    seed=i, key=i) for i, p in enumerate(ps)]
+    alone = {i: run(lm, [r], max_batch=1)[i].token_ids for i, r in enumerate(plan)}
+    feed, seen, started = Feed(), {}, threading.Event()
+    for r in plan[:2]:
+        feed.put(r)
+
+    def on_token(request, token, readings):
+        seen.setdefault(request.key, []).append(token)
+        started.set()
+
+    def late():
+        started.wait(timeout=60)  # the engine is decoding the first two when the rest arrive
+        for r in plan[2:]:
+            feed.put(r)
+        feed.close()
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    got = {r.key: r for r in Engine(lm, max_batch=4).generate(feed, on_token=on_token)}
+    thread.join()
+    assert {i: r.token_ids for i, r in got.items()} == alone
+    assert seen == {i: r.token_ids for i, r in got.items() if r.token_ids}
+    with pytest.raises(Exception, match="closed"):
+        feed.put(plan[0])
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_per_token_readings_equal_a_direct_projection_of_the_same_text(lm, edited):
+    """A request's reads: per generated token, the projection (on the unit direction) of the residual at the
+    position that produced it — equal to projecting the finished text in one forward pass (hidden_states[layer]),
+    under the same steering."""
+    torch.manual_seed(7)
+    v, w = torch.randn(32), torch.randn(32)
+    edits = (Edit(1, w, 2.0, positions="all"),) if edited else ()
+    ps = prompts(lm)[:4]
+    reqs = [Request(p, 9, edits=edits, reads=((1, v), (0, w)), key=i, temperature=1.0, seed=i)
+            for i, p in enumerate(ps)]
+    streamed: dict[int, list[list[float]]] = {}
+    got = {r.key: r for r in Engine(lm, max_batch=3).generate(
+        reqs, on_token=lambda req, tok, read: streamed.setdefault(req.key, []).append(read))}
+    for i, p in enumerate(ps):
+        r = got[i]
+        prompt_ids = lm.tokenizer(p, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + r.token_ids[:-1]])
+        with torch.no_grad(), steer(lm, list(edits)):
+            hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+        n = len(prompt_ids)
+        for k, (layer, d) in enumerate(((1, v), (0, w))):  # the tiny model has L = 2
+            want = hs[layer][0, n - 1: n - 1 + len(r.token_ids)] @ (d / d.norm())
+            assert torch.allclose(torch.tensor(r.readings[k]), want, atol=1e-4), (i, k)
+        assert streamed[i] == [list(x) for x in zip(*r.readings)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     edits: tuple[Edit, ...] = ()
+    # (layer, direction): the projection of the residual at ``layer`` on the unit direction, read at the position
+    # that produced each generated token (the last prompt token for the first), after this request's edits
+    reads: tuple[tuple[int, torch.Tensor], ...] = ()
     key: Any = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     messages: tuple[dict[str, str], ...] | None = None
@@ -62,10 +66,43 @@ class Result:
     text: str
     finish: str  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
     n_generated: int | None = None  # an endpoint's count of generated tokens
+    readings: list[list[float]] = field(default_factory=list)  # per read of the request: one value per token
 
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids) if self.n_generated is None else self.n_generated
+
+
+class Feed:
+    """A live source of requests for :meth:`Engine.generate`: ``put`` from any thread while the engine runs;
+    ``close`` when no more will come. Each request is checked as it is put (a bad one raises there)."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Request] = deque()
+        self._closed = False
+        self._ready = threading.Condition()
+
+    def put(self, request: Request) -> None:
+        check_request(request)
+        with self._ready:
+            if self._closed:
+                raise PersonavecError("this feed is closed: no more requests can join it")
+            self._queue.append(request)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def take(self, block: bool) -> list[Request]:
+        """Everything that has arrived; with ``block``, wait until something arrives or the feed is closed."""
+        with self._ready:
+            while block and not self._queue and not self._closed:
+                self._ready.wait()
+            out = list(self._queue)
+            self._queue.clear()
+            return out
 
 
 @dataclass
@@ -74,7 +111,9 @@ class _Row:
     prompt_len: int
     generator: torch.Generator | None
     edits: dict[int, list[tuple[str, torch.Tensor, float, str]]]  # layer -> (kind, direction, coef, positions)
+    reads: dict[int, list[tuple[int, torch.Tensor]]]  # layer -> (index of the read, unit direction)
     tokens: list[int] = field(default_factory=list)
+    readings: list[list[float]] = field(default_factory=list)
     finished: bool = False
 
 
@@ -110,28 +149,53 @@ class Engine:
         self._rows: list[_Row] = []
         self._prefill = False
         self._widths: list[int] = []
+        self._on_token: Callable[[Request, int, list[float]], None] | None = None
+        self._pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # reads of the pass under way
 
     # ---- the stream ----
     @torch.no_grad()
-    def generate(self, requests: Iterable[Request], progress: bool | str = False, total: int | None = None,
-                 initial: int = 0) -> Iterator[Result]:
-        """Answers to ``requests`` in the order they finish (``total`` and ``initial`` size the progress bar)."""
-        waiting: deque[Request] = deque(requests)
+    def generate(self, requests: Iterable[Request] | Feed, progress: bool | str = False, total: int | None = None,
+                 initial: int = 0, on_token: Callable[[Request, int, list[float]], None] | None = None
+                 ) -> Iterator[Result]:
+        """Answers to ``requests`` in the order they finish (``total`` and ``initial`` size the progress bar).
+
+        ``requests`` is a list (or any iterable, read at once) or a live :class:`Feed` that other threads fill
+        while answers are being generated: what arrives joins the running batch as slots free, and the stream
+        ends when the feed is closed and every request is answered. ``on_token(request, token_id, readings)`` is
+        told every generated token as it is sampled (an end-of-turn token is not one), with the request's
+        ``reads`` at the position that produced it, for streaming.
+        """
+        feed = requests if isinstance(requests, Feed) else None
+        waiting: deque[Request] = deque() if feed is not None else deque(requests)  # type: ignore[arg-type]
         for r in waiting:
             check_request(r)
+        self._on_token, self._pending = on_token, []
         desc = progress if isinstance(progress, str) else "sampling"
-        layers = sorted({e.layer for r in waiting for e in r.edits})
         # new requests join once this many slots are free (or the queue is nearly empty): fewer, fuller prefills
         join_at = max(1, self.max_batch // 4)
-        with contextlib.ExitStack() as stack, tqdm(total=total or len(waiting), initial=initial, desc=desc,
-                                                   unit="answer", disable=not progress) as bar:
-            for layer in layers:
-                stack.enter_context(edit(self.lm.model, layer, self._edit_fn(layer)))
+        with contextlib.ExitStack() as stack, tqdm(total=total or (None if feed else len(waiting)), initial=initial,
+                                                   desc=desc, unit="answer", disable=not progress) as bar:
+            hooked: set[int] = set()
+
+            def hook_layers(reqs: Iterable[Request]) -> None:
+                """One edit hook per layer any request edits, added as requests with new layers arrive."""
+                wanted = {e.layer for r in reqs for e in r.edits} | {int(x[0]) for r in reqs for x in r.reads}
+                for layer in sorted(wanted - hooked):
+                    stack.enter_context(edit(self.lm.model, layer, self._edit_fn(layer)))
+                    hooked.add(layer)
+
+            hook_layers(waiting)
             rows: list[_Row] = []
             cache: Any = None
             mask = torch.zeros(0, 0, dtype=torch.long, device=self.lm.device)
             mergeable = True
-            while waiting or rows:
+            while True:
+                if feed is not None:
+                    arrived = feed.take(block=not rows and not waiting)
+                    hook_layers(arrived)
+                    waiting.extend(arrived)
+                if not (waiting or rows):
+                    break
                 free = self.max_batch - len(rows)
                 if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
                     new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
@@ -166,7 +230,8 @@ class Engine:
                     tok(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
         dev = self.lm.device
         batch = make_batch([Encoded(tuple(x), len(x)) for x in ids_list], self.pad, "left", dev)
-        rows = [_Row(r, len(x), _generator(r), _row_edits(r, dev)) for r, x in zip(requests, ids_list)]
+        rows = [_Row(r, len(x), _generator(r), _row_edits(r, dev), _row_reads(r, dev), readings=[[] for _ in r.reads])
+                for r, x in zip(requests, ids_list)]
         self._rows, self._prefill, self._widths = rows, True, [len(x) for x in ids_list]
         # the model makes the cache its architecture needs (sliding windows included)
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -190,16 +255,27 @@ class Engine:
     # ---- sampling ----
     def _advance(self, rows: list[_Row], logits: torch.Tensor, bar: Any) -> Iterator[Result]:
         """Sample the next token of each row (``logits`` in the same order); yield the answers that finished."""
-        for row, token in zip(rows, _next_tokens(rows, logits)):
+        per_row: dict[int, dict[int, float]] = {}
+        for where, values in self._pending:
+            for (b, k), x in zip(where, values.tolist()):
+                per_row.setdefault(b, {})[k] = x
+        self._pending = []
+        for b, (row, token) in enumerate(zip(rows, _next_tokens(rows, logits))):
             req = row.request
             stopped = token in self.stop and not req.ignore_eos
             if not stopped:
                 row.tokens.append(token)
+                read = [per_row.get(b, {}).get(k, math.nan) for k in range(len(req.reads))]
+                for k, x in enumerate(read):
+                    row.readings[k].append(x)
+                if self._on_token is not None:
+                    self._on_token(req, token, read)
             if stopped or len(row.tokens) >= req.max_new_tokens:
                 row.finished = True
                 bar.update(1)
                 text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-                yield Result(req.key, req, list(row.tokens), text, "stop" if stopped else "length")
+                yield Result(req.key, req, list(row.tokens), text, "stop" if stopped else "length",
+                             readings=[list(x) for x in row.readings])
 
     # ---- per-request edits ----
     def _edit_fn(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -226,6 +302,11 @@ class Engine:
                 m = torch.stack([self._positions(b, p, cols, t) for b, _, _, p in items]).to(h.dtype)
                 sub = h[idx]
                 h = h.index_copy(0, idx, sub + edit_delta(sub, kind, dirs, coefs) * m[:, :, None])
+        reads = [(b, k, v) for b, r in enumerate(self._rows) for k, v in r.reads.get(layer, [])]
+        if reads:  # the newest position of each reading row, after its edits; moved off the device once per step
+            idx = torch.tensor([b for b, _, _ in reads], device=h.device)
+            values = (h[idx, -1].float() * torch.stack([v for _, _, v in reads])).sum(-1)
+            self._pending.append(([(b, k) for b, k, _ in reads], values))
         return h
 
     def _positions(self, b: int, positions: str, cols: torch.Tensor, t: int) -> torch.Tensor:
@@ -247,6 +328,10 @@ def check_request(r: Request) -> None:
         raise PersonavecError(f"temperature must be a finite number >= 0, not {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise PersonavecError(f"top_p must be in (0, 1], not {r.top_p}")
+    for layer, direction in r.reads:
+        if int(layer) < 0 or direction.dim() != 1 or not bool(torch.isfinite(direction).all()) \
+                or float(direction.norm()) == 0:
+            raise PersonavecError(f"a read needs a layer >= 0 and a finite, non-zero 1-D direction (layer {layer})")
 
 
 def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, torch.Tensor, float, str]]]:
@@ -255,6 +340,14 @@ def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, to
     for e in r.edits:
         out.setdefault(e.layer, []).append((e.kind, e.direction.to(device=device, dtype=torch.float32),
                                             float(e.coef), e.positions))
+    return out
+
+
+def _row_reads(r: Request, device: torch.device) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    out: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for k, (layer, direction) in enumerate(r.reads):
+        v = direction.to(device=device, dtype=torch.float32)
+        out.setdefault(int(layer), []).append((k, v / v.norm().clamp(min=1e-12)))
     return out
 
 
