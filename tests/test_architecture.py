@@ -20,6 +20,7 @@ LAYERS = [
     {"monitor"},
     {"finetuning"},
     {"screening"},
+    {"serve"},
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

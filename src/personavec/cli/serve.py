@@ -1,0 +1,77 @@
+"""`personavec serve`: the OpenAI-compatible chat server with per-request persona steering and readings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import PersonavecError
+from .common import load_lm, model_args, model_vectors, positive_int
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible chat server that steers, caps and reads persona vectors",
+                       description="Serves POST /v1/chat/completions (streaming or not), GET /v1/models and GET "
+                                   "/v1/persona/vectors. A request's 'persona' object steers, caps and monitors "
+                                   "with the loaded vectors (see docs/serve.md).")
+    s.add_argument("--vector", action="append", default=[], metavar="NAME=PATH[@LAYER]",
+                   help="a vector file under a name (repeat); the layer defaults to the vector's chosen layer")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--model-name", default=None, help="the model's name in /v1/models (default: its id)")
+    s.add_argument("--max-batch", type=positive_int, default=None, help="answers decoded together")
+    s.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="requests in flight before new ones get 503 (default 256)")
+    model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def parse_vector_spec(spec: str) -> tuple[str | None, str, int | None]:
+    """``NAME=PATH[@LAYER]`` or ``PATH[@LAYER]`` → (name or None, path, layer or None)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec else (None, "", spec)
+    path, layer = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and tail.isdigit():
+        path, layer = head, int(tail)
+    if not path or (name is not None and not name):
+        raise PersonavecError(f"--vector {spec!r}: write NAME=PATH or NAME=PATH@LAYER")
+    return name, path, layer
+
+
+def served_vectors(args: argparse.Namespace) -> dict:
+    from ..serve.policy import ServedVector
+
+    specs = [parse_vector_spec(s) for s in args.vector]
+    vecs = model_vectors(args, [p for _, p, _ in specs])
+    out: dict[str, ServedVector] = {}
+    for (name, path, layer), vec in zip(specs, vecs):
+        name = name or (vec.trait if vec.trait != "unknown" else Path(path).stem)
+        if name in out:
+            raise PersonavecError(f"two vectors are named {name!r}: name them apart with NAME=PATH")
+        layer = vec.chosen_layer if layer is None else layer
+        if layer is None:
+            raise PersonavecError(f"{path} has no chosen layer: give one as {name}={path}@LAYER")
+        if not 1 <= layer <= vec.n_layers:
+            raise PersonavecError(f"{path}: layer {layer} is out of range 1..{vec.n_layers}")
+        out[name] = ServedVector(name, vec, layer, str(path))
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ..serve.app import make_app
+
+    if not 0 < args.port < 65536:
+        raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")
+    vectors = served_vectors(args)  # checked against the model's config before any weights are loaded
+    lm = load_lm(args)
+    app = make_app(lm, vectors, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
+                   max_waiting=args.max_waiting)
+    log.info("serving %s with vectors %s on http://%s:%d/v1", lm.model_id, ", ".join(vectors) or "(none)",
+             args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

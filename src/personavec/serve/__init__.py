@@ -1,0 +1,1 @@
+"""``personavec serve``: an OpenAI-compatible chat server that steers, caps and reads persona vectors per request."""

@@ -1,0 +1,155 @@
+"""The ASGI app (Starlette): OpenAI-compatible chat completions with a ``persona`` extension.
+
+* ``GET /v1/models`` — the one served model;
+* ``GET /v1/persona/vectors`` — the loaded vectors (name, trait, layer, hidden size, norm, source file);
+* ``POST /v1/chat/completions`` — ``messages``, ``max_tokens``/``max_completion_tokens``, ``temperature``,
+  ``top_p``, ``seed``, ``stream``, ``n`` = 1, and ``persona``: ``steer`` / ``cap`` entries (edits of this request
+  only) and ``monitor`` (vector names, or true for all): the projection on v̂ at the vector's layer of the position
+  that produced each generated token, returned in a top-level ``persona`` object (``{name: {layer, tokens, mean,
+  max, guard_triggered}}``) and, when streaming, in every chunk as ``{name: {tokens}}`` for the tokens it delivers
+  (the last chunk adds each vector's summary).
+
+Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field, 401
+for a wrong key, 503 when too many requests are in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..model.loading import LoadedModel
+from .policy import BadRequest, ChatCall, ServedVector, parse_chat
+from .worker import Worker
+
+
+def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 500: "server_error", 503: "server_busy"}.get(status, "invalid_request_error")
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
+                        headers=headers)
+
+
+def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str | None = None,
+             api_key: str | None = None, max_batch: int | None = None, max_waiting: int = 256) -> Starlette:
+    name = model_name or lm.model_id
+    state: dict[str, Worker] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state["worker"] = Worker(lm, max_batch=max_batch, max_waiting=max_waiting)
+        try:
+            yield
+        finally:
+            state.pop("worker").close()
+
+    def authorized(request: HttpRequest) -> bool:
+        return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+
+    async def models(request: HttpRequest) -> Response:
+        if not authorized(request):
+            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                           "owned_by": "personavec"}]})
+
+    async def persona_vectors(request: HttpRequest) -> Response:
+        if not authorized(request):
+            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
+        return JSONResponse({"object": "list", "data": [v.describe() for v in vectors.values()]})
+
+    async def chat(request: HttpRequest) -> Response:
+        if not authorized(request):
+            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "the request body is not JSON")
+        worker = state["worker"]
+        try:
+            call = parse_chat(body, lm, vectors, worker.next_key())
+            queue = worker.submit(call.request)
+        except BadRequest as e:
+            return error(e.status, e.message, e.param)
+        cid = f"chatcmpl-{call.request.key}"
+        if call.stream:
+            return StreamingResponse(_stream(lm, call, queue, cid, name), media_type="text/event-stream")
+        while True:
+            event = await queue.get()
+            if event[0] == "error":
+                return error(500, event[1])
+            if event[0] == "done":
+                break
+        result = event[1]
+        text = _decode(lm, result.token_ids)
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": result.finish}],
+            "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(result.token_ids),
+                      "total_tokens": call.prompt_tokens + len(result.token_ids)},
+            "persona": _persona_summary(call, result.readings)})
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/v1/persona/vectors", persona_vectors),
+                             Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+
+
+def _decode(lm: LoadedModel, tokens: list[int]) -> str:
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+
+def _persona_summary(call: ChatCall, readings: list[list[float]]) -> dict[str, Any]:
+    out = {}
+    for (vec, layer), values in zip(call.monitor, readings):
+        finite = [x for x in values if math.isfinite(x)]
+        out[vec] = {"layer": layer, "tokens": values, "mean": sum(finite) / len(finite) if finite else None,
+                    "max": max(finite) if finite else None, "guard_triggered": False}
+    return out
+
+
+async def _stream(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, persona: dict | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if persona is not None:
+            body["persona"] = persona
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    tokens: list[int] = []
+    sent = ""
+    pending: list[list[float]] = []  # readings of tokens whose text is not out yet
+    while True:
+        event = await queue.get()
+        if event[0] == "error":
+            yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+            return
+        if event[0] == "done":
+            break
+        tokens.append(event[1])
+        pending.append(event[2])
+        text = _decode(lm, tokens)
+        if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+            continue
+        persona = {vec: {"tokens": [r[k] for r in pending]} for k, (vec, _) in enumerate(call.monitor)}
+        yield chunk({"content": text[len(sent):]}, persona=persona if call.monitor else None)
+        sent, pending = text, []
+    result = event[1]
+    text = _decode(lm, result.token_ids)
+    # the last chunk: the readings of tokens not yet delivered, and each vector's summary over the whole answer
+    summary = _persona_summary(call, result.readings)
+    for k, (vec, _) in enumerate(call.monitor):
+        summary[vec]["tokens"] = [r[k] for r in pending]
+    yield chunk({"content": text[len(sent):]} if text != sent else {}, finish=result.finish,
+                persona=summary if call.monitor else None)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,71 @@
+"""The one engine loop that owns the model: a thread running :meth:`Engine.generate` over a live feed.
+
+Requests from any number of concurrent HTTP calls join the running batch as slots free (continuous batching);
+each call receives its tokens (with its readings) and its final result through its own asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from typing import Any
+
+from ..engine.decoder import Engine, Feed, Request
+from ..model.loading import LoadedModel
+from .policy import BadRequest
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, lm: LoadedModel, max_batch: int | None = None, max_waiting: int = 256) -> None:
+        self.engine = Engine(lm, max_batch=max_batch)
+        self.max_waiting = max_waiting
+        self.feed = Feed()
+        self._calls: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="personavec-engine", daemon=True)
+        self._thread.start()
+
+    def next_key(self) -> int:
+        return next(self._ids)
+
+    def submit(self, request: Request) -> asyncio.Queue:
+        """Queue ``request``; its ``("token", id, readings)`` and ``("done", Result)`` events arrive on the queue."""
+        if not self._thread.is_alive():
+            raise BadRequest(None, "the model stopped working (see the server's log); restart the server", status=503)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if len(self._calls) >= self.max_waiting:
+                raise BadRequest(None, f"the server is busy ({self.max_waiting} requests in flight); retry shortly",
+                                 status=503)
+            self._calls[request.key] = (loop, queue)
+        self.feed.put(request)
+        return queue
+
+    def close(self) -> None:
+        self.feed.close()
+        self._thread.join(timeout=60)
+
+    def _post(self, key: Any, event: tuple, last: bool = False) -> None:
+        with self._lock:
+            target = self._calls.pop(key, None) if last else self._calls.get(key)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _run(self) -> None:
+        try:
+            for result in self.engine.generate(
+                    self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
+                self._post(result.key, ("done", result), last=True)
+        except BaseException as e:  # the model failed: every waiting call gets the error, not a hang
+            log.exception("the engine stopped")
+            with self._lock:
+                keys = list(self._calls)
+            for key in keys:
+                self._post(key, ("error", f"{type(e).__name__}: {e}"), last=True)

@@ -1,0 +1,173 @@
+"""`personavec serve` as a real process on loopback, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+
+from personavec import PersonaVector, load_model
+from personavec.engine.decoder import Engine, Request
+from personavec.model.edits import Edit
+
+KEY = "test-key"
+QUESTION = "How should I treat people who are weaker than me?"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import make_tokenizer, tiny_llama
+
+    root = tmp_path_factory.mktemp("serve")
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(11)
+    for name, layer in (("evil", 1), ("kind", 2)):
+        PersonaVector({"response_avg": torch.randn(3, 32, generator=g) * 4}, model_id="tiny-llama", trait=name,
+                      chosen_layer=layer).save(root / f"{name}.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--port", str(port),
+           "--vector", str(root / "evil.safetensors"), "--vector", f"kind={root / 'kind.safetensors'}",
+           "--api-key", KEY, "--dtype", "float32", "--max-batch", "4"]
+    env = {**os.environ, "PERSONAVEC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}),
+                                   timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() - t0 > 120:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+    lm = load_model(str(root / "model"), dtype="float32")
+    vectors = {n: PersonaVector.load(root / f"{n}.safetensors") for n in ("evil", "kind")}
+    yield {"url": url, "lm": lm, "vectors": vectors, "client": openai.OpenAI(base_url=url, api_key=KEY)}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def local(lm, edits=(), max_tokens=10) -> list[int]:
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                              add_generation_prompt=True)
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    (result,) = Engine(lm, max_batch=1).generate([Request(tuple(ids), max_tokens, edits=tuple(edits))])
+    return result.token_ids
+
+
+def text(lm, tokens) -> str:
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+
+def ask(server, persona=None, stream=False, **kw):
+    extra = {"persona": persona} if persona is not None else None
+    return server["client"].chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=kw.pop("max_tokens", 10),
+        temperature=kw.pop("temperature", 0), stream=stream, extra_body=extra, **kw)
+
+
+def test_models_and_vectors_are_listed(server):
+    assert [m.id for m in server["client"].models.list()] == [server["lm"].model_id]
+    req = urllib.request.Request(f"{server['url']}/persona/vectors", headers={"Authorization": f"Bearer {KEY}"})
+    listed = {v["name"]: v for v in json.load(urllib.request.urlopen(req))["data"]}
+    assert listed["evil"]["layer"] == 1 and listed["kind"]["layer"] == 2 and listed["evil"]["hidden_size"] == 32
+
+
+def test_unsteered_and_steered_answers_equal_the_engine_and_steer(server):
+    lm, evil = server["lm"], server["vectors"]["evil"]
+    plain = ask(server)
+    assert plain.choices[0].message.content == text(lm, local(lm))
+    steered = ask(server, {"steer": [{"vector": "evil", "coef": 3.0}]})
+    want = local(lm, [Edit(1, evil.get(1), 3.0, positions="response")])
+    assert steered.choices[0].message.content == text(lm, want)
+    assert steered.usage.completion_tokens == len(want)
+
+
+def test_per_token_readings_equal_a_direct_projection_and_stream_in_chunks(server):
+    lm, evil = server["lm"], server["vectors"]["evil"]
+    whole = ask(server, {"monitor": ["evil"]})
+    reading = whole.model_extra["persona"]["evil"]
+    tokens = local(lm)
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                              add_generation_prompt=True)
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hs = lm.model(input_ids=torch.tensor([ids + tokens[:-1]]), output_hidden_states=True).hidden_states
+    v = evil.get(1)
+    direct = hs[1][0, len(ids) - 1: len(ids) - 1 + len(tokens)] @ (v / v.norm())
+    assert reading["layer"] == 1 and torch.allclose(torch.tensor(reading["tokens"]), direct, atol=1e-4)
+    assert reading["max"] == pytest.approx(float(direct.max()), abs=1e-4)
+    content, streamed = "", []
+    for chunk in ask(server, {"monitor": ["evil"]}, stream=True):
+        content += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        persona = (chunk.model_extra or {}).get("persona")
+        if persona:
+            streamed += persona["evil"]["tokens"]
+    assert content == whole.choices[0].message.content
+    assert streamed == pytest.approx(reading["tokens"], abs=1e-6)
+
+
+def test_capping_and_concurrent_requests_with_different_steering(server):
+    lm, kind = server["lm"], server["vectors"]["kind"]
+    capped = ask(server, {"cap": [{"vector": "kind", "max": 0.5, "layers": [1, 2]}]})
+    want = local(lm, [Edit(1, kind.get(1), 0.5, kind="cap"), Edit(2, kind.get(2), 0.5, kind="cap")])
+    assert capped.choices[0].message.content == text(lm, want)
+    plans = [None, {"steer": [{"vector": "evil", "coef": -4.0}]}, {"steer": [{"vector": "kind", "coef": 5.0}]},
+             {"steer": [{"vector": "evil", "coef": 2.0, "layer": 2, "positions": "all"}]}]
+    alone = [ask(server, p).choices[0].message.content for p in plans]
+    together: list = [None] * len(plans)
+
+    def send(i):
+        together[i] = ask(server, plans[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+@pytest.mark.parametrize("persona, kw, param", [
+    ({"steer": [{"vector": "nope", "coef": 1}]}, {}, "persona.steer[0].vector"),
+    ({"steer": [{"vector": "evil", "coef": 1e9}]}, {}, "persona.steer[0].coef"),
+    ({"steer": [{"vector": "evil", "coef": 1, "layer": 99}]}, {}, "persona.steer[0].layer"),
+    ({"steer": [{"vector": "evil", "coef": 1, "positions": "everywhere"}]}, {}, "persona.steer[0].positions"),
+    ({"monitor": ["nope"]}, {}, "persona.monitor[0].vector"),
+    (None, {"n": 2}, "n"),
+    (None, {"max_tokens": 4000}, "messages"),  # longer than the tiny model's context
+    (None, {"temperature": 7}, "temperature"),
+])
+def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(server, persona, **kw)
+    assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["message"]
+
+
+def test_malformed_messages_and_a_wrong_key(server):
+    req = urllib.request.Request(f"{server['url']}/chat/completions", method="POST",
+                                 data=json.dumps({"messages": [{"role": "robot"}]}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and json.load(e.value)["error"]["param"] == "messages[0]"
+    wrong = openai.OpenAI(base_url=server["url"], api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
