@@ -260,3 +260,49 @@ def test_per_token_readings_equal_a_direct_projection_of_the_same_text(lm, edite
             want = hs[layer][0, n - 1: n - 1 + len(r.token_ids)] @ (d / d.norm())
             assert torch.allclose(torch.tensor(r.readings[k]), want, atol=1e-4), (i, k)
         assert streamed[i] == [list(x) for x in zip(*r.readings)]
+
+
+@pytest.mark.parametrize("action", ["stop", "steer"])
+def test_a_guard_stops_at_the_first_crossing_or_steers_the_rest(lm, action):
+    from personavec.engine.decoder import Guard
+
+    torch.manual_seed(8)
+    v = torch.randn(32) * 4
+    prompt = prompts(lm)[1]
+    free = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True)], 1)[0]
+    r = free.readings[0]
+    j = max(range(8), key=lambda i: r[i])  # the largest reading among tokens 0..7
+    threshold = r[j] - 1e-4  # first crossed at j
+    edit = Edit(1, v, -4.0, positions="response") if action == "steer" else None
+    got = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True,
+                           guard=Guard(0, threshold, action, edit))], 1)[0]
+    assert got.guard_triggered and got.token_ids[: j + 1] == free.token_ids[: j + 1]
+    if action == "stop":
+        assert got.finish == "persona_guard" and len(got.token_ids) == j + 1
+    else:
+        assert len(got.token_ids) == 12 and got.readings[0][: j + 1] == pytest.approx(r[: j + 1], abs=1e-5)
+        later, before = got.readings[0][j + 1:], r[j + 1:]
+        assert max(later) < min(before)  # -4 v at every later token lowers every later reading
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_are_untouched(lm):
+    from personavec.engine.decoder import Feed
+
+    ps = prompts(lm)
+    long_one, short = Request(ps[0], 40, key="long", ignore_eos=True), Request(ps[1], 12, key="short")
+    alone = run(lm, [short], 1)["short"].token_ids
+    feed = Feed()
+    feed.put(long_one)
+    feed.put(short)
+    feed.close()
+    counts = {"long": 0}
+
+    def on_token(request, token, readings):
+        if request.key == "long":
+            counts["long"] += 1
+            if counts["long"] == 3:
+                feed.cancel("long")
+
+    got = {r.key: r for r in Engine(lm, max_batch=4).generate(feed, on_token=on_token)}
+    assert got["long"].finish == "cancelled" and len(got["long"].token_ids) <= 4
+    assert got["short"].token_ids == alone and not feed.cancelled()

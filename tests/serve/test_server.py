@@ -37,12 +37,23 @@ def server(tmp_path_factory):
     for name, layer in (("evil", 1), ("kind", 2)):
         PersonaVector({"response_avg": torch.randn(3, 32, generator=g) * 4}, model_id="tiny-llama", trait=name,
                       chosen_layer=layer).save(root / f"{name}.safetensors")
+    proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector",
+                             f"kind={root / 'kind.safetensors'}", "--api-key", KEY])
+    lm = load_model(str(root / "model"), dtype="float32")
+    vectors = {n: PersonaVector.load(root / f"{n}.safetensors") for n in ("evil", "kind")}
+    yield {"url": url, "lm": lm, "vectors": vectors, "client": openai.OpenAI(base_url=url, api_key=KEY),
+           "root": root}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def start(root, args) -> tuple[subprocess.Popen, str]:
+    """``personavec serve`` on the tiny model at a free loopback port, once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--port", str(port),
-           "--vector", str(root / "evil.safetensors"), "--vector", f"kind={root / 'kind.safetensors'}",
-           "--api-key", KEY, "--dtype", "float32", "--max-batch", "4"]
+           "--dtype", "float32", "--max-batch", "4", *args]
     env = {**os.environ, "PERSONAVEC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -51,17 +62,14 @@ def server(tmp_path_factory):
         try:
             urllib.request.urlopen(urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}),
                                    timeout=2)
-            break
+            return proc, url
+        except urllib.error.HTTPError:
+            return proc, url  # it answers (401 without the key)
         except (urllib.error.URLError, ConnectionError):
             if proc.poll() is not None or time.time() - t0 > 120:
                 proc.kill()
                 pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
             time.sleep(0.2)
-    lm = load_model(str(root / "model"), dtype="float32")
-    vectors = {n: PersonaVector.load(root / f"{n}.safetensors") for n in ("evil", "kind")}
-    yield {"url": url, "lm": lm, "vectors": vectors, "client": openai.OpenAI(base_url=url, api_key=KEY)}
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def local(lm, edits=(), max_tokens=10) -> list[int]:
@@ -171,3 +179,56 @@ def test_malformed_messages_and_a_wrong_key(server):
     wrong = openai.OpenAI(base_url=server["url"], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+def status(server) -> dict:
+    req = urllib.request.Request(f"{server['url']}/persona/status", headers={"Authorization": f"Bearer {KEY}"})
+    return json.load(urllib.request.urlopen(req))
+
+
+def test_a_guard_stops_the_answer_at_the_first_crossing(server):
+    lm = server["lm"]
+    free = ask(server, {"monitor": ["evil"]}, max_tokens=12).model_extra["persona"]["evil"]["tokens"]
+    j = max(range(min(8, len(free))), key=lambda i: free[i])  # the largest of the first readings
+    threshold = free[j] - 1e-3  # first crossed at j
+    guarded = ask(server, {"guard": {"vector": "evil", "threshold": threshold, "action": "stop"}}, max_tokens=12)
+    assert guarded.choices[0].finish_reason == "persona_guard"
+    assert guarded.choices[0].message.content == text(lm, local(lm, max_tokens=12)[: j + 1])
+    evil = guarded.model_extra["persona"]["evil"]
+    assert evil["guard_triggered"] and len(evil["tokens"]) == j + 1
+
+
+def test_a_dropped_stream_frees_its_slot(server):
+    seed = next(s for s in range(40) if ask(server, max_tokens=200, temperature=1.0, seed=s)
+                .choices[0].finish_reason == "length")  # an answer that would run 200 tokens
+    before = status(server)["cancelled"]
+    stream = ask(server, stream=True, max_tokens=200, temperature=1.0, seed=seed)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    t0 = time.time()
+    while (status(server)["cancelled"] == before or status(server)["in_flight"]) and time.time() - t0 < 30:
+        time.sleep(0.05)
+    assert status(server) == {**status(server), "cancelled": before + 1, "in_flight": 0}
+
+
+def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server):
+    lm, kind = server["lm"], server["vectors"]["kind"]
+    root = server["root"]
+    proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector", str(root / "kind.safetensors"),
+                             "--cap", "kind=0.5", "--guard", "evil:1e6:stop"])
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused")
+        kw = dict(model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
+        default = client.chat.completions.create(**kw)
+        assert default.choices[0].message.content == text(lm, local(lm, [Edit(2, kind.get(2), 0.5, kind="cap")]))
+        assert default.model_extra["persona"]["evil"]["guard_triggered"] is False
+        own = client.chat.completions.create(**kw, extra_body={"persona": {"cap": [], "guard": None}})
+        assert own.choices[0].message.content == text(lm, local(lm))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--vector",
+                          str(root / "evil.safetensors"), "--guard", "evil:high:stop"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--guard" in bad.stderr

@@ -24,6 +24,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--model-name", default=None, help="the model's name in /v1/models (default: its id)")
     s.add_argument("--max-batch", type=positive_int, default=None, help="answers decoded together")
+    s.add_argument("--cap", action="append", default=[], metavar="NAME=MAX",
+                   help="default for every request without its own persona.cap: cap the projection on NAME at MAX "
+                        "at its layer (repeatable)")
+    s.add_argument("--guard", default=None, metavar="NAME:THRESHOLD:stop|steer[:COEF]",
+                   help="default for every request without its own persona.guard: when the projection on NAME "
+                        "exceeds THRESHOLD, stop the answer or steer by COEF (default -4) for the rest")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests in flight before new ones get 503 (default 256)")
     model_args(s)
@@ -68,10 +74,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not 0 < args.port < 65536:
         raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")
+    from ..serve.policy import BadRequest, parse_policy
+
     vectors = served_vectors(args)  # checked against the model's config before any weights are loaded
+    try:
+        policy = parse_policy(args.cap, args.guard, vectors)
+    except BadRequest as e:
+        raise PersonavecError(e.message) from None
     lm = load_lm(args)
     app = make_app(lm, vectors, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
-                   max_waiting=args.max_waiting)
+                   max_waiting=args.max_waiting, policy=policy)
     log.info("serving %s with vectors %s on http://%s:%d/v1", lm.model_id, ", ".join(vectors) or "(none)",
              args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -40,6 +40,18 @@ from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
 
 
 @dataclass(frozen=True)
+class Guard:
+    """The live monitor of one request: when ``reads[read]`` of a generated token exceeds ``threshold``, either
+    stop the answer there (``action="stop"``, finish ``"persona_guard"``) or switch on ``edit`` for the rest of it
+    (``action="steer"``, e.g. a suppressive one at the vector's layer)."""
+
+    read: int
+    threshold: float
+    action: str = "stop"
+    edit: Edit | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     """One answer to generate. ``prompt``: chat-formatted text (or token ids); ``messages``: the same chat as
     ``{role, content}`` messages (what an endpoint takes); ``key``: the caller's id."""
@@ -50,12 +62,13 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     edits: tuple[Edit, ...] = ()
-    # (layer, direction): the projection of the residual at ``layer`` on the unit direction, read at the position
-    # that produced each generated token (the last prompt token for the first), after this request's edits
-    reads: tuple[tuple[int, torch.Tensor], ...] = ()
     key: Any = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     messages: tuple[dict[str, str], ...] | None = None
+    # (layer, direction): the projection of the residual at ``layer`` on the unit direction, read at the position
+    # that produced each generated token (the last prompt token for the first), after this request's edits
+    reads: tuple[tuple[int, torch.Tensor], ...] = ()
+    guard: Guard | None = None
 
 
 @dataclass
@@ -64,9 +77,10 @@ class Result:
     request: Request
     token_ids: list[int]  # empty when an endpoint answered
     text: str
-    finish: str  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
+    finish: str  # "stop" (end-of-turn token), "length" (max_new_tokens), "persona_guard" or "cancelled"
     n_generated: int | None = None  # an endpoint's count of generated tokens
     readings: list[list[float]] = field(default_factory=list)  # per read of the request: one value per token
+    guard_triggered: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -80,6 +94,7 @@ class Feed:
     def __init__(self) -> None:
         self._queue: deque[Request] = deque()
         self._closed = False
+        self._cancel: set = set()
         self._ready = threading.Condition()
 
     def put(self, request: Request) -> None:
@@ -89,6 +104,22 @@ class Feed:
                 raise PersonavecError("this feed is closed: no more requests can join it")
             self._queue.append(request)
             self._ready.notify()
+
+    def cancel(self, key: Any) -> None:
+        """The caller of request ``key`` went away: the engine drops it (waiting or running) at its next step, with
+        finish ``"cancelled"``, and its slot frees."""
+        with self._ready:
+            self._cancel.add(key)
+            self._ready.notify()
+
+    def cancelled(self) -> set:
+        with self._ready:
+            return set(self._cancel)
+
+    def forget(self, key: Any) -> None:
+        """The engine has dropped cancelled request ``key``."""
+        with self._ready:
+            self._cancel.discard(key)
 
     def close(self) -> None:
         with self._ready:
@@ -114,6 +145,7 @@ class _Row:
     reads: dict[int, list[tuple[int, torch.Tensor]]]  # layer -> (index of the read, unit direction)
     tokens: list[int] = field(default_factory=list)
     readings: list[list[float]] = field(default_factory=list)
+    guard_triggered: bool = False
     finished: bool = False
 
 
@@ -151,6 +183,8 @@ class Engine:
         self._widths: list[int] = []
         self._on_token: Callable[[Request, int, list[float]], None] | None = None
         self._pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # reads of the pass under way
+        self._cancelled: set = set()  # keys of requests whose caller went away (a live feed's cancel)
+        self._feed: Feed | None = None
 
     # ---- the stream ----
     @torch.no_grad()
@@ -169,7 +203,7 @@ class Engine:
         waiting: deque[Request] = deque() if feed is not None else deque(requests)  # type: ignore[arg-type]
         for r in waiting:
             check_request(r)
-        self._on_token, self._pending = on_token, []
+        self._on_token, self._pending, self._cancelled, self._feed = on_token, [], set(), feed
         desc = progress if isinstance(progress, str) else "sampling"
         # new requests join once this many slots are free (or the queue is nearly empty): fewer, fuller prefills
         join_at = max(1, self.max_batch // 4)
@@ -180,6 +214,7 @@ class Engine:
             def hook_layers(reqs: Iterable[Request]) -> None:
                 """One edit hook per layer any request edits, added as requests with new layers arrive."""
                 wanted = {e.layer for r in reqs for e in r.edits} | {int(x[0]) for r in reqs for x in r.reads}
+                wanted |= {r.guard.edit.layer for r in reqs if r.guard is not None and r.guard.edit is not None}
                 for layer in sorted(wanted - hooked):
                     stack.enter_context(edit(self.lm.model, layer, self._edit_fn(layer)))
                     hooked.add(layer)
@@ -194,6 +229,12 @@ class Engine:
                     arrived = feed.take(block=not rows and not waiting)
                     hook_layers(arrived)
                     waiting.extend(arrived)
+                    self._cancelled = feed.cancelled()
+                    if self._cancelled:  # a waiting request that was cancelled never starts
+                        for r in [r for r in waiting if key_cancelled(r.key, self._cancelled)]:
+                            waiting.remove(r)
+                            feed.forget(r.key)
+                            yield Result(r.key, r, [], "", "cancelled")
                 if not (waiting or rows):
                     break
                 free = self.max_batch - len(rows)
@@ -270,12 +311,27 @@ class Engine:
                     row.readings[k].append(x)
                 if self._on_token is not None:
                     self._on_token(req, token, read)
-            if stopped or len(row.tokens) >= req.max_new_tokens:
+            finish = "stop" if stopped else "length" if len(row.tokens) >= req.max_new_tokens else None
+            guard = req.guard
+            if not stopped and guard is not None and not row.guard_triggered and read[guard.read] > guard.threshold:
+                row.guard_triggered = True
+                if guard.action == "stop":
+                    finish = "persona_guard"
+                elif guard.edit is not None:  # from the next token on
+                    e = guard.edit
+                    row.edits.setdefault(e.layer, []).append(
+                        (e.kind, e.direction.to(device=logits.device, dtype=torch.float32), float(e.coef),
+                         e.positions))
+            if key_cancelled(req.key, self._cancelled):
+                finish = "cancelled"
+                if self._feed is not None:
+                    self._feed.forget(req.key)
+            if finish is not None:
                 row.finished = True
                 bar.update(1)
                 text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-                yield Result(req.key, req, list(row.tokens), text, "stop" if stopped else "length",
-                             readings=[list(x) for x in row.readings])
+                yield Result(req.key, req, list(row.tokens), text, finish,
+                             readings=[list(x) for x in row.readings], guard_triggered=row.guard_triggered)
 
     # ---- per-request edits ----
     def _edit_fn(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -320,6 +376,13 @@ class Engine:
         return cols == t - 1  # response_and_last_prompt: the last prompt token
 
 
+def key_cancelled(key: Any, cancelled: set) -> bool:
+    try:
+        return key in cancelled
+    except TypeError:  # an unhashable key cannot have been cancelled
+        return False
+
+
 def check_request(r: Request) -> None:
     """Refuse settings that cannot be sampled, with the field named."""
     if r.max_new_tokens < 1:
@@ -332,6 +395,12 @@ def check_request(r: Request) -> None:
         if int(layer) < 0 or direction.dim() != 1 or not bool(torch.isfinite(direction).all()) \
                 or float(direction.norm()) == 0:
             raise PersonavecError(f"a read needs a layer >= 0 and a finite, non-zero 1-D direction (layer {layer})")
+    if r.guard is not None:
+        g = r.guard
+        if not 0 <= g.read < len(r.reads) or not math.isfinite(g.threshold) or g.action not in ("stop", "steer") \
+                or (g.action == "steer") != (g.edit is not None):
+            raise PersonavecError("a guard needs one of the request's reads, a finite threshold, and action 'stop', "
+                                  "or 'steer' with an edit")
 
 
 def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, torch.Tensor, float, str]]]:

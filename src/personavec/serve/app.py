@@ -2,6 +2,7 @@
 
 * ``GET /v1/models`` — the one served model;
 * ``GET /v1/persona/vectors`` — the loaded vectors (name, trait, layer, hidden size, norm, source file);
+* ``GET /v1/persona/status`` — requests in flight, answers dropped by callers that went away, batch limits;
 * ``POST /v1/chat/completions`` — ``messages``, ``max_tokens``/``max_completion_tokens``, ``temperature``,
   ``top_p``, ``seed``, ``stream``, ``n`` = 1, and ``persona``: ``steer`` / ``cap`` entries (edits of this request
   only) and ``monitor`` (vector names, or true for all): the projection on v̂ at the vector's layer of the position
@@ -40,7 +41,9 @@ def error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str | None = None,
-             api_key: str | None = None, max_batch: int | None = None, max_waiting: int = 256) -> Starlette:
+             api_key: str | None = None, max_batch: int | None = None, max_waiting: int = 256,
+             policy: dict[str, Any] | None = None) -> Starlette:
+    """``policy``: the server-wide default persona (``cap``, ``guard``) for requests that do not set their own."""
     name = model_name or lm.model_id
     state: dict[str, Worker] = {}
 
@@ -66,6 +69,11 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
             return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         return JSONResponse({"object": "list", "data": [v.describe() for v in vectors.values()]})
 
+    async def status(request: HttpRequest) -> Response:
+        if not authorized(request):
+            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
+        return JSONResponse(state["worker"].status())
+
     async def chat(request: HttpRequest) -> Response:
         if not authorized(request):
             return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
@@ -75,13 +83,13 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
             return error(400, "the request body is not JSON")
         worker = state["worker"]
         try:
-            call = parse_chat(body, lm, vectors, worker.next_key())
+            call = parse_chat(body, lm, vectors, worker.next_key(), defaults=policy)
             queue = worker.submit(call.request)
         except BadRequest as e:
             return error(e.status, e.message, e.param)
         cid = f"chatcmpl-{call.request.key}"
         if call.stream:
-            return StreamingResponse(_stream(lm, call, queue, cid, name), media_type="text/event-stream")
+            return StreamingResponse(_stream(lm, call, queue, cid, name, worker), media_type="text/event-stream")
         while True:
             event = await queue.get()
             if event[0] == "error":
@@ -96,9 +104,10 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
                          "finish_reason": result.finish}],
             "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(result.token_ids),
                       "total_tokens": call.prompt_tokens + len(result.token_ids)},
-            "persona": _persona_summary(call, result.readings)})
+            "persona": _persona_summary(call, result)})
 
     return Starlette(routes=[Route("/v1/models", models), Route("/v1/persona/vectors", persona_vectors),
+                             Route("/v1/persona/status", status),
                              Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
 
 
@@ -106,16 +115,29 @@ def _decode(lm: LoadedModel, tokens: list[int]) -> str:
     return lm.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
 
-def _persona_summary(call: ChatCall, readings: list[list[float]]) -> dict[str, Any]:
+def _persona_summary(call: ChatCall, result: Any) -> dict[str, Any]:
     out = {}
-    for (vec, layer), values in zip(call.monitor, readings):
+    for (vec, layer), values in zip(call.monitor, result.readings):
         finite = [x for x in values if math.isfinite(x)]
         out[vec] = {"layer": layer, "tokens": values, "mean": sum(finite) / len(finite) if finite else None,
-                    "max": max(finite) if finite else None, "guard_triggered": False}
+                    "max": max(finite) if finite else None,
+                    "guard_triggered": bool(result.guard_triggered and vec == call.guarded)}
     return out
 
 
-async def _stream(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str) -> AsyncIterator[str]:
+async def _stream(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str,
+                  worker: Worker) -> AsyncIterator[str]:
+    done = False
+    try:
+        async for part in _chunks(lm, call, queue, cid, model):
+            yield part
+        done = True
+    finally:
+        if not done:  # the client went away mid-answer: its slot frees at the engine's next step
+            worker.cancel(call.request.key)
+
+
+async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, persona: dict | None = None) -> str:
@@ -147,7 +169,7 @@ async def _stream(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: 
     result = event[1]
     text = _decode(lm, result.token_ids)
     # the last chunk: the readings of tokens not yet delivered, and each vector's summary over the whole answer
-    summary = _persona_summary(call, result.readings)
+    summary = _persona_summary(call, result)
     for k, (vec, _) in enumerate(call.monitor):
         summary[vec]["tokens"] = [r[k] for r in pending]
     yield chunk({"content": text[len(sent):]} if text != sent else {}, finish=result.finish,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..engine.decoder import Request
+from ..engine.decoder import Guard, Request
 from ..model.edits import POSITIONS, Edit
 from ..model.loading import LoadedModel
 from ..vectors.vector import PersonaVector
@@ -56,11 +56,15 @@ class ChatCall:
 
     request: Request
     monitor: list[tuple[str, int]]  # (vector name, layer), in the order of request.reads
+    guarded: str | None  # the vector the guard watches
     stream: bool
     prompt_tokens: int
 
 
-def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key: Any) -> ChatCall:
+def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key: Any,
+               defaults: dict[str, Any] | None = None) -> ChatCall:
+    """``defaults``: the server's persona policy (``cap``, ``guard``), used for what a request's ``persona``
+    does not set."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the request body must be a JSON object")
     messages = _messages(body.get("messages"))
@@ -81,7 +85,10 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
-    edits, monitor = _persona(body.get("persona"), vectors, lm.n_layers)
+    persona = body.get("persona")
+    if defaults and (persona is None or isinstance(persona, dict)):
+        persona = {**defaults, **(persona or {})}
+    edits, monitor, guard = _persona(persona, vectors, lm.n_layers)
     prompt = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     context = lm.context_length
@@ -91,8 +98,8 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     reads = tuple((layer, vectors[name].direction(layer)) for name, layer in monitor)
     request = Request(tuple(ids), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                       seed=secrets.randbits(31) if seed is None else seed, edits=tuple(edits), key=key,
-                      reads=reads)
-    return ChatCall(request, monitor, stream, len(ids))
+                      reads=reads, guard=guard)
+    return ChatCall(request, monitor, None if guard is None else monitor[guard.read][0], stream, len(ids))
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -148,14 +155,16 @@ def _entries(persona: dict, field: str) -> list[dict]:
     return value
 
 
-def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int) -> tuple[list[Edit], list[tuple[str, int]]]:
+def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
+             ) -> tuple[list[Edit], list[tuple[str, int]], Guard | None]:
     if persona is None:
-        return [], []
+        return [], [], None
     if not isinstance(persona, dict):
-        raise BadRequest("persona", "persona must be an object with steer, cap and monitor")
-    unknown = set(persona) - {"steer", "cap", "monitor"}
+        raise BadRequest("persona", "persona must be an object with steer, cap, monitor and guard")
+    unknown = set(persona) - {"steer", "cap", "monitor", "guard"}
     if unknown:
-        raise BadRequest("persona", f"unknown persona field(s) {', '.join(sorted(unknown))}; use steer, cap, monitor")
+        raise BadRequest("persona", f"unknown persona field(s) {', '.join(sorted(unknown))}; use steer, cap, "
+                                    "monitor, guard")
     edits: list[Edit] = []
     for i, e in enumerate(_entries(persona, "steer")):
         where = f"persona.steer[{i}]."
@@ -189,4 +198,51 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int) -> t
     for i, name in enumerate(wanted):
         sv = _vector({"vector": name}, vectors, f"persona.monitor[{i}].")
         monitor.append((name, sv.layer))
-    return edits, monitor
+    return edits, monitor, _guard(persona.get("guard"), vectors, monitor)
+
+
+def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[tuple[str, int]]) -> Guard | None:
+    """The live monitor: its vector is read (added to ``monitor`` when not there) and checked per token."""
+    if g is None:
+        return None
+    if not isinstance(g, dict):
+        raise BadRequest("persona.guard", "persona.guard must be {vector, threshold, action, coef}")
+    where = "persona.guard."
+    sv = _vector(g, vectors, where)
+    threshold = _number(g, "threshold", None, where)
+    action = g.get("action", "stop")
+    if action not in ("stop", "steer"):
+        raise BadRequest(where + "action", f"{where}action must be 'stop' or 'steer', not {action!r}")
+    edit = None
+    if action == "steer":
+        coef = _number(g, "coef", -4.0, where)
+        if abs(coef) > MAX_COEF:
+            raise BadRequest(where + "coef", f"|{where}coef| must be at most {MAX_COEF:g}, not {coef:g}")
+        edit = Edit(sv.layer, sv.direction(), coef, positions="response")
+    if (sv.name, sv.layer) not in monitor:
+        monitor.append((sv.name, sv.layer))
+    return Guard(monitor.index((sv.name, sv.layer)), threshold, action, edit)
+
+
+def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVector]) -> dict[str, Any]:
+    """The server-wide default persona from ``--cap NAME=MAX`` (repeatable) and ``--guard NAME:THRESHOLD:stop``
+    or ``NAME:THRESHOLD:steer[:COEF]``, checked like a request's (a bad one raises :class:`BadRequest`)."""
+    policy: dict[str, Any] = {}
+    for spec in caps:
+        name, eq, value = spec.partition("=")
+        try:
+            policy.setdefault("cap", []).append({"vector": name, "max": float(value)})
+        except ValueError:
+            raise BadRequest("--cap", f"--cap {spec!r}: write NAME=MAX (a number)") from None
+        if not eq:
+            raise BadRequest("--cap", f"--cap {spec!r}: write NAME=MAX")
+    if guard:
+        parts = guard.split(":")
+        try:
+            policy["guard"] = {"vector": parts[0], "threshold": float(parts[1]), "action": parts[2],
+                               **({"coef": float(parts[3])} if len(parts) > 3 else {})}
+        except (IndexError, ValueError):
+            raise BadRequest("--guard", f"--guard {guard!r}: write NAME:THRESHOLD:stop or "
+                                        "NAME:THRESHOLD:steer[:COEF]") from None
+    _persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
+    return policy

@@ -27,6 +27,7 @@ class Worker:
         self._calls: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.cancelled = 0  # answers dropped because their caller went away
         self._thread = threading.Thread(target=self._run, name="personavec-engine", daemon=True)
         self._thread.start()
 
@@ -47,6 +48,15 @@ class Worker:
         self.feed.put(request)
         return queue
 
+    def status(self) -> dict[str, int]:
+        with self._lock:
+            return {"in_flight": len(self._calls), "cancelled": self.cancelled,
+                    "max_batch": self.engine.max_batch, "max_waiting": self.max_waiting}
+
+    def cancel(self, key: Any) -> None:
+        """Stop generating for a caller that went away (its slot frees at the engine's next step)."""
+        self.feed.cancel(key)
+
     def close(self) -> None:
         self.feed.close()
         self._thread.join(timeout=60)
@@ -62,6 +72,7 @@ class Worker:
         try:
             for result in self.engine.generate(
                     self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
+                self.cancelled += result.finish == "cancelled"
                 self._post(result.key, ("done", result), last=True)
         except BaseException as e:  # the model failed: every waiting call gets the error, not a hang
             log.exception("the engine stopped")
