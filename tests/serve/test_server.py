@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,28 +13,18 @@ import urllib.request
 import openai
 import pytest
 import torch
+from serving import KEY, build, start
 
 from personavec import PersonaVector, load_model
 from personavec.engine.decoder import Engine, Request
 from personavec.model.edits import Edit
 
-KEY = "test-key"
 QUESTION = "How should I treat people who are weaker than me?"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conftest import make_tokenizer, tiny_llama
-
-    root = tmp_path_factory.mktemp("serve")
-    tok = make_tokenizer()
-    model = tiny_llama(len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(11)
-    for name, layer in (("evil", 1), ("kind", 2)):
-        PersonaVector({"response_avg": torch.randn(3, 32, generator=g) * 4}, model_id="tiny-llama", trait=name,
-                      chosen_layer=layer).save(root / f"{name}.safetensors")
+    root = build(tmp_path_factory.mktemp("serve"))
     proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector",
                              f"kind={root / 'kind.safetensors'}", "--api-key", KEY])
     lm = load_model(str(root / "model"), dtype="float32")
@@ -45,31 +33,6 @@ def server(tmp_path_factory):
            "root": root}
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def start(root, args) -> tuple[subprocess.Popen, str]:
-    """``personavec serve`` on the tiny model at a free loopback port, once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--port", str(port),
-           "--dtype", "float32", "--max-batch", "4", *args]
-    env = {**os.environ, "PERSONAVEC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    t0 = time.time()
-    while True:
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}),
-                                   timeout=2)
-            return proc, url
-        except urllib.error.HTTPError:
-            return proc, url  # it answers (401 without the key)
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.time() - t0 > 120:
-                proc.kill()
-                pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.2)
 
 
 def local(lm, edits=(), max_tokens=10) -> list[int]:

@@ -1,5 +1,7 @@
 """The ASGI app (Starlette): OpenAI-compatible chat completions with a ``persona`` extension.
 
+* ``GET /`` — a self-contained chat page: per loaded vector a live meter of the per-token readings, a steering
+  slider, a cap toggle and the guard's state;
 * ``GET /v1/models`` — the one served model;
 * ``GET /v1/persona/vectors`` — the loaded vectors (name, trait, layer, hidden size, norm, source file);
 * ``GET /v1/persona/status`` — requests in flight, answers dropped by callers that went away, batch limits;
@@ -21,16 +23,19 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..model.loading import LoadedModel
 from .policy import BadRequest, ChatCall, ServedVector, parse_chat
 from .worker import Worker
+
+PAGE = Path(__file__).with_name("static") / "chat.html"  # the chat page: plain HTML and JS, nothing fetched elsewhere
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -57,6 +62,9 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
 
     def authorized(request: HttpRequest) -> bool:
         return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+
+    async def page(request: HttpRequest) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def models(request: HttpRequest) -> Response:
         if not authorized(request):
@@ -106,7 +114,8 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
                       "total_tokens": call.prompt_tokens + len(result.token_ids)},
             "persona": _persona_summary(call, result)})
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/v1/persona/vectors", persona_vectors),
+    return Starlette(routes=[Route("/", page), Route("/v1/models", models),
+                             Route("/v1/persona/vectors", persona_vectors),
                              Route("/v1/persona/status", status),
                              Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
 
