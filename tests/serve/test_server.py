@@ -180,7 +180,7 @@ def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server
     lm, kind = server["lm"], server["vectors"]["kind"]
     root = server["root"]
     proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector", str(root / "kind.safetensors"),
-                             "--cap", "kind=0.5", "--guard", "evil:1e6:stop"])
+                             "--cap", "kind=0.5", "--guard", "evil:1e6:stop", "--max-waiting", "1"])
     try:
         client = openai.OpenAI(base_url=url, api_key="unused")
         kw = dict(model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
@@ -189,6 +189,14 @@ def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server
         assert default.model_extra["persona"]["evil"]["guard_triggered"] is False
         own = client.chat.completions.create(**kw, extra_body={"persona": {"cap": [], "guard": None}})
         assert own.choices[0].message.content == text(lm, local(lm))
+        # one request in flight is all --max-waiting 1 allows: the next gets 503 with Retry-After
+        stream = client.chat.completions.create(**{**kw, "max_tokens": 200}, stream=True)
+        next(iter(stream))
+        busy = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            busy.chat.completions.create(**kw)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
+        stream.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
