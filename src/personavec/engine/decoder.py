@@ -318,10 +318,7 @@ class Engine:
                 if guard.action == "stop":
                     finish = "persona_guard"
                 elif guard.edit is not None:  # from the next token on
-                    e = guard.edit
-                    row.edits.setdefault(e.layer, []).append(
-                        (e.kind, e.direction.to(device=logits.device, dtype=torch.float32), float(e.coef),
-                         e.positions))
+                    row.edits.setdefault(guard.edit.layer, []).append(_edit_entry(guard.edit, logits.device))
             if key_cancelled(req.key, self._cancelled):
                 finish = "cancelled"
                 if self._feed is not None:
@@ -407,9 +404,13 @@ def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, to
     """A request's edits by layer, in list order, with each direction moved to the device once."""
     out: dict[int, list[tuple[str, torch.Tensor, float, str]]] = {}
     for e in r.edits:
-        out.setdefault(e.layer, []).append((e.kind, e.direction.to(device=device, dtype=torch.float32),
-                                            float(e.coef), e.positions))
+        out.setdefault(e.layer, []).append(_edit_entry(e, device))
     return out
+
+
+def _edit_entry(e: Edit, device: torch.device) -> tuple[str, torch.Tensor, float, str]:
+    """What the edit hook applies for ``e``: (kind, direction on the device in float32, coef, positions)."""
+    return e.kind, e.direction.to(device=device, dtype=torch.float32), float(e.coef), e.positions
 
 
 def _row_reads(r: Request, device: torch.device) -> dict[int, list[tuple[int, torch.Tensor]]]:
