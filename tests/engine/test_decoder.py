@@ -306,3 +306,43 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_are_untouche
     got = {r.key: r for r in Engine(lm, max_batch=4).generate(feed, on_token=on_token)}
     assert got["long"].finish == "cancelled" and len(got["long"].token_ids) <= 4
     assert got["short"].token_ids == alone and not feed.cancelled()
+
+
+def test_a_live_feed_outlives_a_moment_with_nothing_to_do(lm):
+    """Every waiting request cancelled while the running ones finish: the engine waits for the feed, not ends."""
+    import threading
+
+    from personavec.engine.decoder import Feed
+
+    ps = prompts(lm)
+    feed, got, count = Feed(), {}, []
+
+    def on_token(request, token, readings):
+        count.append(request.key)
+        if count.count("A") == 3:
+            feed.cancel("B")  # B waits (one slot) and A has just produced its last token
+
+    def consume():
+        for r in Engine(lm, max_batch=1).generate(feed, on_token=on_token):
+            got[r.key] = r
+
+    feed.put(Request(ps[0], 3, key="A", ignore_eos=True))
+    feed.put(Request(ps[1], 3, key="B", ignore_eos=True))
+    thread = threading.Thread(target=consume)
+    thread.start()
+    for _ in range(200):
+        if "A" in got:
+            break
+        thread.join(timeout=0.05)
+    feed.put(Request(ps[2], 3, key="C", ignore_eos=True))
+    feed.close()
+    thread.join(timeout=60)
+    assert got["B"].finish == "cancelled" and len(got["C"].token_ids) == 3
+
+
+def test_a_seed_the_generator_cannot_take_is_refused():
+    from personavec.engine.decoder import check_request
+
+    for seed in (-1, 2**64):
+        with pytest.raises(Exception, match="seed"):
+            check_request(Request("x", 4, temperature=1.0, seed=seed))

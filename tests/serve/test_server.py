@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -125,6 +126,7 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     (None, {"n": 2}, "n"),
     (None, {"max_tokens": 4000}, "messages"),  # longer than the tiny model's context
     (None, {"temperature": 7}, "temperature"),
+    (None, {"temperature": 1, "seed": 2**64}, "seed"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -203,3 +205,9 @@ def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server
     bad = subprocess.run([sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--vector",
                           str(root / "evil.safetensors"), "--guard", "evil:high:stop"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--guard" in bad.stderr
+    with socket.socket() as taken:  # a port another process listens on: one line, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"),
+                               "--port", str(taken.getsockname()[1])], capture_output=True, text=True)
+    assert busy.returncode == 2 and len(busy.stderr.strip().splitlines()) == 1 and "cannot listen" in busy.stderr

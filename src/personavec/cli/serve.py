@@ -67,6 +67,19 @@ def served_vectors(args: argparse.Namespace) -> dict:
     return out
 
 
+def _check_address(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise PersonavecError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host, or "
+                              "stop the process that uses it") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -75,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")
     from ..serve.policy import BadRequest, parse_policy
+
+    _check_address(args.host, args.port)  # before the model loads: a busy port is said in one line
 
     vectors = served_vectors(args)  # checked against the model's config before any weights are loaded
     try:

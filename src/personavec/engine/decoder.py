@@ -126,6 +126,11 @@ class Feed:
             self._closed = True
             self._ready.notify()
 
+    @property
+    def closed(self) -> bool:
+        with self._ready:
+            return self._closed
+
     def take(self, block: bool) -> list[Request]:
         """Everything that has arrived; with ``block``, wait until something arrives or the feed is closed."""
         with self._ready:
@@ -236,7 +241,9 @@ class Engine:
                             feed.forget(r.key)
                             yield Result(r.key, r, [], "", "cancelled")
                 if not (waiting or rows):
-                    break
+                    if feed is None or feed.closed:
+                        break
+                    continue  # an open feed: wait for what comes next
                 free = self.max_batch - len(rows)
                 if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
                     new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
@@ -388,6 +395,8 @@ def check_request(r: Request) -> None:
         raise PersonavecError(f"temperature must be a finite number >= 0, not {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise PersonavecError(f"top_p must be in (0, 1], not {r.top_p}")
+    if not 0 <= int(r.seed) < 2**63:
+        raise PersonavecError(f"seed must be between 0 and 2**63 - 1, not {r.seed}")
     for layer, direction in r.reads:
         if int(layer) < 0 or direction.dim() != 1 or not bool(torch.isfinite(direction).all()) \
                 or float(direction.norm()) == 0:

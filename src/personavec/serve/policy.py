@@ -82,6 +82,8 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     if not 0 < top_p <= 1:
         raise BadRequest("top_p", f"top_p must be in (0, 1], not {top_p}")
     seed = _int(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise BadRequest("seed", f"seed must be between 0 and 2**63 - 1, not {seed}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")

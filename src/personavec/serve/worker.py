@@ -28,6 +28,7 @@ class Worker:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.cancelled = 0  # answers dropped because their caller went away
+        self._stopped = False  # set once the engine loop has ended: new calls get 503
         self._thread = threading.Thread(target=self._run, name="personavec-engine", daemon=True)
         self._thread.start()
 
@@ -36,11 +37,12 @@ class Worker:
 
     def submit(self, request: Request) -> asyncio.Queue:
         """Queue ``request``; its ``("token", id, readings)`` and ``("done", Result)`` events arrive on the queue."""
-        if not self._thread.is_alive():
-            raise BadRequest(None, "the model stopped working (see the server's log); restart the server", status=503)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._stopped:
+                raise BadRequest(None, "the model stopped working (see the server's log); restart the server",
+                                 status=503)
             if len(self._calls) >= self.max_waiting:
                 raise BadRequest(None, f"the server is busy ({self.max_waiting} requests in flight); retry shortly",
                                  status=503)
@@ -69,14 +71,18 @@ class Worker:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def _run(self) -> None:
+        why = "the server is shutting down"
         try:
             for result in self.engine.generate(
                     self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
                 self.cancelled += result.finish == "cancelled"
                 self._post(result.key, ("done", result), last=True)
-        except BaseException as e:  # the model failed: every waiting call gets the error, not a hang
+        except BaseException as e:  # the model failed
             log.exception("the engine stopped")
+            why = f"{type(e).__name__}: {e}"
+        finally:  # however the loop ends, no call is left waiting and no new one is taken
             with self._lock:
+                self._stopped = True
                 keys = list(self._calls)
             for key in keys:
-                self._post(key, ("error", f"{type(e).__name__}: {e}"), last=True)
+                self._post(key, ("error", why), last=True)
