@@ -127,6 +127,8 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     (None, {"max_tokens": 4000}, "messages"),  # longer than the tiny model's context
     (None, {"temperature": 7}, "temperature"),
     (None, {"temperature": 1, "seed": 2**64}, "seed"),
+    (None, {"temperature": 10**400}, "temperature"),
+    ({"steer": [{"vector": ["evil"], "coef": 1}]}, {}, "persona.steer[0].vector"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -87,8 +87,8 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
             return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "the request body is not JSON")
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
+            return error(400, "the request body is not JSON that can be read")
         worker = state["worker"]
         try:
             call = parse_chat(body, lm, vectors, worker.next_key(), defaults=policy)

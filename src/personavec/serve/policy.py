@@ -91,7 +91,10 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     if defaults and (persona is None or isinstance(persona, dict)):
         persona = {**defaults, **(persona or {})}
     edits, monitor, guard = _persona(persona, vectors, lm.n_layers)
-    prompt = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        prompt = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # the model's template refuses this chat (e.g. roles that do not alternate)
+        raise BadRequest("messages", f"the model's chat template refuses these messages: {str(e)[:200]}") from None
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     context = lm.context_length
     if context and len(ids) + max_tokens > context:
@@ -121,8 +124,12 @@ def _number(obj: dict, field: str, default: float | None, where: str = "") -> fl
     value = obj.get(field, default)
     if value is None and default is None:
         raise BadRequest(where + field, f"{where + field} is required")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(where + field, f"{where + field} must be a finite number, not {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise BadRequest(where + field, f"{where + field} must be a finite number, not {str(value)[:40]}")
     return float(value)
 
 
@@ -137,7 +144,7 @@ def _int(obj: dict, field: str, default: int | None, where: str = "") -> Any:
 
 def _vector(entry: dict, vectors: dict[str, ServedVector], where: str) -> ServedVector:
     name = entry.get("vector")
-    if name not in vectors:
+    if not isinstance(name, str) or name not in vectors:
         known = ", ".join(sorted(vectors)) or "none"
         raise BadRequest(where + "vector", f"unknown vector {name!r}; this server has: {known}")
     return vectors[name]
