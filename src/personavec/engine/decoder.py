@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicLayer
 from ..errors import PersonavecError
 from ..model.activations import Encoded, make_batch
 from ..model.edits import Edit, edit_delta
-from ..model.layers import cache_kwarg, edit, last_logits_kwarg, output_cache
+from ..model.layers import cache_kwarg, edit, last_logits, output_cache
 from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
 
 
@@ -181,7 +181,9 @@ class Engine:
         self.max_batch = max_batch or default_max_batch(lm)
         self.stop = set(stop_token_ids(lm))
         self.pad = pad_token_id(lm.tokenizer)
-        self.keep_last = last_logits_kwarg(lm.model)
+        # the model's forward keywords, looked up once (not at every decode step)
+        self._last_logits = last_logits(lm.model)
+        self._cache_kw = cache_kwarg(lm.model)
         # what the edit hooks need to know about the forward pass under way
         self._rows: list[_Row] = []
         self._prefill = False
@@ -283,7 +285,7 @@ class Engine:
         self._rows, self._prefill, self._widths = rows, True, [len(x) for x in ids_list]
         # the model makes the cache its architecture needs (sliding windows included)
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, use_cache=True, **self._last_logits())
+                            position_ids=batch.position_ids, use_cache=True, **self._last_logits)
         return rows, _roomy(output_cache(out)), batch.attention_mask, out.logits[:, -1].float()
 
     def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,11 +296,8 @@ class Engine:
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
         self._rows, self._prefill, self._widths = rows, False, [1] * len(rows)
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{cache_kwarg(self.lm.model): cache}, **self._last_logits())
+                            **{self._cache_kw: cache}, **self._last_logits)
         return out.logits[:, -1].float(), mask
-
-    def _last_logits(self) -> dict[str, int]:
-        return {self.keep_last: 1} if self.keep_last else {}
 
     # ---- sampling ----
     def _advance(self, rows: list[_Row], logits: torch.Tensor, bar: Any) -> Iterator[Result]:

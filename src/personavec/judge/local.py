@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..model.activations import encode_pairs
 from ..model.chat import format_chat
-from ..model.layers import cache_kwarg, last_logits_kwarg, output_cache
+from ..model.layers import cache_kwarg, last_logits, output_cache
 from ..model.loading import LoadedModel, pad_token_id
 
 MIN_MASS = 0.25
@@ -73,7 +73,9 @@ class LocalJudge:
             text = lm.tokenizer.convert_tokens_to_string([tok]) if tok is not None else ""
             digit[i] = bool(text) and text[0].isdigit()
         self._continues = digit  # tokens that would extend a number
-        self._keep_last = last_logits_kwarg(lm.model)
+        # the model's forward keywords, looked up once
+        self._last_logits = last_logits(lm.model)
+        self._cache_kw = cache_kwarg(lm.model)
 
     def _number_tokens(self, prompt: str) -> list[tuple[int, ...]]:
         """The token sequence of each number 0..100 right after ``prompt``. It depends only on the prompt's last
@@ -120,19 +122,16 @@ class LocalJudge:
         kwargs: dict[str, Any] = {}
         if shared:
             head = lm.model(input_ids=torch.tensor([prompt_ids[0][:shared]], device=dev), use_cache=True,
-                            **self._last_logits())
+                            **self._last_logits)
             cache = output_cache(head)
             if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
                 # a sliding-window, recurrent or hybrid cache: no padding between the prefix and the rows
                 return self._prefill(prompt_ids, share=False)
             cache.batch_repeat_interleave(B)
-            kwargs[cache_kwarg(lm.model)] = cache
+            kwargs[self._cache_kw] = cache
         out = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=positions.to(dev),
-                       use_cache=True, **kwargs, **self._last_logits())
+                       use_cache=True, **kwargs, **self._last_logits)
         return out, attn
-
-    def _last_logits(self) -> dict[str, int]:
-        return {self._keep_last: 1} if self._keep_last else {}
 
     @torch.no_grad()
     def distributions(self, judge_prompts: Sequence[str]) -> list[ScoreDistribution]:
@@ -174,7 +173,7 @@ class LocalJudge:
         # attention implementation adds a float 4-D mask, whereas eager attention would ADD a bool one as 0/1
         mask = torch.zeros(allowed.shape, dtype=lm.dtype).masked_fill_(~allowed, torch.finfo(lm.dtype).min)
         logits = lm.model(input_ids=tree_ids.to(dev), position_ids=tree_pos.to(dev), attention_mask=mask.to(dev),
-                          use_cache=True, **{cache_kwarg(lm.model): output_cache(out)}).logits.float().log_softmax(-1)
+                          use_cache=True, **{self._cache_kw: output_cache(out)}).logits.float().log_softmax(-1)
         results = []
         for b in range(B):
             # row 0: the distribution right after the prompt; row 1 + i: after node i. Every number needs the

@@ -238,6 +238,13 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def last_logits(model: nn.Module) -> dict[str, int]:
+    """Forward keyword arguments that keep only the last position's logits (empty if the model has no such
+    argument). Computed once per model by its callers: it inspects the forward's signature."""
+    keep = last_logits_kwarg(model)
+    return {keep: 1} if keep else {}
+
+
 def output_cache(out: Any) -> Any:
     """The KV cache a forward pass returned (``cache`` in newer transformers, ``past_key_values`` before)."""
     cache = out.get("cache") if hasattr(out, "get") else None
