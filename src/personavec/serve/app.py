@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -60,31 +60,30 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
         finally:
             state.pop("worker").close()
 
-    def authorized(request: HttpRequest) -> bool:
-        return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+    page_html = PAGE.read_text(encoding="utf-8")  # read once
+
+    def keyed(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """``handler`` behind the API key (when the server has one)."""
+        async def checked(request: HttpRequest) -> Response:
+            if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
+            return await handler(request)
+        return checked
 
     async def page(request: HttpRequest) -> Response:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     async def models(request: HttpRequest) -> Response:
-        if not authorized(request):
-            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
                                                            "owned_by": "personavec"}]})
 
     async def persona_vectors(request: HttpRequest) -> Response:
-        if not authorized(request):
-            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         return JSONResponse({"object": "list", "data": [v.describe() for v in vectors.values()]})
 
     async def status(request: HttpRequest) -> Response:
-        if not authorized(request):
-            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         return JSONResponse(state["worker"].status())
 
     async def chat(request: HttpRequest) -> Response:
-        if not authorized(request):
-            return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
         try:
             body = json.loads(await request.body())
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
@@ -114,10 +113,10 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
                       "total_tokens": call.prompt_tokens + len(result.token_ids)},
             "persona": _persona_summary(call, result)})
 
-    return Starlette(routes=[Route("/", page), Route("/v1/models", models),
-                             Route("/v1/persona/vectors", persona_vectors),
-                             Route("/v1/persona/status", status),
-                             Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=[Route("/", page), Route("/v1/models", keyed(models)),
+                             Route("/v1/persona/vectors", keyed(persona_vectors)),
+                             Route("/v1/persona/status", keyed(status)),
+                             Route("/v1/chat/completions", keyed(chat), methods=["POST"])], lifespan=lifespan)
 
 
 def _decode(lm: LoadedModel, tokens: list[int]) -> str:
