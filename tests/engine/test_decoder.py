@@ -346,3 +346,31 @@ def test_a_seed_the_generator_cannot_take_is_refused():
     for seed in (-1, 2**64):
         with pytest.raises(Exception, match="seed"):
             check_request(Request("x", 4, temperature=1.0, seed=seed))
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_greedy_token(lm):
+    """Below 1e-5 a temperature is greedy (dividing by it would overflow the logits into NaN), and a top-p too
+    small for float32 still keeps the most likely token."""
+    p = prompts(lm)[1]
+    greedy = run(lm, [Request(p, 8, key=0)], 1)[0].token_ids
+    for kw in ({"temperature": 1e-40}, {"temperature": 1e-6}, {"temperature": 1.0, "top_p": 1e-46}):
+        assert run(lm, [Request(p, 8, seed=3, key=0, **kw)], 1)[0].token_ids == greedy, kw
+
+
+def test_a_cancel_that_comes_too_late_leaves_nothing_behind(lm):
+    """A cancel at a request's last token, after its answer, or for a key never put: the feed keeps no trace."""
+    from personavec.engine.decoder import Feed
+
+    feed = Feed()
+    feed.put(Request(prompts(lm)[0], 3, key="A", ignore_eos=True))
+    feed.close()
+
+    def on_token(request, token, readings):
+        if len(readings) == 0 and on_token.n == 2:
+            feed.cancel("A")  # while the last token is being sampled
+        on_token.n += 1
+    on_token.n = 0
+    (result,) = Engine(lm, max_batch=2).generate(feed, on_token=on_token)
+    feed.cancel("A")
+    feed.cancel("never-put")
+    assert len(result.token_ids) == 3 and not feed.cancelled()

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from serving import build, start
+from serving import KEY, build, start
 
 
 def chromium() -> str | None:
@@ -30,12 +30,16 @@ def test_the_page_streams_an_answer_and_its_meters_show_readings(tmp_path):
     from playwright.sync_api import sync_playwright
 
     root = build(tmp_path)
-    proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector", str(root / "kind.safetensors")])
+    proc, url = start(root, ["--vector", str(root / "evil.safetensors"), "--vector", str(root / "kind.safetensors"),
+                             "--api-key", KEY])
     try:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-dev-shm-usage"])
             page = b.new_page(viewport={"width": 1200, "height": 700})
             page.goto(url.removesuffix("/v1") + "/")
+            page.wait_for_function("document.getElementById('vectors').textContent.includes('(401)')")
+            page.fill("#key", KEY)  # the key typed in: the vectors are listed without reloading the page
+            page.keyboard.press("Tab")
             page.wait_for_selector("#meter-kind")
             page.fill("#coef-evil", "-4")  # a steering slider, sent with the question
             page.check("#cap-kind")

@@ -129,6 +129,8 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     (None, {"temperature": 1, "seed": 2**64}, "seed"),
     (None, {"temperature": 10**400}, "temperature"),
     ({"steer": [{"vector": ["evil"], "coef": 1}]}, {}, "persona.steer[0].vector"),
+    (None, {"max_completion_tokens": 0}, "max_completion_tokens"),
+    (None, {"n": True}, "n"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -146,6 +148,26 @@ def test_malformed_messages_and_a_wrong_key(server):
     wrong = openai.OpenAI(base_url=server["url"], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_null_settings_take_their_defaults(server):
+    answer = ask(server, temperature=None, top_p=None, seed=None, n=None, stream=None, max_tokens=None,
+                 max_completion_tokens=4)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens <= 4
+
+
+def test_a_body_that_is_not_sent_as_json_is_refused(server):
+    """A keyless server on a laptop: a page of another site could POST a form or text/plain (no CORS preflight);
+    only application/json is read."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": kind} if kind else {})}
+        req = urllib.request.Request(f"{server['url']}/chat/completions", method="POST", data=body, headers=headers)
+        if kind is None:  # urllib adds a form type to any body: take it out
+            req.remove_header("Content-type")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 415 and "application/json" in json.load(e.value)["error"]["message"], kind
 
 
 def status(server) -> dict:
@@ -174,6 +196,26 @@ def test_a_dropped_stream_frees_its_slot(server):
         if i == 2:
             break
     stream.close()
+    t0 = time.time()
+    while (status(server)["cancelled"] == before or status(server)["in_flight"]) and time.time() - t0 < 30:
+        time.sleep(0.05)
+    assert status(server) == {**status(server), "cancelled": before + 1, "in_flight": 0}
+
+
+def test_a_caller_that_leaves_before_a_whole_answer_frees_its_slot(server):
+    """Not streaming: the caller closes its connection while the answer is being generated."""
+    seed = next(s for s in range(40) if ask(server, max_tokens=200, temperature=1.0, seed=s)
+                .choices[0].finish_reason == "length")
+    before = status(server)["cancelled"]
+    body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200, "temperature": 1.0,
+                       "seed": seed}).encode()
+    host, port = server["url"].split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        t0 = time.time()
+        while not status(server)["in_flight"] and time.time() - t0 < 10:
+            time.sleep(0.01)
     t0 = time.time()
     while (status(server)["cancelled"] == before or status(server)["in_flight"]) and time.time() - t0 < 30:
         time.sleep(0.05)

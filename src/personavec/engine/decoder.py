@@ -10,7 +10,7 @@ left, masked out) and carry their own position ids, so what a request gets does 
   generated tokens, ``response_and_last_prompt``, ``all``), composing in list order, by the same formula as
   :func:`personavec.model.edits.steer`;
 * it **samples** with its own ``torch.Generator`` seeded by ``Request.seed``, so a sampled answer is the same
-  whatever else is in the batch; temperature 0 is greedy;
+  whatever else is in the batch; a temperature below ``GREEDY_BELOW`` (1e-5) is greedy;
 * the settings are exactly the request's: temperature and nucleus (top-p) sampling, nothing else (no top-k,
   penalties or minimum length inherited from the model's ``generation_config``).
 
@@ -37,6 +37,10 @@ from ..model.activations import Encoded, make_batch
 from ..model.edits import Edit, edit_delta
 from ..model.layers import cache_kwarg, edit, last_logits, output_cache
 from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
+
+# temperatures below this are greedy: dividing logits by them overflows float32 (and nothing could be sampled
+# but the most likely token anyway)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Feed:
     def __init__(self) -> None:
         self._queue: deque[Request] = deque()
         self._closed = False
+        self._live: set = set()  # keys put and not yet answered: only these can be cancelled
         self._cancel: set = set()
         self._ready = threading.Condition()
 
@@ -103,23 +108,36 @@ class Feed:
             if self._closed:
                 raise PersonavecError("this feed is closed: no more requests can join it")
             self._queue.append(request)
+            with contextlib.suppress(TypeError):  # an unhashable key cannot be cancelled
+                self._live.add(request.key)
             self._ready.notify()
 
     def cancel(self, key: Any) -> None:
         """The caller of request ``key`` went away: the engine drops it (waiting or running) at its next step, with
-        finish ``"cancelled"``, and its slot frees."""
-        with self._ready:
-            self._cancel.add(key)
-            self._ready.notify()
+        finish ``"cancelled"``, and its slot frees. A key already answered (or never put) is ignored."""
+        with self._ready, contextlib.suppress(TypeError):
+            if key in self._live:
+                self._cancel.add(key)
+                self._ready.notify()
 
     def cancelled(self) -> set:
         with self._ready:
             return set(self._cancel)
 
-    def forget(self, key: Any) -> None:
-        """The engine has dropped cancelled request ``key``."""
-        with self._ready:
+    def answered(self, key: Any) -> None:
+        """The engine has answered request ``key`` (however it finished): nothing of it is kept."""
+        with self._ready, contextlib.suppress(TypeError):
+            self._live.discard(key)
             self._cancel.discard(key)
+
+    def clear(self) -> list[Request]:
+        """Forget every request put and not yet answered (after a failed engine run); returns those not started."""
+        with self._ready:
+            out = list(self._queue)
+            self._queue.clear()
+            self._live.clear()
+            self._cancel.clear()
+            return out
 
     def close(self) -> None:
         with self._ready:
@@ -240,7 +258,7 @@ class Engine:
                     if self._cancelled:  # a waiting request that was cancelled never starts
                         for r in [r for r in waiting if key_cancelled(r.key, self._cancelled)]:
                             waiting.remove(r)
-                            feed.forget(r.key)
+                            feed.answered(r.key)
                             yield Result(r.key, r, [], "", "cancelled")
                 if not (waiting or rows):
                     if feed is None or feed.closed:
@@ -327,10 +345,10 @@ class Engine:
                     row.edits.setdefault(guard.edit.layer, []).append(_edit_entry(guard.edit, logits.device))
             if key_cancelled(req.key, self._cancelled):
                 finish = "cancelled"
-                if self._feed is not None:
-                    self._feed.forget(req.key)
             if finish is not None:
                 row.finished = True
+                if self._feed is not None:
+                    self._feed.answered(req.key)
                 bar.update(1)
                 text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
                 yield Result(req.key, req, list(row.tokens), text, finish,
@@ -430,8 +448,9 @@ def _row_reads(r: Request, device: torch.device) -> dict[int, list[tuple[int, to
 
 
 def _generator(req: Request) -> torch.Generator | None:
-    """A request's own random stream (on the CPU: one uniform number per token, whatever the device)."""
-    if req.temperature <= 0:
+    """A request's own random stream (on the CPU: one uniform number per token, whatever the device); None for a
+    greedy one."""
+    if req.temperature < GREEDY_BELOW:
         return None
     g = torch.Generator()
     g.manual_seed(int(req.seed))
@@ -447,7 +466,9 @@ def _next_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
         idx = torch.tensor(sampled, device=logits.device)
         temps = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
         probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+        # a top-p too small for float32 would become 0 and drop even the most likely token
         top_p = torch.tensor([rows[i].request.top_p for i in sampled], device=logits.device)
+        top_p = top_p.clamp(min=torch.finfo(top_p.dtype).tiny)
         if bool((top_p < 1).any()):
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]  # outside the smallest set reaching top_p

@@ -13,11 +13,16 @@
   (the last chunk adds each vector's summary).
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field, 401
-for a wrong key, 503 when too many requests are in flight.
+for a wrong key, 415 for a body not sent as ``application/json`` (so that a page of another site cannot make a
+keyless server on a laptop work for it), 500 when the model failed on the request's batch, 503 when too many
+requests are in flight. A caller that goes away (streaming or not) frees its slot at the engine's next step.
+Readings that are not finite (an overflow in half precision) are ``null``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import math
 import time
@@ -65,7 +70,8 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
     def keyed(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
         """``handler`` behind the API key (when the server has one)."""
         async def checked(request: HttpRequest) -> Response:
-            if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
             return await handler(request)
         return checked
@@ -84,6 +90,8 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
         return JSONResponse(state["worker"].status())
 
     async def chat(request: HttpRequest) -> Response:
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            return error(415, "send the body as JSON, with the header Content-Type: application/json")
         try:
             body = json.loads(await request.body())
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
@@ -97,12 +105,12 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
         cid = f"chatcmpl-{call.request.key}"
         if call.stream:
             return StreamingResponse(_stream(lm, call, queue, cid, name, worker), media_type="text/event-stream")
-        while True:
-            event = await queue.get()
-            if event[0] == "error":
-                return error(500, event[1])
-            if event[0] == "done":
-                break
+        event = await _answer(request, queue)
+        if event is None:  # the caller went away: nobody reads what would be answered
+            worker.cancel(call.request.key)
+            return Response(status_code=499)
+        if event[0] == "error":
+            return error(500, event[1])
         result = event[1]
         text = _decode(lm, result.token_ids)
         return JSONResponse({
@@ -123,11 +131,36 @@ def _decode(lm: LoadedModel, tokens: list[int]) -> str:
     return lm.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
 
+async def _answer(request: HttpRequest, queue: asyncio.Queue) -> tuple | None:
+    """The call's last event (``done`` or ``error``), or None when the caller disconnects first."""
+    async def gone() -> None:  # the body is read: what the connection says next can only be its end
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    left = asyncio.ensure_future(gone())
+    try:
+        while True:
+            event = asyncio.ensure_future(queue.get())
+            await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                return None
+            if event.result()[0] != "token":
+                return event.result()
+    finally:
+        left.cancel()
+
+
+def _readings(values: list[float]) -> list[float | None]:
+    """Readings for JSON, which has no NaN or infinity: those are null."""
+    return [x if math.isfinite(x) else None for x in values]
+
+
 def _persona_summary(call: ChatCall, result: Any) -> dict[str, Any]:
     out = {}
     for (vec, layer), values in zip(call.monitor, result.readings):
         finite = [x for x in values if math.isfinite(x)]
-        out[vec] = {"layer": layer, "tokens": values, "mean": sum(finite) / len(finite) if finite else None,
+        out[vec] = {"layer": layer, "tokens": _readings(values), "mean": sum(finite) / len(finite) if finite else None,
                     "max": max(finite) if finite else None,
                     "guard_triggered": bool(result.guard_triggered and vec == call.guarded)}
     return out
@@ -171,7 +204,7 @@ async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: 
         text = _decode(lm, tokens)
         if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
             continue
-        persona = {vec: {"tokens": [r[k] for r in pending]} for k, (vec, _) in enumerate(call.monitor)}
+        persona = {vec: {"tokens": _readings([r[k] for r in pending])} for k, (vec, _) in enumerate(call.monitor)}
         yield chunk({"content": text[len(sent):]}, persona=persona if call.monitor else None)
         sent, pending = text, []
     result = event[1]
@@ -179,7 +212,7 @@ async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: 
     # the last chunk: the readings of tokens not yet delivered, and each vector's summary over the whole answer
     summary = _persona_summary(call, result)
     for k, (vec, _) in enumerate(call.monitor):
-        summary[vec]["tokens"] = [r[k] for r in pending]
+        summary[vec]["tokens"] = _readings([r[k] for r in pending])
     yield chunk({"content": text[len(sent):]} if text != sent else {}, finish=result.finish,
                 persona=summary if call.monitor else None)
     yield "data: [DONE]\n\n"

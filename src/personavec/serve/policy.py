@@ -68,13 +68,12 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     if not isinstance(body, dict):
         raise BadRequest(None, "the request body must be a JSON object")
     messages = _messages(body.get("messages"))
-    n = body.get("n", 1)
-    if n not in (1, None):
+    if _int(body, "n", 1) != 1:
         raise BadRequest("n", "only n = 1 is served; send several requests for several answers")
-    max_tokens = _int(body, "max_completion_tokens", None)
-    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS) if max_tokens is None else max_tokens
+    length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, length_field, DEFAULT_MAX_TOKENS)
     if not 1 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest("max_tokens", f"max_tokens must be between 1 and {MAX_TOKENS}, not {max_tokens}")
+        raise BadRequest(length_field, f"{length_field} must be between 1 and {MAX_TOKENS}, not {max_tokens}")
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise BadRequest("temperature", f"temperature must be between 0 and 2, not {temperature}")
@@ -84,7 +83,7 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"seed must be between 0 and 2**63 - 1, not {seed}")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
     persona = body.get("persona")
@@ -121,9 +120,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
 
 
 def _number(obj: dict, field: str, default: float | None, where: str = "") -> float:
-    value = obj.get(field, default)
-    if value is None and default is None:
-        raise BadRequest(where + field, f"{where + field} is required")
+    """``obj[field]`` as a finite float; ``default`` when it is missing or null (required when that is None)."""
+    value = obj.get(field)
+    if value is None:
+        if default is None:
+            raise BadRequest(where + field, f"{where + field} is required")
+        value = default
     try:
         finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
     except OverflowError:  # an integer too large for a float
@@ -134,7 +136,8 @@ def _number(obj: dict, field: str, default: float | None, where: str = "") -> fl
 
 
 def _int(obj: dict, field: str, default: int | None, where: str = "") -> Any:
-    value = obj.get(field, default)
+    """``obj[field]`` as an integer; ``default`` when it is missing or null."""
+    value = obj.get(field)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):

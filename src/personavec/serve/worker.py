@@ -28,6 +28,7 @@ class Worker:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.cancelled = 0  # answers dropped because their caller went away
+        self.failures = 0  # model steps that raised (their requests got an error)
         self._stopped = False  # set once the engine loop has ended: new calls get 503
         self._thread = threading.Thread(target=self._run, name="personavec-engine", daemon=True)
         self._thread.start()
@@ -36,23 +37,23 @@ class Worker:
         return next(self._ids)
 
     def submit(self, request: Request) -> asyncio.Queue:
-        """Queue ``request``; its ``("token", id, readings)`` and ``("done", Result)`` events arrive on the queue."""
+        """Queue ``request``; its ``("token", id, readings)`` and ``("done", Result)`` events arrive on the queue
+        (or one ``("error", why)`` when the model fails)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # the same lock as a failure's clean-up: a call is either told of it or not yet queued
             if self._stopped:
-                raise BadRequest(None, "the model stopped working (see the server's log); restart the server",
-                                 status=503)
+                raise BadRequest(None, "the server is shutting down", status=503)
             if len(self._calls) >= self.max_waiting:
                 raise BadRequest(None, f"the server is busy ({self.max_waiting} requests in flight); retry shortly",
                                  status=503)
+            self.feed.put(request)
             self._calls[request.key] = (loop, queue)
-        self.feed.put(request)
         return queue
 
     def status(self) -> dict[str, int]:
         with self._lock:
-            return {"in_flight": len(self._calls), "cancelled": self.cancelled,
+            return {"in_flight": len(self._calls), "cancelled": self.cancelled, "failures": self.failures,
                     "max_batch": self.engine.max_batch, "max_waiting": self.max_waiting}
 
     def cancel(self, key: Any) -> None:
@@ -71,18 +72,30 @@ class Worker:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def _run(self) -> None:
-        why = "the server is shutting down"
-        try:
-            for result in self.engine.generate(
-                    self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
-                self.cancelled += result.finish == "cancelled"
-                self._post(result.key, ("done", result), last=True)
-        except BaseException as e:  # the model failed
-            log.exception("the engine stopped")
-            why = f"{type(e).__name__}: {e}"
-        finally:  # however the loop ends, no call is left waiting and no new one is taken
-            with self._lock:
-                self._stopped = True
-                keys = list(self._calls)
-            for key in keys:
-                self._post(key, ("error", why), last=True)
+        """The engine loop. A failed model step (CUDA out of memory, say) costs the requests in flight then: each
+        gets an error, and the loop starts again for the next ones."""
+        while True:
+            try:
+                for result in self.engine.generate(
+                        self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
+                    self.cancelled += result.finish == "cancelled"
+                    self._post(result.key, ("done", result), last=True)
+                self._fail("the server is shutting down", stop=True)  # the feed was closed
+                return
+            except Exception as e:
+                log.exception("a model step failed: the requests in flight get an error; serving goes on")
+                self.failures += 1
+                self._fail(f"the model failed on this batch ({type(e).__name__}: {str(e)[:300]}); retry",
+                           stop=self.feed.closed)
+            except BaseException:
+                self._fail("the server is shutting down", stop=True)
+                raise
+
+    def _fail(self, why: str, stop: bool) -> None:
+        """Tell every call in flight ``why``; with ``stop``, take no new ones."""
+        with self._lock:
+            self._stopped = self._stopped or stop
+            self.feed.clear()
+            keys = list(self._calls)
+        for key in keys:
+            self._post(key, ("error", why), last=True)
