@@ -99,7 +99,10 @@ def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_out
         jsonl = run_dir / "responses.jsonl"
         # Ctrl-C in the middle of sampling: exit 130 with one line, nothing half-written
         srv.reset()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Ctrl-C must reach the run even when these tests run in a background job (which ignores SIGINT, and a
+        # child inherits that)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while _lines(jsonl) < 16 and proc.poll() is None:
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)

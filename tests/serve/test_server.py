@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -72,6 +74,19 @@ def test_unsteered_and_steered_answers_equal_the_engine_and_steer(server):
     assert steered.usage.completion_tokens == len(want)
 
 
+def test_a_steered_answer_equals_what_personavec_steer_prints(server):
+    """The same vector, layer, coefficient and positions through the CLI's `personavec steer` (greedy)."""
+    root = server["root"]
+    out = subprocess.run([sys.executable, "-m", "personavec.cli", "steer", QUESTION, "--vector",
+                          str(root / "evil.safetensors"), "--model", str(root / "model"), "--dtype", "float32",
+                          "--coef", "3", "--positions", "response", "--max-new-tokens", "10"],
+                         capture_output=True, text=True, env={**os.environ, "PERSONAVEC_CACHE": str(root / "cache")},
+                         check=True).stdout
+    printed = out.split("[steered: ", 1)[1].split("\n", 1)[1].strip()
+    served = ask(server, {"steer": [{"vector": "evil", "coef": 3.0, "positions": "response"}]})
+    assert printed and served.choices[0].message.content.strip() == printed
+
+
 def test_per_token_readings_equal_a_direct_projection_and_stream_in_chunks(server):
     lm, evil = server["lm"], server["vectors"]["evil"]
     whole = ask(server, {"monitor": ["evil"]})
@@ -131,6 +146,9 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     ({"steer": [{"vector": ["evil"], "coef": 1}]}, {}, "persona.steer[0].vector"),
     (None, {"max_completion_tokens": 0}, "max_completion_tokens"),
     (None, {"n": True}, "n"),
+    (None, {"stream": 0}, "stream"),
+    ({"steer": [{"vector": "evil", "coef": 1}] * 33}, {}, "persona.steer"),  # one engine thread serves everyone
+    ({"monitor": ["evil"] * 33}, {}, "persona.monitor"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -148,6 +166,53 @@ def test_malformed_messages_and_a_wrong_key(server):
     wrong = openai.OpenAI(base_url=server["url"], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+def post(server, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """POST raw bytes to the chat endpoint: (status, the error object or the answer)."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(f"{server['url']}/chat/completions", method="POST", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw)["error"] if raw.startswith(b"{") else {"message": raw.decode()}
+
+
+def chat_body(content: str = QUESTION, **kw) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4, **kw}).encode()
+
+
+@pytest.mark.parametrize("body, param", [
+    (chat_body(persona={"steer": [{"vector": "evil", "coef": math.nan}]}), "persona.steer[0].coef"),
+    (chat_body(persona={"steer": [{"vector": "evil", "coef": math.inf}]}), "persona.steer[0].coef"),
+    (chat_body(persona={"cap": [{"vector": "evil", "max": -math.inf}]}), "persona.cap[0].max"),
+    (chat_body("word " * 400), "messages"),  # a prompt longer than the tiny model's context of 256
+    (chat_body("\ud800"), "messages[0]"),  # a lone surrogate: valid JSON, not text a tokenizer takes
+    (chat_body(persona={"\ud800": 1}), "persona"),  # ...and in a field name the error repeats
+])
+def test_bad_bodies_the_openai_client_cannot_send_get_400_naming_the_field(server, body, param):
+    code, err = post(server, body)
+    assert code == 400 and err["param"] == param and err["message"], err
+
+
+def test_a_body_too_large_or_a_foreign_host_is_refused(server):
+    code, err = post(server, chat_body("x" * (5 << 20)))
+    assert code == 413 and "MiB" in err["message"]
+    # a page of another site whose name was rebound to 127.0.0.1 sends its own name as Host
+    code, err = post(server, chat_body(), {"Host": "attacker.example"})
+    assert code == 400 and "host" in err["message"].lower()
+
+
+def test_null_persona_fields_take_their_defaults(server):
+    persona = {"steer": [{"vector": "evil", "coef": 3.0, "layer": None, "positions": None}], "cap": None,
+               "monitor": None, "guard": None}
+    code, answer = post(server, chat_body(persona=persona, max_tokens=10, temperature=0))
+    lm, evil = server["lm"], server["vectors"]["evil"]
+    assert code == 200
+    assert answer["choices"][0]["message"]["content"] == text(lm, local(lm, [Edit(1, evil.get(1), 3.0,
+                                                                                   positions="response")]))
 
 
 def test_null_settings_take_their_defaults(server):
@@ -187,6 +252,18 @@ def test_a_guard_stops_the_answer_at_the_first_crossing(server):
     assert evil["guard_triggered"] and len(evil["tokens"]) == j + 1
 
 
+def test_a_guard_that_steers_lowers_every_later_reading(server):
+    free = ask(server, {"monitor": ["evil"]}, max_tokens=12).model_extra["persona"]["evil"]["tokens"]
+    j = max(range(min(8, len(free) - 1)), key=lambda i: free[i])
+    guard = {"vector": "evil", "threshold": free[j] - 1e-3, "action": "steer", "coef": -4.0}
+    guarded = ask(server, {"guard": guard}, max_tokens=12)
+    evil = guarded.model_extra["persona"]["evil"]
+    assert evil["guard_triggered"] and guarded.choices[0].finish_reason != "persona_guard"
+    assert evil["tokens"][: j + 1] == pytest.approx(free[: j + 1], abs=1e-4)  # the same answer up to the crossing
+    later = evil["tokens"][j + 1:]
+    assert later and max(later) < min(free[j + 1:])  # -4 v from the next token on lowers every later reading
+
+
 def test_a_dropped_stream_frees_its_slot(server):
     seed = next(s for s in range(40) if ask(server, max_tokens=200, temperature=1.0, seed=s)
                 .choices[0].finish_reason == "length")  # an answer that would run 200 tokens
@@ -211,7 +288,7 @@ def test_a_caller_that_leaves_before_a_whole_answer_frees_its_slot(server):
                        "seed": seed}).encode()
     host, port = server["url"].split("//")[1].split("/")[0].split(":")
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         t0 = time.time()
         while not status(server)["in_flight"] and time.time() - t0 < 10:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from personavec.engine.decoder import Engine, Request
 from personavec.model.layers import decoder_layers
 from personavec.serve.worker import Worker
@@ -15,17 +17,22 @@ async def answer(queue: asyncio.Queue) -> tuple:
     return event
 
 
+def fail(lm, times: int):
+    """Make the model's forward raise ``times`` times (the kind of failure a GPU can have at any step)."""
+    left = {"n": times}
+
+    def out_of_memory(module, args):
+        if left["n"]:
+            left["n"] -= 1
+            raise RuntimeError("CUDA out of memory")
+
+    return decoder_layers(lm.model)[1].register_forward_pre_hook(out_of_memory)
+
+
 def test_a_failed_model_step_costs_its_requests_only_and_serving_goes_on(lm):
     prompt = lm.format_chat("Hi")
     alone = next(iter(Engine(lm, max_batch=1).generate([Request(prompt, 6)]))).token_ids
-    failing = {"left": 1}
-
-    def out_of_memory(module, args):  # the kind of failure a GPU can have at any step
-        if failing["left"]:
-            failing["left"] -= 1
-            raise RuntimeError("CUDA out of memory")
-
-    handle = decoder_layers(lm.model)[1].register_forward_pre_hook(out_of_memory)
+    handle = fail(lm, 1)
     worker = Worker(lm, max_batch=2)
 
     async def calls():
@@ -41,7 +48,67 @@ def test_a_failed_model_step_costs_its_requests_only_and_serving_goes_on(lm):
     assert first[0] == "error" and "CUDA out of memory" in first[1]
     assert second[0] == "done" and second[1].token_ids == alone
     assert worker.status()["failures"] == 1 and worker.status()["in_flight"] == 0
-    assert not worker.feed.cancelled() and not worker.feed.clear()
+    assert not worker.feed.cancelled()
+
+
+def test_a_failed_step_spares_the_requests_still_waiting(lm):
+    """One slot: A is decoding when the model fails, B waits. A gets the error; B is answered as if alone."""
+    prompt = lm.format_chat("Hi")
+    alone = next(iter(Engine(lm, max_batch=1).generate([Request(prompt, 6)]))).token_ids
+    handle = fail(lm, 1)
+    worker = Worker(lm, max_batch=1)
+
+    async def calls():
+        a = worker.submit(Request(prompt, 6, key=worker.next_key()))
+        b = worker.submit(Request(prompt, 6, key=worker.next_key()))
+        return await answer(a), await answer(b)
+
+    try:
+        a, b = asyncio.run(calls())
+    finally:
+        handle.remove()
+        worker.close()
+    assert a[0] == "error" and b[0] == "done" and b[1].token_ids == alone
+
+
+def test_a_model_that_keeps_failing_stops_the_server_with_a_clear_503(lm):
+    from personavec.serve.policy import BadRequest
+    from personavec.serve.worker import FAILURES_IN_A_ROW
+
+    handle = fail(lm, 10**6)
+    worker = Worker(lm, max_batch=2)
+
+    async def calls():
+        events = [await answer(worker.submit(Request(lm.format_chat("Hi"), 4, key=worker.next_key())))
+                  for _ in range(FAILURES_IN_A_ROW)]
+        with pytest.raises(BadRequest) as refused:
+            worker.submit(Request(lm.format_chat("Hi"), 4, key=worker.next_key()))
+        return events, refused.value
+
+    try:
+        events, refused = asyncio.run(calls())
+    finally:
+        handle.remove()
+        worker.close()
+    assert all(e[0] == "error" for e in events)
+    assert refused.status == 503 and "restart" in refused.message
+
+
+def test_a_caller_whose_event_loop_is_gone_does_not_stop_the_engine(lm):
+    worker = Worker(lm, max_batch=2)
+
+    async def leave():  # submits, then its loop ends while the answer is being generated
+        worker.submit(Request(lm.format_chat("Hi"), 40, key=worker.next_key(), ignore_eos=True))
+
+    async def call():
+        return await answer(worker.submit(Request(lm.format_chat("Hi"), 4, key=worker.next_key())))
+
+    try:
+        asyncio.run(leave())
+        event = asyncio.run(call())
+    finally:
+        worker.close()
+    assert event[0] == "done" and worker.status()["failures"] == 0
 
 
 def test_a_cancel_after_the_answer_leaves_nothing_behind(lm):

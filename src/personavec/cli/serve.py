@@ -63,6 +63,10 @@ def served_vectors(args: argparse.Namespace) -> dict:
             raise PersonavecError(f"{path} has no chosen layer: give one as {name}={path}@LAYER")
         if not 1 <= layer <= vec.n_layers:
             raise PersonavecError(f"{path}: layer {layer} is out of range 1..{vec.n_layers}")
+        direction = vec.get(layer)
+        if not bool(direction.isfinite().all()) or float(direction.norm()) == 0:
+            raise PersonavecError(f"{path}: the vector at layer {layer} is zero or not finite; pick another with "
+                                  f"{name}={path}@LAYER")
         out[name] = ServedVector(name, vec, layer, str(path))
     return out
 
@@ -80,10 +84,19 @@ def _check_address(host: str, port: int) -> None:
                               "stop the process that uses it") from None
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..serve.app import make_app
+    from ..serve.app import LOOPBACK_NAMES, make_app
 
     if not 0 < args.port < 65536:
         raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")
@@ -97,8 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except BadRequest as e:
         raise PersonavecError(e.message) from None
     lm = load_lm(args)
+    # bound to loopback: answer to loopback names only (a rebound name of another site is refused)
+    hosts = LOOPBACK_NAMES if _loopback(args.host) else None
     app = make_app(lm, vectors, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
-                   max_waiting=args.max_waiting, policy=policy)
+                   max_waiting=args.max_waiting, policy=policy, hosts=hosts)
     log.info("serving %s with vectors %s on http://%s:%d/v1", lm.model_id, ", ".join(vectors) or "(none)",
              args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -130,14 +130,23 @@ class Feed:
             self._live.discard(key)
             self._cancel.discard(key)
 
-    def clear(self) -> list[Request]:
-        """Forget every request put and not yet answered (after a failed engine run); returns those not started."""
+    def give_back(self, requests: Iterable[Request]) -> None:
+        """Requests an engine took and did not start (it failed): first in line again, in their order."""
         with self._ready:
-            out = list(self._queue)
-            self._queue.clear()
-            self._live.clear()
-            self._cancel.clear()
-            return out
+            self._queue.extendleft(reversed(list(requests)))
+            self._ready.notify()
+
+    def drop_started(self) -> list:
+        """After a failed engine run: forget the requests it had started (every live one not in line); their keys."""
+        with self._ready:
+            keep = set()
+            for r in self._queue:
+                with contextlib.suppress(TypeError):
+                    keep.add(r.key)
+            dropped = [k for k in self._live if k not in keep]
+            self._live &= keep
+            self._cancel &= keep
+            return dropped
 
     def close(self) -> None:
         with self._ready:
@@ -249,47 +258,52 @@ class Engine:
             cache: Any = None
             mask = torch.zeros(0, 0, dtype=torch.long, device=self.lm.device)
             mergeable = True
-            while True:
-                if feed is not None:
-                    arrived = feed.take(block=not rows and not waiting)
-                    hook_layers(arrived)
-                    waiting.extend(arrived)
-                    self._cancelled = feed.cancelled()
-                    if self._cancelled:  # a waiting request that was cancelled never starts
-                        for r in [r for r in waiting if key_cancelled(r.key, self._cancelled)]:
-                            waiting.remove(r)
-                            feed.answered(r.key)
-                            yield Result(r.key, r, [], "", "cancelled")
-                if not (waiting or rows):
-                    if feed is None or feed.closed:
-                        break
-                    continue  # an open feed: wait for what comes next
-                free = self.max_batch - len(rows)
-                if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
-                    new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                    new_rows, new_cache, new_mask, logits = self._prefill_rows(new)
-                    if rows:
-                        cache, mask = _merge(cache, mask, new_cache, new_mask)
-                        del new_cache  # its rows now live in the merged cache
+            try:
+                while True:
+                    if feed is not None:
+                        arrived = feed.take(block=not rows and not waiting)
+                        hook_layers(arrived)
+                        waiting.extend(arrived)
+                        self._cancelled = feed.cancelled()
+                        if self._cancelled:  # a waiting request that was cancelled never starts
+                            for r in [r for r in waiting if key_cancelled(r.key, self._cancelled)]:
+                                waiting.remove(r)
+                                feed.answered(r.key)
+                                yield Result(r.key, r, [], "", "cancelled")
+                    if not (waiting or rows):
+                        if feed is None or feed.closed:
+                            break
+                        continue  # an open feed: wait for what comes next
+                    free = self.max_batch - len(rows)
+                    if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
+                        new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                        new_rows, new_cache, new_mask, logits = self._prefill_rows(new)
+                        if rows:
+                            cache, mask = _merge(cache, mask, new_cache, new_mask)
+                            del new_cache  # its rows now live in the merged cache
+                        else:
+                            cache, mask = new_cache, new_mask
+                            mergeable = _mergeable(cache)
+                        rows += new_rows
+                        yield from self._advance(new_rows, logits, bar)
                     else:
-                        cache, mask = new_cache, new_mask
-                        mergeable = _mergeable(cache)
-                    rows += new_rows
-                    yield from self._advance(new_rows, logits, bar)
-                else:
-                    logits, mask = self._decode(rows, cache, mask)
-                    yield from self._advance(rows, logits, bar)
-                if any(r.finished for r in rows):
-                    keep = [i for i, r in enumerate(rows) if not r.finished]
-                    rows = [rows[i] for i in keep]
-                    if not rows:
-                        cache, mask = None, mask[:0, :0]
-                        continue
-                    idx = torch.tensor(keep, device=mask.device)
-                    cache.batch_select_indices(idx)
-                    mask = mask[idx]
-                    if mergeable:
-                        cache, mask = _trim(cache, mask)
+                        logits, mask = self._decode(rows, cache, mask)
+                        yield from self._advance(rows, logits, bar)
+                    if any(r.finished for r in rows):
+                        keep = [i for i, r in enumerate(rows) if not r.finished]
+                        rows = [rows[i] for i in keep]
+                        if not rows:
+                            cache, mask = None, mask[:0, :0]
+                            continue
+                        idx = torch.tensor(keep, device=mask.device)
+                        cache.batch_select_indices(idx)
+                        mask = mask[idx]
+                        if mergeable:
+                            cache, mask = _trim(cache, mask)
+            except Exception:
+                if feed is not None:  # a failed step: what was taken and not started goes back in line
+                    feed.give_back(waiting)
+                raise
 
     # ---- forward passes ----
     def _prefill_rows(self, requests: list[Request]) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -41,19 +42,32 @@ from .policy import BadRequest, ChatCall, ServedVector, parse_chat
 from .worker import Worker
 
 PAGE = Path(__file__).with_name("static") / "chat.html"  # the chat page: plain HTML and JS, nothing fetched elsewhere
+MAX_BODY = 4 << 20  # bytes of a request body: far more than any context holds
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # the Host a server bound to loopback answers to
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 500: "server_error", 503: "server_busy"}.get(status, "invalid_request_error")
     headers = {"Retry-After": "1"} if status == 503 else None
+    # a message may quote the caller's text, which JSON allows to hold lone surrogates that UTF-8 cannot
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
                         headers=headers)
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: ``127.0.0.1:8000`` → ``127.0.0.1``, ``[::1]:80`` → ``[::1]``."""
+    header = header.strip().lower()
+    name, colon, port = header.rpartition(":")
+    return name if colon and port.isdigit() and not header.endswith("]") else header
+
+
 def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str | None = None,
              api_key: str | None = None, max_batch: int | None = None, max_waiting: int = 256,
-             policy: dict[str, Any] | None = None) -> Starlette:
-    """``policy``: the server-wide default persona (``cap``, ``guard``) for requests that do not set their own."""
+             policy: dict[str, Any] | None = None, hosts: tuple[str, ...] | None = None) -> Starlette:
+    """``policy``: the server-wide default persona (``cap``, ``guard``) for requests that do not set their own.
+    ``hosts``: the only names a request's Host header may give (None: any). A server bound to loopback answers to
+    its loopback names only, so that a site whose name an attacker rebinds to 127.0.0.1 cannot use it."""
     name = model_name or lm.model_id
     state: dict[str, Worker] = {}
 
@@ -67,14 +81,23 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
 
     page_html = PAGE.read_text(encoding="utf-8")  # read once
 
-    def keyed(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
-        """``handler`` behind the API key (when the server has one)."""
+    def hosted(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """``handler`` for requests to one of ``hosts``."""
         async def checked(request: HttpRequest) -> Response:
-            given = request.headers.get("authorization", "").encode()
+            if hosts is not None and host_name(request.headers.get("host", "")) not in hosts:
+                return error(400, f"this server answers to the host names {', '.join(hosts)} only, not "
+                                  f"{request.headers.get('host', '(none)')[:80]!r}", "Host")
+            return await handler(request)
+        return checked
+
+    def keyed(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """``handler`` behind the host check and the API key (when the server has one)."""
+        async def checked(request: HttpRequest) -> Response:
+            given = request.headers.get("authorization", "").encode("utf-8", "replace")
             if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 return error(401, "a wrong or missing API key (Authorization: Bearer KEY)")
             return await handler(request)
-        return checked
+        return hosted(checked)
 
     async def page(request: HttpRequest) -> Response:
         return HTMLResponse(page_html)
@@ -92,23 +115,32 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
     async def chat(request: HttpRequest) -> Response:
         if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
             return error(415, "send the body as JSON, with the header Content-Type: application/json")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY:
+                return error(413, f"the request body is larger than {MAX_BODY >> 20} MiB")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
             return error(400, "the request body is not JSON that can be read")
         worker = state["worker"]
-        try:
-            call = parse_chat(body, lm, vectors, worker.next_key(), defaults=policy)
-            queue = worker.submit(call.request)
+        try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
+            call = await run_in_threadpool(parse_chat, body, lm, vectors, worker.next_key(), defaults=policy)
+            queue = worker.submit(call.request, stream=call.stream)
         except BadRequest as e:
             return error(e.status, e.message, e.param)
         cid = f"chatcmpl-{call.request.key}"
         if call.stream:
             return StreamingResponse(_stream(lm, call, queue, cid, name, worker), media_type="text/event-stream")
-        event = await _answer(request, queue)
-        if event is None:  # the caller went away: nobody reads what would be answered
-            worker.cancel(call.request.key)
-            return Response(status_code=499)
+        event = None
+        try:
+            event = await _answer(request, queue)
+        finally:
+            if event is None:  # the caller went away (or the server is stopping this handler)
+                worker.cancel(call.request.key)
+        if event is None:
+            return Response(status_code=499)  # nobody reads it
         if event[0] == "error":
             return error(500, event[1])
         result = event[1]
@@ -121,7 +153,7 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
                       "total_tokens": call.prompt_tokens + len(result.token_ids)},
             "persona": _persona_summary(call, result)})
 
-    return Starlette(routes=[Route("/", page), Route("/v1/models", keyed(models)),
+    return Starlette(routes=[Route("/", hosted(page)), Route("/v1/models", keyed(models)),
                              Route("/v1/persona/vectors", keyed(persona_vectors)),
                              Route("/v1/persona/status", keyed(status)),
                              Route("/v1/chat/completions", keyed(chat), methods=["POST"])], lifespan=lifespan)
@@ -138,17 +170,13 @@ async def _answer(request: HttpRequest, queue: asyncio.Queue) -> tuple | None:
             pass
 
     left = asyncio.ensure_future(gone())
+    event = asyncio.ensure_future(queue.get())
     try:
-        while True:
-            event = asyncio.ensure_future(queue.get())
-            await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
-            if not event.done():
-                event.cancel()
-                return None
-            if event.result()[0] != "token":
-                return event.result()
+        await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+        return event.result() if event.done() else None
     finally:
         left.cancel()
+        event.cancel()
 
 
 def _readings(values: list[float]) -> list[float | None]:

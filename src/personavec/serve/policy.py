@@ -20,6 +20,7 @@ from ..vectors.vector import PersonaVector
 
 MAX_COEF = 64.0  # |coef| and |max| bound, in units of the raw vector: far beyond any useful steering
 MAX_TOKENS = 4096
+MAX_ENTRIES = 32  # entries of each persona list (steer, cap, cap.layers, monitor): every one costs every step
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
 
@@ -83,7 +84,8 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"seed must be between 0 and 2**63 - 1, not {seed}")
-    stream = body.get("stream") or False
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
     persona = body.get("persona")
@@ -113,6 +115,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # JSON can carry a lone surrogate (\ud800); no tokenizer takes it
+            raise BadRequest(f"messages[{i}]", f"messages[{i}].content is not valid Unicode text (a lone "
+                                               "surrogate)") from None
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] == "assistant":
         raise BadRequest("messages", "the last message must be the user's (or the system's), not the assistant's")
@@ -161,10 +168,22 @@ def _layer(value: Any, default: int, n_layers: int, where: str) -> int:
 
 
 def _entries(persona: dict, field: str) -> list[dict]:
-    value = persona.get(field, [])
+    value = persona.get(field)
+    value = [] if value is None else value
     if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
         raise BadRequest(f"persona.{field}", f"persona.{field} must be a list of objects")
+    _bounded(value, f"persona.{field}")
     return value
+
+
+def _bounded(value: list, where: str) -> None:
+    if len(value) > MAX_ENTRIES:
+        raise BadRequest(where, f"{where} has {len(value)} entries; at most {MAX_ENTRIES} are served")
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` where the request left it out or sent null."""
+    return default if value is None else value
 
 
 def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
@@ -175,8 +194,8 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         raise BadRequest("persona", "persona must be an object with steer, cap, monitor and guard")
     unknown = set(persona) - {"steer", "cap", "monitor", "guard"}
     if unknown:
-        raise BadRequest("persona", f"unknown persona field(s) {', '.join(sorted(unknown))}; use steer, cap, "
-                                    "monitor, guard")
+        raise BadRequest("persona", f"unknown persona field(s) {', '.join(repr(x) for x in sorted(unknown))}; use "
+                                    "steer, cap, monitor, guard")
     edits: list[Edit] = []
     for i, e in enumerate(_entries(persona, "steer")):
         where = f"persona.steer[{i}]."
@@ -185,7 +204,7 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         if abs(coef) > MAX_COEF:
             raise BadRequest(where + "coef", f"|{where}coef| must be at most {MAX_COEF:g}, not {coef:g}")
         layer = _layer(e.get("layer"), sv.layer, n_layers, where + "layer")
-        positions = e.get("positions", "response")
+        positions = _or(e.get("positions"), "response")
         if positions not in POSITIONS:
             raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}")
         edits.append(Edit(layer, sv.direction(layer), coef, positions=positions))
@@ -195,17 +214,20 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         cap = _number(e, "max", None, where)
         if abs(cap) > MAX_COEF * max(1.0, float(sv.direction().norm())):
             raise BadRequest(where + "max", f"{where}max {cap:g} is out of any useful range")
-        layers = e.get("layers", [sv.layer])
+        layers = _or(e.get("layers"), [sv.layer])
         if not isinstance(layers, list) or not layers:
             raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers")
+        _bounded(layers, where + "layers")
         for layer in layers:
             layer = _layer(layer, sv.layer, n_layers, where + "layers")
             edits.append(Edit(layer, sv.direction(layer), cap, kind="cap", positions="all"))
-    wanted = persona.get("monitor", [])
+    wanted = _or(persona.get("monitor"), [])
     if wanted is True:
         wanted = list(vectors)
     if not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted):
         raise BadRequest("persona.monitor", "persona.monitor must be true or a list of vector names")
+    _bounded(wanted, "persona.monitor")
+    wanted = list(dict.fromkeys(wanted))  # a name given twice is read once
     monitor = []
     for i, name in enumerate(wanted):
         sv = _vector({"vector": name}, vectors, f"persona.monitor[{i}].")
@@ -222,7 +244,7 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[tuple[str, in
     where = "persona.guard."
     sv = _vector(g, vectors, where)
     threshold = _number(g, "threshold", None, where)
-    action = g.get("action", "stop")
+    action = _or(g.get("action"), "stop")
     if action not in ("stop", "steer"):
         raise BadRequest(where + "action", f"{where}action must be 'stop' or 'steer', not {action!r}")
     edit = None

@@ -13,10 +13,13 @@ import threading
 from typing import Any
 
 from ..engine.decoder import Engine, Feed, Request
+from ..errors import PersonavecError
 from ..model.loading import LoadedModel
 from .policy import BadRequest
 
 log = logging.getLogger(__name__)
+
+FAILURES_IN_A_ROW = 3  # model steps failing one after another with no answer between: the model is broken, stop
 
 
 class Worker:
@@ -24,11 +27,13 @@ class Worker:
         self.engine = Engine(lm, max_batch=max_batch)
         self.max_waiting = max_waiting
         self.feed = Feed()
-        self._calls: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._calls: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # loop, queue, stream
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.cancelled = 0  # answers dropped because their caller went away
         self.failures = 0  # model steps that raised (their requests got an error)
+        self._failing = 0  # failures since the last answer
+        self._why = "the server is shutting down"  # what new calls are told once the loop has ended
         self._stopped = False  # set once the engine loop has ended: new calls get 503
         self._thread = threading.Thread(target=self._run, name="personavec-engine", daemon=True)
         self._thread.start()
@@ -36,19 +41,22 @@ class Worker:
     def next_key(self) -> int:
         return next(self._ids)
 
-    def submit(self, request: Request) -> asyncio.Queue:
-        """Queue ``request``; its ``("token", id, readings)`` and ``("done", Result)`` events arrive on the queue
-        (or one ``("error", why)`` when the model fails)."""
+    def submit(self, request: Request, stream: bool = True) -> asyncio.Queue:
+        """Queue ``request``; its ``("done", Result)`` event (or one ``("error", why)`` when the model fails on its
+        batch) arrives on the queue, after a ``("token", id, readings)`` event per token when ``stream``."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # the same lock as a failure's clean-up: a call is either told of it or not yet queued
             if self._stopped:
-                raise BadRequest(None, "the server is shutting down", status=503)
+                raise BadRequest(None, self._why, status=503)
             if len(self._calls) >= self.max_waiting:
                 raise BadRequest(None, f"the server is busy ({self.max_waiting} requests in flight); retry shortly",
                                  status=503)
-            self.feed.put(request)
-            self._calls[request.key] = (loop, queue)
+            try:
+                self.feed.put(request)
+            except PersonavecError as e:  # the engine's own check of a request
+                raise BadRequest(None, str(e)) from None
+            self._calls[request.key] = (loop, queue, stream)
         return queue
 
     def status(self) -> dict[str, int]:
@@ -61,41 +69,56 @@ class Worker:
         self.feed.cancel(key)
 
     def close(self) -> None:
+        with self._lock:
+            self._stopped = True
         self.feed.close()
         self._thread.join(timeout=60)
 
     def _post(self, key: Any, event: tuple, last: bool = False) -> None:
         with self._lock:
             target = self._calls.pop(key, None) if last else self._calls.get(key)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        if target is None or (event[0] == "token" and not target[2]):
+            return
+        try:
+            target[0].call_soon_threadsafe(target[1].put_nowait, event)
+        except RuntimeError:  # the caller's event loop has ended: nobody is waiting
+            self.cancel(key)
 
     def _run(self) -> None:
-        """The engine loop. A failed model step (CUDA out of memory, say) costs the requests in flight then: each
-        gets an error, and the loop starts again for the next ones."""
+        """The engine loop. A failed model step (CUDA out of memory, say) costs the requests it was decoding: each
+        gets an error; those still waiting stay in line and the loop starts again. After ``FAILURES_IN_A_ROW``
+        failures with no answer between, the model is taken to be broken: every call gets an error, new ones 503."""
         while True:
             try:
                 for result in self.engine.generate(
                         self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
                     self.cancelled += result.finish == "cancelled"
+                    self._failing = 0
                     self._post(result.key, ("done", result), last=True)
-                self._fail("the server is shutting down", stop=True)  # the feed was closed
+                self._stop("the server is shutting down")  # the feed was closed
                 return
             except Exception as e:
-                log.exception("a model step failed: the requests in flight get an error; serving goes on")
+                log.exception("a model step failed: the requests it was decoding get an error; serving goes on")
                 self.failures += 1
-                self._fail(f"the model failed on this batch ({type(e).__name__}: {str(e)[:300]}); retry",
-                           stop=self.feed.closed)
+                self._failing += 1
+                why = f"the model failed on this batch ({type(e).__name__}: {str(e)[:300]})"
+                for key in self.feed.drop_started():
+                    self._post(key, ("error", why + "; retry"), last=True)
+                if self.feed.closed:
+                    self._stop("the server is shutting down")
+                    return
+                if self._failing >= FAILURES_IN_A_ROW:
+                    self._stop(f"{why}, {self._failing} times in a row: restart the server (see its log)")
+                    return
             except BaseException:
-                self._fail("the server is shutting down", stop=True)
+                self._stop("the server is shutting down")
                 raise
 
-    def _fail(self, why: str, stop: bool) -> None:
-        """Tell every call in flight ``why``; with ``stop``, take no new ones."""
+    def _stop(self, why: str) -> None:
+        """Take no new calls, and tell every call in flight ``why``."""
         with self._lock:
-            self._stopped = self._stopped or stop
-            self.feed.clear()
+            self._stopped, self._why = True, why
             keys = list(self._calls)
+        self.feed.close()
         for key in keys:
             self._post(key, ("error", why), last=True)
