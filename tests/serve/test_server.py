@@ -326,6 +326,13 @@ def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server
     bad = subprocess.run([sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--vector",
                           str(root / "evil.safetensors"), "--guard", "evil:high:stop"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--guard" in bad.stderr
+    zero = torch.zeros(3, 32)
+    zero[2] = 1.0  # a vector with a direction at layer 2 but none at its chosen layer 1
+    flat_vector = PersonaVector({"response_avg": zero}, model_id="tiny-llama", trait="flat", chosen_layer=1)
+    flat_vector.save(root / "flat.safetensors")
+    flat = subprocess.run([sys.executable, "-m", "personavec.cli", "serve", "--model", str(root / "model"), "--vector",
+                           str(root / "flat.safetensors")], capture_output=True, text=True, timeout=120)
+    assert flat.returncode == 2 and len(flat.stderr.strip().splitlines()) == 1 and "zero" in flat.stderr
     with socket.socket() as taken:  # a port another process listens on: one line, before the model loads
         taken.bind(("127.0.0.1", 0))
         taken.listen()
