@@ -374,3 +374,27 @@ def test_a_cancel_that_comes_too_late_leaves_nothing_behind(lm):
     feed.cancel("A")
     feed.cancel("never-put")
     assert len(result.token_ids) == 3 and not feed.cancelled()
+
+
+def test_a_failed_step_gives_back_what_was_taken_and_not_started(lm):
+    """One slot, A and B in a feed: the model fails on A's prefill. B, taken from the feed but not started, is in
+    line again; A is forgotten (what a server then tells A's caller)."""
+    from personavec.engine.decoder import Feed
+
+    ps = prompts(lm)
+    feed = Feed()
+    a, b = Request(ps[0], 4, key="A"), Request(ps[1], 4, key="B")
+    feed.put(a)
+    feed.put(b)
+
+    def out_of_memory(module, args):
+        raise RuntimeError("CUDA out of memory")
+
+    handle = decoder_layers(lm.model)[0].register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            list(Engine(lm, max_batch=1).generate(feed))
+    finally:
+        handle.remove()
+    assert feed.drop_started() == {"B"}  # still waiting; A is no longer live
+    assert feed.take(block=False) == [b]

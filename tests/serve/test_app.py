@@ -18,3 +18,16 @@ def test_readings_that_are_not_finite_are_null_in_the_answer():
     assert json.loads(json.dumps(summary, allow_nan=False)) == {
         "evil": {"layer": 1, "tokens": [1.5, None, None], "mean": 1.5, "max": 1.5, "guard_triggered": False}}
     assert _readings([-math.inf, 2.0]) == [None, 2.0]
+
+
+def test_host_names_and_the_names_a_server_answers_to():
+    from personavec.cli.serve import allowed_hosts
+    from personavec.serve.app import host_name
+
+    assert host_name("127.0.0.1:8000") == "127.0.0.1" and host_name("[::1]:80") == "[::1]"
+    assert host_name("LocalHost") == "localhost" and host_name("[::1]") == "[::1]" and host_name("") == ""
+    assert allowed_hosts("127.0.0.1", []) == ("127.0.0.1", "localhost", "[::1]")
+    assert allowed_hosts("127.0.0.2", ["proxy.internal"]) == ("127.0.0.1", "localhost", "[::1]", "127.0.0.2",
+                                                              "proxy.internal")
+    assert allowed_hosts("::1", []) == ("127.0.0.1", "localhost", "[::1]")
+    assert allowed_hosts("0.0.0.0", []) is None and allowed_hosts("192.168.1.5", []) is None

@@ -22,6 +22,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="bound to loopback, the server answers to Host 127.0.0.1, localhost and [::1] only (against "
+                        "DNS rebinding); add a name, e.g. that a local reverse proxy forwards (repeatable)")
     s.add_argument("--model-name", default=None, help="the model's name in /v1/models (default: its id)")
     s.add_argument("--max-batch", type=positive_int, default=None, help="answers decoded together")
     s.add_argument("--cap", action="append", default=[], metavar="NAME=MAX",
@@ -84,19 +87,27 @@ def _check_address(host: str, port: int) -> None:
                               "stop the process that uses it") from None
 
 
-def _loopback(host: str) -> bool:
+def allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``bind`` answers to: bound to loopback, the loopback names, the bind
+    address and ``extra`` (``--allow-host``); bound elsewhere, any (None)."""
     import ipaddress
 
+    from ..serve.app import LOOPBACK_NAMES
+
     try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(bind.strip("[]"))
     except ValueError:
-        return False
+        address = None
+    if bind != "localhost" and (address is None or not address.is_loopback):
+        return None
+    own = f"[{address.compressed}]" if address is not None and address.version == 6 else bind.lower()
+    return tuple(dict.fromkeys([*LOOPBACK_NAMES, own, *(x.lower() for x in extra)]))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..serve.app import LOOPBACK_NAMES, make_app
+    from ..serve.app import make_app
 
     if not 0 < args.port < 65536:
         raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")
@@ -111,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise PersonavecError(e.message) from None
     lm = load_lm(args)
     # bound to loopback: answer to loopback names only (a rebound name of another site is refused)
-    hosts = LOOPBACK_NAMES if _loopback(args.host) else None
+    hosts = allowed_hosts(args.host, args.allow_host)
     app = make_app(lm, vectors, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                    max_waiting=args.max_waiting, policy=policy, hosts=hosts)
     log.info("serving %s with vectors %s on http://%s:%d/v1", lm.model_id, ", ".join(vectors) or "(none)",

@@ -136,17 +136,17 @@ class Feed:
             self._queue.extendleft(reversed(list(requests)))
             self._ready.notify()
 
-    def drop_started(self) -> list:
-        """After a failed engine run: forget the requests it had started (every live one not in line); their keys."""
+    def drop_started(self) -> set:
+        """After a failed engine run: forget the requests it had started (every one not in line again); returns the
+        keys of those still waiting."""
         with self._ready:
             keep = set()
             for r in self._queue:
                 with contextlib.suppress(TypeError):
                     keep.add(r.key)
-            dropped = [k for k in self._live if k not in keep]
             self._live &= keep
             self._cancel &= keep
-            return dropped
+            return keep
 
     def close(self) -> None:
         with self._ready:

@@ -27,12 +27,13 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -78,13 +79,16 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
             yield
         finally:
             state.pop("worker").close()
+            parser.shutdown(wait=False)
 
     page_html = PAGE.read_text(encoding="utf-8")  # read once
+    parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personavec-parse")
 
     def hosted(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
         """``handler`` for requests to one of ``hosts``."""
         async def checked(request: HttpRequest) -> Response:
-            if hosts is not None and host_name(request.headers.get("host", "")) not in hosts:
+            name = host_name(request.headers.get("host", ""))
+            if hosts is not None and name and name not in hosts:  # no Host at all: not a browser, no rebinding
                 return error(400, f"this server answers to the host names {', '.join(hosts)} only, not "
                                   f"{request.headers.get('host', '(none)')[:80]!r}", "Host")
             return await handler(request)
@@ -125,8 +129,10 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
             return error(400, "the request body is not JSON that can be read")
         worker = state["worker"]
-        try:  # the chat template and the tokenizer run off the event loop: streams go on meanwhile
-            call = await run_in_threadpool(parse_chat, body, lm, vectors, worker.next_key(), defaults=policy)
+        try:  # the chat template and the tokenizer run off the event loop (one at a time: a fast tokenizer may
+            # refuse concurrent calls), so streams go on meanwhile
+            call = await asyncio.get_running_loop().run_in_executor(
+                parser, partial(parse_chat, body, lm, vectors, worker.next_key(), defaults=policy))
             queue = worker.submit(call.request, stream=call.stream)
         except BadRequest as e:
             return error(e.status, e.message, e.param)

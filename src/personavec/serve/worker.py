@@ -93,7 +93,8 @@ class Worker:
                 for result in self.engine.generate(
                         self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
                     self.cancelled += result.finish == "cancelled"
-                    self._failing = 0
+                    if result.finish != "cancelled":  # the model answered: it works
+                        self._failing = 0
                     self._post(result.key, ("done", result), last=True)
                 self._stop("the server is shutting down")  # the feed was closed
                 return
@@ -102,14 +103,17 @@ class Worker:
                 self.failures += 1
                 self._failing += 1
                 why = f"the model failed on this batch ({type(e).__name__}: {str(e)[:300]})"
-                for key in self.feed.drop_started():
-                    self._post(key, ("error", why + "; retry"), last=True)
                 if self.feed.closed:
                     self._stop("the server is shutting down")
                     return
-                if self._failing >= FAILURES_IN_A_ROW:
+                if self._failing >= FAILURES_IN_A_ROW:  # stop first: nobody is told to retry a stopping server
                     self._stop(f"{why}, {self._failing} times in a row: restart the server (see its log)")
                     return
+                waiting = self.feed.drop_started()
+                with self._lock:  # every call whose request is not in line again was in the failed step
+                    failed = [key for key in self._calls if key not in waiting]
+                for key in failed:
+                    self._post(key, ("error", why + "; retry"), last=True)
             except BaseException:
                 self._stop("the server is shutting down")
                 raise
