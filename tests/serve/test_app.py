@@ -21,8 +21,7 @@ def test_readings_that_are_not_finite_are_null_in_the_answer():
 
 
 def test_host_names_and_the_names_a_server_answers_to():
-    from personavec.cli.serve import allowed_hosts
-    from personavec.serve.app import host_name
+    from personavec.serve.app import allowed_hosts, host_name
 
     assert host_name("127.0.0.1:8000") == "127.0.0.1" and host_name("[::1]:80") == "[::1]"
     assert host_name("LocalHost") == "localhost" and host_name("[::1]") == "[::1]" and host_name("") == ""

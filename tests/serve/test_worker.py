@@ -29,24 +29,32 @@ def fail(lm, times: int):
     return decoder_layers(lm.model)[1].register_forward_pre_hook(out_of_memory)
 
 
+def on_failing_model(lm, times: int, max_batch: int, calls):
+    """``asyncio.run(calls(worker))`` on a worker whose model fails ``times`` times; (worker, what calls returned)."""
+    handle = fail(lm, times)
+    worker = Worker(lm, max_batch=max_batch)
+    try:
+        return worker, asyncio.run(calls(worker))
+    finally:
+        handle.remove()
+        worker.close()
+
+
+def alone(lm, prompt: str, n: int) -> list[int]:
+    return next(iter(Engine(lm, max_batch=1).generate([Request(prompt, n)]))).token_ids
+
+
 def test_a_failed_model_step_costs_its_requests_only_and_serving_goes_on(lm):
     prompt = lm.format_chat("Hi")
-    alone = next(iter(Engine(lm, max_batch=1).generate([Request(prompt, 6)]))).token_ids
-    handle = fail(lm, 1)
-    worker = Worker(lm, max_batch=2)
 
-    async def calls():
+    async def calls(worker):
         first = await answer(worker.submit(Request(prompt, 6, key=worker.next_key())))
         second = await answer(worker.submit(Request(prompt, 6, key=worker.next_key())))
         return first, second
 
-    try:
-        first, second = asyncio.run(calls())
-    finally:
-        handle.remove()
-        worker.close()
+    worker, (first, second) = on_failing_model(lm, 1, 2, calls)
     assert first[0] == "error" and "CUDA out of memory" in first[1]
-    assert second[0] == "done" and second[1].token_ids == alone
+    assert second[0] == "done" and second[1].token_ids == alone(lm, prompt, 6)
     assert worker.status()["failures"] == 1 and worker.status()["in_flight"] == 0
     assert not worker.feed.cancelled()
 
@@ -54,42 +62,28 @@ def test_a_failed_model_step_costs_its_requests_only_and_serving_goes_on(lm):
 def test_a_failed_step_spares_the_requests_still_waiting(lm):
     """One slot: A is decoding when the model fails, B waits. A gets the error; B is answered as if alone."""
     prompt = lm.format_chat("Hi")
-    alone = next(iter(Engine(lm, max_batch=1).generate([Request(prompt, 6)]))).token_ids
-    handle = fail(lm, 1)
-    worker = Worker(lm, max_batch=1)
 
-    async def calls():
+    async def calls(worker):
         a = worker.submit(Request(prompt, 6, key=worker.next_key()))
         b = worker.submit(Request(prompt, 6, key=worker.next_key()))
         return await answer(a), await answer(b)
 
-    try:
-        a, b = asyncio.run(calls())
-    finally:
-        handle.remove()
-        worker.close()
-    assert a[0] == "error" and b[0] == "done" and b[1].token_ids == alone
+    _, (a, b) = on_failing_model(lm, 1, 1, calls)
+    assert a[0] == "error" and b[0] == "done" and b[1].token_ids == alone(lm, prompt, 6)
 
 
 def test_a_model_that_keeps_failing_stops_the_server_with_a_clear_503(lm):
     from personavec.serve.policy import BadRequest
     from personavec.serve.worker import FAILURES_IN_A_ROW
 
-    handle = fail(lm, 10**6)
-    worker = Worker(lm, max_batch=2)
-
-    async def calls():
+    async def calls(worker):
         events = [await answer(worker.submit(Request(lm.format_chat("Hi"), 4, key=worker.next_key())))
                   for _ in range(FAILURES_IN_A_ROW)]
         with pytest.raises(BadRequest) as refused:
             worker.submit(Request(lm.format_chat("Hi"), 4, key=worker.next_key()))
         return events, refused.value
 
-    try:
-        events, refused = asyncio.run(calls())
-    finally:
-        handle.remove()
-        worker.close()
+    _, (events, refused) = on_failing_model(lm, 10**6, 2, calls)
     assert all(e[0] == "error" for e in events)
     assert refused.status == 503 and "restart" in refused.message
 

@@ -87,27 +87,10 @@ def _check_address(host: str, port: int) -> None:
                               "stop the process that uses it") from None
 
 
-def allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
-    """The Host names a server bound to ``bind`` answers to: bound to loopback, the loopback names, the bind
-    address and ``extra`` (``--allow-host``); bound elsewhere, any (None)."""
-    import ipaddress
-
-    from ..serve.app import LOOPBACK_NAMES
-
-    try:
-        address = ipaddress.ip_address(bind.strip("[]"))
-    except ValueError:
-        address = None
-    if bind != "localhost" and (address is None or not address.is_loopback):
-        return None
-    own = f"[{address.compressed}]" if address is not None and address.version == 6 else bind.lower()
-    return tuple(dict.fromkeys([*LOOPBACK_NAMES, own, *(x.lower() for x in extra)]))
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..serve.app import make_app
+    from ..serve.app import allowed_hosts, make_app
 
     if not 0 < args.port < 65536:
         raise PersonavecError(f"--port must be between 1 and 65535, not {args.port}")

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..model.loading import LoadedModel
+from ..run.format import number
 from .policy import BadRequest, ChatCall, ServedVector, parse_chat
 from .worker import Worker
 
@@ -54,6 +55,19 @@ def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
                         headers=headers)
+
+
+def allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``bind`` answers to: bound to loopback, the loopback names, the bind
+    address and ``extra`` (``--allow-host``); bound elsewhere, any (None)."""
+    try:
+        address = ipaddress.ip_address(bind.strip("[]"))
+    except ValueError:
+        address = None
+    if bind != "localhost" and (address is None or not address.is_loopback):
+        return None
+    own = f"[{address.compressed}]" if address is not None and address.version == 6 else bind.lower()
+    return tuple(dict.fromkeys([*LOOPBACK_NAMES, own, *(x.lower() for x in extra)]))
 
 
 def host_name(header: str) -> str:
@@ -187,14 +201,15 @@ async def _answer(request: HttpRequest, queue: asyncio.Queue) -> tuple | None:
 
 def _readings(values: list[float]) -> list[float | None]:
     """Readings for JSON, which has no NaN or infinity: those are null."""
-    return [x if math.isfinite(x) else None for x in values]
+    return [number(x) for x in values]
 
 
 def _persona_summary(call: ChatCall, result: Any) -> dict[str, Any]:
     out = {}
     for (vec, layer), values in zip(call.monitor, result.readings):
-        finite = [x for x in values if math.isfinite(x)]
-        out[vec] = {"layer": layer, "tokens": _readings(values), "mean": sum(finite) / len(finite) if finite else None,
+        tokens = _readings(values)
+        finite = [x for x in tokens if x is not None]
+        out[vec] = {"layer": layer, "tokens": tokens, "mean": sum(finite) / len(finite) if finite else None,
                     "max": max(finite) if finite else None,
                     "guard_triggered": bool(result.guard_triggered and vec == call.guarded)}
     return out
