@@ -101,8 +101,8 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
     def hosted(handler: Callable[[HttpRequest], Awaitable[Response]]) -> Callable[[HttpRequest], Awaitable[Response]]:
         """``handler`` for requests to one of ``hosts``."""
         async def checked(request: HttpRequest) -> Response:
-            name = host_name(request.headers.get("host", ""))
-            if hosts is not None and name and name not in hosts:  # no Host at all: not a browser, no rebinding
+            asked = host_name(request.headers.get("host", ""))
+            if hosts is not None and asked and asked not in hosts:  # no Host at all: not a browser, no rebinding
                 return error(400, f"this server answers to the host names {', '.join(hosts)} only, not "
                                   f"{request.headers.get('host', '(none)')[:80]!r}", "Host")
             return await handler(request)

@@ -84,8 +84,7 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise BadRequest("seed", f"seed must be between 0 and 2**63 - 1, not {seed}")
-    stream = body.get("stream")
-    stream = False if stream is None else stream
+    stream = _or(body.get("stream"), False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
     persona = body.get("persona")
@@ -99,8 +98,9 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     context = lm.context_length
     if context and len(ids) + max_tokens > context:
-        raise BadRequest("messages", f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
-                                     f"more than the model's context of {context}; shorten the chat or max_tokens")
+        raise BadRequest("messages", f"the prompt has {len(ids)} tokens and {length_field} is {max_tokens}: "
+                                     f"together more than the model's context of {context}; shorten the chat or "
+                                     f"{length_field}")
     reads = tuple((layer, vectors[name].direction(layer)) for name, layer in monitor)
     request = Request(tuple(ids), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                       seed=secrets.randbits(31) if seed is None else seed, edits=tuple(edits), key=key,
