@@ -79,3 +79,16 @@ def test_shape_is_read_from_the_config_without_loading_weights(model_dir, monkey
     assert models.model_shape(str(model_dir)) == (2, 32, 256)  # layers, hidden size, context
     with pytest.raises(PersonavecError, match="holds no model"):
         models.model_shape(str(model_dir.parent))
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_cache_variable_means_the_default_cache(value, tmp_path, monkeypatch):
+    """``PERSONAVEC_CACHE=`` (set but empty) was the current directory: a 517 MB model was written there."""
+    from personavec.model.loading import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PERSONAVEC_CACHE", value)
+    assert cache_root() == tmp_path / "home" / ".cache" / "personavec"
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_root() == tmp_path / "elsewhere"

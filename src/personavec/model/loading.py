@@ -164,7 +164,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PERSONAVEC_CACHE", Path.home() / ".cache" / "personavec"))
+    """``$PERSONAVEC_CACHE``, or ``~/.cache/personavec`` when it is unset or empty (an empty value is not the current
+    directory)."""
+    value = os.environ.get("PERSONAVEC_CACHE", "").strip()
+    return Path(value) if value else Path.home() / ".cache" / "personavec"
 
 
 def _package_dir(package: str) -> Path | None:
