@@ -116,7 +116,7 @@ def test_bad_edits_are_clear_errors(lm):
         Edit(1, torch.randn(32), positions="middle")
     with pytest.raises(PersonavecError, match="out of range"), steer(lm, Edit(9, torch.randn(32))):
         pass
-    with pytest.raises(PersonavecError, match="one \\[d\\] row"):
+    with pytest.raises(PersonavecError, match="one non-empty row"):
         Edit(1, torch.randn(2, 32))
 
 
@@ -146,3 +146,75 @@ def test_edits_at_one_layer_compose_in_list_order(lm, layer):
     torch.testing.assert_close(along_v([Edit(layer, v, kind="ablate")], [Edit(layer, v, 3.0)]), three,
                                rtol=1e-4, atol=1e-4)  # nested: the outer context's edit acts first
     assert along_v().abs().max() > 1e-2  # every edit is gone after its context
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer": "12"}, 'Edit layer must be a whole number \\(int\\), not "12"'),
+    ({"layer": 12.0}, "Edit layer must be a whole number \\(int\\), not 12.0"),
+    ({"layer": True}, "Edit layer must be a whole number \\(int\\), not True"),
+    ({"layer": -1}, "Edit layer must be at least 0, not -1"),
+    ({"coef": "2"}, 'Edit coef must be a number, not "2"'),
+    ({"coef": float("nan")}, "Edit coef must be a finite number, not nan"),
+    ({"coef": float("inf")}, "Edit coef must be a finite number, not inf"),
+    ({"kind": "steer"}, 'Edit kind must be one of add, ablate, cap, not "steer"'),
+    ({"positions": None}, "Edit positions must be one of all, prompt, response, response_and_last_prompt, not None"),
+    ({"direction": "abc"}, 'Edit direction must be a 1-D torch tensor .*not "abc"'),
+    ({"direction": [[1.0, 2.0]]}, "Edit direction must be one non-empty row .*shape \\[1, 2\\]"),
+    ({"direction": torch.full((32,), float("nan"))}, "Edit direction at layer 1 holds NaN or infinite values"),
+    ({"direction": torch.zeros(32)}, "Edit direction at layer 1 is zero: add along it would change nothing"),
+    ({"direction": torch.zeros(32), "kind": "ablate"}, "Edit direction at layer 1 is zero: ablate along it"),
+    ({"direction": torch.zeros(32), "kind": "cap", "coef": 0.0}, "Edit direction at layer 1 is zero: cap along it"),
+])
+def test_every_field_of_an_edit_is_checked_at_construction(kwargs, message):
+    """A bad edit is one PersonavecError naming the field, with the value as typed — never a TypeError later."""
+    fields = {"layer": 1, "direction": torch.randn(32), "coef": 2.0, **kwargs}
+    with pytest.raises(PersonavecError, match=message):
+        Edit(**fields)
+
+
+def test_an_edit_takes_lists_and_numpy_rows_and_a_zero_add_with_coef_zero():
+    import numpy as np
+
+    v = torch.randn(32)
+    for given in (v.tolist(), v.numpy(), np.float64(1.0) * v.numpy()):
+        e = Edit(np.int64(1), given, 2)
+        assert isinstance(e.direction, torch.Tensor) and e.direction.shape == (32,) and type(e.layer) is int
+        torch.testing.assert_close(e.direction.float(), v, rtol=0, atol=1e-6)
+    assert Edit(1, torch.zeros(32), 0.0).coef == 0.0  # a baseline in a grid of coefficients: nothing to refuse
+
+
+def test_steer_refuses_another_hidden_size_and_non_edits_before_any_forward(lm):
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(PersonavecError, match="Edit direction at layer 1 has 100 dims but the model's hidden "
+                                                  "size is 32"), steer(lm, Edit(1, torch.randn(100), 2.0)):
+            lm.model(input_ids=torch.tensor([[3, 4]]))
+        with pytest.raises(PersonavecError, match="edits must be an Edit or a list of Edits, not a torch tensor"), \
+                steer(lm, torch.randn(32)):
+            pass
+        with pytest.raises(PersonavecError, match='edits must be an Edit or a list of Edits, not "x"'), \
+                steer(lm, [Edit(1, torch.randn(32)), "x"]):
+            pass
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_from_vector_refuses_a_layer_where_the_vector_has_no_direction():
+    from personavec.vectors.vector import PersonaVector
+
+    t = torch.randn(5, 32)
+    t[0] = 0  # the embeddings: zero in every extracted vector
+    t[3] = 0  # a layer that was not extracted
+    vec = PersonaVector(tensors={"response_avg": t}, model_id="m", trait="evil", chosen_layer=3)
+    for layer in (None, 0, 3):
+        with pytest.raises(PersonavecError, match="the evil vector has no direction at layer [03] \\(its row there "
+                                                  "is zero\\); it has one at layers 1-2, 4"):
+            Edit.from_vector(vec, layer=layer, coef=4.0)
+    with pytest.raises(PersonavecError, match="no direction at layer 0"):
+        Edit.from_vector(vec, layer=0, kind="ablate")
+    with pytest.raises(PersonavecError, match='layer must be a whole number \\(int\\), not "2"'):
+        Edit.from_vector(vec, layer="2")
+    assert Edit.from_vector(vec, layer=0, coef=0.0).coef == 0.0
+    assert Edit.from_vector(vec, layer=2, coef=1.0).layer == 2

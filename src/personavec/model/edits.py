@@ -23,7 +23,6 @@ active at once (they compose in order); all hooks are removed on exit, including
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PersonavecError
-from ..model.layers import backbone, decoder_layers, edit
+from ..errors import PersonavecError, finite, shown, whole
+from ..model.layers import backbone, decoder_layers, edit, hidden_size
 
 POSITIONS = ("all", "prompt", "response", "response_and_last_prompt")
 KINDS = ("add", "ablate", "cap")
@@ -60,27 +59,51 @@ class Edit:
         """An edit from a PersonaVector. ``units="raw"``: add ``coef · v``; ``units="norm"``: add a vector along
         v̂ whose length is ``coef`` × the typical residual norm at that layer (mean over answer tokens, measured at
         extraction and stored in the vector's metadata as ``resid_norm``)."""
+        if units not in ("raw", "norm"):
+            raise PersonavecError(f"units must be raw or norm, not {shown(units)}")
+        if layer is not None:
+            whole(layer, "layer", low=0)
+        coef = finite(coef, "coef")
         layer = vec.chosen_layer if layer is None else layer
-        v = vec.get(layer, pooling)
+        # a zero row (layer 0, a layer not extracted) is refused naming the vector's non-zero layers; adding it
+        # with coefficient 0 is a legitimate baseline
+        v = vec.get(layer, pooling) if kind == "add" and coef == 0 else vec.direction(layer, pooling)
         if units == "norm":
             norms = vec.extra.get("resid_norm")
             if not norms:
                 raise PersonavecError("this vector has no resid_norm metadata (extract it with personavec >= 0.1 "
                                       "or use --units raw)")
             coef = coef * float(norms[layer]) / float(v.norm().clamp(min=1e-12))
-        elif units != "raw":
-            raise PersonavecError(f"units must be 'raw' or 'norm', not {units!r}")
         return cls(layer=layer, direction=v, coef=coef, kind=kind, positions=positions)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise PersonavecError(f"edit kind must be one of {KINDS}, not {self.kind!r}")
-        if self.positions not in POSITIONS:
-            raise PersonavecError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
-        if self.direction.ndim != 1:
-            raise PersonavecError(f"a steering direction is one [d] row, got shape {tuple(self.direction.shape)}")
-        if not math.isfinite(self.coef):
-            raise PersonavecError(f"an edit's coefficient must be a finite number, not {self.coef}")
+        """Every field checked here, so a bad edit is refused where it is written, not in a hook mid-generation.
+        ``direction`` may be a list or NumPy array of numbers (converted to a float32 tensor)."""
+        layer = whole(self.layer, "Edit layer", low=0)
+        coef = finite(self.coef, "Edit coef")
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            raise PersonavecError(f"Edit kind must be one of {', '.join(KINDS)}, not {shown(self.kind)}")
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
+            raise PersonavecError(f"Edit positions must be one of {', '.join(POSITIONS)}, not {shown(self.positions)}")
+        direction = self.direction
+        if not isinstance(direction, torch.Tensor):
+            try:
+                direction = torch.as_tensor(direction, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise PersonavecError(f"Edit direction must be a 1-D torch tensor (or a list or NumPy array of "
+                                      f"numbers), not {shown(self.direction)}") from None
+        if direction.ndim != 1 or direction.numel() == 0 or direction.is_complex() or direction.dtype == torch.bool:
+            raise PersonavecError(f"Edit direction must be one non-empty row of [hidden_size] real numbers, not "
+                                  f"{shown(direction)} of {str(direction.dtype).replace('torch.', '')}")
+        if not bool(torch.isfinite(direction).all()):
+            raise PersonavecError(f"Edit direction at layer {layer} holds NaN or infinite values; it has no direction "
+                                  "to steer along: extract the vector again")
+        if (self.kind != "add" or coef != 0) and not bool(direction.any()):
+            raise PersonavecError(f"Edit direction at layer {layer} is zero: {self.kind} along it would change "
+                                  "nothing; use a layer where the vector is non-zero")
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "coef", coef)
+        object.__setattr__(self, "direction", direction)
 
 
 class _Tracker:
@@ -138,6 +161,22 @@ def _apply(h: torch.Tensor, e: Edit, mask: torch.Tensor | None) -> torch.Tensor:
     return h + delta
 
 
+def check_edits(edits: Any, n_layers: int, hidden_size: int) -> list[Edit]:
+    """``edits`` (one Edit or a sequence of them) as a list, refused unless each fits a model of ``n_layers``
+    blocks and ``hidden_size`` dims — the one check of :func:`steer` and of the engine's requests."""
+    listed = [edits] if isinstance(edits, Edit) else list(edits) if isinstance(edits, (list, tuple)) else None
+    if listed is None or not all(isinstance(e, Edit) for e in listed):
+        bad = edits if listed is None else next(e for e in listed if not isinstance(e, Edit))
+        raise PersonavecError(f"edits must be an Edit or a list of Edits, not {shown(bad)}")
+    for e in listed:
+        if e.layer > n_layers:
+            raise PersonavecError(f"Edit layer {e.layer} is out of range: this model has layers 0..{n_layers}")
+        if e.direction.numel() != hidden_size:
+            raise PersonavecError(f"Edit direction at layer {e.layer} has {e.direction.numel()} dims but the model's "
+                                  f"hidden size is {hidden_size}; use a vector extracted from this model")
+    return listed
+
+
 @contextlib.contextmanager
 def steer(model: Any, edits: Edit | Sequence[Edit], prompt_len: int | None = None) -> Iterator[None]:
     """Apply edits while the context is active (``model``: a LoadedModel or a HF causal LM).
@@ -146,14 +185,7 @@ def steer(model: Any, edits: Edit | Sequence[Edit], prompt_len: int | None = Non
     and its answer in one forward; by default the prefill of each generation is the prompt.
     """
     m = getattr(model, "model", model)
-    edits = [edits] if isinstance(edits, Edit) else list(edits)
-    n = len(decoder_layers(m))
-    d = next(iter(e.direction.numel() for e in edits)) if edits else 0
-    for e in edits:
-        if not 0 <= e.layer <= n:
-            raise PersonavecError(f"steering layer {e.layer} out of range 0..{n}")
-        if e.direction.numel() != d:
-            raise PersonavecError("all edits must use directions of the same hidden size")
+    edits = check_edits(edits, len(decoder_layers(m)), hidden_size(m))
     tracker = _Tracker(prompt_len)
     with contextlib.ExitStack() as stack:
         handle = backbone(m).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
