@@ -98,6 +98,19 @@ class PersonaVector:
                         "direction do not match; prefer a layer below %d", layer, layer, layer)
         return self.tensors[pooling][layer]
 
+    def direction(self, layer: int | None = None, pooling: str | None = None) -> torch.Tensor:
+        """:meth:`get`, refusing a row that is zero or not finite: it has no direction to steer, export or project
+        on (row 0, the embeddings, is zero in every extracted vector; so are layers that were not extracted)."""
+        v = self.get(layer, pooling)
+        layer = self.chosen_layer if layer is None else layer
+        if bool(torch.isfinite(v).all()) and bool(v.any()):
+            return v
+        t = self.tensors[pooling or self.default_pooling]
+        good = (torch.isfinite(t).all(dim=-1) & t.any(dim=-1)).nonzero().flatten().tolist()
+        has = f"it has one at layers {_spans(good)}" if good else "it is zero at every layer"
+        raise PersonavecError(f"the {self.trait} vector has no direction at layer {layer} (its row there is "
+                              f"{'zero' if bool(torch.isfinite(v).all()) else 'not finite'}); {has}")
+
     def norms(self, pooling: str | None = None) -> list[float]:
         return [float(x) for x in self.tensors[pooling or self.default_pooling].norm(dim=-1)]
 
@@ -199,6 +212,17 @@ class PersonaVector:
             raise PersonavecError(f"{path}: personavec metadata is not valid JSON") from None
         known = {f for f in cls.__dataclass_fields__ if f != "tensors"}
         return cls(tensors=tensors, **{k: v for k, v in meta.items() if k in known})
+
+
+def _spans(layers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` → ``1-3, 7``."""
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def mean_difference(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
