@@ -239,12 +239,12 @@ def test_a_live_feed_gives_what_a_list_gives(lm):
 def test_per_token_readings_equal_a_direct_projection_of_the_same_text(lm, edited):
     """A request's reads: per generated token, the projection (on the unit direction) of the residual at the
     position that produced it — equal to projecting the finished text in one forward pass (hidden_states[layer]),
-    under the same steering."""
+    under the same steering (after the edits at the read layer)."""
     torch.manual_seed(7)
     v, w = torch.randn(32), torch.randn(32)
     edits = (Edit(1, w, 2.0, positions="all"),) if edited else ()
     ps = prompts(lm)[:4]
-    reqs = [Request(p, 9, edits=edits, reads=((1, v), (0, w)), key=i, temperature=1.0, seed=i)
+    reqs = [Request(p, 9, edits=edits, reads=((1, v, "after"), (0, w)), key=i, temperature=1.0, seed=i)
             for i, p in enumerate(ps)]
     streamed: dict[int, list[list[float]]] = {}
     got = {r.key: r for r in Engine(lm, max_batch=3).generate(
@@ -274,14 +274,14 @@ def test_a_guard_stops_at_the_first_crossing_or_steers_the_rest(lm, action):
     j = max(range(8), key=lambda i: r[i])  # the largest reading among tokens 0..7
     threshold = r[j] - 1e-4  # first crossed at j
     edit = Edit(1, v, -4.0, positions="response") if action == "steer" else None
-    got = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True,
+    got = run(lm, [Request(prompt, 12, reads=((1, v), (1, v, "after")), key=0, ignore_eos=True,
                            guard=Guard(0, threshold, action, edit))], 1)[0]
     assert got.guard_triggered and got.token_ids[: j + 1] == free.token_ids[: j + 1]
     if action == "stop":
         assert got.finish == "persona_guard" and len(got.token_ids) == j + 1
     else:
         assert len(got.token_ids) == 12 and got.readings[0][: j + 1] == pytest.approx(r[: j + 1], abs=1e-5)
-        later, before = got.readings[0][j + 1:], r[j + 1:]
+        later, before = got.readings[1][j + 1:], r[j + 1:]  # after the guard's edit
         assert max(later) < min(before)  # -4 v at every later token lowers every later reading
 
 
@@ -398,3 +398,54 @@ def test_a_failed_step_gives_back_what_was_taken_and_not_started(lm):
         handle.remove()
     assert feed.drop_started() == {"B"}  # still waiting; A is no longer live
     assert feed.take(block=False) == [b]
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "response_and_last_prompt"])
+def test_a_before_edit_reading_is_the_unsteered_one_and_an_after_edit_one_moves_by_coef_norm(lm, positions):
+    """Steering at the read layer: at the first generated token (read at the last prompt token) the before-edit
+    reading equals the unsteered request's exactly; the after-edit one differs by exactly coef·‖v‖ where the edit
+    acts on that position (every mode but ``response``, which starts at the second answer token)."""
+    torch.manual_seed(11)
+    v = torch.randn(32) * 2
+    coef = 3.0
+    reads = ((1, v, "before"), (1, v, "after"))
+    prompt = prompts(lm)[1]
+    plain = run(lm, [Request(prompt, 6, reads=reads, key=0)], 1)[0]
+    steered = run(lm, [Request(prompt, 6, reads=reads, key=0, edits=(Edit(1, v, coef, positions=positions),))],
+                  1)[0]
+    assert plain.readings[0][0] == plain.readings[1][0]  # unsteered, before and after are one reading
+    assert steered.readings[0][0] == plain.readings[0][0]  # exactly, not within a tolerance
+    moved = coef * float(v.norm()) if positions != "response" else 0.0
+    assert steered.readings[1][0] - plain.readings[1][0] == pytest.approx(moved, abs=1e-4)
+
+
+@pytest.mark.parametrize("edit_layer", [1, 2])
+def test_before_edit_readings_on_the_same_tokens_do_not_see_edits_at_the_read_layer_or_later(lm, edit_layer):
+    """On the same tokens (the steered answer fed to the unsteered model in one pass), a steered request's
+    before-edit readings at layer 1 equal the unsteered projections at every position when its edits are at the
+    read layer or later; an edit at an earlier layer (layer 0) does show."""
+    torch.manual_seed(12)
+    v, w = torch.randn(32) * 2, torch.randn(32) * 2
+    prompt = prompts(lm)[2]
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+
+    def unsteered_projection(tokens):
+        with torch.no_grad():
+            hs = lm.model(input_ids=torch.tensor([prompt_ids + tokens[:-1]]), output_hidden_states=True).hidden_states
+        return hs[1][0, n - 1: n - 1 + len(tokens)] @ (v / v.norm())
+
+    for layer, should_match in ((edit_layer, True), (0, False)):
+        edits = (Edit(layer, w, 4.0, positions="all"), Edit(layer, v, 2.0, positions="all"))
+        got = run(lm, [Request(prompt, 10, reads=((1, v),), edits=edits, key=0, ignore_eos=True, temperature=1.0,
+                               seed=3)], 1)[0]
+        same = torch.allclose(torch.tensor(got.readings[0]), unsteered_projection(got.token_ids), atol=1e-4)
+        assert same == should_match, layer
+
+
+def test_a_read_with_an_unknown_where_is_refused_naming_it(lm):
+    from personavec.engine.decoder import check_request
+    from personavec.errors import PersonavecError
+
+    with pytest.raises(PersonavecError, match=r"reads\[0\]\.where must be 'before' or 'after'.*not during"):
+        check_request(Request("x", reads=((1, torch.ones(32), "during"),)))

@@ -12,7 +12,9 @@ left, masked out) and carry their own position ids, so what a request gets does 
 * it **samples** with its own ``torch.Generator`` seeded by ``Request.seed``, so a sampled answer is the same
   whatever else is in the batch; a temperature below ``GREEDY_BELOW`` (1e-5) is greedy;
 * the settings are exactly the request's: temperature and nucleus (top-p) sampling, nothing else (no top-k,
-  penalties or minimum length inherited from the model's ``generation_config``).
+  penalties or minimum length inherited from the model's ``generation_config``);
+* its **reads** (:class:`Read`) are taken at the position that produced each generated token, before its edits at
+  the read layer (default: what the model itself carries) or after them.
 
 Models whose cache is not a plain full-attention one (sliding windows) are served in waves: a batch is filled,
 decoded to its end, then the next one starts.
@@ -26,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +36,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..errors import PersonavecError
 from ..model.activations import Encoded, make_batch
-from ..model.edits import Edit, edit_delta
+from ..model.edits import Edit, check_edits, edit_delta
 from ..model.layers import cache_kwarg, edit, last_logits, output_cache
 from ..model.loading import LoadedModel, pad_token_id, stop_token_ids
 
@@ -55,6 +57,23 @@ class Guard:
     edit: Edit | None = None
 
 
+WHERE = ("before", "after")
+
+
+class Read(NamedTuple):
+    """One reading of a request: the projection on ``direction``'s unit vector of the residual at ``layer``.
+
+    ``where="before"``: the residual at ``layer`` as it arrives, before this request's edits AT ``layer`` act
+    (its edits at earlier layers have acted, and so have its edits at any layer on earlier tokens, through
+    attention) — what the model itself carries there. ``"after"``: after all of its edits at ``layer``, what
+    block ``layer`` receives. Steering at the read layer moves an after-edit reading by coef·‖v̂·v‖ at once and a
+    before-edit one only through the tokens it makes the model write."""
+
+    layer: int
+    direction: torch.Tensor
+    where: str = "before"
+
+
 @dataclass(frozen=True)
 class Request:
     """One answer to generate. ``prompt``: chat-formatted text (or token ids); ``messages``: the same chat as
@@ -69,9 +88,10 @@ class Request:
     key: Any = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     messages: tuple[dict[str, str], ...] | None = None
-    # (layer, direction): the projection of the residual at ``layer`` on the unit direction, read at the position
-    # that produced each generated token (the last prompt token for the first), after this request's edits
-    reads: tuple[tuple[int, torch.Tensor], ...] = ()
+    # :class:`Read` s (or plain ``(layer, direction[, where])`` tuples): the projection of the residual at ``layer``
+    # on the unit direction, read at the position that produced each generated token (the last prompt token for the
+    # first), before (default) or after this request's edits at that layer
+    reads: tuple[tuple[Any, ...], ...] = ()
     guard: Guard | None = None
 
 
@@ -174,7 +194,7 @@ class _Row:
     prompt_len: int
     generator: torch.Generator | None
     edits: dict[int, list[tuple[str, torch.Tensor, float, str]]]  # layer -> (kind, direction, coef, positions)
-    reads: dict[int, list[tuple[int, torch.Tensor]]]  # layer -> (index of the read, unit direction)
+    reads: dict[int, list[tuple[int, torch.Tensor, str]]]  # layer -> (index of the read, unit direction, where)
     tokens: list[int] = field(default_factory=list)
     readings: list[list[float]] = field(default_factory=list)
     guard_triggered: bool = False
@@ -237,6 +257,8 @@ class Engine:
         waiting: deque[Request] = deque() if feed is not None else deque(requests)  # type: ignore[arg-type]
         for r in waiting:
             check_request(r)
+            guard_edit = [r.guard.edit] if r.guard is not None and r.guard.edit is not None else []
+            check_edits([*r.edits, *guard_edit], self.lm.n_layers, self.lm.hidden_size)  # steer()'s own check
         self._on_token, self._pending, self._cancelled, self._feed = on_token, [], set(), feed
         desc = progress if isinstance(progress, str) else "sampling"
         # new requests join once this many slots are free (or the queue is nearly empty): fewer, fuller prefills
@@ -247,7 +269,7 @@ class Engine:
 
             def hook_layers(reqs: Iterable[Request]) -> None:
                 """One edit hook per layer any request edits, added as requests with new layers arrive."""
-                wanted = {e.layer for r in reqs for e in r.edits} | {int(x[0]) for r in reqs for x in r.reads}
+                wanted = {e.layer for r in reqs for e in r.edits} | {int(Read(*x).layer) for r in reqs for x in r.reads}
                 wanted |= {r.guard.edit.layer for r in reqs if r.guard is not None and r.guard.edit is not None}
                 for layer in sorted(wanted - hooked):
                     stack.enter_context(edit(self.lm.model, layer, self._edit_fn(layer)))
@@ -375,7 +397,9 @@ class Engine:
         return fn
 
     def _edit(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Each row's own edits at ``layer``, in list order, at its own positions in this forward pass."""
+        """Each row's own edits at ``layer``, in list order, at its own positions in this forward pass; its
+        before-edit reads are taken first, its after-edit ones last."""
+        self._read(layer, h, "before")
         per_row = [r.edits.get(layer, []) for r in self._rows]
         rounds = max((len(x) for x in per_row), default=0)
         t = h.shape[1]
@@ -393,12 +417,17 @@ class Engine:
                 m = torch.stack([self._positions(b, p, cols, t) for b, _, _, p in items]).to(h.dtype)
                 sub = h[idx]
                 h = h.index_copy(0, idx, sub + edit_delta(sub, kind, dirs, coefs) * m[:, :, None])
-        reads = [(b, k, v) for b, r in enumerate(self._rows) for k, v in r.reads.get(layer, [])]
-        if reads:  # the newest position of each reading row, after its edits; moved off the device once per step
+        self._read(layer, h, "after")
+        return h
+
+    def _read(self, layer: int, h: torch.Tensor, where: str) -> None:
+        """The reads taken ``where`` at ``layer``: the newest position of each reading row (moved off the device
+        once per step, in :meth:`_advance`)."""
+        reads = [(b, k, v) for b, r in enumerate(self._rows) for k, v, w in r.reads.get(layer, []) if w == where]
+        if reads:
             idx = torch.tensor([b for b, _, _ in reads], device=h.device)
             values = (h[idx, -1].float() * torch.stack([v for _, _, v in reads])).sum(-1)
             self._pending.append(([(b, k) for b, k, _ in reads], values))
-        return h
 
     def _positions(self, b: int, positions: str, cols: torch.Tensor, t: int) -> torch.Tensor:
         """``[t]`` mask of the columns of row ``b`` that ``positions`` covers in this forward pass."""
@@ -428,10 +457,17 @@ def check_request(r: Request) -> None:
         raise PersonavecError(f"top_p must be in (0, 1], not {r.top_p}")
     if not 0 <= int(r.seed) < 2**63:
         raise PersonavecError(f"seed must be between 0 and 2**63 - 1, not {r.seed}")
-    for layer, direction in r.reads:
+    for i, x in enumerate(r.reads):
+        try:
+            layer, direction, where = Read(*x)
+        except TypeError:
+            raise PersonavecError(f"reads[{i}] must be (layer, direction) or (layer, direction, where)") from None
         if int(layer) < 0 or direction.dim() != 1 or not bool(torch.isfinite(direction).all()) \
                 or float(direction.norm()) == 0:
             raise PersonavecError(f"a read needs a layer >= 0 and a finite, non-zero 1-D direction (layer {layer})")
+        if where not in WHERE:
+            raise PersonavecError(f"reads[{i}].where must be 'before' or 'after' (this request's edits at the "
+                                  f"layer), not {where}")
     if r.guard is not None:
         g = r.guard
         if not 0 <= g.read < len(r.reads) or not math.isfinite(g.threshold) or g.action not in ("stop", "steer") \
@@ -453,11 +489,12 @@ def _edit_entry(e: Edit, device: torch.device) -> tuple[str, torch.Tensor, float
     return e.kind, e.direction.to(device=device, dtype=torch.float32), float(e.coef), e.positions
 
 
-def _row_reads(r: Request, device: torch.device) -> dict[int, list[tuple[int, torch.Tensor]]]:
-    out: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    for k, (layer, direction) in enumerate(r.reads):
+def _row_reads(r: Request, device: torch.device) -> dict[int, list[tuple[int, torch.Tensor, str]]]:
+    out: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
+    for k, x in enumerate(r.reads):
+        layer, direction, where = Read(*x)
         v = direction.to(device=device, dtype=torch.float32)
-        out.setdefault(int(layer), []).append((k, v / v.norm().clamp(min=1e-12)))
+        out.setdefault(int(layer), []).append((k, v / v.norm().clamp(min=1e-12), where))
     return out
 
 
