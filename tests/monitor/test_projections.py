@@ -133,10 +133,10 @@ def test_live_monitor_can_switch_on_suppressive_steering(lm, tokenizer):
     v = _vec(5).get(1) * 10
     ids = tokenizer("<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt",
                     add_special_tokens=False)["input_ids"]
-    off = LiveMonitor(v, layer=1, threshold=float("inf"), action="steer", steer_coef=-1.0)
+    off = LiveMonitor(v, layer=1, threshold=float("inf"), action="steer", steer_coef=-1.0, where="after")
     with off.attach(lm):
         lm.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
-    on = LiveMonitor(v, layer=1, threshold=-1e9, action="steer", steer_coef=-1.0)
+    on = LiveMonitor(v, layer=1, threshold=-1e9, action="steer", steer_coef=-1.0, where="after")
     with on.attach(lm):
         lm.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     # step 0 is read before any steering; afterwards the suppressive edit lowers the reading by |v|

@@ -290,12 +290,15 @@ _CHAINS: dict[tuple[int, bool], _EditChain] = {}  # (id of block, pre) -> its ac
 
 
 @contextlib.contextmanager
-def edit(model: nn.Module, layer: int, fn: EditFn, layers_path: str | None = None) -> Iterator[None]:
+def edit(model: nn.Module, layer: int, fn: EditFn, layers_path: str | None = None,
+         first: bool = False) -> Iterator[None]:
     """Replace the residual stream at ``layer`` by ``fn(hidden)`` during forward passes.
 
     Layer ``ℓ ≥ 1`` edits the output of block ``ℓ − 1``; layer 0 edits the input of block 0. Several edits at one
     layer compose in the order they were entered (the first one entered acts first), and all run before any
-    other hook on the block. The edit is removed on exit, including on exceptions.
+    other hook on the block; with ``first`` this one acts before every other edit at the layer, entered before or
+    after it (a reader of the residual as it arrives, before the edits). The edit is removed on exit, including
+    on exceptions.
     """
     blocks = decoder_layers(model, layers_path)
     check_layers([layer], len(blocks))
@@ -304,7 +307,10 @@ def edit(model: nn.Module, layer: int, fn: EditFn, layers_path: str | None = Non
     chain = _CHAINS.get(key)
     if chain is None:
         chain = _CHAINS[key] = _EditChain(block, pre)
-    chain.fns.append(fn)
+    if first:
+        chain.fns.insert(0, fn)
+    else:
+        chain.fns.append(fn)
     try:
         yield
     finally:

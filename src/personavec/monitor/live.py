@@ -1,5 +1,7 @@
 """The live monitor: during generation, the projection of the newest position at one layer, reported per token;
-above a threshold it can stop the answer or switch on suppressive steering for the rest of it."""
+above a threshold it can stop the answer or switch on suppressive steering for the rest of it. It reads the
+residual before the edits at its layer (default: what the model itself carries, so steering there does not move
+the meter by the injection) or after them."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class LiveMonitor:
     per generated token), the projection of each row's newest position on v̂. When a row's projection exceeds
     ``threshold``: ``action="stop"`` ends generation (use :meth:`stopping_criteria`), ``action="steer"`` adds
     ``steer_coef · v`` (negative: suppressive) at the layer from the next token on.
+
+    ``where="before"`` (default) reads the residual at ``layer`` as it arrives, before every edit at ``layer``
+    (``steer`` contexts entered before or after :meth:`attach`, and the monitor's own steering) acts; edits at
+    earlier layers have acted. ``where="after"`` reads it after all of them (what block ``layer`` receives).
     """
 
     vector: torch.Tensor
@@ -31,6 +37,7 @@ class LiveMonitor:
     threshold: float = math.inf
     action: str = "stop"  # stop | steer | none
     steer_coef: float = -1.0
+    where: str = "before"
     on_token: Callable[[int, torch.Tensor], None] | None = None
     history: list[torch.Tensor] = field(default_factory=list)
     triggered: torch.Tensor | None = None
@@ -38,14 +45,22 @@ class LiveMonitor:
     def __post_init__(self) -> None:
         if self.action not in ("stop", "steer", "none"):
             raise PersonavecError(f"monitor action must be stop, steer or none, not {self.action!r}")
+        if self.where not in ("before", "after"):
+            raise PersonavecError(f"where must be 'before' or 'after' (the edits at the monitor's layer), not "
+                                  f"{self.where}")
         self.unit = unit(self.vector)
+        self._steering: torch.Tensor | None = None  # rows the monitor's own steering acts on in the pass under way
 
     def _observe(self, _layer: int, hidden: torch.Tensor) -> None:
         p = (hidden[:, -1].float() @ self.unit.to(hidden.device)).cpu()
         step = len(self.history)
         self.history.append(p)
         hit = p > self.threshold
+        before = self.triggered
         self.triggered = hit if self.triggered is None else (self.triggered | hit)
+        # the rows steered in this pass: those triggered in earlier passes (read before the steering, this pass's
+        # reading comes first and acts from the next token on, like the engine's guard)
+        self._steering = before if self.where == "before" else self.triggered
         if self.on_token is not None:
             self.on_token(step, p)
 
@@ -68,18 +83,24 @@ class LiveMonitor:
         n = len(decoder_layers(m))
         if not 1 <= self.layer <= n:
             raise PersonavecError(f"monitor layer {self.layer} out of range 1..{n}")
-        self.history, self.triggered = [], None
+        self.history, self.triggered, self._steering = [], None, None
         delta = self.steer_coef * self.vector.float()
 
         def maybe_steer(h: torch.Tensor) -> torch.Tensor:
-            if self.action != "steer" or self.triggered is None or not bool(self.triggered.any()):
+            steering = self._steering
+            if self.action != "steer" or steering is None or not bool(steering.any()):
                 return h
-            rows = self.triggered.to(h.device)[:, None, None].to(h.dtype)
+            rows = steering.to(h.device)[:, None, None].to(h.dtype)
             return h + rows * delta.to(device=h.device, dtype=h.dtype)
 
+        def read_first(h: torch.Tensor) -> torch.Tensor:
+            self._observe(self.layer, h)
+            return h
+
         with contextlib.ExitStack() as stack:
-            # the edit is a prepended hook, so it runs before the observer in each pass: the decision to steer
-            # comes from earlier passes' projections, and the observer reads the (possibly) edited stream
-            stack.enter_context(capture(m, [self.layer], self._observe, stop_early=False))
+            if self.where == "before":  # the first edit of the layer's chain, whatever is entered after it
+                stack.enter_context(edit(m, self.layer, read_first, first=True))
+            else:  # edits are prepended hooks: a capture hook reads what they leave
+                stack.enter_context(capture(m, [self.layer], self._observe, stop_early=False))
             stack.enter_context(edit(m, self.layer, maybe_steer))
             yield self
