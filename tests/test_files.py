@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from personavec.errors import PersonavecError
 from personavec.files import (
@@ -67,6 +68,25 @@ def test_atomic_dir_replaces_and_cleans_up(tmp_path):
     with atomic_dir(target, replace=False) as tmp:  # someone else made it meanwhile: theirs is kept
         (tmp / "z").write_text("4")
     assert sorted(p.name for p in target.iterdir()) == ["y"] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_dir_gives_what_libraries_wrote_inside_it_the_normal_permissions(tmp_path):
+    """Fine-tune checkpoints and adapters held ``0600`` files (safetensors writes them so) though the docs promise
+    the umask."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(tmp_path / "d") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "secret").write_text("x")
+        os.chmod(tmp / "sub" / "secret", 0o600)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "run.sh", 0o700)
+    d = tmp_path / "d"
+    assert (d / "w.safetensors").stat().st_mode & 0o777 == _normal_mode()
+    assert (d / "sub" / "secret").stat().st_mode & 0o777 == _normal_mode()
+    assert (d / "sub").stat().st_mode & 0o777 == _normal_mode("dir")
+    assert (d / "run.sh").stat().st_mode & 0o777 == _normal_mode("dir")  # an executable stays executable
 
 
 def test_concurrent_writers_of_one_file_never_collide(tmp_path):

@@ -97,6 +97,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-
         f.flush()
 
 
+def _normal_modes(root: Path) -> None:
+    """``root`` and everything in it given the normal permissions (``0777`` / ``0666`` less the umask; executables
+    stay executable): libraries that write into a directory may create files ``0600`` (safetensors does)."""
+    os.chmod(root, 0o777 & ~_UMASK)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if st.st_mode & 0o100 else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """A temporary directory next to ``path``; on success it replaces ``path`` (an older one is removed first,
@@ -106,7 +120,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     tmp = _temp_name(path, "dir")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)
+        _normal_modes(tmp)
         if path.exists() and not replace:
             shutil.rmtree(tmp, ignore_errors=True)
         elif path.exists():

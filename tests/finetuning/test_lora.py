@@ -229,6 +229,64 @@ def test_train_config_files_and_errors(tmp_path):
             d.weight_decay, d.schedule, d.max_length) == (32, 64, 0.0, True, 1e-5, 1, 2, 8, 5, 0.01, "linear", 2048)
 
 
+def test_train_config_fields_are_type_checked_naming_the_key_and_the_file(tmp_path):
+    """``rank = "four"`` in a --train-config file was a ValueError traceback from deep inside the config."""
+    (tmp_path / "c.toml").write_text('rank = "four"\n')
+    with pytest.raises(PersonavecError, match=r'c\.toml: rank must be a whole number \(int\), not "four"; fix'):
+        TrainConfig.load(tmp_path / "c.toml")
+    (tmp_path / "c.json").write_text(json.dumps({"lr": "1e-4"}))
+    with pytest.raises(PersonavecError, match=r'c\.json: lr must be a number, not "1e-4"'):
+        TrainConfig.load(tmp_path / "c.json")
+    for bad, field_name in (({"max_steps": 0}, "max_steps"), ({"max_steps": -1}, "max_steps"),
+                            ({"rank": 4.0}, "rank"), ({"rslora": "yes"}, "rslora"), ({"dropout": 1.5}, "dropout"),
+                            ({"target_modules": "q_proj"}, "target_modules"), ({"warmup_steps": -1}, "warmup_steps"),
+                            ({"epochs": True}, "epochs")):
+        with pytest.raises(PersonavecError, match=field_name):
+            TrainConfig(**bad)
+    assert TrainConfig(max_steps=1, lora_alpha=8).lora_alpha == 8.0
+
+
+def test_caft_with_preventative_steering_is_refused(tokenizer, tmp_path):
+    """``--caft --prevent-coef 5`` trained with the steering added and then ablated again: a plain fine-tune."""
+    from personavec.finetuning.lora import intervention_edits
+
+    class Vec:
+        def get(self, layer):
+            return direction()
+
+    with pytest.raises(PersonavecError, match="cancel each other"):
+        intervention_edits(Vec(), [LAYER], prevent_coef=5.0, caft=True)
+    v = direction()
+    with pytest.raises(PersonavecError, match="removes the steering added there"):
+        train_lora(fresh_lm(tokenizer), CHATS, cfg(), tmp_path / "x", progress=False,
+                   edits=[Edit(layer=LAYER, direction=v, coef=5.0), Edit(layer=LAYER, direction=-2 * v, kind="ablate")])
+    assert not (tmp_path / "x" / "train_config.json").exists()  # nothing claimed
+    # ablating first and steering after keeps the steering: allowed
+    train_lora(fresh_lm(tokenizer), CHATS, cfg(max_steps=1), tmp_path / "y", progress=False,
+               edits=[Edit(layer=LAYER, direction=v, kind="ablate"), Edit(layer=LAYER, direction=v, coef=5.0)])
+
+
+def test_checkpoints_and_adapters_have_normal_permissions_and_no_warning_is_printed(tokenizer, tmp_path):
+    """Checkpoints were written ``0600`` though the docs promise the umask; every fine-tune printed a transformers
+    FutureWarning (peft asks for a deprecated attribute)."""
+    import os
+    import warnings
+
+    mask = os.umask(0)
+    os.umask(mask)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_lora(fresh_lm(tokenizer), CHATS, cfg(max_steps=1), tmp_path / "ft", progress=False)
+        ckpt = latest_checkpoint(tmp_path / "ft")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+        train_lora(fresh_lm(tokenizer), CHATS, cfg(), tmp_path / "ft", progress=False)
+        load_adapter(fresh_lm(tokenizer), tmp_path / "ft")
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
+    assert modes and set(modes.values()) == {0o666 & ~mask}, modes
+    adapter = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ft" / "adapter").iterdir()}
+    assert "adapter_model.safetensors" in adapter and set(adapter.values()) == {0o666 & ~mask}, adapter
+
+
 def test_read_chats_accepts_messages_and_prompt_answer_rows(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps({"prompt": "q", "answer": "a"}) + "\n")

@@ -64,6 +64,17 @@ def positive_int(text: str) -> int:
     return n
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return n
+
+
 def finite_floats(text: str) -> list[float]:
     """Comma-separated finite numbers, e.g. ``-4,-2,0,2,4``."""
     return [finite_float(x) for x in text.split(",") if x.strip()]
@@ -172,12 +183,13 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=finite_float, default=None, help="LoRA alpha (paper: 64; rsLoRA scaling)")
     g.add_argument("--train-batch-size", type=positive_int, default=None, help="micro-batch size (paper: 2)")
     g.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per optimizer step (paper: 8)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="paper: 5")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=None, help="paper: 5")
     g.add_argument("--schedule", choices=["linear", "constant", "cosine"], default=None, help="paper: linear")
     g.add_argument("--train-max-length", type=positive_int, default=None, help="tokens per conversation (paper: 2048)")
     g.add_argument("--train-seed", type=int, default=None)
-    g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default 20)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    g.add_argument("--save-every", type=non_negative_int, default=None,
+                   help="optimizer steps between checkpoints (default 20)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (resume later)")
 
 
 def experiment_args(p: argparse.ArgumentParser) -> None:

@@ -72,6 +72,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from ..finetuning.conversations import read_chats
     from ..finetuning.lora import intervention_edits, train_lora
 
+    if args.prevent_coef and args.caft:
+        raise PersonavecError(f"--prevent-coef {args.prevent_coef:g} with --caft cancel each other: CAFT ablates the "
+                              "vector's direction right after preventative steering adds it at the same layers; "
+                              "pass one of them")
     cfg = train_config(args)
     chats = read_chats(args.data)
     vec, edits = None, []

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_dir, claim_settings, locked, read_json, write_json
 from ..model.edits import Edit, steer
 from ..model.layers import decoder_layers
@@ -70,13 +70,29 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps (the schedule is unchanged)
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise PersonavecError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        """Every field type-checked and range-checked, naming the field (a config file's "four" for ``rank`` is
+        one line, not a traceback from deep inside training)."""
         for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise PersonavecError(f"{name} must be at least 1")
-        if self.lr < 0 or self.warmup_steps < 0 or self.save_every < 0:
-            raise PersonavecError("lr, warmup_steps and save_every must not be negative")
+            setattr(self, name, whole(getattr(self, name), name, low=1))
+        for name in ("warmup_steps", "save_every", "keep_checkpoints"):
+            setattr(self, name, whole(getattr(self, name), name, low=0))
+        self.seed = whole(self.seed, "seed")
+        if self.max_steps is not None:
+            self.max_steps = whole(self.max_steps, "max_steps", low=1)
+        for name in ("lora_alpha", "dropout", "lr", "weight_decay", "max_grad_norm"):
+            setattr(self, name, finite(getattr(self, name), name))
+        if self.lr < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise PersonavecError("lr, weight_decay and max_grad_norm must not be negative")
+        if not 0 <= self.dropout < 1:
+            raise PersonavecError(f"dropout must be at least 0 and below 1, not {shown(self.dropout)}")
+        if not isinstance(self.rslora, bool):
+            raise PersonavecError(f"rslora must be true or false, not {shown(self.rslora)}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise PersonavecError(f"schedule must be one of {', '.join(SCHEDULES)}, not {shown(self.schedule)}")
+        if self.target_modules is not None and (not isinstance(self.target_modules, list) or not self.target_modules
+                                                or not all(isinstance(m, str) for m in self.target_modules)):
+            raise PersonavecError("target_modules must be a list of module names (e.g. [\"q_proj\", \"v_proj\"]) "
+                                  f"or absent, not {shown(self.target_modules)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +130,10 @@ class TrainConfig:
             raise PersonavecError(f"{p}: cannot parse the training config ({e})") from None
         if not isinstance(data, dict):
             raise PersonavecError(f"{p}: the training config must be an object of settings")
-        return cls().replace(**data)
+        try:
+            return cls().replace(**data)
+        except PersonavecError as e:
+            raise PersonavecError(f"{p}: {e}; fix that key in the file") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +152,18 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """peft (0.21, the newest) asks every model it wraps for ``is_gradient_checkpointing``, an alias transformers 5
+    deprecated with a FutureWarning that the user can do nothing about; that one warning is not shown while peft
+    wraps a model (every other warning is)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap ``model`` with fresh LoRA adapters (peft), seeded by ``cfg.seed``."""
     try:
@@ -143,7 +174,8 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
-    return get_peft_model(model, lcfg)
+    with _peft_wrapping():
+        return get_peft_model(model, lcfg)
 
 
 def load_adapter(lm: LoadedModel, adapter_dir: str | os.PathLike) -> LoadedModel:
@@ -157,7 +189,8 @@ def load_adapter(lm: LoadedModel, adapter_dir: str | os.PathLike) -> LoadedModel
         p = p / ADAPTER
     if not (p / "adapter_config.json").exists():
         raise PersonavecError(f"{adapter_dir} holds no adapter (adapter_config.json); point at a fine-tune's output")
-    model = PeftModel.from_pretrained(lm.model, str(p)).eval()
+    with _peft_wrapping():
+        model = PeftModel.from_pretrained(lm.model, str(p)).eval()
     from dataclasses import replace
 
     return replace(lm, model=model, extra={**lm.extra, "adapter": str(p)})
@@ -210,16 +243,32 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def intervention_edits(vec: Any, layers: Sequence[int], prevent_coef: float | None = None,
                        caft: bool = False) -> list[Edit]:
     """Training-time edits from a PersonaVector: preventative steering (add ``prevent_coef``·v) and/or CAFT
-    (ablate v̂) at each of ``layers``, on every position."""
+    (ablate v̂) at each of ``layers``, on every position. Both at once is refused: the ablation, applied after the
+    addition at the same layer, removes the added steering again."""
+    if prevent_coef and caft:
+        raise PersonavecError(f"prevent_coef={prevent_coef:g} with caft=True cancel each other: CAFT ablates the "
+                              "vector's direction right after the preventative steering adds it at the same layers; "
+                              "use one of them")
     edits = [Edit(layer=x, direction=vec.get(x), coef=prevent_coef) for x in layers] if prevent_coef else []
     return edits + ([Edit(layer=x, direction=vec.get(x), kind="ablate") for x in layers] if caft else [])
 
 
 def check_training_edits(edits: Sequence[Edit]) -> None:
+    """Training-time edits act on every position, and none is undone by a later one (an ablation of the direction
+    an earlier edit adds at the same layer leaves nothing of it)."""
     for e in edits:
         if e.positions != "all":
             raise PersonavecError("training-time interventions act on every position (positions='all'); "
                                   f"got positions={e.positions!r}")
+    for i, e in enumerate(edits):
+        for later in edits[i + 1:]:
+            if e.kind == "add" and later.kind == "ablate" and later.layer == e.layer:
+                cos = nn.functional.cosine_similarity(e.direction.float().flatten(),
+                                                      later.direction.float().flatten(), dim=0)
+                if float(cos.abs()) > 0.999:
+                    raise PersonavecError(f"the ablation at layer {e.layer} removes the steering added there just "
+                                          "before it (CAFT cancels preventative steering along the same direction); "
+                                          "use one of them")
 
 
 @contextlib.contextmanager
