@@ -41,3 +41,83 @@ def test_a_killed_log_resumes_to_the_uninterrupted_answers_each_job_once(lm, tmp
     assert resumed == full  # per-job seeds: the same answers whatever the batching or the interruption
     logged = [json.loads(x)["job"] for x in (tmp_path / "cut.jsonl").read_text().splitlines()]
     assert sorted(logged) == list(range(len(jobs)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": "1"}, 'temperature must be a number, not "1"'),
+    ({"temperature": -0.5}, "temperature must be at least 0 \\(0: greedy\\), not -0.5"),
+    ({"temperature": float("nan")}, "temperature must be a finite number, not nan"),
+    ({"top_p": 0}, "top_p must be above 0 and at most 1, not 0"),
+    ({"top_p": None}, "top_p must be a number, not None"),
+    ({"n_samples": 2.0}, "n_samples must be a whole number \\(int\\), not 2.0"),
+    ({"n_samples": 0}, "n_samples must be at least 1, not 0"),
+    ({"max_new_tokens": "64"}, 'max_new_tokens must be a whole number \\(int\\), not "64"'),
+    ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+    ({"seed": -1}, "seed must be between 0 and 9223372036854775807, not -1"),
+    ({"seed": True}, "seed must be a whole number \\(int\\), not True"),
+    ({"engine": 3}, "engine must be a string"),
+])
+def test_every_sampling_field_is_checked_at_construction(kwargs, message):
+    from personavec.errors import PersonavecError
+
+    with pytest.raises(PersonavecError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_sampling_numbers_from_numpy_become_python_numbers():
+    import numpy as np
+
+    cfg = SamplingConfig(n_samples=np.int64(2), temperature=np.float32(0.5), seed=np.int32(3))
+    assert (type(cfg.n_samples), type(cfg.temperature), type(cfg.seed)) == (int, float, int)
+    json.dumps(cfg.to_dict())  # what run.json records
+
+
+@pytest.mark.parametrize("user, message", [
+    (None, "chat's user must be a string \\(one question\\), not None"),
+    ([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]],
+     "chat's user must be a string \\(one question\\), not a list; for several chats, call chat once per question"),
+    (b"Why?", "chat's user must be a string \\(one question\\), not a bytes"),
+])
+def test_chat_refuses_what_is_not_one_question(lm, user, message):
+    from personavec.errors import PersonavecError
+
+    with pytest.raises(PersonavecError, match=message):
+        chat(lm, user)
+    with pytest.raises(PersonavecError, match="chat's system must be a string \\(one system prompt\\), not 3"):
+        chat(lm, "Why?", system=3)
+
+
+def test_chat_refuses_a_prompt_that_leaves_no_room_in_the_context(lm):
+    """The tiny model takes 256 positions: a prompt that does not fit with its answer is one line, not garbage."""
+    from personavec.errors import PersonavecError
+
+    long = "fox " * 300
+    with pytest.raises(PersonavecError, match="the prompt has \\d+ tokens and max_new_tokens is 8: together more "
+                                              "than the model's context of 256 tokens; shorten the question$"):
+        chat(lm, long, max_new_tokens=8)
+    short = "Tell me about foxes."
+    n = len(lm.tokenizer(lm.format_chat(short), add_special_tokens=False)["input_ids"])
+    with pytest.raises(PersonavecError, match=f"the prompt has {n} tokens and max_new_tokens is {257 - n}.*shorten "
+                                              "the question or lower max_new_tokens"):
+        chat(lm, short, max_new_tokens=257 - n)
+    assert isinstance(chat(lm, short, max_new_tokens=4), str)
+
+
+def test_an_engine_request_with_an_edit_for_another_model_is_refused_before_generation(lm):
+    import torch
+
+    from personavec.errors import PersonavecError
+    from personavec.model.edits import Edit
+
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(PersonavecError, match="Edit direction at layer 1 has 100 dims but the model's hidden "
+                                                  "size is 32"):
+            generate(lm, [lm.format_chat("Why?")] * 2, SamplingConfig(max_new_tokens=4),
+                     edits=[[], [Edit(1, torch.randn(100), 2.0)]])
+        with pytest.raises(PersonavecError, match="Edit layer 7 is out of range: this model has layers 0..2"):
+            generate(lm, [lm.format_chat("Why?")], SamplingConfig(max_new_tokens=4), edits=[[Edit(7, torch.randn(32))]])
+    finally:
+        handle.remove()
+    assert calls == []

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 from ..errors import PersonavecError
-from .common import finite_float, load_lm, model_args, model_vectors, positive_int
+from .common import finite_float, load_lm, model_args, model_vectors, positive_int, user_text
 
 DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
 
@@ -17,11 +18,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("steer", help="answer a question with and without the vector added")
     s.add_argument("question")
     _steer_args(s)
-    s.set_defaults(func=cmd_steer)
+    s.set_defaults(func=cmd_steer, interrupted="interrupted")
 
-    c = sub.add_parser("chat", help="interactive: unsteered and steered answers side by side")
+    c = sub.add_parser("chat", help="interactive: unsteered and steered answers side by side, with memory",
+                       description="A conversation answered twice, unsteered and steered, side by side. Each side "
+                                   "remembers its own conversation: every turn sees the previous questions and that "
+                                   "side's own answers, through the model's chat template. Type /reset to forget "
+                                   "the conversation, /quit (or Ctrl-D) to end; Ctrl-C ends the chat at once. Piped "
+                                   "input is read to its end, one question per line (blank lines are skipped).")
     _steer_args(c)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=cmd_chat, interrupted="chat ended")
 
     d = sub.add_parser("demo", help="main job on the embedded model: extract an 'evil' vector from the shipped "
                                     "table and show a steered answer")
@@ -31,7 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch-size", type=positive_int, default=16)
     d.add_argument("--max-new-tokens", type=positive_int, default=60)
     model_args(d)
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, interrupted="interrupted")
 
 
 def _steer_args(s: argparse.ArgumentParser) -> None:
@@ -48,16 +54,33 @@ def _steer_args(s: argparse.ArgumentParser) -> None:
     model_args(s)
 
 
-def _steer_pair(lm, vec, question: str, layer: int, coef: float, max_new_tokens: int,
-                positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
-    from ..engine.sampling import SamplingConfig, generate
+def _steer_pair(lm, vec, question: str | tuple[list[dict[str, str]], list[dict[str, str]]], layer: int,
+                coef: float, max_new_tokens: int, positions: str = "all", kind: str = "add",
+                units: str = "raw") -> tuple[str, str]:
+    """The unsteered and the steered answer to ``question``, or to two conversations (messages, the last one the
+    user's) answered unsteered and steered."""
+    from ..engine.sampling import SamplingConfig, check_context, generate
     from ..model.edits import Edit
 
     edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
-    prompt = lm.format_chat(question)
+    if isinstance(question, str):
+        prompts = [lm.format_chat(question)] * 2
+    else:
+        from ..model.chat import conversation_pair
+
+        prompts = [conversation_pair({"messages": msgs}, lm.tokenizer)[0] for msgs in question]
+    check_context(lm, prompts, max_new_tokens, "--max-new-tokens",
+                  "question" if isinstance(question, str) else "conversation")
     cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    base, steered = generate(lm, [prompt, prompt], cfg, edits=[[], [edit]])
+    base, steered = generate(lm, prompts, cfg, edits=[[], [edit]])
     return base["answer"], steered["answer"]
+
+
+def _label(vec, args: argparse.Namespace) -> str:
+    """How the steered answer was steered, with the coefficient's unit."""
+    if args.ablate:
+        return f"{vec.trait} ablated"
+    return f"{vec.trait} x {args.coef:g} ({args.units} units)"
 
 
 def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite, shown, whole
 from ..files import append_jsonl, read_jsonl, repair_jsonl, rewrite_jsonl
 from ..model.edits import Edit
 from ..model.loading import LoadedModel
-from .decoder import Engine, Request, check_request
+from .decoder import Engine, Request
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,20 @@ class SamplingConfig:
     engine: str = "continuous-batching, seeded per job, u in (0, 1]"
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1 or self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise PersonavecError("n_samples, max_new_tokens and the batch size must be at least 1")
-        check_request(self.request("", 0))
+        """Types and ranges of every field, named, at construction (NumPy numbers become Python ones)."""
+        ints = {"n_samples": whole(self.n_samples, "n_samples", low=1),
+                "max_new_tokens": whole(self.max_new_tokens, "max_new_tokens", low=1),
+                "seed": whole(self.seed, "seed", low=0, high=2**63 - 1),
+                "batch_size": None if self.batch_size is None else whole(self.batch_size, "batch_size", low=1)}
+        temperature, top_p = finite(self.temperature, "temperature"), finite(self.top_p, "top_p")
+        if temperature < 0:
+            raise PersonavecError(f"temperature must be at least 0 (0: greedy), not {temperature:g}")
+        if not 0 < top_p <= 1:
+            raise PersonavecError(f"top_p must be above 0 and at most 1, not {top_p:g}")
+        if not isinstance(self.engine, str):
+            raise PersonavecError(f"engine must be a string (it names how jobs are sampled), not {shown(self.engine)}")
+        for name, value in {**ints, "temperature": temperature, "top_p": top_p}.items():
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,9 +84,30 @@ def generate(lm: LoadedModel, prompts: Sequence[str], cfg: SamplingConfig, seeds
 def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: int = 80, temperature: float = 0.0,
          seed: int = 0) -> str:
     """One answer to ``user`` (with an optional system prompt); greedy unless ``temperature`` > 0. Steering edits
-    active around the call apply."""
-    cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
-    return generate(lm, [lm.format_chat(user, system=system)], cfg, seeds=[seed])[0]["answer"]
+    active around the call apply. A prompt that leaves no room in the model's context for ``max_new_tokens`` is
+    refused (as the server does), not cut."""
+    for name, value, one in (("user", user, "question"), ("system", system, "system prompt")):
+        if not isinstance(value, str) and (name == "user" or value is not None):
+            hint = "; for several chats, call chat once per question" if isinstance(value, (list, tuple)) else ""
+            raise PersonavecError(f"chat's {name} must be a string (one {one}), not {shown(value)}{hint}")
+    cfg = SamplingConfig(n_samples=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    prompt = lm.format_chat(user, system=system)
+    check_context(lm, [prompt], cfg.max_new_tokens)
+    return generate(lm, [prompt], cfg, seeds=[cfg.seed])[0]["answer"]
+
+
+def check_context(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, length: str = "max_new_tokens",
+                  what: str = "question") -> None:
+    """Refuse a prompt that, with ``max_new_tokens`` of answer, does not fit the model's context (the server's rule;
+    ``length`` names the setting in the message: a CLI flag or the argument)."""
+    context = lm.context_length
+    if not context:
+        return
+    for ids in lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]:
+        if len(ids) + max_new_tokens > context:
+            raise PersonavecError(f"the prompt has {len(ids)} tokens and {length} is {max_new_tokens}: together more "
+                                  f"than the model's context of {context} tokens; shorten the {what}"
+                                  + (f" or lower {length}" if len(ids) < context else ""))
 
 
 def job_messages(job: dict[str, Any]) -> list[dict[str, str]]:
