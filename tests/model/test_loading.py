@@ -32,7 +32,7 @@ def hub_cache(tmp_path, tokenizer):
 LOAD = """
 import json, sys
 from personavec.model.loading import load_model
-lm = load_model("acme/tiny-chat", revision=sys.argv[1] or None)
+lm = load_model("acme/tiny-chat", revision=sys.argv[1] or None, dtype="float32")
 w = lm.model.model.embed_tokens.weight
 print(json.dumps({"revision": lm.revision, "w": float(w[5, 3])}))
 """
@@ -92,3 +92,48 @@ def test_an_empty_cache_variable_means_the_default_cache(value, tmp_path, monkey
     assert cache_root() == tmp_path / "home" / ".cache" / "personavec"
     monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "elsewhere"))
     assert cache_root() == tmp_path / "elsewhere"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def test_auto_dtype_is_the_rule_for_this_cpu_and_the_override_forces_it(monkeypatch):
+    """`auto` is bfloat16 exactly where the CPU has native bfloat16 (or on CUDA); PERSONAVEC_DTYPE forces it."""
+    import torch
+
+    from personavec.model import loading
+
+    monkeypatch.delenv(loading.DTYPE_ENV, raising=False)
+    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    assert loading.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert loading.resolve_dtype(None, "cuda") == torch.bfloat16
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert loading.resolve_dtype("auto", "cpu") == want
+    for forced, want in (("float32", torch.float32), ("bf16", torch.bfloat16), (" ", None)):
+        monkeypatch.setenv(loading.DTYPE_ENV, forced)
+        if want is None:  # set but empty means unset
+            assert loading.resolve_dtype("auto", "cpu") == torch.float32
+            continue
+        assert loading.resolve_dtype("auto", "cpu") == want and loading.resolve_dtype(None, "cuda") == want
+        assert loading.resolve_dtype("float16", "cpu") == torch.float16  # a named dtype is never overridden
+    monkeypatch.setenv(loading.DTYPE_ENV, "half-ish")
+    with pytest.raises(PersonavecError, match="PERSONAVEC_DTYPE=half-ish is not a dtype"):
+        loading.resolve_dtype("auto", "cpu")
+
+
+@pytest.mark.parametrize("forced", ["float32", "bfloat16"])
+def test_the_loader_and_the_run_config_honour_the_override(forced, model_dir, monkeypatch):
+    import torch
+
+    from personavec.model.loading import DTYPE_ENV, load_model
+    from personavec.run.config import RunConfig
+
+    monkeypatch.setenv(DTYPE_ENV, forced)
+    assert load_model(str(model_dir), device="cpu").dtype == getattr(torch, forced)
+    assert RunConfig(trait="evil", model=str(model_dir), device="cpu").resolved_dtype() == forced

@@ -150,17 +150,33 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+DTYPE_ENV = "PERSONAVEC_DTYPE"
+
+
+def auto_dtype(device: str) -> torch.dtype:
+    """What ``auto`` means on ``device``: bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere —
+    unless ``$PERSONAVEC_DTYPE`` names a dtype, which ``auto`` then means everywhere (empty: unset)."""
+    forced = os.environ.get(DTYPE_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced not in DTYPES:
+            raise PersonavecError(f"{DTYPE_ENV}={forced} is not a dtype; set it to one of "
+                                  f"{', '.join(sorted(set(DTYPES)))} or auto, or unset it")
+        return DTYPES[forced]
+    fast = device.startswith("cuda") or (device == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else torch.float32
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``auto`` (or None): bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere."""
+    """``auto`` (or None): see :func:`auto_dtype`; any other name is that dtype whatever the environment says."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        fast = device.startswith("cuda") or (device == "cpu" and cpu_has_fast_bf16())
-        return torch.bfloat16 if fast else torch.float32
+        return auto_dtype(device)
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise PersonavecError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}") from None
+        raise PersonavecError(f"unknown dtype {dtype}; choose one of {', '.join(sorted(set(DTYPES)))} or auto"
+                              ) from None
 
 
 def cache_root() -> Path:
@@ -335,8 +351,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
                revision: str | None = None) -> LoadedModel:
     """Load a chat model: an embedded name, a ``.gguf`` file, a local directory, or a hub id.
 
-    CPU by default, CUDA when present. ``dtype``: ``float32`` (CPU default), ``bfloat16`` (CUDA default;
-    2-3x faster on recent CPUs), ``float16``.
+    CPU by default, CUDA when present. ``dtype``: ``auto`` (the default, see :func:`auto_dtype`: bfloat16 on CUDA
+    and on CPUs with native bfloat16, float32 elsewhere, or what ``$PERSONAVEC_DTYPE`` says), ``float32``,
+    ``bfloat16``, ``float16``.
     """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
