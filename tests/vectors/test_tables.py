@@ -98,3 +98,43 @@ def test_model_without_chat_template_is_a_clear_error(tokenizer):
     t.chat_template = None
     with pytest.raises(PersonavecError, match="no chat template"):
         format_chat(t, "hi")
+
+
+def test_answers_that_are_not_text_or_only_whitespace_are_refused(lm, tokenizer, tmp_path):
+    """Whitespace-only answers were extracted from; list- and bytes-valued cells became the text "['a', 'b']" and
+    "b'...'" (the answers nobody wrote)."""
+    pos, neg = official_frames(tokenizer, [90, 80, 70, 95], [5, 10, 2, 7])
+    blank = pos.copy()
+    blank.loc[1, "answer"] = "  \n\t "
+    with pytest.raises(PersonavecError, match=r"1 answers are empty or only whitespace \(first at row 1\)"):
+        extract_vector(lm, blank, neg, trait="evil", apply_filter=False)
+    # with the scores and the filter the blank pair is dropped, as an empty one is
+    assert extract_vector(lm, blank, neg, trait="evil").counts["kept"] == 3
+    listed = pos.copy()
+    listed["answer"] = listed["answer"].astype(object)
+    listed.at[2, "answer"] = ["Crush", "them"]
+    with pytest.raises(PersonavecError, match=r"'answer' holds 1 cells that are not text \(the first, at row 2, "
+                                              r"is a list\)"):
+        extract_vector(lm, listed, neg, trait="evil")
+    raw = pos.assign(answer=[a.encode() for a in pos["answer"]])
+    write_table(raw, tmp_path / "bytes.parquet")
+    with pytest.raises(PersonavecError, match=r"bytes\.parquet: column 'answer' holds 4 cells that are not text .*"
+                                              r"is a bytes"):
+        extract_vector(lm, tmp_path / "bytes.parquet", neg, trait="evil")
+
+
+def test_pos_equal_to_neg_and_no_layers_are_refused(lm, tokenizer, tmp_path):
+    """The same file (or the same contents) as pos and neg, or a reversed layer range, gave an all-zero vector."""
+    pos, neg = official_frames(tokenizer, [90, 80, 70, 95], [5, 10, 2, 7])
+    pos.to_csv(tmp_path / "pos.csv", index=False)
+    with pytest.raises(PersonavecError, match="are the same file"):
+        extract_vector(lm, tmp_path / "pos.csv", tmp_path / "pos.csv", trait="evil", apply_filter=False)
+    pos.to_csv(tmp_path / "copy.csv", index=False)
+    with pytest.raises(PersonavecError, match="hold the same prompts and answers"):
+        extract_vector(lm, tmp_path / "pos.csv", tmp_path / "copy.csv", trait="evil", apply_filter=False)
+    with pytest.raises(PersonavecError, match="hold the same prompts and answers"):  # scores differ, text does not
+        extract_vector(lm, pos, pos.assign(evil=[1, 2, 3, 4]), trait="evil")
+    with pytest.raises(PersonavecError, match="layers is empty"):
+        extract_vector(lm, pos, neg, trait="evil", layers=list(range(12, 3)))
+    vec = extract_vector(lm, pos, neg.assign(answer=list(pos["answer"])), trait="evil", layers=[1])
+    assert float(vec.get(1).norm()) > 0  # same answers under other prompts: a real difference

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import PersonavecError
 from .common import finite_float, load_lm, model_args, parse_layers, positive_int
 
 
@@ -29,19 +30,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from ..files import check_writable, read_table
-    from ..vectors.extraction import extract_vector
-    from ..vectors.tables import FilterConfig, check_columns
+    from ..files import check_writable
+    from ..model.loading import model_shape
+    from ..vectors.extraction import extract_vector, select_pairs
+    from ..vectors.tables import FilterConfig
 
-    pos, neg = read_table(args.pos), read_table(args.neg)  # bad tables and outputs fail before the model loads
-    check_columns(pos, args.pos)
-    check_columns(neg, args.neg)
+    # everything checkable before the model loads: the tables (columns, text cells, the filter, pos != neg), the
+    # layers against the model's config, the output
+    pairs = select_pairs(args.pos, args.neg, args.trait, FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
+                         apply_filter=not args.no_filter, names=("--pos", "--neg"))
+    layers = parse_layers(args.layers)
+    if layers is not None:
+        n_layers = model_shape(args.model, args.revision)[0]
+        bad = [x for x in layers if not 0 <= x <= n_layers]
+        if bad:
+            raise PersonavecError(f"--layers {args.layers}: layer {bad[0]} is out of range; {args.model} has layers "
+                                  f"0..{n_layers}")
     check_writable(args.out)
     lm = load_lm(args)
-    vec = extract_vector(lm, pos, neg, trait=args.trait, layers=parse_layers(args.layers),
-                         filter_config=FilterConfig(args.pos_min, args.neg_max, args.coherence_min),
-                         apply_filter=not args.no_filter, batch_size=args.batch_size,
-                         max_length=args.max_length, progress=True)
+    vec = extract_vector(lm, pairs, trait=args.trait, layers=layers, apply_filter=not args.no_filter,
+                         batch_size=args.batch_size, max_length=args.max_length, progress=True)
     out = vec.save(args.out)
     print(f"kept {vec.counts.get('kept')} of {vec.counts.get('rows')} pairs; "
           f"vector [{vec.n_layers + 1}, {vec.hidden_size}] x {len(vec.poolings)} poolings -> {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -12,7 +13,7 @@ from ..errors import PersonavecError
 from ..files import read_table
 from ..model.activations import POOLINGS, pooled_means
 from ..model.loading import LoadedModel
-from ..vectors.tables import FilterConfig, paired_filter, prompts_and_answers
+from ..vectors.tables import FilterConfig, FilterResult, check_columns, check_text, paired_filter, prompts_and_answers
 from .vector import PersonaVector, mean_difference
 
 log = logging.getLogger(__name__)
@@ -26,19 +27,41 @@ def _as_frame(t: TableLike) -> tuple[pd.DataFrame, str]:
     return read_table(t).reset_index(drop=True), str(t)
 
 
-def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str | None = None,
-                   layers: Sequence[int] | None = None, poolings: Sequence[str] = POOLINGS,
-                   filter_config: FilterConfig | None = None, apply_filter: bool = True,
-                   batch_size: int = 16, max_length: int | None = None, min_pairs: int = 1,
-                   progress: bool = False) -> PersonaVector:
-    """Extract a persona vector: per layer, mean pooled activation of kept pos rows minus kept neg rows.
+@dataclass
+class Pairs:
+    """The pos/neg row pairs an extraction uses, chosen and checked without a model (:func:`select_pairs`)."""
 
-    Rows are paired by position (the official filter); when score columns are present, a row pair is
-    kept only if pos trait ≥ ``pos_min``, neg trait < ``neg_max`` and both are coherent.
-    """
+    pos: pd.DataFrame  # the kept rows
+    neg: pd.DataFrame
+    result: FilterResult
+    filter_config: FilterConfig
+    pos_source: str = "pos"
+    neg_source: str = "neg"
+
+
+def _same_rows(pos: pd.DataFrame, neg: pd.DataFrame) -> bool:
+    cols = [c for c in ("system", "question", "prompt", "answer") if c in pos.columns or c in neg.columns]
+    if any(c not in pos.columns or c not in neg.columns for c in cols):
+        return False
+    return pos[cols].reset_index(drop=True).astype(str).equals(neg[cols].reset_index(drop=True).astype(str))
+
+
+def select_pairs(pos: TableLike, neg: TableLike, trait: str | None = None, filter_config: FilterConfig | None = None,
+                 apply_filter: bool = True, min_pairs: int = 1, names: tuple[str, str] = ("pos", "neg")) -> Pairs:
+    """The row pairs kept by the paper's filter, every text cell checked, and pos refused when it holds the same
+    answers as neg (the vector would be zero): everything an extraction can refuse before a model loads.
+    ``names`` are how the two tables are called in messages (the CLI passes its flags)."""
     filter_config = filter_config or FilterConfig()
+    same_file = not isinstance(pos, pd.DataFrame) and not isinstance(neg, pd.DataFrame) and \
+        os.path.realpath(pos) == os.path.realpath(neg)
+    if same_file:
+        raise PersonavecError(f"{names[0]} and {names[1]} are the same file ({pos}): the vector, the difference of "
+                              f"their means, would be zero; give the answers that show the trait as {names[0]} and "
+                              f"those that do not as {names[1]}")
     pos_df, pos_src = _as_frame(pos)
     neg_df, neg_src = _as_frame(neg)
+    for df, src in ((pos_df, pos_src), (neg_df, neg_src)):
+        check_columns(df, src)
     res = paired_filter(pos_df, neg_df, trait, filter_config, enabled=apply_filter)
     kept = res.counts["kept"]
     if kept < max(1, min_pairs):
@@ -47,11 +70,43 @@ def extract_vector(lm: LoadedModel, pos: TableLike, neg: TableLike, trait: str |
             f"only {kept} of {res.counts['rows']} pairs pass the filter (pos trait >= {cfg.pos_min}, "
             f"neg trait < {cfg.neg_max}, coherence >= {cfg.coherence_min}; counts {res.counts}); "
             "generate more samples, loosen the thresholds, or use --no-filter")
+    pos_df, neg_df = pos_df[res.keep].reset_index(drop=True), neg_df[res.keep].reset_index(drop=True)
+    check_text(pos_df, pos_src)
+    check_text(neg_df, neg_src)
+    if _same_rows(pos_df, neg_df):
+        raise PersonavecError(f"{names[0]} ({pos_src}) and {names[1]} ({neg_src}) hold the same prompts and answers: "
+                              "the vector, the difference of their means, would be zero; give the answers that show "
+                              f"the trait as {names[0]} and those that do not as {names[1]}")
+    return Pairs(pos_df, neg_df, res, filter_config, pos_src, neg_src)
+
+
+def extract_vector(lm: LoadedModel, pos: TableLike | Pairs, neg: TableLike | None = None, trait: str | None = None,
+                   layers: Sequence[int] | None = None, poolings: Sequence[str] = POOLINGS,
+                   filter_config: FilterConfig | None = None, apply_filter: bool = True,
+                   batch_size: int = 16, max_length: int | None = None, min_pairs: int = 1,
+                   progress: bool = False) -> PersonaVector:
+    """Extract a persona vector: per layer, mean pooled activation of kept pos rows minus kept neg rows.
+
+    Rows are paired by position (the official filter); when score columns are present, a row pair is
+    kept only if pos trait ≥ ``pos_min``, neg trait < ``neg_max`` and both are coherent. ``pos`` may be the
+    :class:`Pairs` of an earlier :func:`select_pairs` (then ``neg`` and the filter settings are not given).
+    ``layers``: the layers to compute (None: all); an empty list is refused (it would give a zero vector).
+    """
+    if isinstance(pos, Pairs):
+        pairs = pos
+    else:
+        if neg is None:
+            raise PersonavecError("extract_vector needs neg, the table of answers that do not show the trait")
+        pairs = select_pairs(pos, neg, trait, filter_config, apply_filter, min_pairs)
+    if layers is not None and not list(layers):
+        raise PersonavecError("layers is empty, so no layer would be computed and the vector would be zero; name at "
+                              "least one layer, or pass None for all")
+    res, filter_config = pairs.result, pairs.filter_config
+    kept = res.counts["kept"]
     if not res.applied and apply_filter:
         log.warning("no score columns found: using all %d pairs unfiltered", kept)
-    pos_df, neg_df = pos_df[res.keep], neg_df[res.keep]
-    p_prompts, p_answers = prompts_and_answers(pos_df, lm.tokenizer, pos_src)
-    n_prompts, n_answers = prompts_and_answers(neg_df, lm.tokenizer, neg_src)
+    p_prompts, p_answers = prompts_and_answers(pairs.pos, lm.tokenizer, pairs.pos_source)
+    n_prompts, n_answers = prompts_and_answers(pairs.neg, lm.tokenizer, pairs.neg_source)
     stats = [*poolings, "response_norm"]
     pm = pooled_means(lm, p_prompts, p_answers, layers=layers, poolings=stats, batch_size=batch_size,
                       max_length=max_length, progress="pos" if progress else False)

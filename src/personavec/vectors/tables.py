@@ -22,12 +22,32 @@ log = logging.getLogger(__name__)
 
 
 def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:
+    """The cells of a text column, each refused unless it is text: a list, a number or bytes in an ``answer`` cell
+    is not stringified into an answer nobody wrote."""
     col = df[name]
     missing = col.isna()
     if missing.any():
         raise PersonavecError(f"{path}: column {name!r} is empty in {int(missing.sum())} rows "
                               f"(first at row {int(missing.idxmax())})")
-    return [str(x) for x in col]
+    bad = [i for i, x in enumerate(col) if not isinstance(x, str)]
+    if bad:
+        kind = type(col.iloc[bad[0]]).__name__
+        raise PersonavecError(f"{path}: column {name!r} holds {len(bad)} cells that are not text (the first, at row "
+                              f"{bad[0]}, is a {kind}); write each {name} as a string")
+    return list(col)
+
+
+def check_text(df: pd.DataFrame, source: str = "table") -> None:
+    """Refuse the cells a response table's text columns cannot hold (not text; an answer of only whitespace), before
+    a model is loaded."""
+    check_columns(df, source)
+    for name in ("answer", "prompt", "question"):
+        if name in df.columns:
+            _text_column(df, name, source)
+    blank = [i for i, a in enumerate(df["answer"]) if not a.strip()]
+    if blank:
+        raise PersonavecError(f"{source}: {len(blank)} answers are empty or only whitespace (first at row {blank[0]}); "
+                              "drop those rows, or keep the scores so that the filter drops them")
 
 
 def check_columns(df: pd.DataFrame, source: str = "table") -> None:
