@@ -149,3 +149,47 @@ def test_rows_without_a_chat_are_a_clear_error(lm):
 
     with pytest.raises(PersonavecError, match="needs 'messages'"):
         project_rows(lm, [{"text": "hi"}], [Probe("evil", _vec(0), (1,))])
+
+
+def test_project_refuses_what_is_not_conversations_and_named_vectors(lm):
+    from personavec.errors import PersonavecError
+    from personavec.monitor.projections import project
+
+    v = _vec(0)
+    v.chosen_layer = 1
+    for vectors, shown in (([v], "a list"), ((v,), "a tuple"), (v, "a PersonaVector"), ({"evil": v.get(1)},
+                                                                                        "a dict holding a torch tensor")):
+        with pytest.raises(PersonavecError, match=re.escape('project\'s vectors must be a dict of name -> '
+                                                            f'PersonaVector, e.g. {{"evil": vec}}, not {shown}')):
+            project(lm, ROWS, vectors)
+    with pytest.raises(PersonavecError, match="project's conversations must be a list of dicts .* not None$"):
+        project(lm, None, {"evil": v})
+    with pytest.raises(PersonavecError, match='conversations must be .*, not "Hi" in the list'):
+        project(lm, ["Hi"], {"evil": v})
+    with pytest.raises(PersonavecError, match='project\'s layers must be a whole number \\(int\\), not "1"'):
+        project(lm, ROWS, {"evil": v}, layers=["1"])
+    with pytest.raises(PersonavecError, match='unknown pooling "mean" in project\'s poolings'):
+        project(lm, ROWS, {"evil": v}, poolings=["mean"])
+    with pytest.raises(PersonavecError, match="project's poolings must be a list"):
+        project(lm, ROWS, {"evil": v}, poolings="response_avg")
+    assert len(project(lm, ROWS, {"evil": v})) == 3 * 3
+
+
+def test_a_vector_without_a_direction_at_a_layer_is_not_projected(lm, tmp_path):
+    """A zero row projected every answer to 0 (a NaN cosine before the clamp): refused, naming the layer, in the API
+    and before the CLI's projection file is written."""
+    from personavec.errors import PersonavecError
+    from personavec.monitor.projections import project
+
+    v = _vec(0)
+    v.tensors["response_avg"][0] = 0
+    with pytest.raises(PersonavecError, match="the evil vector has no direction at layer 0 \\(its row there is zero\\)"
+                                              "; it has one at layers 1-2"):
+        project(lm, ROWS, {"evil": v}, layers=[0, 1])
+    with pytest.raises(PersonavecError, match="no direction at layer 0"):
+        project_rows(lm, ROWS, [Probe("evil", v, (0,))])
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(PersonavecError, match="no direction at layer 0"):
+        project_file(lm, data, [Probe("evil", v, (0,))], tmp_path / "out.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]

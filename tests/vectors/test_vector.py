@@ -144,3 +144,47 @@ def test_the_last_row_of_an_imported_official_vector_warns(tmp_path, caplog):
         v.get(3)
         v.get(3)
     assert len(caplog.records) == 1 and "AFTER the model's final norm" in caplog.text
+
+
+def test_a_zero_row_or_coef_zero_is_not_exported_as_a_control_vector_of_zeros(tmp_path, capsys):
+    """A row that is zero (row 0, or a layer not extracted) exports a control vector that steers nothing: refused,
+    naming the layer; so is --coef 0. Nothing is written."""
+    from personavec.cli import main
+
+    v = _vec(chosen_layer=3)
+    v.tensors["response_avg"][3] = 0
+    with pytest.raises(PersonavecError, match="the evil vector has no direction at layer 3 \\(its row there is zero\\)"
+                                              "; it has one at layers 0-2, 4"):
+        export_control_vector_gguf(v, tmp_path / "a.gguf")
+    with pytest.raises(PersonavecError, match="no direction at layer 3"):
+        export_control_vector_gguf(v, tmp_path / "a.gguf", layers=[2, 3])
+    with pytest.raises(PersonavecError, match="coef 0 would write a control vector of zeros, which steers nothing; "
+                                              "export with a non-zero coef"):
+        export_control_vector_gguf(v, tmp_path / "a.gguf", layers=[2], coef=0)
+    with pytest.raises(PersonavecError, match="coef must be a finite number, not nan"):
+        export_control_vector_gguf(v, tmp_path / "a.gguf", layers=[2], coef=float("nan"))
+    with pytest.raises(PersonavecError, match='layers must be a whole number \\(int\\), not "2"'):
+        export_control_vector_gguf(v, tmp_path / "a.gguf", layers=["2"])
+    assert list(tmp_path.iterdir()) == []
+    v.save(tmp_path / "v.safetensors")
+    assert main(["vectors", "export-gguf", str(tmp_path / "v.safetensors"), "--out", str(tmp_path / "b.gguf"),
+                 "--layers", "2", "--coef", "0"]) != 0
+    assert "--coef 0 would write a control vector of zeros" in capsys.readouterr().err
+    assert not (tmp_path / "b.gguf").exists()
+    export_control_vector_gguf(v, tmp_path / "c.gguf", layers=[2, 4], coef=2.0)  # rows with a direction still go
+
+
+def test_direction_refuses_a_row_without_one_and_names_the_layers_with_one():
+    v = _vec(n_layers=6)
+    v.tensors["response_avg"][0] = 0
+    v.tensors["response_avg"][4:] = 0
+    assert torch.equal(v.direction(2), v.get(2))
+    with pytest.raises(PersonavecError, match="the evil vector has no direction at layer 0 \\(its row there is zero\\)"
+                                              "; it has one at layers 1-3$"):
+        v.direction(0)
+    v.tensors["prompt_last"][:] = 0
+    with pytest.raises(PersonavecError, match="no direction at layer 1 .*; it is zero at every layer"):
+        v.direction(1, "prompt_last")
+    v.tensors["prompt_avg"][2, 0] = float("nan")  # written after construction, which refuses NaN
+    with pytest.raises(PersonavecError, match="no direction at layer 2 \\(its row there is not finite\\)"):
+        v.direction(2, "prompt_avg")

@@ -75,5 +75,6 @@ def cmd_vectors_export(args: argparse.Namespace) -> None:
 
     vec = load_vector(args.vector)
     layers = parse_layers(args.layers) if args.layers else None
-    out = export_control_vector_gguf(vec, args.out, layers=layers, coef=args.coef, pooling=args.pooling)
+    out = export_control_vector_gguf(vec, args.out, layers=layers, coef=args.coef, pooling=args.pooling,
+                                     coef_name="--coef")
     print(f"wrote {out} (use with llama.cpp: --control-vector {out})")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown, whole
 from ..files import (
     append_text,
     check_writable,
@@ -51,8 +51,7 @@ def project_rows(lm: LoadedModel, rows: Sequence[dict[str, Any]], probes: Sequen
                  poolings: Sequence[str] = MONITOR_POOLINGS, batch_size: int = 16,
                  max_length: int | None = None) -> pd.DataFrame:
     """Projection and cosine columns for ``rows`` (one model pass for all probes, layers and poolings)."""
-    for p in probes:
-        p.vector.check_compatible(lm)
+    check_probes(lm, probes)
     pairs = [conversation_pair(r, lm.tokenizer) for r in rows]
     table = project_pairs(lm, [p for p, _ in pairs], [a or "" for _, a in pairs], directions(probes), poolings,
                           batch_size=batch_size, max_length=max_length)
@@ -65,6 +64,25 @@ def project_rows(lm: LoadedModel, rows: Sequence[dict[str, Any]], probes: Sequen
     return pd.DataFrame(out, columns=columns(probes, poolings))
 
 
+def check_probes(lm: LoadedModel | None, probes: Sequence[Probe]) -> None:
+    """Refuse a vector made for another model (when ``lm`` is given) and a layer where a vector has no direction: a
+    zero row would project everything to 0 (or NaN), silently."""
+    for p in probes:
+        if lm is not None:
+            p.vector.check_compatible(lm)
+        for layer in p.layers:
+            p.vector.direction(layer, p.pooling)
+
+
+def check_poolings(poolings: Sequence[str], what: str = "--pooling") -> None:
+    if isinstance(poolings, str) or not isinstance(poolings, (list, tuple)):
+        raise PersonavecError(f"{what} must be a list of poolings ({', '.join(MONITOR_POOLINGS)}), not "
+                              f"{shown(poolings)}")
+    bad = [p for p in poolings if p not in MONITOR_POOLINGS]
+    if bad:
+        raise PersonavecError(f"unknown pooling {shown(bad[0])} in {what}; choose from {', '.join(MONITOR_POOLINGS)}")
+
+
 def project(lm: LoadedModel, conversations: Sequence[dict[str, Any]] | pd.DataFrame,
             vectors: Mapping[str, PersonaVector], layers: Sequence[int] | None = None,
             poolings: Sequence[str] = MONITOR_POOLINGS, batch_size: int = 16,
@@ -75,10 +93,32 @@ def project(lm: LoadedModel, conversations: Sequence[dict[str, Any]] | pd.DataFr
     chat-formatted ``prompt`` and an optional ``answer``. ``vectors``: by name; each is read at ``layers``
     (default: its chosen layer). One model pass serves every vector, layer and pooling.
     """
-    rows = conversations.to_dict("records") if isinstance(conversations, pd.DataFrame) else list(conversations)
+    if isinstance(conversations, pd.DataFrame):
+        rows = conversations.to_dict("records")
+    elif isinstance(conversations, (list, tuple)) and all(isinstance(r, Mapping) for r in conversations):
+        rows = list(conversations)
+    else:
+        bad = conversations if not isinstance(conversations, (list, tuple)) else \
+            next(r for r in conversations if not isinstance(r, Mapping))
+        raise PersonavecError(f"project's conversations must be a list of dicts (each with 'messages', or 'prompt' "
+                              f"and 'answer') or a DataFrame, not {shown(bad)}" + (" in the list" if bad is not
+                                                                                   conversations else ""))
+    if not isinstance(vectors, Mapping) or not all(isinstance(k, str) and isinstance(v, PersonaVector)
+                                                   for k, v in vectors.items()):
+        raise PersonavecError("project's vectors must be a dict of name -> PersonaVector, e.g. {\"evil\": vec}, not "
+                              + (shown(vectors) if not isinstance(vectors, Mapping) else "a dict holding "
+                                 + next(shown(x) for kv in vectors.items() for x in kv
+                                        if not isinstance(x, (str, PersonaVector)))))
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)):
+            raise PersonavecError(f"project's layers must be a list of layer numbers, not {shown(layers)}")
+        layers = [whole(x, "project's layers", low=0) for x in layers]
+    check_poolings(poolings, "project's poolings")
+    batch_size = whole(batch_size, "project's batch_size", low=1)
+    if max_length is not None:
+        max_length = whole(max_length, "project's max_length", low=1)
     probes = make_probes(vectors, layers)
-    for p in probes:
-        p.vector.check_compatible(lm)
+    check_probes(lm, probes)
     pairs = [conversation_pair(r, lm.tokenizer) for r in rows]
     return project_pairs(lm, [p for p, _ in pairs], [a or "" for _, a in pairs], directions(probes), poolings,
                          batch_size=batch_size, max_length=max_length)
@@ -107,6 +147,7 @@ def check_projection(path: str | os.PathLike, probes: Sequence[Probe], out: str 
     bad = [p for p in poolings if p not in MONITOR_POOLINGS]
     if bad:
         raise PersonavecError(f"unknown pooling {bad[0]!r}; choose from {', '.join(MONITOR_POOLINGS)}")
+    check_probes(None, probes)
     settings = projection_settings(path, probes, poolings, model_id, max_length)
     if out.exists() and out.stat().st_size and not settings_path(out).exists():
         raise PersonavecError(f"{out} holds rows but no record of their settings ({settings_path(out).name}); "

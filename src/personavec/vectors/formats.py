@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite, whole
 from ..files import atomic_path
 from ..model.activations import POOLINGS
 from .vector import PersonaVector
@@ -62,8 +62,11 @@ def import_official(paths: str | os.PathLike | Iterable[str | os.PathLike], mode
 
 
 def export_control_vector_gguf(vec: PersonaVector, path: str | os.PathLike, layers: Sequence[int] | None = None,
-                               coef: float = 1.0, pooling: str | None = None) -> Path:
+                               coef: float = 1.0, pooling: str | None = None, coef_name: str = "coef") -> Path:
     """Write a llama.cpp control vector: row ``ℓ`` × ``coef`` as ``direction.(ℓ − 1)``.
+
+    Refused before anything is written: a layer where the vector has no direction (a zero row) and ``coef`` 0
+    (``coef_name``: how the caller calls it, e.g. the CLI's ``--coef``), both of which would export zeros.
 
     ``layers`` defaults to the chosen layer. llama.cpp adds every direction in the file, so export only
     the layers you mean to steer at. Rows 0 and 1 cannot be represented (llama.cpp has no slot for the
@@ -77,10 +80,15 @@ def export_control_vector_gguf(vec: PersonaVector, path: str | os.PathLike, laye
         if vec.chosen_layer is None:
             raise PersonavecError("vector has no chosen layer; pass the layers to export")
         layers = [vec.chosen_layer]
+    layers = [whole(x, "layers", low=0) for x in layers]
     bad = [x for x in layers if not 2 <= x <= vec.n_layers]
     if bad:
         raise PersonavecError(f"layers {bad} cannot go into a llama.cpp control vector "
                               f"(which covers layers 2..{vec.n_layers})")
+    if finite(coef, coef_name) == 0:
+        raise PersonavecError(f"{coef_name} 0 would write a control vector of zeros, which steers nothing; export "
+                              f"with a non-zero {coef_name}")
+    rows = {layer: vec.direction(layer, pooling) for layer in layers}  # a zero row is refused, naming the layer
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
@@ -90,8 +98,8 @@ def export_control_vector_gguf(vec: PersonaVector, path: str | os.PathLike, laye
             writer.add_string("personavec.trait", vec.trait)
             writer.add_string("personavec.pooling", pooling)
             writer.add_float32("personavec.coef", float(coef))
-            for layer in sorted(layers):
-                arr = (vec.tensors[pooling][layer] * float(coef)).numpy().astype(np.float32)
+            for layer in sorted(rows):
+                arr = (rows[layer] * float(coef)).numpy().astype(np.float32)
                 writer.add_tensor(f"direction.{layer - 1}", arr)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
