@@ -139,7 +139,7 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     ({"steer": [{"vector": "evil", "coef": 1, "positions": "everywhere"}]}, {}, "persona.steer[0].positions"),
     ({"monitor": ["nope"]}, {}, "persona.monitor[0].vector"),
     (None, {"n": 2}, "n"),
-    (None, {"max_tokens": 4000}, "messages"),  # longer than the tiny model's context
+    (None, {"max_tokens": 4000}, "max_tokens"),  # with the prompt, longer than the tiny model's context
     (None, {"temperature": 7}, "temperature"),
     (None, {"temperature": 1, "seed": 2**64}, "seed"),
     (None, {"temperature": 10**400}, "temperature"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..errors import PersonavecError
@@ -27,6 +28,51 @@ def format_chat(tokenizer: Any, user: str, system: str | None = None, assistant:
     if assistant is not None:
         text += assistant
     return text
+
+
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The texts a tokenizer reads as special tokens (``<|im_start|>``, ``<|im_end|>``, ...), longest first."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    return sorted(texts, key=len, reverse=True)
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of ``messages`` in the model's chat template, every message's content read as text: a control
+    token typed in a message (``<|im_end|>\\n<|im_start|>assistant``) is tokenized as the characters it is, so no
+    message can close its turn or open another; the template's own control tokens stay special.
+
+    A chat whose contents hold no control token gets exactly the ids of its whole rendered text."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    markers = control_tokens(tokenizer)
+    forged = [any(t in m["content"] for t in markers) for m in messages]
+    if not any(forged):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # render again with a placeholder for each content, to learn where the contents lie in the text
+    holders = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    shaped = tokenizer.apply_chat_template([{**m, "content": h} for m, h in zip(messages, holders)], tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+    parts = re.split("(\ue000\\d+\ue001)", shaped)
+    order = [int(x[1:-1]) for x in parts[1::2]]
+    if order != list(range(len(messages))) or \
+            "".join(messages[int(x[1:-1])]["content"] if i % 2 else x for i, x in enumerate(parts)) != text:
+        first = forged.index(True)
+        raise PersonavecError(f"messages[{first}] holds the chat template's control token(s) "
+                              f"{', '.join(t for t in markers if t in messages[first]['content'])}, and this model's "
+                              "template changes message text, so they cannot be kept as plain text; remove them")
+    segments: list[tuple[str, bool]] = []  # (text, literal): a content without control tokens joins the template
+    for i, x in enumerate(parts):            # text around it, tokenized as in the whole text
+        j = int(x[1:-1]) if i % 2 else None
+        piece, literal = (x, False) if j is None else (messages[j]["content"], forged[j])
+        if segments and not literal and not segments[-1][1]:
+            segments[-1] = (segments[-1][0] + piece, False)
+        else:
+            segments.append((piece, literal))
+    ids: list[int] = []
+    for piece, literal in segments:
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
+    return ids
 
 
 def missing(x: Any) -> bool:

@@ -6,6 +6,8 @@ OpenAI-style error body). Nothing in a request can name a file: vectors are the 
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 
 from ..engine.decoder import Guard, Request
+from ..errors import PersonavecError
+from ..model.chat import chat_ids
 from ..model.edits import POSITIONS, Edit
 from ..model.loading import LoadedModel
 from ..vectors.vector import PersonaVector
@@ -23,6 +27,21 @@ MAX_TOKENS = 4096
 MAX_ENTRIES = 32  # entries of each persona list (steer, cap, cap.layers, monitor): every one costs every step
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
+MAX_STOPS = 4  # stop strings of a request, as OpenAI allows
+# what a request may set; ``persona`` is this server's extension
+FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+          "stream_options", "n", "persona")
+# OpenAI fields this server does not implement: only the values that change nothing pass (null always does)
+UNSERVED: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},),
+    "modalities": (["text"],), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+    "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (), "verbosity": ()}
+LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a caller: any string, no effect here
+STEER_FIELDS = ("vector", "coef", "layer", "positions")
+CAP_FIELDS = ("vector", "max", "layers")
+GUARD_FIELDS = ("vector", "threshold", "action", "coef")
 
 
 class BadRequest(Exception):
@@ -60,6 +79,8 @@ class ChatCall:
     guarded: str | None  # the vector the guard watches
     stream: bool
     prompt_tokens: int
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    usage: bool = False  # a streamed answer ends with a usage chunk (stream_options.include_usage)
 
 
 def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key: Any,
@@ -67,45 +88,58 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     """``defaults``: the server's persona policy (``cap``, ``guard``), used for what a request's ``persona``
     does not set."""
     if not isinstance(body, dict):
-        raise BadRequest(None, "the request body must be a JSON object")
+        raise BadRequest(None, f"the request body must be a JSON object, not {_shown(body)}")
+    _fields(body)
     messages = _messages(body.get("messages"))
     if _int(body, "n", 1) != 1:
-        raise BadRequest("n", "only n = 1 is served; send several requests for several answers")
+        raise BadRequest("n", f"only n = 1 is served, not {_shown(body['n'])}; send several requests for several "
+                              "answers")
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if length_field == "max_completion_tokens" and body.get("max_tokens") not in (None, body[length_field]):
+        raise BadRequest("max_tokens", "max_tokens and max_completion_tokens say different lengths; send one")
     max_tokens = _int(body, length_field, DEFAULT_MAX_TOKENS)
     if not 1 <= max_tokens <= MAX_TOKENS:
         raise BadRequest(length_field, f"{length_field} must be between 1 and {MAX_TOKENS}, not {max_tokens}")
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
-        raise BadRequest("temperature", f"temperature must be between 0 and 2, not {temperature}")
+        raise BadRequest("temperature", f"temperature must be between 0 and 2, not {_shown(body['temperature'])}")
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
-        raise BadRequest("top_p", f"top_p must be in (0, 1], not {top_p}")
+        raise BadRequest("top_p", f"top_p must be above 0 and at most 1, not {_shown(body['top_p'])}")
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
-        raise BadRequest("seed", f"seed must be between 0 and 2**63 - 1, not {seed}")
+        raise BadRequest("seed", f"seed must be between 0 and {2**63 - 1} (2**63 - 1), not {seed}")
     stream = _or(body.get("stream"), False)
     if not isinstance(stream, bool):
-        raise BadRequest("stream", "stream must be true or false")
+        raise BadRequest("stream", f"stream must be true or false, not {_shown(stream)}")
+    usage = _stream_options(body.get("stream_options"), stream)
+    stop = _stops(body.get("stop"))
     persona = body.get("persona")
     if defaults and (persona is None or isinstance(persona, dict)):
         persona = {**defaults, **(persona or {})}
     edits, monitor, guard = _persona(persona, vectors, lm.n_layers)
-    try:
-        prompt = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:  # a control token typed in a message is text: nobody can forge a turn
+        ids = chat_ids(lm.tokenizer, messages)
+    except PersonavecError as e:
+        raise BadRequest("messages", str(e)) from None
     except Exception as e:  # the model's template refuses this chat (e.g. roles that do not alternate)
         raise BadRequest("messages", f"the model's chat template refuses these messages: {str(e)[:200]}") from None
-    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     context = lm.context_length
     if context and len(ids) + max_tokens > context:
-        raise BadRequest("messages", f"the prompt has {len(ids)} tokens and {length_field} is {max_tokens}: "
-                                     f"together more than the model's context of {context}; shorten the chat or "
-                                     f"{length_field}")
+        asked = f"{length_field} {max_tokens}" if body.get(length_field) is not None else \
+            f"the default {length_field} {max_tokens}"
+        if len(ids) < context:
+            raise BadRequest(length_field, f"the prompt has {len(ids)} tokens; with {asked} the answer could run "
+                                           f"past the model's context of {context} tokens: send {length_field} of "
+                                           f"at most {context - len(ids)}, or shorten the chat")
+        raise BadRequest("messages", f"the prompt has {len(ids)} tokens, which leaves no room for an answer in the "
+                                     f"model's context of {context}; shorten the chat")
     reads = tuple((layer, vectors[name].direction(layer)) for name, layer in monitor)
     request = Request(tuple(ids), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                       seed=secrets.randbits(31) if seed is None else seed, edits=tuple(edits), key=key,
                       reads=reads, guard=guard)
-    return ChatCall(request, monitor, None if guard is None else monitor[guard.read][0], stream, len(ids))
+    return ChatCall(request, monitor, None if guard is None else monitor[guard.read][0], stream, len(ids), stop,
+                    usage)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -114,7 +148,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}")
+            raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, "
+                                               f"not {_shown(m, 80)}")
+        _known(m, ("role", "content"), f"messages[{i}]")  # a name, tool calls, ...: not served, not ignored
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError:  # JSON can carry a lone surrogate (\ud800); no tokenizer takes it
@@ -126,6 +162,85 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """``value`` as the request wrote it, in JSON (``"2"`` for a string, ``13.0``, ``true``, ``null``), cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    except (TypeError, ValueError):
+        text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _known(entry: dict, fields: tuple[str, ...], where: str) -> None:
+    """Refuse a key of ``entry`` outside ``fields``, naming it, what it may have meant, and the fields there are."""
+    for key in entry:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BadRequest(f"{where}.{key}"[:120], f"{where}: unknown field '{str(key)[:40]}'{hint}; fields: "
+                                                     f"{', '.join(fields)}")
+
+
+def _fields(body: dict) -> None:
+    """Refuse a top-level field that this server does not know, or one of OpenAI's it does not implement set to
+    a value that would change the answer (a client must not believe it got what it asked for)."""
+    for key, value in body.items():
+        if key in FIELDS or value is None:
+            continue
+        if key in LABELS:
+            if not isinstance(value, str):
+                raise BadRequest(key, f"{key} must be a string, not {_shown(value)}")
+        elif key in UNSERVED:
+            if not any(_same(value, ok) for ok in UNSERVED[key]):
+                allowed = f" (only {' or '.join(_shown(x) for x in UNSERVED[key])}, which changes nothing)" \
+                    if UNSERVED[key] else ""
+                raise BadRequest(key, f"{key} is not implemented by this server{allowed}; leave it out")
+        else:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BadRequest(str(key)[:120], f"unknown field '{str(key)[:40]}'{hint}; this server takes: "
+                                             f"{', '.join(FIELDS)}")
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """JSON equality: ``false`` is not ``0``, ``0.0`` is ``0``."""
+    if isinstance(value, bool) or isinstance(ok, bool):
+        return isinstance(value, bool) and isinstance(ok, bool) and value == ok
+    numbers = isinstance(value, (int, float)) and isinstance(ok, (int, float))
+    return (numbers or type(value) is type(ok)) and value == ok
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    """``stop``: null, a string, or a list of at most ``MAX_STOPS`` strings, none empty."""
+    stops = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > MAX_STOPS:
+        raise BadRequest("stop", f"stop must be a string or a list of at most {MAX_STOPS} strings, none empty; not "
+                                 f"{_shown(value)}")
+    for x in stops:
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("stop", "stop is not valid Unicode text (a lone surrogate)") from None
+    return tuple(dict.fromkeys(stops))
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    """Whether the stream ends with a usage chunk (``stream_options.include_usage``)."""
+    if value is None:
+        return False
+    if not isinstance(value, dict):
+        raise BadRequest("stream_options", f"stream_options must be an object, not {_shown(value)}")
+    _known(value, ("include_usage",), "stream_options")
+    usage = _or(value.get("include_usage"), False)
+    if not isinstance(usage, bool):
+        raise BadRequest("stream_options.include_usage", "stream_options.include_usage must be true or false, not "
+                                                         f"{_shown(usage)}")
+    if not stream:
+        raise BadRequest("stream_options", "stream_options is only for streamed answers (stream: true); leave it "
+                                           "out (the answer's usage is always in its body)")
+    return usage
+
+
 def _number(obj: dict, field: str, default: float | None, where: str = "") -> float:
     """``obj[field]`` as a finite float; ``default`` when it is missing or null (required when that is None)."""
     value = obj.get(field)
@@ -133,13 +248,26 @@ def _number(obj: dict, field: str, default: float | None, where: str = "") -> fl
         if default is None:
             raise BadRequest(where + field, f"{where + field} is required")
         value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a string" if isinstance(value, str) else "true or false" if isinstance(value, bool) else "a list" \
+            if isinstance(value, list) else "an object" if isinstance(value, dict) else "that"
+        raise BadRequest(where + field, f"{where + field} must be a number, not {kind}: {_shown(value)}"
+                                        + (f" (write {value.strip()}, without quotes)" if isinstance(value, str)
+                                           and _is_number(value) else ""))
     try:
-        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+        finite = math.isfinite(float(value))
     except OverflowError:  # an integer too large for a float
         finite = False
     if not finite:
-        raise BadRequest(where + field, f"{where + field} must be a finite number, not {str(value)[:40]}")
+        raise BadRequest(where + field, f"{where + field} must be a finite number, not {_shown(value)}")
     return float(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _int(obj: dict, field: str, default: int | None, where: str = "") -> Any:
@@ -148,7 +276,7 @@ def _int(obj: dict, field: str, default: int | None, where: str = "") -> Any:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(where + field, f"{where + field} must be an integer, not {value!r}")
+        raise BadRequest(where + field, f"{where + field} must be an integer, not {_shown(value)}")
     return value
 
 
@@ -156,14 +284,19 @@ def _vector(entry: dict, vectors: dict[str, ServedVector], where: str) -> Served
     name = entry.get("vector")
     if not isinstance(name, str) or name not in vectors:
         known = ", ".join(sorted(vectors)) or "none"
-        raise BadRequest(where + "vector", f"unknown vector {name!r}; this server has: {known}")
+        what = f"{where}vector is required" if name is None else f"{where}vector must be a vector's name (a " \
+            f"string), not {_shown(name)}" if not isinstance(name, str) else f"unknown vector {_shown(name)}"
+        raise BadRequest(where + "vector", f"{what}; this server has: {known} (GET /v1/persona/vectors lists them)")
     return vectors[name]
 
 
 def _layer(value: Any, default: int, n_layers: int, where: str) -> int:
     layer = default if value is None else value
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_layers:
-        raise BadRequest(where, f"{where} must be a layer between 1 and {n_layers}, not {layer!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise BadRequest(where, f"{where} must be an integer (a layer from 1 to {n_layers}), not {_shown(layer)}")
+    if not 1 <= layer <= n_layers:
+        raise BadRequest(where, f"{where} must be a layer from 1 to {n_layers} (the model's {n_layers} blocks), not "
+                                f"{layer}")
     return layer
 
 
@@ -171,7 +304,7 @@ def _entries(persona: dict, field: str) -> list[dict]:
     value = persona.get(field)
     value = [] if value is None else value
     if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
-        raise BadRequest(f"persona.{field}", f"persona.{field} must be a list of objects")
+        raise BadRequest(f"persona.{field}", f"persona.{field} must be a list of objects, not {_shown(value)}")
     _bounded(value, f"persona.{field}")
     return value
 
@@ -191,32 +324,37 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
     if persona is None:
         return [], [], None
     if not isinstance(persona, dict):
-        raise BadRequest("persona", "persona must be an object with steer, cap, monitor and guard")
-    unknown = set(persona) - {"steer", "cap", "monitor", "guard"}
-    if unknown:
-        raise BadRequest("persona", f"unknown persona field(s) {', '.join(repr(x) for x in sorted(unknown))}; use "
-                                    "steer, cap, monitor, guard")
+        raise BadRequest("persona", f"persona must be an object with steer, cap, monitor and guard, not "
+                                    f"{_shown(persona)}")
+    _known(persona, ("steer", "cap", "monitor", "guard"), "persona")
     edits: list[Edit] = []
     for i, e in enumerate(_entries(persona, "steer")):
         where = f"persona.steer[{i}]."
+        _known(e, STEER_FIELDS, where[:-1])
         sv = _vector(e, vectors, where)
-        coef = _number(e, "coef", None, where)
-        if abs(coef) > MAX_COEF:
-            raise BadRequest(where + "coef", f"|{where}coef| must be at most {MAX_COEF:g}, not {coef:g}")
+        coef = _coef(e, where)
         layer = _layer(e.get("layer"), sv.layer, n_layers, where + "layer")
         positions = _or(e.get("positions"), "response")
         if positions not in POSITIONS:
-            raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}")
+            raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}, not "
+                                                  f"{_shown(positions)}")
         edits.append(Edit(layer, sv.direction(layer), coef, positions=positions))
     for i, e in enumerate(_entries(persona, "cap")):
         where = f"persona.cap[{i}]."
+        _known(e, CAP_FIELDS, where[:-1])
         sv = _vector(e, vectors, where)
         cap = _number(e, "max", None, where)
-        if abs(cap) > MAX_COEF * max(1.0, float(sv.direction().norm())):
-            raise BadRequest(where + "max", f"{where}max {cap:g} is out of any useful range")
+        norm = float(sv.direction().norm())
+        bound = MAX_COEF * max(1.0, norm)
+        if abs(cap) > bound:
+            raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
+                                            f"{_shown(e['max'])}: a projection on the unit direction of "
+                                            f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} (the "
+                                            "most the largest steering adds)")
         layers = _or(e.get("layers"), [sv.layer])
         if not isinstance(layers, list) or not layers:
-            raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers")
+            raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers, not "
+                                               f"{_shown(layers)}")
         _bounded(layers, where + "layers")
         for layer in layers:
             layer = _layer(layer, sv.layer, n_layers, where + "layers")
@@ -225,7 +363,8 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
     if wanted is True:
         wanted = list(vectors)
     if not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted):
-        raise BadRequest("persona.monitor", "persona.monitor must be true or a list of vector names")
+        raise BadRequest("persona.monitor", f"persona.monitor must be true or a list of vector names, not "
+                                            f"{_shown(wanted)}")
     _bounded(wanted, "persona.monitor")
     wanted = list(dict.fromkeys(wanted))  # a name given twice is read once
     monitor = []
@@ -235,24 +374,34 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
     return edits, monitor, _guard(persona.get("guard"), vectors, monitor)
 
 
+def _coef(entry: dict, where: str, default: float | None = None) -> float:
+    coef = _number(entry, "coef", default, where)
+    if abs(coef) > MAX_COEF:
+        raise BadRequest(where + "coef", f"{where}coef must be between {-MAX_COEF:g} and {MAX_COEF:g} (in units of "
+                                         f"the raw vector), not {_shown(entry.get('coef'))}")
+    return coef
+
+
 def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[tuple[str, int]]) -> Guard | None:
     """The live monitor: its vector is read (added to ``monitor`` when not there) and checked per token."""
     if g is None:
         return None
     if not isinstance(g, dict):
-        raise BadRequest("persona.guard", "persona.guard must be {vector, threshold, action, coef}")
+        raise BadRequest("persona.guard", f"persona.guard must be {{vector, threshold, action, coef}}, not "
+                                          f"{_shown(g)}")
     where = "persona.guard."
+    _known(g, GUARD_FIELDS, where[:-1])
     sv = _vector(g, vectors, where)
     threshold = _number(g, "threshold", None, where)
     action = _or(g.get("action"), "stop")
     if action not in ("stop", "steer"):
-        raise BadRequest(where + "action", f"{where}action must be 'stop' or 'steer', not {action!r}")
+        raise BadRequest(where + "action", f'{where}action must be "stop" or "steer", not {_shown(action)}')
     edit = None
     if action == "steer":
-        coef = _number(g, "coef", -4.0, where)
-        if abs(coef) > MAX_COEF:
-            raise BadRequest(where + "coef", f"|{where}coef| must be at most {MAX_COEF:g}, not {coef:g}")
-        edit = Edit(sv.layer, sv.direction(), coef, positions="response")
+        edit = Edit(sv.layer, sv.direction(), _coef(g, where, -4.0), positions="response")
+    elif g.get("coef") is not None:
+        raise BadRequest(where + "coef", f'{where}coef is for action "steer" only (a stopped answer is not steered); '
+                                         "leave it out, or set action to \"steer\"")
     if (sv.name, sv.layer) not in monitor:
         monitor.append((sv.name, sv.layer))
     return Guard(monitor.index((sv.name, sv.layer)), threshold, action, edit)
@@ -267,16 +416,26 @@ def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVe
         try:
             policy.setdefault("cap", []).append({"vector": name, "max": float(value)})
         except ValueError:
-            raise BadRequest("--cap", f"--cap {spec!r}: write NAME=MAX (a number)") from None
+            raise BadRequest("--cap", f"--cap {spec}: write NAME=MAX (a number)") from None
         if not eq:
-            raise BadRequest("--cap", f"--cap {spec!r}: write NAME=MAX")
+            raise BadRequest("--cap", f"--cap {spec}: write NAME=MAX")
     if guard:
         parts = guard.split(":")
         try:
             policy["guard"] = {"vector": parts[0], "threshold": float(parts[1]), "action": parts[2],
                                **({"coef": float(parts[3])} if len(parts) > 3 else {})}
         except (IndexError, ValueError):
-            raise BadRequest("--guard", f"--guard {guard!r}: write NAME:THRESHOLD:stop or "
+            raise BadRequest("--guard", f"--guard {guard}: write NAME:THRESHOLD:stop or "
                                         "NAME:THRESHOLD:steer[:COEF]") from None
-    _persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
+    try:
+        _persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
+    except BadRequest as e:  # named by the flag that set it: persona.cap[1] is the second --cap
+        param = e.param or ""
+        if param.startswith("persona.guard"):
+            flag, spec = "--guard", guard
+        elif param.startswith("persona.cap["):
+            flag, spec = "--cap", caps[int(param[len("persona.cap["):].split("]")[0])]
+        else:
+            raise
+        raise BadRequest(flag, f"{flag} {spec}: {e.message}") from None
     return policy
