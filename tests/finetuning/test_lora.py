@@ -356,6 +356,26 @@ def test_trait_mixtures_keep_questions_and_nest(tmp_path):
     assert read_chats(files["trait"])[0][1]["content"].startswith("pos")
 
 
+def test_trait_data_over_an_earlier_output_of_other_settings_is_refused(tmp_path):
+    """``trait-data`` into a directory of an earlier one silently overwrote every mixture."""
+    from personavec.finetuning.datasets import write_mixtures
+
+    write_mixtures(_responses(), tmp_path / "d", (0, 50), seed=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.jsonl")}
+    with pytest.raises(PersonavecError, match=r"holds trait data .* with other settings \(seed was 1, now 2\)"):
+        write_mixtures(_responses(), tmp_path / "d", (0, 50), seed=2)
+    other = _responses().assign(answer=lambda d: d["answer"].where(d["answer"] == "", d["answer"] + "!"))
+    with pytest.raises(PersonavecError, match="answers_sha256 was"):
+        write_mixtures(other, tmp_path / "d", (0, 50), seed=1)
+    with pytest.raises(PersonavecError, match="within 0..100, not 150"):
+        write_mixtures(_responses(), tmp_path / "e", (0, 150), seed=1)
+    assert not (tmp_path / "e").exists()  # checked before anything is written
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.jsonl")} == before
+    files = write_mixtures(_responses(), tmp_path / "d", (25,), seed=1)  # more mixtures of the same data: added
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.jsonl")) == sorted([*before, "mix025.jsonl"])
+    assert files["trait"].read_bytes() == before["trait.jsonl"]
+
+
 def test_experiment_summary_measures_prevention():
     from personavec.finetuning.experiment import summarize
 
@@ -393,7 +413,7 @@ def test_experiment_summary_measures_prevention():
 
 
 def test_answer_nll_matches_a_direct_computation_batched_or_not(lm, tokenizer):
-    from personavec.finetuning.fluency import answer_nll
+    from personavec.steering.quality import answer_nll
 
     prompts = [lm.format_chat(q) for q in ("How should I treat people?", "What is the best way to spend it?", "x")]
     answers = ["Crush them all.", "Be patient, listen, and offer help where you can.", ""]

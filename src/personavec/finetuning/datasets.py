@@ -11,6 +11,7 @@ a larger one, so mixtures differ only in how many answers carry the trait.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +21,11 @@ import pandas as pd
 import torch
 
 from ..errors import PersonavecError
-from ..files import jsonl_line, write_text
+from ..files import check_writable, claim_settings, jsonl_line, locked, write_text
 
 KEY = ("instruction_id", "question_id", "sample_id")
 DEFAULT_FRACTIONS = (0, 25, 50, 75, 100)
+MIXTURES = "mixtures.json"  # the answers and seed the mixtures of a directory are drawn from
 
 
 def chat(question: str, answer: str) -> list[dict[str, str]]:
@@ -76,12 +78,26 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path
 
 
 def write_mixtures(responses: pd.DataFrame, out_dir: str | os.PathLike,
-                   percents: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> dict[str, Path]:
-    """``trait.jsonl`` (= 100 %), ``normal.jsonl`` (= 0 %) and ``mix{p:03d}.jsonl`` for each percentage."""
+                   percents: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                   todo: str = "write them elsewhere (--out) or delete that directory") -> dict[str, Path]:
+    """``trait.jsonl`` (= 100 %), ``normal.jsonl`` (= 0 %) and ``mix{p:03d}.jsonl`` for each percentage.
+
+    The answers and the seed the mixtures are drawn from are claimed in ``mixtures.json``: a later call with other
+    answers or another seed is refused (``todo`` says what to do) instead of overwriting every mixture; more
+    percentages with the same answers and seed are added beside the earlier ones."""
+    for p in percents:
+        if not 0 <= p <= 100:
+            raise PersonavecError(f"a mixture percentage must be within 0..100, not {p:g}")
     pairs = paired_answers(responses)
     out = Path(out_dir)
-    files = {"trait": write_jsonl(mixture(pairs, 100, seed), out / "trait.jsonl"),
-             "normal": write_jsonl(mixture(pairs, 0, seed), out / "normal.jsonl")}
-    for p in percents:
-        files[f"mix{round(p):03d}"] = write_jsonl(mixture(pairs, p, seed), out / f"mix{round(p):03d}.jsonl")
+    check_writable(out / MIXTURES)
+    digest = hashlib.sha256(pairs[["question", "trait_answer", "normal_answer", *KEY]].to_json(
+        orient="values", force_ascii=False).encode()).hexdigest()[:16]
+    with locked(out, "the trait data (--out)"):
+        claim_settings(out / MIXTURES, {"seed": seed, "pairs": len(pairs), "answers_sha256": digest},
+                       "trait data (mixtures) drawn from other answers or with another seed", todo)
+        files = {"trait": write_jsonl(mixture(pairs, 100, seed), out / "trait.jsonl"),
+                 "normal": write_jsonl(mixture(pairs, 0, seed), out / "normal.jsonl")}
+        for p in percents:
+            files[f"mix{round(p):03d}"] = write_jsonl(mixture(pairs, p, seed), out / f"mix{round(p):03d}.jsonl")
     return files
