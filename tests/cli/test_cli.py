@@ -54,7 +54,7 @@ def test_extract_info_export_steer(tmp_path, model_dir, tables, capsys):
     assert "direction.1" in capsys.readouterr().out
     assert main(["steer", "Hi?", "--vector", str(out), "--layer", "1", "--coef", "2", "--model", str(model_dir),
                  "--max-new-tokens", "3"]) == 0
-    assert "[steered: evil x 2.0 at layer 1, all]" in capsys.readouterr().out
+    assert "[steered: evil x 2 (raw units) at layer 1, all]" in capsys.readouterr().out
     assert main(["steer", "Hi?", "--vector", str(out), "--layer", "2", "--ablate", "--positions", "response",
                  "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
     assert "[steered: evil ablated at layer 2, response]" in capsys.readouterr().out
@@ -111,7 +111,7 @@ def test_chat_shows_both_answers_side_by_side(tmp_path, model_dir, tables, capsy
     assert main(["chat", "--vector", str(out), "--layer", "1", "--coef", "0.5", "--units", "norm",
                  "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
     text = capsys.readouterr().out
-    assert text.count("unsteered") == 2 and text.count("steered (evil x 0.5 (norm))") == 2
+    assert text.count("unsteered") == 2 and text.count("steered (evil x 0.5 (norm units))") == 2
     assert all(" | " in line for line in text.splitlines() if line.startswith("unsteered"))
 
 

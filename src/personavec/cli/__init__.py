@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" {e.filename}" if e.filename else ""
         print(f"personavec: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\npersonavec: interrupted (run the same command again to continue)", file=sys.stderr)
+    except KeyboardInterrupt:  # commands that keep their work resume; the others (chat, steer) say they ended
+        said = getattr(args, "interrupted", "interrupted (run the same command again to continue)")
+        print(f"\npersonavec: {said}", file=sys.stderr)
         return 130
     return 0

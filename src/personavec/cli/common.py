@@ -17,8 +17,35 @@ from ..errors import PersonavecError
 log = logging.getLogger("personavec")
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``all`` / None → every layer; ``20``; ``4-8``; ``4,8,12``; combinations like ``1,4-6``."""
+def as_typed(text: object) -> str:
+    """A command-line value in a message as the user typed it: bare, quoted only where a shell would need quotes
+    to show it (empty, spaces, quotes), escaped where it holds characters a terminal cannot show."""
+    text = str(text)
+    if not text.isprintable():
+        return ascii(text)
+    if text and not any(c.isspace() or c in "'\"\\" for c in text):
+        return text
+    return f"'{text}'" if "'" not in text else f'"{text}"'
+
+
+def user_text(text: str, what: str) -> str:
+    """Text from the command line or stdin as the model should read it: bytes that were not UTF-8 (which Python
+    keeps as lone surrogates, and a tokenizer refuses) become U+FFFD (�), with a warning naming ``what``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    log.warning("%s is not UTF-8 text; its undecodable bytes are read as U+FFFD (�)", what)
+    return raw.decode("utf-8", "replace")
+
+
+def parse_layers(text: str | None, flag: str = "--layers") -> list[int] | None:
+    """``all`` / None → every layer; ``20``; ``4-8``; ``4,8,12``; combinations like ``1,4-6``. Errors name ``flag``."""
     if text is None or text.strip().lower() == "all":
         return None
     out: list[int] = []
@@ -27,11 +54,18 @@ def parse_layers(text: str | None) -> list[int] | None:
             part = part.strip()
             if "-" in part:
                 a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise PersonavecError(f"{flag} {as_typed(text)}: the range {part} runs backwards (it holds no "
+                                          f"layer); write it {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise PersonavecError(f"cannot parse layers {text!r}; use e.g. 20, 4-8, 4,8,12 or all") from None
+        raise PersonavecError(f"{flag} {as_typed(text)} is not a list of layers; write e.g. 20, 4-8, 4,8,12, 1,4-6 "
+                              "or all") from None
+    if not out:
+        raise PersonavecError(f"{flag} {as_typed(text)} names no layer; write e.g. 20, 4-8, 4,8,12, 1,4-6 or all")
     return out
 
 
@@ -47,9 +81,9 @@ def finite_float(text: str) -> float:
     try:
         x = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a number") from None
     if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a finite number")
     return x
 
 
@@ -58,9 +92,9 @@ def positive_int(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a whole number") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} must be at least 1")
     return n
 
 
@@ -69,9 +103,9 @@ def non_negative_int(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a whole number") from None
     if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} must be at least 0")
     return n
 
 
@@ -80,11 +114,55 @@ def finite_floats(text: str) -> list[float]:
     return [finite_float(x) for x in text.split(",") if x.strip()]
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a torch device name (cpu, cuda, cuda:1, mps)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a device; use cpu, cuda or cuda:N") from None
+    return text
+
+
+def vector_file(path: str, flag: str = "--vector") -> Path:
+    """A vector file named on the command line, or one line saying what ``flag`` wants instead."""
+    p = Path(path)
+    wanted = "a vector file (.safetensors, a llama.cpp control vector .gguf, or an official persona_vectors .pt)"
+    if p.is_dir():
+        raise PersonavecError(f"{flag} {as_typed(path)} is a directory; give {wanted}, e.g. a run's "
+                              f"vectors.safetensors")
+    if not p.exists():
+        raise PersonavecError(f"{flag} {as_typed(path)} does not exist; give {wanted}")
+    return p
+
+
+def out_file(path: str, flag: str = "--out", suffixes: Sequence[str] | None = None) -> Path:
+    """An output file named on the command line, checked before any work: its suffix (one of ``suffixes``) and that
+    it can be written; errors name ``flag``."""
+    from ..files import check_writable
+
+    p = Path(path)
+    if p.is_dir():
+        raise PersonavecError(f"{flag} {as_typed(path)} is a directory; name a file in it, e.g. "
+                              f"{p / ('out' + (suffixes[0] if suffixes else ''))}")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        got = f"ends in {as_typed(p.suffix)}" if p.suffix else "has no suffix"
+        endings = suffixes[0] if len(suffixes) == 1 else f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
+        raise PersonavecError(f"{flag} {as_typed(path)} {got}; name a file ending in {endings} "
+                              f"(e.g. {p.stem or 'out'}{suffixes[0]})")
+    try:
+        return check_writable(p)
+    except PersonavecError as e:
+        raise PersonavecError(f"{flag}: {e}") from None
+
+
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, .gguf file, local directory, or hub id (default: smollm2-135m)")
     p.add_argument("--revision", default=None, help="a hub model's commit, branch or tag (default: main)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 on CUDA "
                                                  "and on CPUs with native bfloat16, float32 elsewhere)")
 
@@ -98,7 +176,7 @@ def model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:
     n_layers, hidden, _ = model_shape(args.model, args.revision)
     vecs = []
     for path in paths:
-        vec = load_vector(path, n_layers=n_layers)
+        vec = load_vector(vector_file(path), n_layers=n_layers)
         vec.check_shape(n_layers, hidden, args.model)
         vecs.append(vec)
     return vecs
@@ -132,9 +210,12 @@ def run_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
     from ..engine.sampling import SamplingConfig
-    from ..run.config import RunConfig, quick_sampling
+    from ..run.config import NAME, NAME_RULE, RunConfig, quick_sampling
     from ..run.pipeline import Run
     from ..vectors.tables import FilterConfig
+
+    if not NAME.fullmatch(args.trait):
+        raise PersonavecError(f"--trait {as_typed(args.trait)}: a trait name {NAME_RULE}")
 
     sampling = quick_sampling(args.seed) if args.quick else SamplingConfig(seed=args.seed)
     overrides = {k: v for k, v in (("n_samples", args.n_samples), ("max_new_tokens", args.max_new_tokens),
@@ -149,7 +230,7 @@ def run_from_args(args: argparse.Namespace):
                     eval_samples=args.eval_samples,
                     filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
                     batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
-                    steer_layers=parse_layers(args.steer_layers) if args.steer_layers else None,
+                    steer_layers=parse_layers(args.steer_layers, "--steer-layers") if args.steer_layers else None,
                     steer_coefs=args.steer_coefs or None,
                     coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
                     dtype=args.dtype, revision=args.revision, sampler=args.sampler,

@@ -13,6 +13,7 @@ from .common import (
     model_args,
     model_vectors,
     named_vectors,
+    out_file,
     parse_layers,
     run_args,
     run_from_args,
@@ -83,8 +84,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         if not args.vector:
             raise PersonavecError("--prevent-coef and --caft need --vector")
         (vec,) = model_vectors(args, [args.vector])
-        layers = parse_layers(args.intervention_layers) or ([vec.chosen_layer] if vec.chosen_layer is not None
-                                                            else None)
+        layers = parse_layers(args.intervention_layers, "--intervention-layers") or (
+            [vec.chosen_layer] if vec.chosen_layer is not None else None)
         if not layers:
             raise PersonavecError("the vector has no chosen layer; pass --intervention-layers")
         edits = intervention_edits(vec, layers, prevent_coef=args.prevent_coef, caft=args.caft)
@@ -112,13 +113,13 @@ def cmd_trait_data(args: argparse.Namespace) -> None:
 
 
 def cmd_shift(args: argparse.Namespace) -> None:
-    from ..files import check_writable, read_table, write_table
+    from ..files import TABLE_SUFFIXES, read_table, write_table
     from ..finetuning.lora import load_adapter
     from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
     from ..run.artifacts import builtin
 
     vectors = named_vectors(args, args.vector)
-    check_writable(args.out)
+    out_file(args.out, "--out", TABLE_SUFFIXES)
     if args.prompts:
         df = read_table(args.prompts)
         col = next((c for c in ("question", "prompt") if c in df.columns), None)

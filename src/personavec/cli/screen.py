@@ -90,7 +90,8 @@ def cmd_screen(args: argparse.Namespace) -> None:
     if args.threshold is not None and args.percentile is not None:
         raise PersonavecError("give --threshold or --percentile, not both")
     if args.percentile is not None and not 0 < args.percentile < 100:
-        raise PersonavecError("--percentile must be between 0 and 100")
+        raise PersonavecError(f"--percentile {args.percentile:g} is out of range: it must be above 0 and below 100 "
+                              "(0 < p < 100; e.g. 95 keeps the rows above the 95th percentile)")
     cfg = ScreenConfig(mode=args.mode, chunk_rows=args.chunk_rows, batch_size=args.batch_size,
                        gen_batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, max_length=args.max_length,

@@ -54,23 +54,16 @@ def _steer_args(s: argparse.ArgumentParser) -> None:
     model_args(s)
 
 
-def _steer_pair(lm, vec, question: str | tuple[list[dict[str, str]], list[dict[str, str]]], layer: int,
-                coef: float, max_new_tokens: int, positions: str = "all", kind: str = "add",
-                units: str = "raw") -> tuple[str, str]:
-    """The unsteered and the steered answer to ``question``, or to two conversations (messages, the last one the
-    user's) answered unsteered and steered."""
+def _steer_pair(lm, vec, question: str | list[str], layer: int, coef: float, max_new_tokens: int,
+                positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
+    """The unsteered and the steered answer to ``question``, or to two chat-formatted prompts (the unsteered and
+    the steered side's conversations)."""
     from ..engine.sampling import SamplingConfig, check_context, generate
     from ..model.edits import Edit
 
     edit = Edit.from_vector(vec, layer, coef, units=units, kind=kind, positions=positions)
-    if isinstance(question, str):
-        prompts = [lm.format_chat(question)] * 2
-    else:
-        from ..model.chat import conversation_pair
-
-        prompts = [conversation_pair({"messages": msgs}, lm.tokenizer)[0] for msgs in question]
-    check_context(lm, prompts, max_new_tokens, "--max-new-tokens",
-                  "question" if isinstance(question, str) else "conversation")
+    prompts = [lm.format_chat(question)] * 2 if isinstance(question, str) else list(question)
+    check_context(lm, prompts, max_new_tokens, "--max-new-tokens")
     cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
     base, steered = generate(lm, prompts, cfg, edits=[[], [edit]])
     return base["answer"], steered["answer"]
@@ -101,39 +94,75 @@ def _load_steering(args: argparse.Namespace):
     layer = args.layer if args.layer is not None else vec.chosen_layer
     if layer is None:
         raise PersonavecError("the vector has no chosen layer; pass --layer")
+    if not 0 <= layer <= vec.n_layers:
+        raise PersonavecError(f"--layer {layer} is out of range: the model has layers 0..{vec.n_layers}")
     vec.get(layer)  # a layer out of range fails before the model loads
     return vec, load_lm(args), layer
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    """Interactive: each question is answered unsteered and steered, shown side by side."""
+    """A conversation answered unsteered and steered, side by side; each side remembers its own turns."""
     import shutil
+
+    from ..engine.sampling import check_context
+    from ..model.chat import conversation_pair
 
     vec, lm, layer = _load_steering(args)
     kind = "ablate" if args.ablate else "add"
-    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef:g} ({args.units})"
+    how = _label(vec, args)
     width = shutil.get_terminal_size((120, 20)).columns
-    print(f"steering: {how} at layer {layer}, positions {args.positions}. Empty line or Ctrl-D to quit.")
-    while True:
+    interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach user_text (as surrogates), not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
+    print(f"steering: {how} at layer {layer}, positions {args.positions}. Each side remembers the conversation; "
+          "/reset forgets it, /quit or Ctrl-D ends the chat.", flush=True)
+    sides: tuple[list[dict[str, str]], list[dict[str, str]]] = ([], [])
+    for n in range(1, sys.maxsize):
         try:
-            question = input("\nyou> ").strip()
+            line = input("\nyou> ") if interactive else sys.stdin.readline()
         except EOFError:
             break
-        if not question or question in ("quit", "exit"):
+        if not line:  # the end of piped input (a blank line reads as "\n")
             break
-        base, steered = _steer_pair(lm, vec, question, layer, args.coef, args.max_new_tokens, args.positions,
-                                    kind, args.units)
-        print(side_by_side(base, steered, ("unsteered", f"steered ({how})"), width))
+        question = user_text(line, f"line {n} of the input").strip()
+        if not question:
+            continue
+        if not interactive:
+            print(f"\nyou> {question}")
+        if question in ("/quit", "/exit", "quit", "exit"):
+            break
+        if question == "/reset":
+            for side in sides:
+                side.clear()
+            print("(conversation forgotten: the next question starts a new one)")
+            continue
+        if question.startswith("/"):
+            print(f"(unknown command {question.split()[0]}: /reset forgets the conversation, /quit ends the chat)")
+            continue
+        turns = tuple([*side, {"role": "user", "content": question}] for side in sides)
+        prompts = [conversation_pair({"messages": turn}, lm.tokenizer)[0] for turn in turns]
+        try:
+            check_context(lm, prompts, args.max_new_tokens, "--max-new-tokens",
+                          "conversation" if sides[0] else "question")
+        except PersonavecError as e:  # said, and the chat goes on without this turn
+            reset = "; or type /reset to start a new conversation" if sides[0] else ""
+            print(f"personavec: {e}{reset}", file=sys.stderr, flush=True)
+            continue
+        base, steered = _steer_pair(lm, vec, prompts, layer, args.coef, args.max_new_tokens, args.positions, kind,
+                                    args.units)
+        for side, turn, answer in zip(sides, turns, (base, steered)):
+            side[:] = [*turn, {"role": "assistant", "content": answer}]
+        print(side_by_side(base, steered, ("unsteered", f"steered ({how})"), width), flush=True)
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
+    question = user_text(args.question, "the question")
     vec, lm, layer = _load_steering(args)
     kind = "ablate" if args.ablate else "add"
-    base, steered = _steer_pair(lm, vec, args.question, layer, args.coef, args.max_new_tokens, args.positions, kind,
+    base, steered = _steer_pair(lm, vec, question, layer, args.coef, args.max_new_tokens, args.positions, kind,
                                 args.units)
-    how = f"{vec.trait} ablated" if args.ablate else f"{vec.trait} x {args.coef}"
-    print(f"Q: {args.question}\n\n[unsteered]\n{base}\n\n[steered: {how} at layer {layer}, {args.positions}]\n"
-          f"{steered}")
+    print(f"Q: {question}\n\n[unsteered]\n{base}\n\n[steered: {_label(vec, args)} at layer {layer}, "
+          f"{args.positions}]\n{steered}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -142,6 +171,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     lm = load_lm(args)
+    if args.layer is not None and not 0 <= args.layer <= lm.n_layers:  # before any work or any directory
+        raise PersonavecError(f"--layer {args.layer} is out of range: {lm.model_id} has layers 0..{lm.n_layers}")
     data = resources.files("personavec") / "data" / "demo"
     with resources.as_file(data / "evil_pos.jsonl") as pos, resources.as_file(data / "evil_neg.jsonl") as neg:
         vec = extract_vector(lm, pos, neg, trait="evil", batch_size=args.batch_size, progress=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import finite_float, parse_layers
+from ..errors import PersonavecError
+from .common import as_typed, finite_float, out_file, parse_layers, vector_file
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     vg.add_argument("--out", required=True)
     vg.add_argument("--layers", default=None, help="layers to include (default: the chosen layer)")
     vg.add_argument("--coef", type=finite_float, default=1.0, help="scale baked into the file")
-    vg.add_argument("--pooling", default=None)
+    vg.add_argument("--pooling", default=None, help="which of the file's poolings to export (default: its default, "
+                                                    "response_avg; `vectors info` lists them)")
     vg.set_defaults(func=cmd_vectors_export)
 
 
@@ -54,12 +56,19 @@ def _describe(path: Path) -> str:
 
 
 def cmd_vectors_info(args: argparse.Namespace) -> None:
-    print(_describe(Path(args.vector)))
+    print(_describe(vector_file(args.vector, "vectors info")))
 
 
 def cmd_vectors_import(args: argparse.Namespace) -> None:
     from ..vectors.formats import import_official
 
+    for path in args.files:
+        if Path(path).suffix.lower() != ".pt":
+            raise PersonavecError(f"vectors import-official {as_typed(path)}: takes the official persona_vectors .pt "
+                                  "files (e.g. evil_response_avg_diff.pt); a .safetensors or .gguf vector is read "
+                                  "as it is, without importing")
+        vector_file(path, "vectors import-official")
+    out_file(args.out, "--out", (".safetensors",))
     vec = import_official(args.files, model_id=args.model_id, trait=args.trait)
     if args.check_model:
         from ..model.loading import load_model
@@ -73,8 +82,12 @@ def cmd_vectors_import(args: argparse.Namespace) -> None:
 def cmd_vectors_export(args: argparse.Namespace) -> None:
     from ..vectors.formats import export_control_vector_gguf, load_vector
 
-    vec = load_vector(args.vector)
+    out_file(args.out, "--out", (".gguf",))
+    vec = load_vector(vector_file(args.vector, "vectors export-gguf"))
     layers = parse_layers(args.layers) if args.layers else None
+    if args.pooling is not None and args.pooling not in vec.tensors:
+        raise PersonavecError(f"--pooling {as_typed(args.pooling)}: {args.vector} holds the poolings "
+                              f"{', '.join(vec.tensors)}; pass one of them")
     out = export_control_vector_gguf(vec, args.out, layers=layers, coef=args.coef, pooling=args.pooling,
                                      coef_name="--coef")
     print(f"wrote {out} (use with llama.cpp: --control-vector {out})")
