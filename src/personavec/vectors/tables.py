@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite
 from ..model.chat import format_chat, missing
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,13 @@ class FilterConfig:
     pos_min: float = 50.0
     neg_max: float = 50.0
     coherence_min: float = 50.0
+
+    def __post_init__(self) -> None:
+        for name in ("pos_min", "neg_max", "coherence_min"):  # judge scores: numbers in 0..100
+            x = finite(getattr(self, name), f"FilterConfig {name}")
+            if not 0 <= x <= 100:
+                raise PersonavecError(f"FilterConfig {name} must be between 0 and 100 (a judge score), not {x:g}")
+            object.__setattr__(self, name, x)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
