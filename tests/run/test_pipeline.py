@@ -317,8 +317,18 @@ def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_ke
     # preflight failures leave nothing behind, so the corrected command can use the same directory
     bad = (_tiny(model_dir, trait="grumpy"),
            _tiny(model_dir, artifacts_path=str(tmp_path / "missing.json")),
-           _tiny(model_dir, judge="openai:x", judge_base_url="http://127.0.0.1:9/v1"))
-    for cfg, msg in zip(bad, ("unknown trait", "does not exist", "unreachable")):
+           _tiny(model_dir, judge="openai:x", judge_base_url="http://127.0.0.1:9/v1"),
+           # the judge's model, the run's model, steering layers and --mmlu data were found missing or out of
+           # range only after run.json was claimed (and, for the judge, 480 answers sampled)
+           _tiny(model_dir, judge=f"local:{tmp_path / 'nonexistent-model'}"),
+           _tiny(model_dir, model=str(tmp_path / "nowhere")),
+           _tiny(model_dir, steer_layers=[3]),
+           _tiny(model_dir, mc_path=str(tmp_path / "mmlu")),
+           _tiny(model_dir, eval_judge="gpt-4"))
+    msgs = ("unknown trait", "does not exist", "unreachable", r"judge local:.*nonexistent-model: could not load model",
+            "could not load model", r"steering layer 3 \(--steer-layers\) is out of range: .* has layers 0..2",
+            r"multiple-choice data \(--mmlu, mc_path\): .*mmlu: no such file", "unknown judge")
+    for cfg, msg in zip(bad, msgs, strict=True):
         with pytest.raises(PersonavecError, match=msg):
             Run(cfg, run_dir=run_dir, progress=False).run()
         assert not run_dir.exists()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import PersonavecError
-from ..model.loading import DEFAULT_MODEL, LoadedModel, cache_root, load_model
+from ..model.loading import DEFAULT_MODEL, LoadedModel, cache_root, load_model, model_shape
 
 PREFLIGHT_PROMPT = "Reply with the number 0."
 SPECS = "local, local:MODEL, openai:MODEL or none"
@@ -22,8 +22,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def preflight_judge(spec: str, base_url: str | None = None) -> None:
     """Fail at once, before any work, when an endpoint judge is unreachable or returns no logprobs (one 1-token
-    request; local judges and ``none`` need no check)."""
+    request), or a local judge's model does not exist (read from its config, no weights loaded)."""
     kind, rest = parse_spec(spec)
+    if kind == "local":
+        try:
+            model_shape(rest or DEFAULT_MODEL)
+        except PersonavecError as e:
+            raise PersonavecError(f"judge {spec}: {e}") from None
     if kind != "openai":
         return
     from ..endpoint import ChatClient, EndpointConfig

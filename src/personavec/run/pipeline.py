@@ -41,9 +41,9 @@ from ..engine.sampling import run_sampling
 from ..errors import PersonavecError
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
 from ..judge.scoring import judge_rows
-from ..judge.spec import make_judge, preflight_judge
+from ..judge.spec import make_judge, parse_spec, preflight_judge
 from ..model.edits import Edit, steer
-from ..model.loading import LoadedModel, load_model
+from ..model.loading import LoadedModel, load_model, model_shape
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from ..stats import auroc, cohens_d
@@ -96,8 +96,22 @@ class Run:
         """Every check that can fail at the start, before anything is written: the directory's recorded settings,
         the judge endpoint, and the artifacts (read, or generated; saved once the run is claimed)."""
         refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
+        n_layers = model_shape(self.cfg.model, self.cfg.revision)[0]  # the model exists (its config, no weights)
+        if self.cfg.steer_layers and not self.path("selection.json").exists():
+            bad = [x for x in self.cfg.steer_layers if not 0 <= x <= n_layers]
+            if bad:
+                raise PersonavecError(f"steering layer {bad[0]} (--steer-layers) is out of range: {self.cfg.model} "
+                                      f"has layers 0..{n_layers}")
+        if self.cfg.mc_path and not self.path("capability.json").exists():
+            from ..steering.capability import read_mmlu
+
+            try:
+                read_mmlu(self.cfg.mc_path)
+            except PersonavecError as e:
+                raise PersonavecError(f"the multiple-choice data (--mmlu, mc_path): {e}") from None
         if not self.path("judged.parquet").exists():  # the run's judge still has answers to score
             preflight_judge(self.cfg.judge, self.cfg.judge_base_url)
+        parse_spec(self.eval_judge_spec)  # the experiments' judge is at least a judge
         if self.sampler() is not None and self.cfg.sampler_check and not self.path("responses.parquet").exists():
             self.sampler().check_same_model(self.lm)
         if not self.path("artifacts.json").exists():
