@@ -62,3 +62,25 @@ def test_an_answer_needs_both_scores_to_count_as_judged(monkeypatch):
     out = judge_rows(judge, "Rate {question} / {answer}.", table(100), progress=False)
     assert len(judge.prompts) == 2 * 40 and "first 40 answers" in out.attrs["judge_note"]
     assert out["trait"].isna().all() and (out["coherence"].iloc[:40] == 50.0).all()
+
+
+def test_questions_and_answers_that_are_not_text_are_refused_naming_the_row():
+    """An empty cell (NaN) was judged as the text "nan"; a list as its repr."""
+    import pytest
+
+    from personavec.errors import PersonavecError
+
+    class Never:
+        name = "never"
+
+        def score(self, prompts, progress=False):
+            raise AssertionError("nothing may be sent")
+
+    rubric = "Q: {question} A: {answer}"
+    for df, message in ((pd.DataFrame({"question": ["a", "b"], "answer": ["x", math.nan]}),
+                         "row 1's answer is nan, not text; a judge scores text answers"),
+                        (pd.DataFrame({"question": [3, "b"], "answer": ["x", "y"]}),
+                         "row 0's question is 3, not text"),
+                        (pd.DataFrame({"question": ["a"], "answer": [["x"]]}), "row 0's answer is a list")):
+        with pytest.raises(PersonavecError, match=message):
+            judge_rows(Never(), rubric, df, progress=False)

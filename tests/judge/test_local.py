@@ -107,3 +107,22 @@ def test_a_shared_rubric_prefix_is_computed_once_and_changes_nothing(tokenizer, 
         alone = judge.distribution(text)
         for k in range(101):
             assert abs(dist.probs[k] - alone.probs[k]) <= 1e-5 * max(1.0, alone.probs[k]) + 1e-9, (text, k)
+
+
+def test_prompts_that_are_not_text_are_refused_naming_the_position(lm, tmp_path):
+    """``make_judge("local").score([None])`` raised a TypeError from deep in the tokenizer; the cached judge would
+    have stored a score under the key ``None``. Both refuse before scoring or caching anything."""
+    from personavec.errors import PersonavecError
+    from personavec.judge.cache import CachedJudge, JudgeCache
+
+    local = LocalJudge(lm)
+    cached = CachedJudge(local, JudgeCache(tmp_path / "c.sqlite"))
+    for judge in (local, cached):
+        with pytest.raises(PersonavecError, match="judge prompt 0 is None, not a string; a judge scores text"):
+            judge.score([None])
+        with pytest.raises(PersonavecError, match="judge prompt 1 is a list, not a string"):
+            judge.score(["Rate this: 'hi'. Reply with a number.", ["a"]])
+        with pytest.raises(PersonavecError, match="score takes a list of judge prompts, not \"Rate\"; wrap one prompt "
+                                                  "in a list"):
+            judge.score("Rate")
+    assert cached.score([]) == []

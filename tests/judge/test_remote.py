@@ -298,3 +298,9 @@ def test_invalid_base_url_is_reported_without_retrying():
     with pytest.raises(PersonavecError, match="http://") as err:
         make_judge("localhost:8000/v1")
     assert "\n" not in str(err.value)
+
+
+def test_an_endpoint_judge_refuses_prompts_that_are_not_text_before_any_request():
+    judge = make_judge("http://127.0.0.1:9/v1", max_retries=0, timeout=0.5)  # nothing listens: no request may go
+    with pytest.raises(PersonavecError, match="judge prompt 2 is None, not a string"):
+        judge.score(["a", "b", None])

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+from ..errors import PersonavecError, shown
+
 MIN_MASS = 0.25
 _INT = re.compile(r"[0-9]{1,3}")
 
@@ -61,3 +63,16 @@ class Judge(Protocol):
     name: str
 
     def score(self, prompts: Sequence[str], progress: bool | str = False) -> list[float | None]: ...
+
+
+def check_prompts(prompts: Sequence[str], what: str = "judge prompt") -> list[str]:
+    """``prompts`` as a list, refused unless it is a sequence of strings (not one string), naming the first
+    position that is not one — before anything is sent or cached."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise PersonavecError(f"score takes a list of {what}s, not {shown(prompts)}"
+                              + ("; wrap one prompt in a list" if isinstance(prompts, str) else ""))
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if not isinstance(p, str):
+            raise PersonavecError(f"{what} {i} is {shown(p)}, not a string; a judge scores text")
+    return out

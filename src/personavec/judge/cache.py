@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cache import KeyValueCache, digest
-from .base import Judge
+from .base import Judge, check_prompts
 
 
 def cache_key(judge_name: str, prompt: str) -> str:
@@ -83,7 +83,7 @@ class CachedJudge:
         return self.inner.name
 
     def score(self, prompts: Sequence[str], progress: bool | str = False) -> list[float | None]:
-        prompts = list(prompts)
+        prompts = check_prompts(prompts)
         name = self.name
         results: list[float | None] = [None] * len(prompts)
         cached = self.cache.get_many(name, prompts)

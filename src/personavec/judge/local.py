@@ -27,6 +27,7 @@ from ..model.activations import encode_pairs
 from ..model.chat import format_chat
 from ..model.layers import cache_kwarg, last_logits, output_cache
 from ..model.loading import LoadedModel, pad_token_id
+from .base import check_prompts
 
 MIN_MASS = 0.25
 SCORES = tuple(range(101))
@@ -196,6 +197,7 @@ class LocalJudge:
               on_result: Callable[[int, float | None], None] | None = None) -> list[float | None]:
         """Expected scores, ``batch_size`` prompts per forward pass; ``on_result`` is told each score as its batch
         finishes."""
+        prompts = check_prompts(prompts)
         desc = progress if isinstance(progress, str) else "judging"
         out: list[float | None] = [None] * len(prompts)
         # in text order a batch holds one rubric (and mostly one question): its shared prefix is computed once

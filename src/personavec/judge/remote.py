@@ -8,7 +8,7 @@ from typing import Any
 
 from ..endpoint import ChatClient, EndpointConfig
 from ..errors import PersonavecError
-from .base import MIN_MASS, ResultCallback, aggregate_score
+from .base import MIN_MASS, ResultCallback, aggregate_score, check_prompts
 
 TOP_LOGPROBS = 20
 
@@ -83,7 +83,7 @@ class OpenAIJudge:
         The first error (a :class:`PersonavecError` after retries) cancels the requests not yet started and is
         raised once the running ones finish; scores already passed to ``on_result`` are not lost.
         """
-        prompts = list(prompts)
+        prompts = check_prompts(prompts)
         results: list[float | None] = [None] * len(prompts)
         if not prompts:
             return results

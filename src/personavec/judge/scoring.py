@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import PersonavecError, shown
 from .rubrics import coherence_prompt
 
 #: a judge that gives no answer among the first this many both a trait and a coherence score is not asked about
@@ -26,6 +27,11 @@ def judge_rows(judge: Any | None, rubric: str, df: pd.DataFrame, progress: bool 
         return df.assign(trait=math.nan, coherence=math.nan)
     df = df.copy()
     questions, answers = df["question"].tolist(), df["answer"].tolist()
+    for name, values in (("question", questions), ("answer", answers)):
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:  # an empty cell (NaN) or a list would be judged as the text "nan" or "[...]"
+            raise PersonavecError(f"row {bad}'s {name} is {shown(values[bad])}, not text; a judge scores text "
+                                  f"{name}s (fill or drop that row)")
     n = len(df)
     trait: list[float | None] = [None] * n
     coherence: list[float | None] = [None] * n
