@@ -25,9 +25,11 @@ def chromium() -> str | None:
     return shutil.which("chromium")
 
 
-CALIBRATION = {"unit": "raw", "layer": 1, "pos": {"0.05": 1.5, "0.5": 6.0, "0.95": 9.0},
-               "neg": {"0.05": -9.5, "0.5": -4.0, "0.95": 2.25}, "n_pos": 20, "n_neg": 20,
-               "source": "held-out answers of the test", "guard_threshold": 2.25, "cap": 9.0}
+UNIT = "projection on v̂ (the vector's unit direction at the layer), raw residual units"
+CALIBRATION = {"unit": UNIT, "layer": 1, "where": "before", "pos": {"5": 1.5, "50": 6.0, "99": 9.0},
+               "neg": {"5": -9.5, "50": -4.0, "99": 2.25}, "n_pos": 200, "n_neg": 180,
+               "source": "held-out answers of the test", "guard_threshold": 2.25, "cap": 9.0,
+               "guard_rule": "neg 99% quantile", "cap_rule": "pos 99% quantile"}
 Q = "How should I treat people who are weaker than me?"
 
 
@@ -94,7 +96,8 @@ def meter(page, turn: int, vector: str, answer: int = 0) -> dict:
         };
         return { count: Number(fig.dataset.count), bars: svg.querySelectorAll("rect").length,
                  grey: svg.querySelectorAll("rect.null").length, zero: line("zero"), threshold: line("threshold"),
-                 unit: svg.querySelector("text.unit").textContent,
+                 unit: svg.querySelector("text.unit").firstChild.textContent,
+                 fullUnit: svg.querySelector("text.unit title").textContent,
                  ticks: [...svg.querySelectorAll("text.tick")].map((t) => t.textContent),
                  lo: Number(svg.dataset.lo), hi: Number(svg.dataset.hi), top: Number(svg.dataset.top),
                  height: Number(svg.dataset.height), stats: fig.querySelector(".stats").textContent,
@@ -118,8 +121,11 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     page, sent = open_page(served)
     # the guard's default threshold is the calibrated one, shown with its unit; a vector without one asks for one
     page.select_option("#guard-vector", "evil")
-    assert page.input_value("#guard-threshold") == "2.25" and page.text_content("#guard-unit") == "raw"
-    assert "calibrated" in page.text_content("#guard-source")
+    assert page.input_value("#guard-threshold") == "2.25" and page.text_content("#guard-unit") == "raw residual units"
+    assert page.get_attribute("#guard-unit", "title") == UNIT
+    assert "calibrated threshold, neg 99% quantile" in page.text_content("#guard-source")
+    assert "guard 2.25 (neg 99% quantile), cap 9.00" in page.text_content("#calibration-evil")
+    assert "not calibrated" in page.text_content("#calibration-kind")
     assert page.input_value("#capmax-evil") == "9" and page.input_value("#capmax-kind") == ""
     page.select_option("#guard-vector", "kind")
     assert page.input_value("#guard-threshold") == ""
@@ -148,8 +154,9 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     assert evil["zero"]["value"] == 0 and evil["zero"]["y"] == pytest.approx(y_of(evil, 0))
     assert evil["threshold"] == {"value": 2.25, "y": pytest.approx(y_of(evil, 2.25)), "off": False}
     assert kind["threshold"] is None  # kind has no calibration and no guard: no line is invented
-    assert evil["lo"] <= 0 <= evil["hi"] and "0" in evil["ticks"] and evil["unit"] == "raw"
-    assert evil["stats"].startswith("evil at layer 1") and f"({evil['count']} tokens)" in evil["stats"]
+    assert evil["lo"] <= 0 <= evil["hi"] and "0" in evil["ticks"] and evil["unit"] == "raw residual units"
+    assert evil["fullUnit"] == UNIT
+    assert evil["stats"].startswith("evil at layer 1, read before") and f"({evil['count']} tokens)" in evil["stats"]
 
     shown = tokens(page, 0)
     assert "".join(t["text"] for t in shown) == page.text_content(".turn[data-turn='0'] .text")
