@@ -183,6 +183,9 @@ def test_side_by_side_answers_share_a_seed_meters_stay_with_their_message_and_cl
     assert "steer" not in plain["persona"] and steered["persona"]["steer"] == [{"vector": "evil", "coef": 4}]
     first = [meter(page, 0, "evil", k)["count"] for k in (0, 1)]
     assert all(first)
+    # no guard set: the calibrated threshold is still drawn, as a line that is not a guard's
+    right = meter(page, 0, "evil", 1)
+    assert right["threshold"] == {"value": 2.25, "y": pytest.approx(y_of(right, 2.25)), "off": True}
     steered_text = page.locator(".turn[data-turn='0'] .answer .text").nth(1).text_content()
 
     page.uncheck("#side-by-side")
