@@ -149,11 +149,45 @@ def test_capping_and_concurrent_requests_with_different_steering(server):
     (None, {"stream": 0}, "stream"),
     ({"steer": [{"vector": "evil", "coef": 1}] * 33}, {}, "persona.steer"),  # one engine thread serves everyone
     ({"monitor": ["evil"] * 33}, {}, "persona.monitor"),
+    ({"cap": [{"vector": "evil", "max": 1, "layer": 2}]}, {}, "persona.cap[0].layer"),  # `layers` was meant
+    ({"steer": [{"vector": "evil", "coef": 1, "postions": "all"}]}, {}, "persona.steer[0].postions"),
+    (None, {"logprobs": True}, "logprobs"),  # OpenAI fields not implemented here
+    (None, {"frequency_penalty": 1.5}, "frequency_penalty"),
+    (None, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    (None, {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, persona, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         ask(server, persona, **kw)
     assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["message"]
+
+
+def test_an_answer_ends_before_its_first_stop_string_streamed_or_not(server):
+    free = ask(server, max_tokens=40).choices[0].message.content
+    stop = free[len(free) // 2: len(free) // 2 + 2]  # from the middle: the answer ends where it first appears
+    cut = free.index(stop)
+    assert 0 < cut < len(free) - 2
+    for stops in (stop, ["never in it", stop]):
+        whole = ask(server, max_tokens=40, stop=stops)
+        assert whole.choices[0].message.content == free[:cut] and whole.choices[0].finish_reason == "stop"
+        assert 0 < whole.usage.completion_tokens < ask(server, max_tokens=40).usage.completion_tokens
+        content, finishes, readings = "", [], []
+        for chunk in ask(server, {"monitor": ["evil"]}, stream=True, max_tokens=40, stop=stops):
+            content += chunk.choices[0].delta.content or ""
+            finishes.append(chunk.choices[0].finish_reason)
+            readings += (chunk.model_extra or {}).get("persona", {}).get("evil", {}).get("tokens", [])
+        assert content == free[:cut] and finishes[-1] == "stop" and finishes[:-1] == [None] * (len(finishes) - 1)
+        assert len(readings) == whole.usage.completion_tokens  # the readings of the tokens up to the stop
+    assert ask(server, max_tokens=40, stop="never in it").choices[0].message.content == free
+
+
+def test_a_stream_asked_for_its_usage_ends_with_a_usage_chunk(server):
+    whole = ask(server)
+    chunks = list(ask(server, stream=True, stream_options={"include_usage": True}))
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == {**chunks[-1].usage.model_dump(), **whole.usage.model_dump()}
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in ask(server, stream=True))  # not asked for: no usage chunk
 
 
 def test_malformed_messages_and_a_wrong_key(server):
@@ -190,7 +224,7 @@ def chat_body(content: str = QUESTION, **kw) -> bytes:
     (chat_body(persona={"cap": [{"vector": "evil", "max": -math.inf}]}), "persona.cap[0].max"),
     (chat_body("word " * 400), "messages"),  # a prompt longer than the tiny model's context of 256
     (chat_body("\ud800"), "messages[0]"),  # a lone surrogate: valid JSON, not text a tokenizer takes
-    (chat_body(persona={"\ud800": 1}), "persona"),  # ...and in a field name the error repeats
+    (chat_body(persona={"\ud800": 1}), "persona.\\ud800"),  # ...and in a field name the error repeats
 ])
 def test_bad_bodies_the_openai_client_cannot_send_get_400_naming_the_field(server, body, param):
     code, err = post(server, body)

@@ -5,8 +5,10 @@
 * ``GET /v1/models`` — the one served model;
 * ``GET /v1/persona/vectors`` — the loaded vectors (name, trait, layer, hidden size, norm, source file);
 * ``GET /v1/persona/status`` — requests in flight, answers dropped by callers that went away, batch limits;
-* ``POST /v1/chat/completions`` — ``messages``, ``max_tokens``/``max_completion_tokens``, ``temperature``,
-  ``top_p``, ``seed``, ``stream``, ``n`` = 1, and ``persona``: ``steer`` / ``cap`` entries (edits of this request
+* ``POST /v1/chat/completions`` — ``messages``, ``max_tokens``/``max_completion_tokens`` (default 256),
+  ``temperature``, ``top_p``, ``seed``, ``stop`` (the answer ends before the first, finish ``stop``; a streamed
+  answer holds back text that may begin one), ``stream``, ``stream_options.include_usage`` (a last chunk with the
+  usage, as OpenAI sends it), ``n`` = 1, and ``persona``: ``steer`` / ``cap`` entries (edits of this request
   only) and ``monitor`` (vector names, or true for all): the projection on v̂ at the vector's layer of the position
   that produced each generated token, returned in a top-level ``persona`` object (``{name: {layer, tokens, mean,
   max, guard_triggered}}``) and, when streaming, in every chunk as ``{name: {tokens}}`` for the tokens it delivers
@@ -15,17 +17,22 @@
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field, 401
 for a wrong key, 415 for a body not sent as ``application/json`` (so that a page of another site cannot make a
 keyless server on a laptop work for it), 500 when the model failed on the request's batch, 503 when too many
-requests are in flight. A caller that goes away (streaming or not) frees its slot at the engine's next step.
+requests are in flight (``Retry-After``: when a slot is likely to free, from how long requests stay, see
+:class:`Pace`). A field this server does not know, or an OpenAI field it does not implement set to anything but its
+no-op value, is a 400 naming it. A caller that goes away (streaming or not) frees its slot at the engine's next step.
 Readings that are not finite (an overflow in half precision) are ``null``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -48,13 +55,40 @@ MAX_BODY = 4 << 20  # bytes of a request body: far more than any context holds
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # the Host a server bound to loopback answers to
 
 
-def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 500: "server_error", 503: "server_busy"}.get(status, "invalid_request_error")
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     # a message may quote the caller's text, which JSON allows to hold lone surrogates that UTF-8 cannot
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
                         headers=headers)
+
+
+class Pace:
+    """How long requests stay in this server, for a busy server's ``Retry-After``: with N requests in flight that
+    each stay T seconds (the mean of the last ones to leave, answered, stopped or gone), one leaves every T / N
+    seconds (Little's law), so that is when a slot frees."""
+
+    def __init__(self, keep: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stays: deque[float] = deque(maxlen=keep)
+        self.since: dict[Any, float] = {}
+        self.clock = clock
+
+    def start(self, key: Any) -> None:
+        self.since[key] = self.clock()
+
+    def end(self, key: Any) -> None:
+        t0 = self.since.pop(key, None)
+        if t0 is not None:
+            self.stays.append(self.clock() - t0)
+
+    def retry_after(self, in_flight: int) -> int:
+        """Whole seconds until a slot is likely to free (at least 1, at most an hour). Before any request has left,
+        the oldest one in flight has stayed at least as long as it has been there."""
+        stay = sum(self.stays) / len(self.stays) if self.stays else \
+            self.clock() - min(self.since.values()) if self.since else 1.0
+        return max(1, min(3600, math.ceil(stay / max(1, in_flight))))
 
 
 def allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...] | None:
@@ -85,6 +119,7 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
     its loopback names only, so that a site whose name an attacker rebinds to 127.0.0.1 cannot use it."""
     name = model_name or lm.model_id
     state: dict[str, Worker] = {}
+    pace = Pace()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -147,30 +182,34 @@ def make_app(lm: LoadedModel, vectors: dict[str, ServedVector], model_name: str 
             # refuse concurrent calls), so streams go on meanwhile
             call = await asyncio.get_running_loop().run_in_executor(
                 parser, partial(parse_chat, body, lm, vectors, worker.next_key(), defaults=policy))
-            queue = worker.submit(call.request, stream=call.stream)
+            # an answer with stop strings is watched token by token, streamed or not
+            queue = worker.submit(call.request, stream=call.stream or bool(call.stop))
         except BadRequest as e:
-            return error(e.status, e.message, e.param)
+            in_flight = worker.status()["in_flight"]
+            busy = e.status == 503 and in_flight >= worker.max_waiting
+            return error(e.status, e.message, e.param, retry_after=pace.retry_after(in_flight) if busy else None)
+        pace.start(call.request.key)
         cid = f"chatcmpl-{call.request.key}"
         if call.stream:
-            return StreamingResponse(_stream(lm, call, queue, cid, name, worker), media_type="text/event-stream")
+            return StreamingResponse(_stream(lm, call, queue, cid, name, worker, pace), media_type="text/event-stream")
         event = None
+        watch = _Stops(lm, call, worker)
         try:
-            event = await _answer(request, queue)
+            event = await _answer(request, queue, watch.add)
         finally:
+            pace.end(call.request.key)
             if event is None:  # the caller went away (or the server is stopping this handler)
                 worker.cancel(call.request.key)
         if event is None:
             return Response(status_code=499)  # nobody reads it
         if event[0] == "error":
             return error(500, event[1])
-        result = event[1]
-        text = _decode(lm, result.token_ids)
+        result, text = watch.result(event[1])
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": result.finish}],
-            "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(result.token_ids),
-                      "total_tokens": call.prompt_tokens + len(result.token_ids)},
+            "usage": usage(call, result),
             "persona": _persona_summary(call, result)})
 
     return Starlette(routes=[Route("/", hosted(page)), Route("/v1/models", keyed(models)),
@@ -183,20 +222,81 @@ def _decode(lm: LoadedModel, tokens: list[int]) -> str:
     return lm.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
 
-async def _answer(request: HttpRequest, queue: asyncio.Queue) -> tuple | None:
-    """The call's last event (``done`` or ``error``), or None when the caller disconnects first."""
+async def _answer(request: HttpRequest, queue: asyncio.Queue, on_token: Callable[[int], Any]) -> tuple | None:
+    """The call's last event (``done`` or ``error``), or None when the caller disconnects first; ``on_token`` gets
+    each token of a call submitted with its tokens."""
     async def gone() -> None:  # the body is read: what the connection says next can only be its end
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     left = asyncio.ensure_future(gone())
-    event = asyncio.ensure_future(queue.get())
+    event: asyncio.Future | None = None
     try:
-        await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
-        return event.result() if event.done() else None
+        while True:
+            event = asyncio.ensure_future(queue.get())
+            await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                return None
+            if event.result()[0] != "token":
+                return event.result()
+            on_token(event.result()[1])
     finally:
         left.cancel()
-        event.cancel()
+        if event is not None:
+            event.cancel()
+
+
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where an answer ends: the start of the first stop string in ``text`` (None: none is in it)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string (held back until the next
+    tokens say whether it is one)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+class _Stops:
+    """An answer's text as its tokens arrive, cut at the first of the request's stop strings: the answer is ended
+    there (the engine stops generating it at its next step) and its result is that of the tokens up to the one
+    that completed the stop string, with finish "stop"."""
+
+    def __init__(self, lm: LoadedModel, call: ChatCall, worker: Worker) -> None:
+        self.lm, self.call, self.worker = lm, call, worker
+        self.tokens: list[int] = []
+        self.at: int | None = None  # tokens up to the stop string
+        self.text = ""  # the answer so far, up to any stop string
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True when the answer ends at a stop string (tokens after that are ignored)."""
+        if self.at is not None:
+            return True
+        self.tokens.append(token)
+        self.text = _decode(self.lm, self.tokens)
+        cut = stop_at(self.text, self.call.stop)
+        if cut is not None:
+            self.at, self.text = len(self.tokens), self.text[:cut]
+            self.worker.end(self.call.request.key)
+        return self.at is not None
+
+    def result(self, result: Any) -> tuple[Any, str]:
+        """The engine's ``result`` as the caller gets it, and its text."""
+        if self.at is None:
+            text = _decode(self.lm, result.token_ids)
+            cut = stop_at(text, self.call.stop)
+            if cut is None:
+                return result, text
+            self.at, self.text = len(result.token_ids), text[:cut]
+        n, guard = self.at, self.call.request.guard
+        readings = [values[:n] for values in result.readings]
+        # the guard counts only where it triggered within the answer's tokens (it triggers at the first reading over)
+        triggered = bool(result.guard_triggered and guard is not None
+                         and any(x > guard.threshold for x in readings[guard.read]))
+        return dataclasses.replace(result, token_ids=result.token_ids[:n], readings=readings, finish="stop",
+                                   guard_triggered=triggered), self.text
 
 
 def _readings(values: list[float]) -> list[float | None]:
@@ -216,29 +316,39 @@ def _persona_summary(call: ChatCall, result: Any) -> dict[str, Any]:
 
 
 async def _stream(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str,
-                  worker: Worker) -> AsyncIterator[str]:
+                  worker: Worker, pace: Pace) -> AsyncIterator[str]:
     done = False
     try:
-        async for part in _chunks(lm, call, queue, cid, model):
+        async for part in _chunks(lm, call, queue, cid, model, _Stops(lm, call, worker)):
             yield part
         done = True
     finally:
+        pace.end(call.request.key)
         if not done:  # the client went away mid-answer: its slot frees at the engine's next step
             worker.cancel(call.request.key)
 
 
-async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str) -> AsyncIterator[str]:
+def usage(call: ChatCall, result: Any) -> dict[str, int]:
+    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(result.token_ids),
+            "total_tokens": call.prompt_tokens + len(result.token_ids)}
+
+
+async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: str,
+                  watch: _Stops) -> AsyncIterator[str]:
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, persona: dict | None = None) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, persona: dict | None = None,
+              counts: dict | None = None) -> str:
+        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                "choices": [] if delta is None else [{"index": 0, "delta": delta,
+                                                                      "finish_reason": finish}]}
+        if call.usage:  # as OpenAI sends it: null in every chunk but the last, which has no choices
+            body["usage"] = counts
         if persona is not None:
             body["persona"] = persona
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    tokens: list[int] = []
     sent = ""
     pending: list[list[float]] = []  # readings of tokens whose text is not out yet
     while True:
@@ -248,20 +358,26 @@ async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: 
             return
         if event[0] == "done":
             break
-        tokens.append(event[1])
+        stopped = watch.at is not None
+        if watch.add(event[1]):  # at a stop string: the rest comes with the last chunk; later tokens are not sent
+            if not stopped:
+                pending.append(event[2])
+            continue
         pending.append(event[2])
-        text = _decode(lm, tokens)
-        if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+        text = watch.text
+        # a character split over tokens, or an end that may begin a stop string: wait for the next tokens
+        if text.endswith("\ufffd") or held(text, call.stop):
             continue
         persona = {vec: {"tokens": _readings([r[k] for r in pending])} for k, (vec, _) in enumerate(call.monitor)}
         yield chunk({"content": text[len(sent):]}, persona=persona if call.monitor else None)
         sent, pending = text, []
-    result = event[1]
-    text = _decode(lm, result.token_ids)
+    result, text = watch.result(event[1])
     # the last chunk: the readings of tokens not yet delivered, and each vector's summary over the whole answer
     summary = _persona_summary(call, result)
     for k, (vec, _) in enumerate(call.monitor):
         summary[vec]["tokens"] = _readings([r[k] for r in pending])
     yield chunk({"content": text[len(sent):]} if text != sent else {}, finish=result.finish,
                 persona=summary if call.monitor else None)
+    if call.usage:
+        yield chunk(None, counts=usage(call, result))
     yield "data: [DONE]\n\n"

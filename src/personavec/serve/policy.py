@@ -95,11 +95,13 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
         raise BadRequest("n", f"only n = 1 is served, not {_shown(body['n'])}; send several requests for several "
                               "answers")
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if length_field == "max_completion_tokens" and body.get("max_tokens") not in (None, body[length_field]):
-        raise BadRequest("max_tokens", "max_tokens and max_completion_tokens say different lengths; send one")
     max_tokens = _int(body, length_field, DEFAULT_MAX_TOKENS)
     if not 1 <= max_tokens <= MAX_TOKENS:
         raise BadRequest(length_field, f"{length_field} must be between 1 and {MAX_TOKENS}, not {max_tokens}")
+    if length_field == "max_completion_tokens" and body.get("max_tokens") is not None and \
+            not _same(body["max_tokens"], max_tokens):
+        raise BadRequest("max_tokens", f"max_tokens {_shown(body['max_tokens'])} and max_completion_tokens "
+                                       f"{max_tokens} say different lengths; send one of them")
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise BadRequest("temperature", f"temperature must be between 0 and 2, not {_shown(body['temperature'])}")

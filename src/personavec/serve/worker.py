@@ -31,6 +31,7 @@ class Worker:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.cancelled = 0  # answers dropped because their caller went away
+        self._ended: set = set()  # answers the server ended itself (a stop string): not counted as cancelled
         self.failures = 0  # model steps that raised (their requests got an error)
         self._failing = 0  # failures since the last answer
         self._why = "the server is shutting down"  # what new calls are told once the loop has ended
@@ -68,6 +69,13 @@ class Worker:
         """Stop generating for a caller that went away (its slot frees at the engine's next step)."""
         self.feed.cancel(key)
 
+    def end(self, key: Any) -> None:
+        """Stop generating an answer the server has ended (at a stop string); its slot frees at the next step."""
+        with self._lock:
+            if key in self._calls:
+                self._ended.add(key)
+        self.feed.cancel(key)
+
     def close(self) -> None:
         with self._lock:
             self._stopped = True
@@ -77,6 +85,8 @@ class Worker:
     def _post(self, key: Any, event: tuple, last: bool = False) -> None:
         with self._lock:
             target = self._calls.pop(key, None) if last else self._calls.get(key)
+            if last:
+                self._ended.discard(key)
         if target is None or (event[0] == "token" and not target[2]):
             return
         try:
@@ -92,8 +102,9 @@ class Worker:
             try:
                 for result in self.engine.generate(
                         self.feed, on_token=lambda req, tok, read: self._post(req.key, ("token", tok, read))):
-                    self.cancelled += result.finish == "cancelled"
-                    if result.finish != "cancelled":  # the model answered: it works
+                    ended = result.key in self._ended  # cut at a stop string: the model answered
+                    self.cancelled += result.finish == "cancelled" and not ended
+                    if result.finish != "cancelled" or ended:  # the model answered: it works
                         self._failing = 0
                     self._post(result.key, ("done", result), last=True)
                 self._stop("the server is shutting down")  # the feed was closed
