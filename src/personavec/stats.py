@@ -1,11 +1,20 @@
-"""Small statistics on projections: AUROC and effect size (pure functions on tensors)."""
+"""Small statistics: AUROC, effect size, correlation, and seeded bootstrap intervals that resample clusters.
+
+Intervals resample *questions* (clusters), not rows: the answers to one question share its topic and wording, so
+resampling rows would treat them as independent and give intervals that are too narrow.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
+
+#: bootstrap resamples behind every interval personavec reports, and its level
+N_BOOT = 1000
+LEVEL = 0.95
 
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -36,3 +45,42 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     t = t - t.mean(0)
     denom = (t[:, 0].norm() * t[:, 1].norm()).item()
     return float((t[:, 0] @ t[:, 1]).item() / denom) if denom > 0 else float("nan")
+
+
+def bootstrap(stat: Callable[[np.ndarray], float], clusters: Sequence[Hashable], n_boot: int = N_BOOT,
+              level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``stat(rows)`` over resamples of whole clusters with replacement.
+
+    ``clusters[i]`` is row i's cluster (its question); each resample draws as many clusters as there are, with
+    replacement, and passes ``stat`` the row indices of the drawn clusters (a cluster drawn twice appears twice).
+    Resamples where ``stat`` is not finite are left out; ``(nan, nan)`` when fewer than half remain, or with fewer
+    than two clusters. Seeded: the same call gives the same interval.
+    """
+    keys = list(dict.fromkeys(clusters))
+    if len(keys) < 2:
+        return (math.nan, math.nan)
+    index = {k: i for i, k in enumerate(keys)}
+    members: list[list[int]] = [[] for _ in keys]
+    for row, c in enumerate(clusters):
+        members[index[c]].append(row)
+    rows_of = [np.asarray(m, dtype=np.int64) for m in members]
+    rng = np.random.default_rng(seed)
+    values = []
+    for draw in rng.integers(0, len(keys), size=(n_boot, len(keys))):
+        v = stat(np.concatenate([rows_of[k] for k in draw]))
+        if math.isfinite(v):
+            values.append(v)
+    if len(values) < n_boot / 2:
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return (float(lo), float(hi))
+
+
+def mean_interval(values: Sequence[float], clusters: Sequence[Hashable], seed: int = 0, n_boot: int = N_BOOT
+                  ) -> tuple[float, float]:
+    """Bootstrap interval of the mean of the finite ``values``, resampling their clusters."""
+    x = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(x)
+    x, groups = x[keep], [c for c, k in zip(clusters, keep) if k]
+    return bootstrap(lambda idx: float(x[idx].mean()) if len(idx) else math.nan, groups, n_boot=n_boot, seed=seed)
