@@ -46,3 +46,37 @@ def test_docs_api_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "api-example" / "report.html").exists()
     assert (tmp_path / "ft" / "example" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "screen-out" / "screen.parquet").exists()
+
+
+def test_wrong_types_at_the_public_api_are_one_clear_line_not_a_raw_exception(lm, tmp_path):
+    """Each of these raised a TypeError or AttributeError from deep inside (torch, pandas, a str method)."""
+    import torch
+
+    from conftest import tiny_llama
+
+    pv = personavec
+    vec = pv.PersonaVector(tensors={"response_avg": torch.randn(3, 32)}, model_id="tiny", trait="evil")
+    cases = [
+        (lambda: pv.load_model(None), "load_model's spec must be a string, not None"),
+        (lambda: pv.load_model("smollm2-135m", device=0), "load_model's device must be a string, not 0"),
+        (lambda: pv.load_model("smollm2-135m", dtype=32), "load_model's dtype must be a name such as float32"),
+        (lambda: pv.wrap_model("gpt2", lm.tokenizer), 'wrap_model\'s model must be a loaded Hugging Face causal LM '
+                                                      '\\(a torch module\\), not "gpt2"'),
+        (lambda: pv.wrap_model(tiny_llama(len(lm.tokenizer)), None), "wrap_model's tokenizer must be the model's"),
+        (lambda: pv.make_judge(None), "a judge spec is a string \\(local, local:MODEL, openai:MODEL or none\\), "
+                                      "not None"),
+        (lambda: pv.Run({"trait": "evil"}), 'Run takes a RunConfig, e.g. Run\\(RunConfig\\(trait="evil"\\)\\), not a '
+                                            'dict'),
+        (lambda: pv.load_vector(None), "load_vector takes the path of a vector file, not None"),
+        (lambda: pv.load_vector(tmp_path / "v.gguf", n_layers="30"), "load_vector's n_layers must be a whole number"),
+        (lambda: pv.shift(lm, lm, ["Why?"], [vec]), "shift's vectors must be a dict of name -> PersonaVector"),
+        (lambda: pv.shift(lm, lm, "Why?", {"evil": vec}), 'shift\'s questions must be a non-empty list of strings, '
+                                                          'not "Why\\?"'),
+        (lambda: pv.shift(lm, lm, [], {"evil": vec}), "shift's questions must be .*, not an empty list"),
+        (lambda: pv.shift(lm, lm, ["Why?", None], {"evil": vec}), "shift's questions must be .*, not None"),
+        (lambda: pv.screen(lm, tmp_path / "d.jsonl", [vec], tmp_path / "out"), "vectors must be a dict of name"),
+    ]
+    for call, message in cases:
+        with pytest.raises(pv.PersonavecError, match=message):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -18,6 +18,8 @@ def shown(value: object) -> str:
     kind = {"Tensor": "torch tensor", "ndarray": "NumPy array"}.get(type(value).__name__, type(value).__name__)
     if shape is not None:
         return f"a {kind} of shape [{', '.join(map(str, tuple(shape)))}]"
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return f"an empty {kind}"
     return f"a {kind}"
 
 

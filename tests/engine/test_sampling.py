@@ -92,8 +92,8 @@ def test_chat_refuses_a_prompt_that_leaves_no_room_in_the_context(lm):
     from personavec.errors import PersonavecError
 
     long = "fox " * 300
-    with pytest.raises(PersonavecError, match="the prompt has \\d+ tokens and max_new_tokens is 8: together more "
-                                              "than the model's context of 256 tokens; shorten the question$"):
+    with pytest.raises(PersonavecError, match=r"the prompt has \d+ tokens and max_new_tokens is 8: together more "
+                                              r"than the model's context of 256 tokens; shorten the question$"):
         chat(lm, long, max_new_tokens=8)
     short = "Tell me about foxes."
     n = len(lm.tokenizer(lm.format_chat(short), add_special_tokens=False)["input_ids"])
@@ -116,7 +116,7 @@ def test_an_engine_request_with_an_edit_for_another_model_is_refused_before_gene
                                                   "size is 32"):
             generate(lm, [lm.format_chat("Why?")] * 2, SamplingConfig(max_new_tokens=4),
                      edits=[[], [Edit(1, torch.randn(100), 2.0)]])
-        with pytest.raises(PersonavecError, match="Edit layer 7 is out of range: this model has layers 0..2"):
+        with pytest.raises(PersonavecError, match=r"Edit layer 7 is out of range: this model has layers 0\.\.2"):
             generate(lm, [lm.format_chat("Why?")], SamplingConfig(max_new_tokens=4), edits=[[Edit(7, torch.randn(32))]])
     finally:
         handle.remove()

@@ -209,8 +209,8 @@ def test_from_vector_refuses_a_layer_where_the_vector_has_no_direction():
     t[3] = 0  # a layer that was not extracted
     vec = PersonaVector(tensors={"response_avg": t}, model_id="m", trait="evil", chosen_layer=3)
     for layer in (None, 0, 3):
-        with pytest.raises(PersonavecError, match="the evil vector has no direction at layer [03] \\(its row there "
-                                                  "is zero\\); it has one at layers 1-2, 4"):
+        with pytest.raises(PersonavecError, match=r"the evil vector has no direction at layer [03] \(its row there "
+                                                  r"is zero\); it has one at layers 1-2, 4"):
             Edit.from_vector(vec, layer=layer, coef=4.0)
     with pytest.raises(PersonavecError, match="no direction at layer 0"):
         Edit.from_vector(vec, layer=0, kind="ablate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -157,14 +158,15 @@ def test_project_refuses_what_is_not_conversations_and_named_vectors(lm):
 
     v = _vec(0)
     v.chosen_layer = 1
-    for vectors, shown in (([v], "a list"), ((v,), "a tuple"), (v, "a PersonaVector"), ({"evil": v.get(1)},
-                                                                                        "a dict holding a torch tensor")):
+    cases = (([v], "a list"), ((v,), "a tuple"), (v, "a PersonaVector"),
+             ({"evil": v.get(1)}, "a dict holding a torch tensor"))
+    for vectors, shown in cases:
         with pytest.raises(PersonavecError, match=re.escape('project\'s vectors must be a dict of name -> '
                                                             f'PersonaVector, e.g. {{"evil": vec}}, not {shown}')):
             project(lm, ROWS, vectors)
-    with pytest.raises(PersonavecError, match="project's conversations must be a list of dicts .* not None$"):
+    with pytest.raises(PersonavecError, match=r"project's conversations must be a list of dicts .* not None$"):
         project(lm, None, {"evil": v})
-    with pytest.raises(PersonavecError, match='conversations must be .*, not "Hi" in the list'):
+    with pytest.raises(PersonavecError, match=r'conversations must be .*, not "Hi" in the list'):
         project(lm, ["Hi"], {"evil": v})
     with pytest.raises(PersonavecError, match='project\'s layers must be a whole number \\(int\\), not "1"'):
         project(lm, ROWS, {"evil": v}, layers=["1"])
@@ -193,3 +195,26 @@ def test_a_vector_without_a_direction_at_a_layer_is_not_projected(lm, tmp_path):
     with pytest.raises(PersonavecError, match="no direction at layer 0"):
         project_file(lm, data, [Probe("evil", v, (0,))], tmp_path / "out.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+def test_a_live_monitor_checks_its_fields_at_construction_and_the_size_at_attach(lm):
+    from personavec.errors import PersonavecError
+
+    v = _vec(0)
+    cases = [
+        ({"vector": v}, "LiveMonitor vector must be a 1-D torch tensor .*not a PersonaVector; take one layer's row "
+                        "with vec.get\\(layer\\)"),
+        ({"layer": "1"}, 'LiveMonitor layer must be a whole number \\(int\\), not "1"'),
+        ({"threshold": "5"}, 'LiveMonitor threshold must be a number, not "5"'),
+        ({"threshold": math.nan}, "LiveMonitor threshold must be a finite number, not nan"),
+        ({"steer_coef": None}, "LiveMonitor steer_coef must be a number, not None"),
+        ({"vector": torch.zeros(32)}, "LiveMonitor vector at layer 1 is zero: every reading would be 0"),
+        ({"vector": torch.full((32,), math.inf)}, "LiveMonitor vector at layer 1 holds NaN or infinite values"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(PersonavecError, match=message):
+            LiveMonitor(**{"vector": v.get(1), "layer": 1, "threshold": 5.0, **kwargs})
+    with pytest.raises(PersonavecError, match="LiveMonitor vector has 100 dims but the model's hidden size is 32"), \
+            LiveMonitor(torch.randn(100), 1).attach(lm):
+        pass
+    assert LiveMonitor(v.get(1).tolist(), 1).threshold == math.inf  # a list is converted; no threshold: never stops

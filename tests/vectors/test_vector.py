@@ -179,12 +179,35 @@ def test_direction_refuses_a_row_without_one_and_names_the_layers_with_one():
     v.tensors["response_avg"][0] = 0
     v.tensors["response_avg"][4:] = 0
     assert torch.equal(v.direction(2), v.get(2))
-    with pytest.raises(PersonavecError, match="the evil vector has no direction at layer 0 \\(its row there is zero\\)"
-                                              "; it has one at layers 1-3$"):
+    with pytest.raises(PersonavecError, match=r"the evil vector has no direction at layer 0 \(its row there is zero\)"
+                                              r"; it has one at layers 1-3$"):
         v.direction(0)
     v.tensors["prompt_last"][:] = 0
-    with pytest.raises(PersonavecError, match="no direction at layer 1 .*; it is zero at every layer"):
+    with pytest.raises(PersonavecError, match=r"no direction at layer 1 .*; it is zero at every layer"):
         v.direction(1, "prompt_last")
     v.tensors["prompt_avg"][2, 0] = float("nan")  # written after construction, which refuses NaN
     with pytest.raises(PersonavecError, match="no direction at layer 2 \\(its row there is not finite\\)"):
         v.direction(2, "prompt_avg")
+
+
+def test_wrong_types_given_to_a_vector_are_one_clear_line():
+    import numpy as np
+
+    v = _vec()
+    cases = [
+        (lambda: PersonaVector(tensors=[torch.randn(5, 8)], model_id="m"),
+         "PersonaVector tensors must be a non-empty dict of pooling -> \\[L\\+1, d\\] tensor, not a list"),
+        (lambda: PersonaVector(tensors={"response_avg": [[1.0]]}, model_id="m"),
+         'PersonaVector tensors must map pooling names \\(strings\\) to torch tensors, not "response_avg" to a list'),
+        (lambda: v.get("2"), 'layer must be a whole number \\(int\\), not "2"'),
+        (lambda: v.get(2.0), "layer must be a whole number \\(int\\), not 2.0"),
+        (lambda: v + 1, "a PersonaVector \\+ 1: vectors add to and subtract from vectors only"),
+        (lambda: v - v.get(1), "a PersonaVector - a torch tensor of shape \\[8\\]"),
+        (lambda: v * "2", 'the factor a vector is multiplied by must be a number, not "2"'),
+        (lambda: v * float("nan"), "must be a finite number, not nan"),
+    ]
+    for call, message in cases:
+        with pytest.raises(PersonavecError, match=message):
+            call()
+    assert torch.equal(v.get(np.int64(2)), v.get(2))
+    assert torch.equal((v * np.float32(2.0)).get(1), 2 * v.get(1))

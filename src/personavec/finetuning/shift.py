@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 from ..files import save_figure
 from ..model.activations import pooled_means
 from ..model.loading import LoadedModel
-from ..vectors.vector import PersonaVector
+from ..vectors.vector import PersonaVector, check_named
 
 
 def last_prompt_means(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16,
@@ -58,6 +58,12 @@ def shift(base: LoadedModel, tuned: LoadedModel, questions: Sequence[str], vecto
           batch_size: int = 16) -> pd.DataFrame:
     """How far a fine-tune moved the model along each vector: one row per (vector, layer) with ``shift`` (the mean
     last-prompt activation change on ``questions``, projected on v̂), ``delta_norm`` and ``cosine``."""
+    vectors = check_named(vectors, "shift's vectors")
+    if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions or \
+            not all(isinstance(q, str) for q in questions):
+        bad = questions if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions else \
+            next(q for q in questions if not isinstance(q, str))
+        raise PersonavecError(f"shift's questions must be a non-empty list of strings, not {shown(bad)}")
     prompts = [base.format_chat(q) for q in questions]
     return shift_table(last_prompt_means(base, prompts, batch_size), last_prompt_means(tuned, prompts, batch_size),
                        vectors)

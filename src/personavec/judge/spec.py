@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 from ..model.loading import DEFAULT_MODEL, LoadedModel, cache_root, load_model, model_shape
 
 PREFLIGHT_PROMPT = "Reply with the number 0."
@@ -14,6 +14,8 @@ SPECS = "local, local:MODEL, openai:MODEL or none"
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """(kind, argument) of a judge spec; unknown kinds are refused."""
+    if not isinstance(spec, str):
+        raise PersonavecError(f"a judge spec is a string ({SPECS}), not {shown(spec)}")
     kind, _, rest = spec.partition(":")
     if kind not in ("local", "openai", "none"):
         raise PersonavecError(f"unknown judge {spec!r}; use {SPECS}")

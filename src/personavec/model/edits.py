@@ -85,25 +85,33 @@ class Edit:
             raise PersonavecError(f"Edit kind must be one of {', '.join(KINDS)}, not {shown(self.kind)}")
         if not isinstance(self.positions, str) or self.positions not in POSITIONS:
             raise PersonavecError(f"Edit positions must be one of {', '.join(POSITIONS)}, not {shown(self.positions)}")
-        direction = self.direction
-        if not isinstance(direction, torch.Tensor):
-            try:
-                direction = torch.as_tensor(direction, dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError):
-                raise PersonavecError(f"Edit direction must be a 1-D torch tensor (or a list or NumPy array of "
-                                      f"numbers), not {shown(self.direction)}") from None
-        if direction.ndim != 1 or direction.numel() == 0 or direction.is_complex() or direction.dtype == torch.bool:
-            raise PersonavecError(f"Edit direction must be one non-empty row of [hidden_size] real numbers, not "
-                                  f"{shown(direction)} of {str(direction.dtype).replace('torch.', '')}")
-        if not bool(torch.isfinite(direction).all()):
-            raise PersonavecError(f"Edit direction at layer {layer} holds NaN or infinite values; it has no direction "
-                                  "to steer along: extract the vector again")
+        direction = as_direction(self.direction, "Edit direction", layer)
         if (self.kind != "add" or coef != 0) and not bool(direction.any()):
             raise PersonavecError(f"Edit direction at layer {layer} is zero: {self.kind} along it would change "
                                   "nothing; use a layer where the vector is non-zero")
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "coef", coef)
         object.__setattr__(self, "direction", direction)
+
+
+def as_direction(direction: Any, what: str, layer: int) -> torch.Tensor:
+    """``direction`` as a 1-D tensor of finite real numbers (a list or NumPy array is converted to float32), or one
+    clear line naming ``what`` and ``layer`` (Edit and LiveMonitor take their directions through it)."""
+    given = direction
+    if not isinstance(direction, torch.Tensor):
+        try:
+            direction = torch.as_tensor(direction, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            hint = "; take one layer's row with vec.get(layer)" if type(given).__name__ == "PersonaVector" else ""
+            raise PersonavecError(f"{what} must be a 1-D torch tensor (or a list or NumPy array of numbers), not "
+                                  f"{shown(given)}{hint}") from None
+    if direction.ndim != 1 or direction.numel() == 0 or direction.is_complex() or direction.dtype == torch.bool:
+        raise PersonavecError(f"{what} must be one non-empty row of [hidden_size] real numbers, not "
+                              f"{shown(direction)} of {str(direction.dtype).replace('torch.', '')}")
+    if not bool(torch.isfinite(direction).all()):
+        raise PersonavecError(f"{what} at layer {layer} holds NaN or infinite values; it has no direction to steer "
+                              "or read along: extract the vector again")
+    return direction
 
 
 class _Tracker:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 from ..files import atomic_dir, atomic_write, read_json, write_json
 from .chat import format_chat
 
@@ -355,6 +355,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     and on CPUs with native bfloat16, float32 elsewhere, or what ``$PERSONAVEC_DTYPE`` says), ``float32``,
     ``bfloat16``, ``float16``.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    for name, value in (("spec", spec), ("device", device), ("revision", revision)):
+        if not isinstance(value, str) and not (value is None and name != "spec"):
+            raise PersonavecError(f"load_model's {name} must be a string, not {shown(value)}")
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise PersonavecError(f"load_model's dtype must be a name such as float32 or a torch.dtype, not {shown(dtype)}")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
@@ -457,6 +464,15 @@ def _dir_revision(path: Path) -> str:
 
 def wrap_model(model: Any, tokenizer: Any, model_id: str = "in-memory", revision: str = "none") -> LoadedModel:
     """Wrap an already loaded HF model + tokenizer (tests, notebooks)."""
+    if not isinstance(model, torch.nn.Module):
+        raise PersonavecError(f"wrap_model's model must be a loaded Hugging Face causal LM (a torch module), not "
+                              f"{shown(model)}")
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise PersonavecError(f"wrap_model's tokenizer must be the model's Hugging Face tokenizer, not "
+                              f"{shown(tokenizer)}")
+    for name, value in (("model_id", model_id), ("revision", revision)):
+        if not isinstance(value, str):
+            raise PersonavecError(f"wrap_model's {name} must be a string, not {shown(value)}")
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision,

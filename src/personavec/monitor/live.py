@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from ..errors import PersonavecError
-from ..model.layers import capture, decoder_layers, edit
+from ..errors import PersonavecError, finite, whole
+from ..model.edits import as_direction
+from ..model.layers import capture, decoder_layers, edit, hidden_size
 from ..model.projection import unit
 
 
@@ -48,6 +49,14 @@ class LiveMonitor:
         if self.where not in ("before", "after"):
             raise PersonavecError(f"where must be 'before' or 'after' (the edits at the monitor's layer), not "
                                   f"{self.where}")
+        self.layer = whole(self.layer, "LiveMonitor layer", low=0)
+        self.vector = as_direction(self.vector, "LiveMonitor vector", self.layer)
+        if not bool(self.vector.any()):
+            raise PersonavecError(f"LiveMonitor vector at layer {self.layer} is zero: every reading would be 0; use a "
+                                  "layer where the vector is non-zero")
+        if not (isinstance(self.threshold, float) and math.isinf(self.threshold)):  # inf: never triggers
+            self.threshold = finite(self.threshold, "LiveMonitor threshold")
+        self.steer_coef = finite(self.steer_coef, "LiveMonitor steer_coef")
         self.unit = unit(self.vector)
         self._steering: torch.Tensor | None = None  # rows the monitor's own steering acts on in the pass under way
 
@@ -83,6 +92,9 @@ class LiveMonitor:
         n = len(decoder_layers(m))
         if not 1 <= self.layer <= n:
             raise PersonavecError(f"monitor layer {self.layer} out of range 1..{n}")
+        if self.vector.numel() != hidden_size(m):
+            raise PersonavecError(f"LiveMonitor vector has {self.vector.numel()} dims but the model's hidden size is "
+                                  f"{hidden_size(m)}; use a vector extracted from this model")
         self.history, self.triggered, self._steering = [], None, None
         delta = self.steer_coef * self.vector.float()
 

@@ -33,7 +33,7 @@ from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
 from ..vectors.probe import Probe, directions, make_probes, probe_identity
-from ..vectors.vector import PersonaVector
+from ..vectors.vector import PersonaVector, check_named
 
 MONITOR_POOLINGS = ("prompt_last", "response_avg", "prompt_avg")
 
@@ -103,12 +103,7 @@ def project(lm: LoadedModel, conversations: Sequence[dict[str, Any]] | pd.DataFr
         raise PersonavecError(f"project's conversations must be a list of dicts (each with 'messages', or 'prompt' "
                               f"and 'answer') or a DataFrame, not {shown(bad)}" + (" in the list" if bad is not
                                                                                    conversations else ""))
-    if not isinstance(vectors, Mapping) or not all(isinstance(k, str) and isinstance(v, PersonaVector)
-                                                   for k, v in vectors.items()):
-        raise PersonavecError("project's vectors must be a dict of name -> PersonaVector, e.g. {\"evil\": vec}, not "
-                              + (shown(vectors) if not isinstance(vectors, Mapping) else "a dict holding "
-                                 + next(shown(x) for kv in vectors.items() for x in kv
-                                        if not isinstance(x, (str, PersonaVector)))))
+    vectors = check_named(vectors, "project's vectors")
     if layers is not None:
         if not isinstance(layers, (list, tuple)):
             raise PersonavecError(f"project's layers must be a list of layer numbers, not {shown(layers)}")

@@ -38,7 +38,7 @@ import torch
 
 from ..engine.remote import EndpointSampler, parse_sampler
 from ..engine.sampling import run_sampling
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 from ..files import claim_settings, locked, read_json, refuse_other_settings, write_json, write_table
 from ..judge.scoring import judge_rows
 from ..judge.spec import make_judge, parse_spec, preflight_judge
@@ -62,6 +62,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out_root: str | os.PathLike = "runs", run_dir: str | os.PathLike | None = None,
                  progress: bool = True) -> None:
+        if not isinstance(cfg, RunConfig):
+            raise PersonavecError(f"Run takes a RunConfig, e.g. Run(RunConfig(trait=\"evil\")), not {shown(cfg)}")
         self.cfg = cfg
         self.progress = progress
         self.dir = Path(run_dir) if run_dir else Path(out_root) / model_slug(cfg.model) / cfg.trait

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PersonavecError, finite, whole
+from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_path
 from ..model.activations import POOLINGS
 from .vector import PersonaVector
@@ -159,6 +159,10 @@ def from_control_vector_gguf(path: str | os.PathLike, n_layers: int, model_id: s
 def load_vector(path: str | os.PathLike, n_layers: int | None = None, model_id: str = "unknown") -> PersonaVector:
     """A vector from any file personavec takes: ``.safetensors`` (native), official ``.pt``, or a llama.cpp control
     vector ``.gguf`` (which needs the model's ``n_layers``: its rows are only the layers it steers)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise PersonavecError(f"load_vector takes the path of a vector file, not {shown(path)}")
+    if n_layers is not None:
+        n_layers = whole(n_layers, "load_vector's n_layers", low=1)
     path = Path(path)
     if path.suffix == ".gguf":
         if n_layers is None:

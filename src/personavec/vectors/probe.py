@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import PersonavecError
-from .vector import PersonaVector
+from .vector import PersonaVector, check_named
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ def probe_identity(probes: Sequence[Probe]) -> list[dict[str, Any]]:
 def make_probes(vectors: Mapping[str, PersonaVector], layers: Sequence[int] | None = None,
                 pooling: str | None = None) -> list[Probe]:
     """One probe per named vector, read at ``layers`` (default: each vector's chosen layer)."""
+    vectors = check_named(vectors)
     out = []
     for name, vec in vectors.items():
         use = tuple(layers) if layers else ((vec.chosen_layer,) if vec.chosen_layer is not None else ())

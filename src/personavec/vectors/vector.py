@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,13 @@ class PersonaVector:
     _warned_last_row: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.tensors:
-            raise PersonavecError("a persona vector needs at least one pooling tensor")
+        if not isinstance(self.tensors, dict) or not self.tensors:
+            raise PersonavecError(f"PersonaVector tensors must be a non-empty dict of pooling -> [L+1, d] tensor, not "
+                                  f"{shown(self.tensors)}")
+        for k, v in self.tensors.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise PersonavecError(f"PersonaVector tensors must map pooling names (strings) to torch tensors, not "
+                                      f"{shown(k)} to {shown(v)}")
         shapes = {tuple(t.shape) for t in self.tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise PersonavecError(f"pooling tensors must all be [L+1, d]; got shapes {sorted(shapes)}")
@@ -89,6 +94,7 @@ class PersonaVector:
             if self.chosen_layer is None:
                 raise PersonavecError("no layer given and the vector has no chosen layer; pass --layer")
             layer = self.chosen_layer
+        layer = whole(layer, "layer")
         if not 0 <= layer <= self.n_layers:
             raise PersonavecError(f"layer {layer} out of range 0..{self.n_layers}")
         if layer == self.n_layers and self.extra.get("last_row") == "hf_final_norm" and not self._warned_last_row:
@@ -131,6 +137,9 @@ class PersonaVector:
 
     # ----- arithmetic -----
     def _binary(self, other: PersonaVector, op: str) -> PersonaVector:
+        if not isinstance(other, PersonaVector):
+            raise PersonavecError(f"a PersonaVector {op} {shown(other)}: vectors add to and subtract from vectors only "
+                                  "(scale one with vec * k)")
         if (self.n_layers, self.hidden_size) != (other.n_layers, other.hidden_size):
             raise PersonavecError(
                 f"cannot combine vectors of shape [{self.n_layers + 1}, {self.hidden_size}] and "
@@ -150,7 +159,8 @@ class PersonaVector:
         return self._binary(other, "-")
 
     def __mul__(self, k: float) -> PersonaVector:
-        return replace(self, tensors={p: t * float(k) for p, t in self.tensors.items()})
+        k = finite(k, "the factor a vector is multiplied by")
+        return replace(self, tensors={p: t * k for p, t in self.tensors.items()})
 
     __rmul__ = __mul__
 
@@ -212,6 +222,22 @@ class PersonaVector:
             raise PersonavecError(f"{path}: personavec metadata is not valid JSON") from None
         known = {f for f in cls.__dataclass_fields__ if f != "tensors"}
         return cls(tensors=tensors, **{k: v for k, v in meta.items() if k in known})
+
+
+def check_named(vectors: Any, what: str = "vectors") -> dict[str, PersonaVector]:
+    """``vectors`` as a dict of name -> PersonaVector, or one clear line (a list of vectors has no names to give
+    the output's columns: name them, e.g. ``{"evil": vec}``)."""
+    from collections.abc import Mapping
+
+    if not isinstance(vectors, Mapping):
+        raise PersonavecError(f"{what} must be a dict of name -> PersonaVector, e.g. {{\"evil\": vec}}, not "
+                              f"{shown(vectors)}")
+    for name, vec in vectors.items():
+        if not isinstance(name, str) or not isinstance(vec, PersonaVector):
+            bad = vec if isinstance(name, str) else name
+            raise PersonavecError(f"{what} must be a dict of name -> PersonaVector, e.g. {{\"evil\": vec}}, not a "
+                                  f"dict holding {shown(bad)}")
+    return dict(vectors)
 
 
 def _spans(layers: list[int]) -> str:
