@@ -39,6 +39,7 @@ UNSERVED: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (), "verbosity": ()}
 LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a caller: any string, no effect here
+# the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
 STEER_FIELDS = ("vector", "coef", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
 GUARD_FIELDS = ("vector", "threshold", "action", "coef")
