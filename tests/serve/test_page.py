@@ -233,3 +233,21 @@ def test_only_before_edit_readings_are_drawn_and_null_ones_are_grey(served):
     assert shown[1]["readings"]["evil"] is None and shown[1]["background"] == "rgb(221, 221, 221)"
     assert "stopped by the guard" in page.text_content(".turn[data-turn='0']")
     page.close()
+
+
+def test_a_bad_setting_sends_nothing_and_a_refused_request_is_one_line_that_leaves_the_chat_as_it_was(served):
+    page, sent = open_page(served)
+    page.fill("#temperature", "3")
+    page.fill("#question", Q)
+    page.click("form#ask button")
+    assert page.text_content("#problem") == "temperature: type a number from 0 to 2" and not sent
+    page.fill("#temperature", "1")
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=400, json={"error": {
+        "message": "persona.steer[0].coef must be a number, not the string \"2\"", "param": "persona.steer[0].coef"}}))
+    page.click("form#ask button")
+    page.wait_for_selector(".turn .note")
+    assert page.text_content(".turn .note") == 'persona.steer[0].coef must be a number, not the string "2"'
+    assert page.text_content("#problem") == "" and page.evaluate("state.history.length") == 0
+    page.wait_for_function("!document.getElementById('send').disabled")
+    assert page.input_value("#question") == Q  # back in the box, to correct and send again
+    page.close()
