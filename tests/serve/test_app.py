@@ -97,6 +97,8 @@ def test_unknown_or_unused_keys_of_persona_entries_are_refused_naming_them(serve
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage", 'not "yes"'),
     ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage", "unknown field 'usage'"),
     ({"user": 7}, "user", "user must be a string"),
+    ({"model": ["a"]}, "model", 'model must be a string, not ["a"]'),
+    ({"messages": {"role": "user"}}, "messages", 'a non-empty list of {role, content} objects, not {"role": "user"}'),
 ])
 def test_openai_fields_the_server_does_not_implement_are_refused(served, body, param, says):
     e = refused(served, **body)

@@ -39,6 +39,7 @@ UNSERVED: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (), "verbosity": ()}
 LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a caller: any string, no effect here
+# (``model`` too is any string: one model is served)
 # the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
 STEER_FIELDS = ("vector", "coef", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
@@ -147,7 +148,8 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
 
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects")
+        raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects, not "
+                                     f"{_shown(value)}")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -188,9 +190,9 @@ def _fields(body: dict) -> None:
     """Refuse a top-level field that this server does not know, or one of OpenAI's it does not implement set to
     a value that would change the answer (a client must not believe it got what it asked for)."""
     for key, value in body.items():
-        if key in FIELDS or value is None:
+        if value is None or (key in FIELDS and key != "model"):
             continue
-        if key in LABELS:
+        if key in LABELS or key == "model":
             if not isinstance(value, str):
                 raise BadRequest(key, f"{key} must be a string, not {_shown(value)}")
         elif key in UNSERVED:
