@@ -201,3 +201,15 @@ def test_held_text_is_what_may_begin_a_stop_string():
     assert stop_at("Hello\n\nWorld", ("\n\n", "lo")) == 3 and stop_at("Hello", ("x",)) is None
     assert held("Hello\n", ("\n\n",)) == 1 and held("Hello", ("\n\n",)) == 0
     assert held("The end. EN", ("END.", "x")) == 2 and held("", ("ab",)) == 0
+
+
+def test_steering_or_capping_at_a_layer_where_the_vector_is_zero_is_a_400_naming_the_field(lm):
+    """Edit refuses a zero direction (it would change nothing); the server says so as a 400, not a 500."""
+    t = torch.randn(3, 32)
+    t[2] = 0
+    vectors = {"evil": ServedVector("evil", PersonaVector({"response_avg": t}, model_id="tiny-llama", trait="evil",
+                                                          chosen_layer=1), 1, "evil.safetensors")}
+    for persona, param in (({"steer": [{"vector": "evil", "coef": 2, "layer": 2}]}, "persona.steer[0].layer"),
+                           ({"cap": [{"vector": "evil", "max": 1, "layers": [1, 2]}]}, "persona.cap[0].layers")):
+        e = refused((lm, vectors), persona)
+        assert e.param == param and "Edit direction at layer 2 is zero" in e.message

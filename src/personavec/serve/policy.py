@@ -324,6 +324,14 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _edit(field: str, *args: Any, **kwargs: Any) -> Edit:
+    """An Edit; its own check's refusal (a layer where the vector is zero) is a 400 naming ``field``."""
+    try:
+        return Edit(*args, **kwargs)
+    except PersonavecError as e:
+        raise BadRequest(field, f"{field}: {e}") from None
+
+
 def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
              ) -> tuple[list[Edit], list[tuple[str, int]], Guard | None]:
     if persona is None:
@@ -343,7 +351,7 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         if positions not in POSITIONS:
             raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}, not "
                                                   f"{_shown(positions)}")
-        edits.append(Edit(layer, sv.direction(layer), coef, positions=positions))
+        edits.append(_edit(where + "layer", layer, sv.direction(layer), coef, positions=positions))
     for i, e in enumerate(_entries(persona, "cap")):
         where = f"persona.cap[{i}]."
         _known(e, CAP_FIELDS, where[:-1])
@@ -363,7 +371,7 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         _bounded(layers, where + "layers")
         for layer in layers:
             layer = _layer(layer, sv.layer, n_layers, where + "layers")
-            edits.append(Edit(layer, sv.direction(layer), cap, kind="cap", positions="all"))
+            edits.append(_edit(where + "layers", layer, sv.direction(layer), cap, kind="cap", positions="all"))
     wanted = _or(persona.get("monitor"), [])
     if wanted is True:
         wanted = list(vectors)
