@@ -151,3 +151,36 @@ def test_project_command(tmp_path, model_dir, tables, capsys):
     capsys.readouterr()
     _one_line_error(capsys, ["project", str(data), "--vector", str(vec_path), "--model", str(model_dir),
                              "--out", str(out)], "no chosen layer")
+
+
+def test_chat_remembers_each_sides_conversation_through_the_template_until_reset(tmp_path, model_dir, tables, capsys,
+                                                                                  monkeypatch, tokenizer):
+    import io
+
+    import personavec.engine.sampling as sampling
+    from personavec.model.chat import conversation_pair
+
+    pos, neg = tables
+    out = tmp_path / "v.safetensors"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--trait", "evil", "--model", str(model_dir),
+                 "--out", str(out), "--dtype", "float32"]) == 0
+    seen: list[tuple[list[str], list[dict]]] = []
+    real = sampling.generate
+
+    def spy(lm, prompts, cfg, **kw):
+        answers = real(lm, prompts, cfg, **kw)
+        seen.append((list(prompts), answers))
+        return answers
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi?\n\nWhy?\n/reset\nAnd?\n"))  # a blank line is not the end
+    assert main(["chat", "--vector", str(out), "--layer", "1", "--coef", "4", "--model", str(model_dir),
+                 "--dtype", "float32", "--max-new-tokens", "3"]) == 0
+    assert "remembers the conversation; /reset forgets it" in capsys.readouterr().out
+    assert len(seen) == 3
+    (_, answers), (second, _), (third, _) = seen
+    for side in (0, 1):  # each side's second prompt is its own first exchange, formatted by the template, then Why?
+        history = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": answers[side]["answer"]},
+                   {"role": "user", "content": "Why?"}]
+        assert second[side] == conversation_pair({"messages": history}, tokenizer)[0]
+    assert "Hi?" not in third[0] and "Hi?" not in third[1] and "And?" in third[0]  # /reset forgot it

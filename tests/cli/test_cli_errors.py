@@ -182,3 +182,153 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def run_bytes(args: list, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """The CLI with raw bytes on stdin and in argv (what a shell passes on), output decoded for the asserts."""
+    r = subprocess.run([sys.executable, "-m", "personavec.cli", *(a if isinstance(a, bytes) else str(a) for a in args)],
+                       input=stdin, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+def test_text_that_is_not_utf8_is_read_with_a_warning_not_a_traceback(model_dir, vector):
+    # piped into chat: the undecodable byte becomes U+FFFD (said once per line on stderr) and the chat goes on
+    steer = ["--vector", vector, "--layer", "1", "--model", model_dir, "--dtype", "float32", "--max-new-tokens", "2"]
+    r = run_bytes(["chat", *steer], stdin=b"Hi\xff there\nWhy?\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "line 1 of the input is not UTF-8 text" in r.stderr and "line 2" not in r.stderr
+    assert "you> Hi\ufffd there" in r.stdout and r.stdout.count("unsteered") == 2
+    # the question of steer, given as bytes in argv
+    r = run_bytes(["steer", b"Hi\xff", *steer])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "the question is not UTF-8 text" in r.stderr and "Q: Hi\ufffd" in r.stdout
+
+
+def test_bad_values_of_vector_and_model_flags_are_one_line_before_anything_is_written(tmp_path, model_dir, vector):
+    gguf = ["vectors", "export-gguf", vector, "--layers", "2"]
+    fails(cli(*gguf, "--pooling", "nope", "--out", tmp_path / "v.gguf"),
+          "--pooling nope", "prompt_avg, prompt_last, response_avg")
+    fails(cli(*gguf, "--out", tmp_path), f"--out {tmp_path} is a directory")
+    fails(cli(*gguf, "--out", tmp_path / "v.txt"), "ends in .txt", "name a file ending in .gguf")
+    fails(cli("vectors", "export-gguf", vector, "--layers", "2-1", "--out", tmp_path / "v.gguf"),
+          "--layers 2-1", "runs backwards", "write it 1-2")
+    fails(cli("vectors", "info", tmp_path), "is a directory", ".safetensors")
+    fails(cli("vectors", "import-official", vector, "--out", tmp_path / "imported.safetensors"),
+          "official persona_vectors .pt")
+    fails(cli("steer", "Hi", "--vector", tmp_path, "--model", model_dir), f"--vector {tmp_path} is a directory")
+    fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--model", model_dir, "--device", "nope"),
+          "--device: nope is not a device")
+    assert not list(tmp_path.glob("v.*")) and not (tmp_path / "imported.safetensors").exists()
+
+
+def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, tables, vector):
+    err = fails(cli("steer", "Hi", "--vector", vector, "--coef", "nan", "--model", model_dir),
+                "--coef: nan is not a finite number")
+    assert "'nan'" not in err
+    fails(cli("steer", "Hi", "--vector", vector, "--max-new-tokens", "", "--model", model_dir),
+          "--max-new-tokens: '' is not a whole number")
+    fails(cli("run", "--trait", "évil", "--model", model_dir, "--judge", "none", "--out", tmp_path / "runs"),
+          "--trait évil:", "ASCII letters")
+    fails(cli("shift", "--adapter", tmp_path / "none", "--vector", vector, "--model", model_dir, "--out", "s1"),
+          "--out s1 has no suffix", ".csv, .jsonl, .json or .parquet")
+    for p in ("0", "100"):
+        fails(cli("screen", tables[0], "--vector", vector, "--percentile", p, "--model", model_dir, "--out",
+                  tmp_path / "screen"), f"--percentile {p} is out of range", "0 < p < 100")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "screen").exists() and not Path("s1").exists()
+
+
+def test_chat_reads_all_piped_input_and_remembers_the_conversation_until_reset(tmp_path, model_dir, vector,
+                                                                                tokenizer):
+    from personavec.model.chat import format_chat
+
+    # a question of about 80 tokens with 150 tokens of answer fits the tiny model's 256; two of them do not, which
+    # shows that the second turn carries the first (and /reset forgets it)
+    question = "Tell me about foxes. " * 4
+    assert 70 <= len(tokenizer(format_chat(tokenizer, question))["input_ids"]) <= 100
+    steer = ["--vector", vector, "--layer", "1", "--coef", "2", "--model", model_dir, "--dtype", "float32"]
+    r = run_bytes(["chat", *steer, "--max-new-tokens", "150"],
+                  stdin=f"{question}\n\n{question}\n/reset\n\n{question}\n".encode())
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.count("| steered (evil x 2 (raw units))") == 2  # the turns before and after /reset
+    refused = [line for line in r.stderr.splitlines() if line.startswith("personavec:")]
+    assert len(refused) == 1 and "context of 256 tokens" in refused[0], r.stderr[-2000:]
+    assert "/reset" in refused[0] and "conversation forgotten" in r.stdout
+    r = cli("chat", "--help")
+    assert "remembers" in r.stdout and "/reset" in r.stdout
+
+
+def test_ctrl_c_ends_a_chat_quietly(model_dir, vector):
+    import signal
+
+    # SIGINT must reach the chat even when the tests run in a background job (which ignores it)
+    proc = subprocess.Popen([sys.executable, "-m", "personavec.cli", "chat", "--vector", str(vector), "--layer", "1",
+                             "--model", str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().startswith("steering:")  # waiting for the first question
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "personavec: chat ended" and "run the same command" not in err
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(model_dir, vector):
+    long = "Tell me about foxes. " * 100
+    steer = ["--vector", vector, "--layer", "1", "--model", model_dir, "--max-new-tokens", "3"]
+    r = cli("steer", long, *steer)  # the model's context is known once it loads: its log lines come first
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("personavec")]
+    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1]
+    assert errors[0].startswith("personavec: error: ") and "context of 256 tokens" in errors[0]
+    assert "--max-new-tokens" in errors[0]
+    r = run_bytes(["chat", *steer], stdin=f"{long}\nWhy?\n".encode())  # said, and the chat goes on
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "context of 256 tokens" in r.stderr and "/reset" not in r.stderr and r.stdout.count("unsteered") == 1
+
+
+def test_commands_check_everything_before_they_write_and_end_without_a_traceback(tmp_path, model_dir, vector):
+    """#22: a failed start claimed the directory (run's judge model, monitor's --layer, finetune's --max-steps), the
+    corrected command was refused; finetune --train-config and a one-row screen ended in a traceback; extract made
+    zero vectors; --caft cancelled --prevent-coef; trait-data overwrote an earlier output."""
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": "How are you?", "answer": "Fine, thank you."}) + "\n")
+    (tmp_path / "c.toml").write_text('rank = "four"\n')
+    ft = ["finetune", chats, "--model", model_dir, "--out", tmp_path / "ft"]
+    fails(cli(*ft, "--train-config", tmp_path / "c.toml"), "c.toml: rank must be a whole number", '"four"')
+    for steps in ("0", "-1"):
+        fails(cli(*ft, "--max-steps", steps), "--max-steps", "must be at least 1")
+    fails(cli(*ft, "--vector", vector, "--caft", "--prevent-coef", "5"), "--prevent-coef 5 with --caft cancel")
+    assert not (tmp_path / "ft").exists()
+    # a local judge's model, and an experiment's --layer, are checked before anything is written
+    fails(cli("run", "--trait", "evil", "--model", model_dir, "--judge", "local:nonexistent-model", "--quick",
+              "--run-dir", tmp_path / "run"), "judge local:nonexistent-model", "could not load model")
+    fails(cli("monitor", "--trait", "evil", "--model", model_dir, "--layer", "3", "--judge", "none",
+              "--run-dir", tmp_path / "run"), "--layer 3 is out of range", "has layers 0..2")
+    assert not (tmp_path / "run").exists()
+    # extract: pos equal to neg, a layer out of range: refused before the model loads (it does not even exist)
+    pos = tmp_path / "pos.csv"
+    pd.read_csv(vector.parent / "pos.csv").to_csv(pos, index=False)
+    fails(cli("extract", "--pos", pos, "--neg", pos, "--model", tmp_path / "nowhere", "--out", tmp_path / "v"),
+          "--pos and --neg are the same file")
+    fails(cli("extract", "--pos", pos, "--neg", vector.parent / "pos.csv", "--model", tmp_path / "nowhere", "--out",
+              tmp_path / "v"), "hold the same prompts and answers", "would be zero")
+    fails(cli("extract", "--pos", pos, "--neg", vector.parent / "neg.csv", "--model", model_dir, "--layers", "5",
+              "--out", tmp_path / "v"), "--layers 5: layer 5 is out of range", "has layers 0..2")
+    assert not (tmp_path / "v").exists()
+    # screen on one row: the sd of one value is not a number, the summary says so
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "How are you?", "answer": "Fine."}) + "\n")
+    r = cli("screen", one, "--vector", vector, "--layers", "1", "--mode", "response", "--model", model_dir,
+            "--out", tmp_path / "screen")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "(sd –)" in r.stdout, r.stderr[-2000:]
+    # trait-data over an earlier output with another seed
+    rows = [{"set": "extract", "side": side, "instruction_id": 0, "question_id": q, "sample_id": 0,
+             "question": f"q{q}", "answer": f"{side} {q}"} for q in range(4) for side in ("pos", "neg")]
+    (tmp_path / "r").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "r" / "judged.parquet")
+    ok = cli("trait-data", tmp_path / "r", "--out", tmp_path / "td", "--seed", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "td").iterdir()}
+    fails(cli("trait-data", tmp_path / "r", "--out", tmp_path / "td", "--seed", "2"), "seed was 1, now 2")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "td").iterdir()} == before
