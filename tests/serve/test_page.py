@@ -204,7 +204,7 @@ def test_side_by_side_answers_share_a_seed_meters_stay_with_their_message_and_cl
 
 def test_only_before_edit_readings_are_drawn_and_null_ones_are_grey(served):
     """Against a canned stream (the server's contract): `evil@after` is not drawn, a null reading is a grey bar
-    and a grey token, and a triggered guard is marked on its meter."""
+    and a grey token, a triggered guard is marked on its meter, and a usage chunk (no choices) is passed over."""
     page, _ = open_page(served, calibrated=False)
 
     def chunk(content, persona, finish=None):
@@ -218,6 +218,7 @@ def test_only_before_edit_readings_are_drawn_and_null_ones_are_grey(served):
         chunk(" there", {"evil": {"tokens": [None]}, "evil@after": {"tokens": [None]}}),
         chunk("!", {"evil": {"tokens": [3.0], "guard_triggered": True}, "evil@after": {"tokens": [45.0]}},
               "persona_guard"),
+        f"data: {json.dumps({'choices': [], 'usage': {'prompt_tokens': 9, 'completion_tokens': 3}})}\n\n",
         "data: [DONE]\n\n"])
     page.route("**/v1/chat/completions", lambda route: route.fulfill(status=200, body=stream,
                                                                      content_type="text/event-stream"))
