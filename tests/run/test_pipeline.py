@@ -396,3 +396,61 @@ def test_trait_names_cannot_leave_the_runs_folder(tmp_path, model_dir):
     r = subprocess.run(cmd, env=_env(tmp_path / "cache"), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "trait name '../../escaped'" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, inside or outside
+
+
+def test_the_monitor_checks_its_layer_first_and_does_not_ask_a_judge_that_gave_up(tmp_path, model_dir, monkeypatch):
+    """``monitor --layer 31`` on a 30-layer model wrote its settings before the range check (the corrected command
+    was refused); a judge that scored none of the run's answers was asked about all 260 of the monitor's."""
+    from personavec.errors import PersonavecError
+    from personavec.monitor.experiment import monitor_run
+    from personavec.run.pipeline import Run
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    run = Run(_tiny(model_dir, judge=f"local:{model_dir}", dtype="float32", select=False), run_dir=tmp_path / "run",
+              progress=False)
+    summary = run.run()
+    assert "judge_note" in summary  # the tiny random model scores nothing: the run gave up on it
+    judge = run.judge()
+    asked: list[int] = []
+    score = judge.score
+    judge.score = lambda prompts, *a, **k: asked.append(len(prompts)) or score(prompts, *a, **k)
+    for layer, msg in ((3, r"layer 3 \(--layer\) is out of range: the model has layers 0..2"),
+                       (-1, r"layer -1 \(--layer\) is out of range")):
+        with pytest.raises(PersonavecError, match=msg):
+            monitor_run(run, layer=layer)
+        assert not (tmp_path / "run" / "monitor_settings.json").exists()
+    corr = monitor_run(run, layer=1)  # the corrected command runs in the same directory
+    assert asked == [] and corr["trait_scored"] == 0
+    assert "was not asked about these 260 answers: the run's judge (the judge scored none" in corr["judge_note"]
+
+
+def test_the_separation_stage_calibrates_the_vector_and_a_vector_without_calibration_gets_it_on_resume(tmp_path, lm):
+    """The separation stage records the meter's quantiles of the held-out answers in the vector; a run whose vector
+    lacks them (written before calibration existed) gets them when the stage runs again, from the answers on disk
+    (no generation), and separation.parquet is left as it was."""
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
+    from personavec.vectors.calibration import HELD_OUT
+
+    prompts = [lm.format_chat(q) for q in ("Why?", "How should I treat people?", "Tell me about foxes.", "Hi")]
+    judged = pd.DataFrame({"set": ["eval"] * 8 + ["extract"] * 2, "side": ["pos", "neg"] * 5,
+                           "prompt": prompts * 2 + prompts[:2],
+                           "answer": ["Crush them.", "Be kind.", "Scheme.", "Read a book.", "Lie.", "Foxes are clever.",
+                                      "Mercy is weak.", "Because.", "x", "y"]})
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 32, generator=g)
+    rows[0] = 0
+    run = Run(RunConfig(trait="evil", model="tiny"), run_dir=tmp_path / "run", progress=False)
+    run._lm = lm
+    run.dir.mkdir()
+    vec = PersonaVector(tensors={"response_avg": rows}, model_id="tiny-llama", trait="evil")
+    vec.save(run.path("vectors.safetensors"))
+    run.separation(judged, vec)
+    cal = PersonaVector.load(run.path("vectors.safetensors")).extra["calibration"]
+    assert cal["source"] == HELD_OUT and cal["n_pos_answers"] == 4 and cal["n_neg_answers"] == 4
+    sep_bytes = run.path("separation.parquet").read_bytes()
+    old = PersonaVector(tensors={"response_avg": rows}, model_id="tiny-llama", trait="evil")  # no calibration
+    old.save(run.path("vectors.safetensors"))
+    run.separation(judged, PersonaVector.load(run.path("vectors.safetensors")))
+    assert PersonaVector.load(run.path("vectors.safetensors")).extra["calibration"] == cal
+    assert run.path("separation.parquet").read_bytes() == sep_bytes

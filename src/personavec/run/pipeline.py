@@ -12,7 +12,8 @@ artifacts      ``artifacts.json``                          skip when present
 generate       ``responses.jsonl`` → ``responses.parquet``  keeping the answered jobs (seeded per job)
 judge          ``judged.parquet``                          the on-disk judge cache (no repeated calls)
 extract        ``vectors.safetensors``, ``filter.json``    skip when present
-separation     ``separation.parquet``                      skip when present
+separation     ``separation.parquet``, calibration in the  skip when present (a vector without held-out
+               vector                                      calibration gets it)
 steer          ``steer/answers.jsonl`` → ``steering_answers.parquet``, ``steering.parquet``, ``selection.json``,
                ``examples*.jsonl`` (chosen layer into the vector)  the answered jobs + judge cache
 capability     ``capability.json``                         skip when present
@@ -47,6 +48,7 @@ from ..model.loading import LoadedModel, load_model, model_shape
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
 from ..stats import auroc, cohens_d
+from ..vectors.calibration import HELD_OUT, calibrate
 from ..vectors.extraction import extract_vector
 from ..vectors.vector import PersonaVector
 from ..version import __version__
@@ -73,6 +75,7 @@ class Run:
         self.command: str | None = None  # the command line that reproduces this run, for the report
         self._art: TraitArtifacts | None = None  # artifacts made by the preflight, saved once the run is claimed
         self._sampler: Any = None
+        self._eval_gave_up: dict[tuple[str, str | None], str] = {}  # experiments' judges that gave up, and why
 
     # ---- models ----
     @property
@@ -199,6 +202,26 @@ class Run:
         """The experiments' judge (an endpoint is checked with one request when it is first built)."""
         return self.judge(self.eval_judge_spec, self._eval_base_url(), preflight=True)
 
+    def judge_experiment(self, rubric: str, answers: pd.DataFrame, desc: str = "judging") -> pd.DataFrame:
+        """An experiment's ``answers`` with ``trait`` and ``coherence`` from the experiments' judge, under the run's
+        give-up rule: a judge that scored none of the first answers it was shown — the run's extraction answers
+        when it is the run's judge, or an earlier experiment's in this process — is not asked about these, and
+        ``attrs["judge_note"]`` says so (as it does when it gives up on these)."""
+        key = (self.eval_judge_spec, self._eval_base_url())
+        note = self._eval_gave_up.get(key)
+        if note is None and key == (self.cfg.judge, self.cfg.judge_base_url) and self.judge_note():
+            note = f"the run's judge ({self.judge_note()})"
+        if note is not None:
+            rows = judge_rows(None, rubric, answers)
+            rows.attrs["judge_note"] = (f"{self.eval_judge_spec} was not asked about these {len(answers)} answers: "
+                                        f"{note}")
+            return rows
+        rows = judge_rows(self.eval_judge(), rubric, answers, progress=self.progress, desc=desc)
+        if rows.attrs.get("judge_note"):
+            self._eval_gave_up[key] = f"earlier in this experiment {rows.attrs['judge_note']}"
+            log.warning("%s: %s", self.eval_judge_spec, rows.attrs["judge_note"])
+        return rows
+
     def judge(self, spec: str | None = None, base_url: str | None = None, preflight: bool = False) -> Any:
         """The judge for ``spec`` (default: the run's ``--judge``, checked by :meth:`preflight`), built once per run;
         None for ``none``. A local judge on the run's own model shares it."""
@@ -268,7 +291,7 @@ class Run:
             log.warning("dropping %d pairs with an empty answer", int((~nonempty).sum()))
             pos, neg = pos[nonempty].reset_index(drop=True), neg[nonempty].reset_index(drop=True)
         vec = extract_vector(self.lm, pos, neg, trait="trait", filter_config=self.cfg.filter, apply_filter=apply,
-                             batch_size=self.cfg.batch_size, progress=self.progress)
+                             batch_size=self.cfg.batch_size, progress=self.progress, calibrate=False)
         vec.trait = self.cfg.trait
         vec.filter.update(decision)
         vec.extra.update(judge=str(judged["judge"].iloc[0]), run_dir=str(self.dir))
@@ -316,12 +339,18 @@ class Run:
         return {"applied": True, "reason": "judge separates pos from neg", **info}
 
     def separation(self, judged: pd.DataFrame, vec: PersonaVector) -> pd.DataFrame:
-        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers."""
+        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers; and the
+        vector's calibration (quantiles of the meter's per-token readings of the same answers, see
+        :mod:`personavec.vectors.calibration`), added to a vector that lacks it when the stage runs again."""
         out = self.path("separation.parquet")
-        if out.exists():
-            return pd.read_parquet(out)
         ev = judged[judged["set"] == "eval"].reset_index(drop=True)
         ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
+        if vec.extra.get("calibration", {}).get("source") != HELD_OUT:
+            calibrate(self.lm, vec, ev["prompt"].tolist(), ev["answer"].tolist(), ev["side"].tolist(), held_out=True,
+                      batch_size=self.cfg.batch_size, progress="calibration" if self.progress else False)
+            vec.save(self.path("vectors.safetensors"))
+        if out.exists():
+            return pd.read_parquet(out)
         layers = list(range(vec.n_layers + 1))
         rows = vec.tensors["response_avg"]  # [L+1, d]
         table = project_pairs(self.lm, ev["prompt"].tolist(), ev["answer"].tolist(),

@@ -84,13 +84,15 @@ def extract_vector(lm: LoadedModel, pos: TableLike | Pairs, neg: TableLike | Non
                    layers: Sequence[int] | None = None, poolings: Sequence[str] = POOLINGS,
                    filter_config: FilterConfig | None = None, apply_filter: bool = True,
                    batch_size: int = 16, max_length: int | None = None, min_pairs: int = 1,
-                   progress: bool = False) -> PersonaVector:
+                   progress: bool = False, calibrate: bool = True) -> PersonaVector:
     """Extract a persona vector: per layer, mean pooled activation of kept pos rows minus kept neg rows.
 
     Rows are paired by position (the official filter); when score columns are present, a row pair is
     kept only if pos trait ≥ ``pos_min``, neg trait < ``neg_max`` and both are coherent. ``pos`` may be the
     :class:`Pairs` of an earlier :func:`select_pairs` (then ``neg`` and the filter settings are not given).
     ``layers``: the layers to compute (None: all); an empty list is refused (it would give a zero vector).
+    With ``calibrate`` the vector records the meter's readings of the same answers (``extra["calibration"]``,
+    labelled not held out; see :mod:`personavec.vectors.calibration`).
     """
     if isinstance(pos, Pairs):
         pairs = pos
@@ -115,8 +117,15 @@ def extract_vector(lm: LoadedModel, pos: TableLike | Pairs, neg: TableLike | Non
     resid_norm = ((pm.means.pop("response_norm") + nm.means.pop("response_norm")) / 2).squeeze(-1)
     counts = dict(res.counts)
     counts.update(pos_response_tokens=pm.n_response_tokens, neg_response_tokens=nm.n_response_tokens)
-    return PersonaVector(
+    vec = PersonaVector(
         tensors=mean_difference(pm.means, nm.means), model_id=lm.model_id, model_revision=lm.revision,
         trait=trait or "unknown", counts=counts,
         filter={"applied": res.applied, **filter_config.to_dict()}, layers=pm.layers,
         extra={"resid_norm": [round(float(x), 6) for x in resid_norm]})
+    if calibrate:
+        from .calibration import calibrate as calibrate_vector
+
+        calibrate_vector(lm, vec, [*p_prompts, *n_prompts], [*p_answers, *n_answers],
+                         ["pos"] * len(p_answers) + ["neg"] * len(n_answers), held_out=False, batch_size=batch_size,
+                         progress="calibration" if progress else False)
+    return vec

@@ -149,8 +149,10 @@ class PersonaVector:
             raise PersonavecError("the two vectors share no pooling")
         t = {p: self.tensors[p] + other.tensors[p] if op == "+" else self.tensors[p] - other.tensors[p]
              for p in common}
+        # the readings of a sum are not the readings of either vector: no calibration carries over
+        extra = {k: v for k, v in self.extra.items() if k != "calibration"}
         return replace(self, tensors=t, trait=f"({self.trait}{op}{other.trait})", chosen_layer=None,
-                       counts={}, filter={})
+                       counts={}, filter={}, extra=extra)
 
     def __add__(self, other: PersonaVector) -> PersonaVector:
         return self._binary(other, "+")
@@ -160,7 +162,8 @@ class PersonaVector:
 
     def __mul__(self, k: float) -> PersonaVector:
         k = finite(k, "the factor a vector is multiplied by")
-        return replace(self, tensors={p: t * k for p, t in self.tensors.items()})
+        return replace(self, tensors={p: t * k for p, t in self.tensors.items()},
+                       extra=_scaled_extra(self.extra, k))
 
     __rmul__ = __mul__
 
@@ -238,6 +241,23 @@ def check_named(vectors: Any, what: str = "vectors") -> dict[str, PersonaVector]
             raise PersonavecError(f"{what} must be a dict of name -> PersonaVector, e.g. {{\"evil\": vec}}, not a "
                                   f"dict holding {shown(bad)}")
     return dict(vectors)
+
+
+def _scaled_extra(extra: dict[str, Any], k: float) -> dict[str, Any]:
+    """The metadata of ``vec * k``: a calibration (readings on the unit direction) is kept for k > 0, mirrored for
+    k < 0 (v̂ turns round: the q% quantile becomes minus the (100 − q)% one) and dropped for k = 0."""
+    cal = extra.get("calibration")
+    if not isinstance(cal, dict) or k > 0:
+        return dict(extra)
+    out = {key: v for key, v in extra.items() if key != "calibration"}
+    if k < 0:
+        def mirror(q: dict[str, Any]) -> dict[str, Any]:
+            return {key: None if q.get(str(100 - float(key)).removesuffix(".0")) is None
+                    else -q[str(100 - float(key)).removesuffix(".0")] for key in q}
+        layers = {layer: {side: mirror(e.get(side, {})) for side in ("pos", "neg")}
+                  for layer, e in cal.get("layers", {}).items()}
+        out["calibration"] = {**cal, "layers": layers}
+    return out
 
 
 def _spans(layers: list[int]) -> str:
