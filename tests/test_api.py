@@ -80,3 +80,20 @@ def test_wrong_types_at_the_public_api_are_one_clear_line_not_a_raw_exception(lm
         with pytest.raises(pv.PersonavecError, match=message):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_screen_and_project_refuse_a_layer_where_the_vector_has_no_direction(lm, tmp_path):
+    """Every probe (screen, project, the CLI's project and screen) is made by make_probes, which refuses a zero row:
+    ΔP and projections on it were 0 for every row."""
+    import json
+
+    import torch
+
+    t = torch.randn(3, 32)
+    t[0] = 0
+    vec = personavec.PersonaVector(tensors={"response_avg": t}, model_id="tiny-llama", trait="evil", chosen_layer=0)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": lm.format_chat("Why?"), "answer": "Because."}) + "\n")
+    with pytest.raises(personavec.PersonavecError, match="the evil vector has no direction at layer 0"):
+        personavec.screen(lm, data, {"evil": vec}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -52,5 +52,7 @@ def make_probes(vectors: Mapping[str, PersonaVector], layers: Sequence[int] | No
         use = tuple(layers) if layers else ((vec.chosen_layer,) if vec.chosen_layer is not None else ())
         if not use:
             raise PersonavecError(f"vector {name!r} has no chosen layer; pass the layers to read (--layers)")
+        for layer in use:  # a zero row would read 0 for everything: refused, naming the layer
+            vec.direction(layer, pooling)
         out.append(Probe(name, vec, use, pooling))
     return out
