@@ -213,3 +213,30 @@ def test_steering_or_capping_at_a_layer_where_the_vector_is_zero_is_a_400_naming
                            ({"cap": [{"vector": "evil", "max": 1, "layers": [1, 2]}]}, "persona.cap[0].layers")):
         e = refused((lm, vectors), persona)
         assert e.param == param and "Edit direction at layer 2 is zero" in e.message
+
+
+def test_a_stream_holds_back_text_that_may_begin_a_stop_string_and_ends_at_it(tokenizer):
+    """Stop "ab" over two tokens: "a" is not sent (it may begin the stop), "b" ends the answer before "ab"."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from personavec.serve.app import _chunks, _Stops
+
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in "xyabx"]
+    lm, ended = SimpleNamespace(tokenizer=tokenizer), []
+    call = ChatCall(Request((1,), 8, key=7), [("evil", 1)], None, True, 1, stop=("ab",), usage=True)
+
+    async def chunks() -> list[dict]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for k, t in enumerate(ids):
+            queue.put_nowait(("token", t, [float(k)]))
+        queue.put_nowait(("done", Result(7, call.request, ids, "", "cancelled", readings=[[0.0, 1.0, 2.0, 3.0, 4.0]])))
+        watch = _Stops(lm, call, SimpleNamespace(end=ended.append))
+        return [json.loads(p[6:]) async for p in _chunks(lm, call, queue, "c", "m", watch) if p != "data: [DONE]\n\n"]
+
+    got = asyncio.run(chunks())
+    deltas = [c["choices"][0]["delta"].get("content") for c in got if c["choices"]]
+    assert deltas == ["", "x", "y", None] and ended == [7]  # "a" held, then nothing after the stop
+    assert got[-2]["choices"][0]["finish_reason"] == "stop" and got[-2]["persona"]["evil"]["tokens"] == [2.0, 3.0]
+    assert got[-1]["choices"] == [] and got[-1]["usage"]["completion_tokens"] == 4  # x, y, a, b
+    assert [c["usage"] for c in got[:-1]] == [None] * (len(got) - 1)
