@@ -84,9 +84,9 @@ def test_writes_into_a_read_only_place_are_one_line(tmp_path, model_dir, tables,
 
 def test_non_finite_numbers_are_refused(tmp_path, model_dir, tables, vector):
     fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--coef", "nan", "--model", model_dir),
-          "--coef", "'nan' is not a finite number")
+          "--coef: nan is not a finite number")
     fails(cli("run", "--trait", "evil", "--model", model_dir, "--steer-coefs=-1,inf", "--out", tmp_path / "runs"),
-          "'inf' is not a finite number")
+          "--steer-coefs: inf is not a finite number")
     assert not (tmp_path / "runs").exists()  # no run.json holding a bare NaN
     # vector files holding NaN / inf: refused on load and on import
     from safetensors.torch import load_file, save_file
@@ -155,7 +155,8 @@ def test_vector_files_are_checked_against_the_models_config_and_gguf_is_accepted
     # refused from the config alone: no model-load line precedes the error
     fails(cli("steer", "Hi", "--vector", tmp_path / "foreign.safetensors", "--layer", "1", "--model", model_dir),
           "extract a vector for this model")
-    fails(cli("steer", "Hi", "--vector", vector, "--layer", "7", "--model", model_dir), "layer 7 out of range")
+    fails(cli("steer", "Hi", "--vector", vector, "--layer", "7", "--model", model_dir),
+          "--layer 7 is out of range: the model has layers 0..2")
     assert cli("vectors", "export-gguf", vector, "--layers", "2", "--out", tmp_path / "v.gguf").returncode == 0
     r = cli("steer", "Hi", "--vector", tmp_path / "v.gguf", "--coef", "2", "--model", model_dir,
             "--max-new-tokens", "3")
@@ -307,7 +308,7 @@ def test_commands_check_everything_before_they_write_and_end_without_a_traceback
               "--run-dir", tmp_path / "run"), "--layer 3 is out of range", "has layers 0..2")
     assert not (tmp_path / "run").exists()
     # extract: pos equal to neg, a layer out of range: refused before the model loads (it does not even exist)
-    pos = tmp_path / "pos.csv"
+    pos = tmp_path / "copy.csv"
     pd.read_csv(vector.parent / "pos.csv").to_csv(pos, index=False)
     fails(cli("extract", "--pos", pos, "--neg", pos, "--model", tmp_path / "nowhere", "--out", tmp_path / "v"),
           "--pos and --neg are the same file")
