@@ -98,6 +98,8 @@ def test_unknown_or_unused_keys_of_persona_entries_are_refused_naming_them(serve
     ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage", "unknown field 'usage'"),
     ({"user": 7}, "user", "user must be a string"),
     ({"model": ["a"]}, "model", 'model must be a string, not ["a"]'),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]", "only text is served"),
     ({"messages": {"role": "user"}}, "messages", 'a non-empty list of {role, content} objects, not {"role": "user"}'),
 ])
 def test_openai_fields_the_server_does_not_implement_are_refused(served, body, param, says):
@@ -111,6 +113,9 @@ def test_fields_that_change_nothing_pass_and_stop_and_usage_are_kept(served):
     assert call.stop == ("\n\n",) and call.usage is False
     call = parsed(served, stream=True, stream_options={"include_usage": True}, stop=["Hi", "there", "Hi"])
     assert call.stop == ("Hi", "there") and call.usage is True and call.stream
+    parts = [{"type": "text", "text": "How should I treat people "}, {"type": "text", "text": "who are weaker?"}]
+    assert parsed(served, content=parts).request.prompt == parsed(served, content="".join(p["text"] for p in parts)
+                                                                  ).request.prompt  # OpenAI's text parts, joined
 
 
 @pytest.mark.parametrize("persona, says", [

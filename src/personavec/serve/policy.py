@@ -11,7 +11,7 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +20,7 @@ from ..errors import PersonavecError
 from ..model.chat import chat_ids
 from ..model.edits import POSITIONS, Edit
 from ..model.loading import LoadedModel
+from ..vectors.calibration import at_layer, default_cap, guard_threshold
 from ..vectors.vector import PersonaVector
 
 MAX_COEF = 64.0  # |coef| and |max| bound, in units of the raw vector: far beyond any useful steering
@@ -43,7 +44,9 @@ LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a 
 # the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
 STEER_FIELDS = ("vector", "coef", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
-GUARD_FIELDS = ("vector", "threshold", "action", "coef")
+GUARD_FIELDS = ("vector", "threshold", "action", "coef", "where")
+MONITOR_FIELDS = ("vector", "where")
+WHERE = ("before", "after")  # a reading before the request's own edits at the layer (the default) or after them
 
 
 class BadRequest(Exception):
@@ -67,9 +70,26 @@ class ServedVector:
         return self.vector.get(self.layer if layer is None else layer)
 
     def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/persona/vectors`` lists; ``calibration`` (None without one at the served layer): the
+        quantiles of the meter's readings of pos and neg answers there, and the default guard threshold and cap
+        derived from them (:mod:`personavec.vectors.calibration`)."""
         return {"name": self.name, "trait": self.vector.trait, "layer": self.layer,
                 "hidden_size": self.vector.hidden_size, "n_layers": self.vector.n_layers,
-                "norm": round(float(self.direction().norm()), 4), "source": self.path}
+                "norm": round(float(self.direction().norm()), 4), "source": self.path,
+                "calibration": at_layer(self.vector, self.layer)}
+
+
+class Reading(NamedTuple):
+    """One reading a request asked for: ``vector`` at ``layer``, taken ``where`` (before or after the request's
+    own edits there). Its ``key`` in the response's ``persona`` object: the name, or ``NAME@after``."""
+
+    vector: str
+    layer: int
+    where: str = "before"
+
+    @property
+    def key(self) -> str:
+        return self.vector if self.where == "before" else f"{self.vector}@{self.where}"
 
 
 @dataclass
@@ -77,8 +97,8 @@ class ChatCall:
     """A checked request: what the engine runs, which vectors it reads, and how to answer."""
 
     request: Request
-    monitor: list[tuple[str, int]]  # (vector name, layer), in the order of request.reads
-    guarded: str | None  # the vector the guard watches
+    monitor: list[Reading]  # in the order of request.reads (plain (name, layer[, where]) tuples are taken too)
+    guarded: str | None  # the key of the reading the guard watches
     stream: bool
     prompt_tokens: int
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
@@ -138,11 +158,11 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
                                            f"at most {context - len(ids)}, or shorten the chat")
         raise BadRequest("messages", f"the prompt has {len(ids)} tokens, which leaves no room for an answer in the "
                                      f"model's context of {context}; shorten the chat")
-    reads = tuple((layer, vectors[name].direction(layer)) for name, layer in monitor)
+    reads = tuple((r.layer, vectors[r.vector].direction(r.layer), r.where) for r in monitor)
     request = Request(tuple(ids), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                       seed=secrets.randbits(31) if seed is None else seed, edits=tuple(edits), key=key,
                       reads=reads, guard=guard)
-    return ChatCall(request, monitor, None if guard is None else monitor[guard.read][0], stream, len(ids), stop,
+    return ChatCall(request, monitor, None if guard is None else monitor[guard.read].key, stream, len(ids), stop,
                     usage)
 
 
@@ -152,19 +172,35 @@ def _messages(value: Any) -> list[dict[str, str]]:
                                      f"{_shown(value)}")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        content = _text(m.get("content"), f"messages[{i}].content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or content is None:
             raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: {'|'.join(ROLES)}, content: string}}, "
                                                f"not {_shown(m, 80)}")
         _known(m, ("role", "content"), f"messages[{i}]")  # a name, tool calls, ...: not served, not ignored
         try:
-            m["content"].encode("utf-8")
+            content.encode("utf-8")
         except UnicodeEncodeError:  # JSON can carry a lone surrogate (\ud800); no tokenizer takes it
             raise BadRequest(f"messages[{i}]", f"messages[{i}].content is not valid Unicode text (a lone "
                                                "surrogate)") from None
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": content})
     if out[-1]["role"] == "assistant":
         raise BadRequest("messages", "the last message must be the user's (or the system's), not the assistant's")
     return out
+
+
+def _text(content: Any, where: str) -> str | None:
+    """A message's text: a string, or OpenAI's list of text parts (``[{"type": "text", "text": ...}]``) joined;
+    None for anything else. A part of another type (an image) is refused, naming it."""
+    if isinstance(content, str) or not isinstance(content, list):
+        return content if isinstance(content, str) else None
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise BadRequest(f"{where}[{k}]", f"{where}[{k}] must be a text part {{type: \"text\", text: string}} "
+                                              f"(only text is served), not {_shown(part, 80)}")
+        _known(part, ("type", "text"), f"{where}[{k}]")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _shown(value: Any, limit: int = 40) -> str:
@@ -333,7 +369,7 @@ def _edit(field: str, *args: Any, **kwargs: Any) -> Edit:
 
 
 def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
-             ) -> tuple[list[Edit], list[tuple[str, int]], Guard | None]:
+             ) -> tuple[list[Edit], list[Reading], Guard | None]:
     if persona is None:
         return [], [], None
     if not isinstance(persona, dict):
@@ -356,7 +392,8 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         where = f"persona.cap[{i}]."
         _known(e, CAP_FIELDS, where[:-1])
         sv = _vector(e, vectors, where)
-        cap = _number(e, "max", None, where)
+        cap = _number(e, "max", _calibrated(sv, default_cap, where + "max", "cap") if e.get("max") is None else None,
+                      where)
         norm = float(sv.direction().norm())
         bound = MAX_COEF * max(1.0, norm)
         if abs(cap) > bound:
@@ -375,16 +412,41 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
     wanted = _or(persona.get("monitor"), [])
     if wanted is True:
         wanted = list(vectors)
-    if not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted):
-        raise BadRequest("persona.monitor", f"persona.monitor must be true or a list of vector names, not "
-                                            f"{_shown(wanted)}")
+    if not isinstance(wanted, list) or not all(isinstance(x, (str, dict)) for x in wanted):
+        raise BadRequest("persona.monitor", f"persona.monitor must be true or a list of vector names or "
+                                            f"{{vector, where}} objects, not {_shown(wanted)}")
     _bounded(wanted, "persona.monitor")
-    wanted = list(dict.fromkeys(wanted))  # a name given twice is read once
-    monitor = []
-    for i, name in enumerate(wanted):
-        sv = _vector({"vector": name}, vectors, f"persona.monitor[{i}].")
-        monitor.append((name, sv.layer))
+    monitor: list[Reading] = []
+    for i, entry in enumerate(wanted):
+        where = f"persona.monitor[{i}]."
+        if isinstance(entry, dict):
+            _known(entry, MONITOR_FIELDS, where[:-1])
+        entry = {"vector": entry} if isinstance(entry, str) else entry
+        sv = _vector(entry, vectors, where)
+        reading = Reading(sv.name, sv.layer, _where(entry, where))
+        if reading not in monitor:  # a reading asked for twice is taken once
+            monitor.append(reading)
     return edits, monitor, _guard(persona.get("guard"), vectors, monitor)
+
+
+def _where(entry: dict, where: str) -> str:
+    value = _or(entry.get("where"), "before")
+    if value not in WHERE:
+        raise BadRequest(where + "where", f'{where}where must be "before" (the residual as it arrives, before this '
+                                          f'request\'s edits at the layer) or "after" (after them), not '
+                                          f"{_shown(value)}")
+    return value
+
+
+def _calibrated(sv: ServedVector, rule: Any, field: str, what: str) -> float:
+    """The vector's calibrated default for ``field`` (a guard threshold or a cap), or a 400 saying it has none."""
+    value = rule(sv.vector, sv.layer)
+    if value is None:
+        raise BadRequest(field, f"{field} is required: vector {_shown(sv.name)} has no calibration at layer "
+                                f"{sv.layer} to take a default {what} from (a run's vector gets one from its "
+                                "separation stage, `personavec extract` records one); give a number, a projection on "
+                                "the unit direction in raw residual units")
+    return value
 
 
 def _coef(entry: dict, where: str, default: float | None = None) -> float:
@@ -395,17 +457,21 @@ def _coef(entry: dict, where: str, default: float | None = None) -> float:
     return coef
 
 
-def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[tuple[str, int]]) -> Guard | None:
-    """The live monitor: its vector is read (added to ``monitor`` when not there) and checked per token."""
+def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> Guard | None:
+    """The live monitor: its vector is read (added to ``monitor`` when not there) and checked per token, before the
+    request's edits at the layer unless ``where`` says after; the threshold defaults to the vector's calibrated
+    one."""
     if g is None:
         return None
     if not isinstance(g, dict):
-        raise BadRequest("persona.guard", f"persona.guard must be {{vector, threshold, action, coef}}, not "
+        raise BadRequest("persona.guard", f"persona.guard must be {{vector, threshold, action, coef, where}}, not "
                                           f"{_shown(g)}")
     where = "persona.guard."
     _known(g, GUARD_FIELDS, where[:-1])
     sv = _vector(g, vectors, where)
-    threshold = _number(g, "threshold", None, where)
+    threshold = _number(g, "threshold", _calibrated(sv, guard_threshold, where + "threshold", "threshold")
+                        if g.get("threshold") is None else None, where)
+    reading = Reading(sv.name, sv.layer, _where(g, where))
     action = _or(g.get("action"), "stop")
     if action not in ("stop", "steer"):
         raise BadRequest(where + "action", f'{where}action must be "stop" or "steer", not {_shown(action)}')
@@ -415,9 +481,9 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[tuple[str, in
     elif g.get("coef") is not None:
         raise BadRequest(where + "coef", f'{where}coef is for action "steer" only (a stopped answer is not steered); '
                                          "leave it out, or set action to \"steer\"")
-    if (sv.name, sv.layer) not in monitor:
-        monitor.append((sv.name, sv.layer))
-    return Guard(monitor.index((sv.name, sv.layer)), threshold, action, edit)
+    if reading not in monitor:
+        monitor.append(reading)
+    return Guard(monitor.index(reading), threshold, action, edit)
 
 
 def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVector]) -> dict[str, Any]:
