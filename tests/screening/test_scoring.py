@@ -200,3 +200,17 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     assert set(summary["vectors"]) == {"evil", "other"} and summary["throughput"]["rows"] == 10
     assert main([*args[:-2], "--threshold", "0", "--percentile", "50"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"chunk_rows": "5"}, 'ScreenConfig chunk_rows must be a whole number \\(int\\), not "5"'),
+    ({"max_new_tokens": 0}, "ScreenConfig max_new_tokens must be at least 1, not 0"),
+    ({"temperature": "0"}, 'ScreenConfig temperature must be a number, not "0"'),
+    ({"temperature": -1}, "ScreenConfig temperature must be at least 0"),
+    ({"max_length": 10.5}, "ScreenConfig max_length must be a whole number \\(int\\), not 10.5"),
+    ({"stop_early": "yes"}, 'ScreenConfig stop_early must be True or False, not "yes"'),
+    ({"mode": "fast"}, 'screening mode must be one of delta, response, prompt_last, not "fast"'),
+])
+def test_every_screen_setting_is_checked_at_construction(kwargs, message):
+    with pytest.raises(PersonavecError, match=message):
+        ScreenConfig(**kwargs)

@@ -39,7 +39,7 @@ import torch
 
 from ..cache import KeyValueCache, digest
 from ..engine.sampling import SamplingConfig, generate
-from ..errors import PersonavecError
+from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_path, claim_settings, fingerprint, iter_chunks, locked
 from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel
@@ -67,10 +67,21 @@ class ScreenConfig:
     bucket: bool = True
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field, named (``ScreenConfig(chunk_rows="5")`` was a TypeError mid-screen)."""
         if self.mode not in MODES:
-            raise PersonavecError(f"screening mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.chunk_rows < 1 or self.batch_size < 1 or self.gen_batch_size < 1:
-            raise PersonavecError("chunk_rows, batch_size and gen_batch_size must be at least 1")
+            raise PersonavecError(f"screening mode must be one of {', '.join(MODES)}, not {shown(self.mode)}")
+        for name in ("chunk_rows", "batch_size", "gen_batch_size", "max_new_tokens"):
+            object.__setattr__(self, name, whole(getattr(self, name), f"ScreenConfig {name}", low=1))
+        object.__setattr__(self, "seed", whole(self.seed, "ScreenConfig seed", low=0, high=2**63 - 1))
+        if self.max_length is not None:
+            object.__setattr__(self, "max_length", whole(self.max_length, "ScreenConfig max_length", low=1))
+        temperature = finite(self.temperature, "ScreenConfig temperature")
+        if temperature < 0:
+            raise PersonavecError(f"ScreenConfig temperature must be at least 0 (0: greedy), not {temperature:g}")
+        object.__setattr__(self, "temperature", temperature)
+        for name in ("stop_early", "bucket"):
+            if not isinstance(getattr(self, name), bool):
+                raise PersonavecError(f"ScreenConfig {name} must be True or False, not {shown(getattr(self, name))}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
