@@ -220,7 +220,11 @@ def test_bad_values_of_vector_and_model_flags_are_one_line_before_anything_is_wr
     fails(cli("steer", "Hi", "--vector", tmp_path, "--model", model_dir), f"--vector {tmp_path} is a directory")
     fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--model", model_dir, "--device", "nope"),
           "--device: nope is not a device")
-    assert not list(tmp_path.glob("v.*")) and not (tmp_path / "imported.safetensors").exists()
+    fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--model", model_dir, "--device", "cuda:99"),
+          "--device: cuda:99: this machine has")  # no CUDA device, or CUDA devices 0..N
+    fails(cli("project", vector, "--vector", vector, "--layers", "1", "--model", model_dir, "--out",
+              tmp_path / "p.txt"), "--out", "p.txt ends in .txt; name a file ending in .jsonl")
+    assert not list(tmp_path.glob("[vp].*")) and not (tmp_path / "imported.safetensors").exists()
 
 
 def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, tables, vector):
@@ -330,6 +334,6 @@ def test_commands_check_everything_before_they_write_and_end_without_a_traceback
     pd.DataFrame(rows).to_parquet(tmp_path / "r" / "judged.parquet")
     ok = cli("trait-data", tmp_path / "r", "--out", tmp_path / "td", "--seed", "1")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    before = {p.name: p.read_bytes() for p in (tmp_path / "td").iterdir()}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "td").glob("*.json*")}
     fails(cli("trait-data", tmp_path / "r", "--out", tmp_path / "td", "--seed", "2"), "seed was 1, now 2")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "td").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "td").glob("*.json*")} == before and len(before) == 8

@@ -115,13 +115,23 @@ def finite_floats(text: str) -> list[float]:
 
 
 def device_name(text: str) -> str:
-    """An argparse type: a torch device name (cpu, cuda, cuda:1, mps)."""
+    """An argparse type: a torch device name (cpu, cuda, cuda:1, mps) that this machine has."""
     import torch
 
     try:
-        torch.device(text)
+        dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a device; use cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a device; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{as_typed(text)}: this machine has no CUDA device that torch can use; "
+                                         "use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{as_typed(text)}: this machine has CUDA devices 0.."
+                                         f"{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{as_typed(text)}: MPS is not available on this machine; use cpu")
     return text
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import load_lm, model_args, named_vectors, parse_layers, positive_int, run_args, run_from_args
+from .common import (
+    load_lm,
+    model_args,
+    named_vectors,
+    out_file,
+    parse_layers,
+    positive_int,
+    run_args,
+    run_from_args,
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +49,7 @@ def cmd_project(args: argparse.Namespace) -> None:
     from ..vectors.probe import make_probes
 
     # bad vector files fail before the model loads
+    out_file(args.out, "--out", (".jsonl",))
     probes = make_probes(named_vectors(args, args.vector), parse_layers(args.layers))
     poolings = args.poolings.split(",") if args.poolings else list(MONITOR_POOLINGS)
     check_projection(args.data, probes, args.out, poolings, model_id_for(args.model), args.max_length)
