@@ -97,3 +97,33 @@ def test_screen_and_project_refuse_a_layer_where_the_vector_has_no_direction(lm,
     with pytest.raises(personavec.PersonavecError, match="the evil vector has no direction at layer 0"):
         personavec.screen(lm, data, {"evil": vec}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_chat_project_and_shift_check_their_arguments_before_any_work(lm):
+    from importlib import resources
+
+    import torch
+
+    pv = personavec
+    demo = resources.files("personavec") / "data" / "demo"
+    pos, neg = demo / "evil_pos.jsonl", demo / "evil_neg.jsonl"
+    vec = pv.PersonaVector(tensors={"response_avg": torch.randn(3, 32)}, model_id="tiny", trait="evil",
+                           chosen_layer=1)
+    cases = [
+        (lambda: pv.extract_vector(None, pos, neg), "extract_vector takes a model from load_model\\(...\\) or "
+                                                    "wrap_model\\(model, tokenizer\\), not None"),
+        (lambda: pv.extract_vector(lm, pos, neg, layers=["1"]), 'each of extract_vector\'s layers must be a whole '
+                                                                'number \\(int\\), not "1"'),
+        (lambda: pv.extract_vector(lm, pos, neg, batch_size="16"), "extract_vector's batch_size must be a whole"),
+        (lambda: pv.extract_vector(lm, pos, neg, max_length="9"), "extract_vector's max_length must be a whole"),
+        (lambda: pv.extract_vector(lm, pos, neg, min_pairs="2"), "extract_vector's min_pairs must be a whole"),
+        (lambda: pv.extract_vector(lm, pos, neg, poolings="response_avg"), "extract_vector's poolings must be a list"),
+        (lambda: pv.extract_vector(lm, pos, neg, trait=3), "extract_vector's trait must be a string"),
+        (lambda: pv.extract_vector(lm, pos, neg, filter_config={"pos_min": 1}), "filter_config must be a FilterConfig"),
+        (lambda: pv.chat(None, "Why?"), "chat takes a model from load_model"),
+        (lambda: pv.project("smollm2-135m", [], {"evil": vec}), 'project takes a model .*, not "smollm2-135m"'),
+        (lambda: pv.shift(lm, None, ["Why?"], {"evil": vec}), "shift's tuned takes a model"),
+    ]
+    for call, message in cases:
+        with pytest.raises(pv.PersonavecError, match=message):
+            call()

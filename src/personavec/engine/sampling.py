@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import PersonavecError, finite, shown, whole
 from ..files import append_jsonl, read_jsonl, repair_jsonl, rewrite_jsonl
 from ..model.edits import Edit
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, check_loaded
 from .decoder import Engine, Request
 
 
@@ -86,6 +86,7 @@ def chat(lm: LoadedModel, user: str, system: str | None = None, max_new_tokens: 
     """One answer to ``user`` (with an optional system prompt); greedy unless ``temperature`` > 0. Steering edits
     active around the call apply. A prompt that leaves no room in the model's context for ``max_new_tokens`` is
     refused (as the server does), not cut."""
+    check_loaded(lm, "chat")
     for name, value, one in (("user", user, "question"), ("system", system, "system prompt")):
         if not isinstance(value, str) and (name == "user" or value is not None):
             hint = "; for several chats, call chat once per question" if isinstance(value, (list, tuple)) else ""

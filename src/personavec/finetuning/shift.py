@@ -19,7 +19,7 @@ import torch
 from ..errors import PersonavecError, shown
 from ..files import save_figure
 from ..model.activations import pooled_means
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, check_loaded
 from ..vectors.vector import PersonaVector, check_named
 
 
@@ -58,6 +58,8 @@ def shift(base: LoadedModel, tuned: LoadedModel, questions: Sequence[str], vecto
           batch_size: int = 16) -> pd.DataFrame:
     """How far a fine-tune moved the model along each vector: one row per (vector, layer) with ``shift`` (the mean
     last-prompt activation change on ``questions``, projected on v̂), ``delta_norm`` and ``cosine``."""
+    check_loaded(base, "shift's base")
+    check_loaded(tuned, "shift's tuned")
     vectors = check_named(vectors, "shift's vectors")
     if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions or \
             not all(isinstance(q, str) for q in questions):

@@ -118,6 +118,14 @@ class LoadedModel:
         return format_chat(self.tokenizer, user, system=system, assistant=assistant)
 
 
+def check_loaded(lm: Any, what: str) -> LoadedModel:
+    """``lm`` if it is a LoadedModel; else one line saying how to make one (``what``: the call, e.g. ``chat``)."""
+    if not isinstance(lm, LoadedModel):
+        raise PersonavecError(f"{what} takes a model from load_model(...) or wrap_model(model, tokenizer), not "
+                              f"{shown(lm)}")
+    return lm
+
+
 def stop_token_ids(lm: LoadedModel) -> list[int]:
     """Tokens that end an answer: the tokenizer's end of sequence and the model's declared end-of-turn tokens."""
     from .layers import _unwrap

@@ -30,7 +30,7 @@ from ..files import (
     repair_jsonl,
 )
 from ..model.chat import conversation_pair
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, check_loaded
 from ..model.projection import column, project_pairs
 from ..vectors.probe import Probe, directions, make_probes, probe_identity
 from ..vectors.vector import PersonaVector, check_named
@@ -93,6 +93,7 @@ def project(lm: LoadedModel, conversations: Sequence[dict[str, Any]] | pd.DataFr
     chat-formatted ``prompt`` and an optional ``answer``. ``vectors``: by name; each is read at ``layers``
     (default: its chosen layer). One model pass serves every vector, layer and pooling.
     """
+    check_loaded(lm, "project")
     if isinstance(conversations, pd.DataFrame):
         rows = conversations.to_dict("records")
     elif isinstance(conversations, (list, tuple)) and all(isinstance(r, Mapping) for r in conversations):

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown, whole
 from ..files import read_table
 from ..model.activations import POOLINGS, pooled_means
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, check_loaded
 from ..vectors.tables import FilterConfig, FilterResult, check_columns, check_text, paired_filter, prompts_and_answers
 from .vector import PersonaVector, mean_difference
 
@@ -94,6 +94,23 @@ def extract_vector(lm: LoadedModel, pos: TableLike | Pairs, neg: TableLike | Non
     With ``calibrate`` the vector records the meter's readings of the same answers (``extra["calibration"]``,
     labelled not held out; see :mod:`personavec.vectors.calibration`).
     """
+    check_loaded(lm, "extract_vector")
+    if trait is not None and not isinstance(trait, str):
+        raise PersonavecError(f"extract_vector's trait must be a string (the column of trait scores), not "
+                              f"{shown(trait)}")
+    if filter_config is not None and not isinstance(filter_config, FilterConfig):
+        raise PersonavecError(f"extract_vector's filter_config must be a FilterConfig, not {shown(filter_config)}")
+    if isinstance(poolings, (str, bytes)) or not hasattr(poolings, "__iter__"):
+        raise PersonavecError(f"extract_vector's poolings must be a list of poolings ({', '.join(POOLINGS)}), not "
+                              f"{shown(poolings)}")
+    if layers is not None:
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise PersonavecError(f"extract_vector's layers must be a list of layer numbers, not {shown(layers)}")
+        layers = [whole(x, "each of extract_vector's layers") for x in layers]
+    batch_size = whole(batch_size, "extract_vector's batch_size", low=1)
+    min_pairs = whole(min_pairs, "extract_vector's min_pairs", low=1)
+    if max_length is not None:
+        max_length = whole(max_length, "extract_vector's max_length", low=1)
     if isinstance(pos, Pairs):
         pairs = pos
     else:
