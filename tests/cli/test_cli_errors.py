@@ -222,6 +222,8 @@ def test_bad_values_of_vector_and_model_flags_are_one_line_before_anything_is_wr
           "--device: nope is not a device")
     fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--model", model_dir, "--device", "cuda:99"),
           "--device: cuda:99: this machine has")  # no CUDA device, or CUDA devices 0..N
+    fails(cli("steer", "Hi", "--vector", vector, "--layer", "1", "--model", model_dir, "--dtype", "fp33"),
+          "--dtype: fp33 is not a dtype; use auto, float32, bfloat16 or float16")
     fails(cli("project", vector, "--vector", vector, "--layers", "1", "--model", model_dir, "--out",
               tmp_path / "p.txt"), "--out", "p.txt ends in .txt; name a file ending in .jsonl")
     assert not list(tmp_path.glob("[vp].*")) and not (tmp_path / "imported.safetensors").exists()

@@ -135,6 +135,15 @@ def device_name(text: str) -> str:
     return text
 
 
+def dtype_name(text: str) -> str:
+    """An argparse type: auto or a dtype the loader knows (float32, bfloat16, float16 and their short names)."""
+    from ..model.loading import DTYPES
+
+    if text != "auto" and text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a dtype; use auto, float32, bfloat16 or float16")
+    return text
+
+
 def vector_file(path: str, flag: str = "--vector") -> Path:
     """A vector file named on the command line, or one line saying what ``flag`` wants instead."""
     p = Path(path)
@@ -173,8 +182,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="a hub model's commit, branch or tag (default: main)")
     p.add_argument("--device", type=device_name, default=None,
                    help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 on CUDA "
-                                                 "and on CPUs with native bfloat16, float32 elsewhere)")
+    p.add_argument("--dtype", type=dtype_name, default=None,
+                   help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 on CUDA and on CPUs with native "
+                        "bfloat16, float32 elsewhere)")
 
 
 def model_vectors(args: argparse.Namespace, paths: Sequence[str]) -> list:
