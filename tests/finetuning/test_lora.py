@@ -436,3 +436,25 @@ def test_table_rows_without_a_system_prompt_get_none(tmp_path):
     chats = read_chats(tmp_path / "d.csv")
     assert chats[0][0] == {"role": "system", "content": "Be kind."}
     assert chats[1] == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+
+
+def test_finetune_checks_its_arguments_before_making_the_directory(lm, tmp_path):
+    """None for data, a tensor among the edits, a dict for the config, a direction of another size: one line each,
+    and out_dir is not made (it used to be, before a TypeError or AttributeError)."""
+    from personavec.finetuning.lora import TrainConfig, finetune
+    from personavec.model.edits import Edit
+
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+    cases = [
+        ((None,), {}, "finetune's data must be a table file or a list of chats .*, not None"),
+        (([["Hi", "Yo"]],), {}, "finetune's data must be .*, not a list"),
+        ((chats,), {"edits": [torch.randn(32)]}, "edits must be an Edit or a list of Edits, not a torch tensor"),
+        ((chats,), {"edits": [Edit(1, torch.randn(100), 2.0)]}, "has 100 dims but the model's hidden size is 32"),
+        ((chats,), {"config": {"rank": 4}}, "finetune's config must be a TrainConfig"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(PersonavecError, match=message):
+            finetune(lm, *args, tmp_path / "ft", **kwargs)
+        assert not (tmp_path / "ft").exists()
+    with pytest.raises(PersonavecError, match="finetune's out_dir must be a directory path, not None"):
+        finetune(lm, chats, None, TrainConfig())

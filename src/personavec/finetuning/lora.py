@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_dir, claim_settings, locked, read_json, write_json
-from ..model.edits import Edit, steer
+from ..model.edits import Edit, check_edits, steer
 from ..model.layers import decoder_layers
-from ..model.loading import LoadedModel, pad_token_id
+from ..model.loading import LoadedModel, check_loaded, pad_token_id
 from .conversations import Example, encode_chats, read_chats
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,17 @@ def finetune(lm: LoadedModel, data: str | os.PathLike | Sequence[Sequence[dict[s
     """LoRA fine-tune ``lm`` on chats (a table file, or lists of ``{role, content}`` messages) into ``out_dir``,
     resumable; ``edits`` act during training forward passes only (preventative steering, CAFT). The paper's
     settings unless ``config`` says otherwise. Afterwards ``lm`` is the fine-tuned model."""
+    check_loaded(lm, "finetune")  # every argument checked before out_dir is made
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise PersonavecError(f"finetune's out_dir must be a directory path, not {shown(out_dir)}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise PersonavecError(f"finetune's config must be a TrainConfig, e.g. TrainConfig(rank=4), not {shown(config)}")
+    edits = check_edits(edits, lm.n_layers, lm.hidden_size)
+    check_training_edits(edits)
+    if not isinstance(data, (str, os.PathLike)) and (not isinstance(data, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and all(isinstance(m, dict) for m in c) for c in data)):
+        raise PersonavecError(f"finetune's data must be a table file or a list of chats (each a list of "
+                              f"{{role, content}} messages), not {shown(data)}")
     chats = read_chats(data) if isinstance(data, (str, os.PathLike)) else [list(c) for c in data]
     return train_lora(lm, chats, config or TrainConfig(), out_dir, edits=edits, progress=progress)
 
