@@ -12,6 +12,7 @@ from personavec import PersonaVector
 from personavec.engine.decoder import Request, Result
 from personavec.serve.app import _persona_summary, _readings
 from personavec.serve.policy import BadRequest, ChatCall, ServedVector, parse_chat
+from personavec.vectors.calibration import UNIT
 
 
 def test_readings_that_are_not_finite_are_null_in_the_answer():
@@ -20,7 +21,8 @@ def test_readings_that_are_not_finite_are_null_in_the_answer():
     result = Result(0, call.request, [5, 6, 7], "", "length", readings=[[1.5, math.nan, math.inf]])
     summary = _persona_summary(call, result)
     assert json.loads(json.dumps(summary, allow_nan=False)) == {
-        "evil": {"layer": 1, "tokens": [1.5, None, None], "mean": 1.5, "max": 1.5, "guard_triggered": False}}
+        "evil": {"vector": "evil", "layer": 1, "where": "before", "unit": UNIT, "tokens": [1.5, None, None],
+                 "mean": 1.5, "max": 1.5, "guard_triggered": False}}
     assert _readings([-math.inf, 2.0]) == [None, 2.0]
 
 
@@ -245,3 +247,69 @@ def test_a_stream_holds_back_text_that_may_begin_a_stop_string_and_ends_at_it(to
     assert got[-2]["choices"][0]["finish_reason"] == "stop" and got[-2]["persona"]["evil"]["tokens"] == [2.0, 3.0]
     assert got[-1]["choices"] == [] and got[-1]["usage"]["completion_tokens"] == 4  # x, y, a, b
     assert [c["usage"] for c in got[:-1]] == [None] * (len(got) - 1)
+
+
+
+# --- where a reading is taken, and the calibrated defaults (#22 items 2 and 3)
+
+
+def _calibrated(served):
+    """``served`` with the evil vector calibrated at its layer (quantiles as a run's separation stage writes)."""
+    lm, vectors = served
+    vec = vectors["evil"].vector
+    pos = {"1": -4.0, "5": -2.0, "25": 0.0, "50": 1.0, "75": 2.0, "95": 4.0, "99": 6.0}
+    neg = {k: v - 5.0 for k, v in pos.items()}
+    vec.extra["calibration"] = {"unit": UNIT, "where": "before", "source": "held-out evaluation answers of the run",
+                                "held_out": True, "n_pos": 100, "n_neg": 90, "layers": {"1": {"pos": pos, "neg": neg}}}
+    return lm, vectors
+
+
+def test_monitor_takes_names_or_objects_naming_where_each_reading_is_taken(served):
+    call = parsed(served, {"monitor": ["evil", {"vector": "evil", "where": "after"}, {"vector": "evil"}]})
+    assert [r.key for r in call.monitor] == ["evil", "evil@after"]  # a reading asked for twice is taken once
+    assert [x[2] for x in call.request.reads] == ["before", "after"]
+    guarded = parsed(served, {"guard": {"vector": "evil", "threshold": 1.0}})
+    assert guarded.guarded == "evil" and guarded.request.reads[guarded.request.guard.read][2] == "before"
+    after = parsed(served, {"monitor": ["evil"], "guard": {"vector": "evil", "threshold": 1.0, "where": "after"}})
+    assert after.guarded == "evil@after" and after.request.guard.read == 1
+    for persona, param in (({"monitor": [{"vector": "evil", "where": "during"}]}, "persona.monitor[0].where"),
+                           ({"monitor": ["evil", {"vector": "evil", "wher": "after"}]}, "persona.monitor[1].wher"),
+                           ({"guard": {"vector": "evil", "threshold": 1, "where": 3}}, "persona.guard.where")):
+        e = refused(served, persona)
+        assert e.param == param, persona
+    assert 'must be "before"' in refused(served, {"monitor": [{"vector": "evil", "where": "during"}]}).message
+
+
+def test_a_guard_or_cap_without_a_number_takes_the_vectors_calibrated_one_or_is_refused(served):
+    e = refused(served, {"guard": {"vector": "evil"}})
+    assert e.param == "persona.guard.threshold" and "no calibration at layer 1" in e.message
+    assert refused(served, {"cap": [{"vector": "evil"}]}).param == "persona.cap[0].max"
+    assert served[1]["evil"].describe()["calibration"] is None
+    served = _calibrated(served)
+    listed = served[1]["evil"].describe()["calibration"]
+    assert {"unit", "layer", "pos", "neg", "n_pos", "n_neg", "source", "guard_threshold", "cap"} <= set(listed)
+    assert listed["layer"] == 1 and listed["pos"]["99"] == 6.0 and listed["n_neg"] == 90
+    call = parsed(served, {"guard": {"vector": "evil"}, "cap": [{"vector": "evil"}]})
+    assert call.request.guard.threshold == listed["guard_threshold"]
+    assert [e.coef for e in call.request.edits if e.kind == "cap"] == [listed["cap"]]
+    assert parsed(served, {"guard": {"vector": "evil", "threshold": 2.5}}).request.guard.threshold == 2.5
+
+
+def test_the_servers_guard_and_cap_flags_take_the_calibrated_values_when_no_number_is_given(served):
+    from personavec.cli.serve import calibration_lines
+    from personavec.serve.policy import parse_policy
+
+    vectors = served[1]
+    ((missing, line),) = calibration_lines(vectors)
+    assert missing and "no calibration at layer 1" in line and "\n" not in line
+    with pytest.raises(BadRequest) as e:
+        parse_policy([], "evil", vectors)
+    assert e.value.param == "--guard" and "no calibration" in e.value.message
+    vectors = _calibrated(served)[1]
+    assert parse_policy(["evil"], "evil", vectors) == {"cap": [{"vector": "evil"}], "guard": {"vector": "evil"}}
+    assert parse_policy([], "evil:auto:steer:-2", vectors)["guard"] == {"vector": "evil", "action": "steer",
+                                                                          "coef": -2.0}
+    assert parse_policy(["evil=1.5"], "evil:3:stop", vectors) == {
+        "cap": [{"vector": "evil", "max": 1.5}], "guard": {"vector": "evil", "threshold": 3.0, "action": "stop"}}
+    ((missing, line),) = calibration_lines(vectors)
+    assert not missing and "default guard threshold" in line and "raw residual units" in line

@@ -62,6 +62,7 @@ def test_models_and_vectors_are_listed(server):
     req = urllib.request.Request(f"{server['url']}/persona/vectors", headers={"Authorization": f"Bearer {KEY}"})
     listed = {v["name"]: v for v in json.load(urllib.request.urlopen(req))["data"]}
     assert listed["evil"]["layer"] == 1 and listed["kind"]["layer"] == 2 and listed["evil"]["hidden_size"] == 32
+    assert listed["evil"]["calibration"] is None  # these vectors were made without one
 
 
 def test_unsteered_and_steered_answers_equal_the_engine_and_steer(server):
@@ -290,12 +291,41 @@ def test_a_guard_that_steers_lowers_every_later_reading(server):
     free = ask(server, {"monitor": ["evil"]}, max_tokens=12).model_extra["persona"]["evil"]["tokens"]
     j = max(range(min(8, len(free) - 1)), key=lambda i: free[i])
     guard = {"vector": "evil", "threshold": free[j] - 1e-3, "action": "steer", "coef": -4.0}
-    guarded = ask(server, {"guard": guard}, max_tokens=12)
+    guarded = ask(server, {"guard": guard, "monitor": [{"vector": "evil", "where": "after"}]}, max_tokens=12)
     evil = guarded.model_extra["persona"]["evil"]
     assert evil["guard_triggered"] and guarded.choices[0].finish_reason != "persona_guard"
     assert evil["tokens"][: j + 1] == pytest.approx(free[: j + 1], abs=1e-4)  # the same answer up to the crossing
-    later = evil["tokens"][j + 1:]
+    later = guarded.model_extra["persona"]["evil@after"]["tokens"][j + 1:]  # after the guard's own edit
     assert later and max(later) < min(free[j + 1:])  # -4 v from the next token on lowers every later reading
+
+
+def test_readings_name_where_they_are_taken_and_the_guard_reads_before_the_requests_edits(server):
+    """Steered +3 at the read layer: the before-edit reading of the first token is the unsteered one exactly, the
+    after-edit one is coef·‖v‖ higher; a guard above every before-edit reading of the steered answer (but below
+    its after-edit ones) does not stop it, the same guard on the after-edit reading does."""
+    v = server["vectors"]["evil"].get(1)
+    steer = [{"vector": "evil", "coef": 3.0, "positions": "all"}]
+    both = ["evil", {"vector": "evil", "where": "after"}]
+    plain = ask(server, {"monitor": both}, max_tokens=8).model_extra["persona"]
+    got = ask(server, {"steer": steer, "monitor": both}, max_tokens=8).model_extra["persona"]
+    assert set(got) == {"evil", "evil@after"}
+    assert (got["evil"]["where"], got["evil@after"]["where"]) == ("before", "after")
+    assert got["evil@after"]["vector"] == "evil"
+    assert "raw residual units" in got["evil"]["unit"] and got["evil"]["layer"] == 1
+    assert got["evil"]["tokens"][0] == plain["evil"]["tokens"][0]
+    assert got["evil@after"]["tokens"][0] - plain["evil@after"]["tokens"][0] == pytest.approx(3 * float(v.norm()),
+                                                                                                abs=1e-3)
+    threshold = max(got["evil"]["tokens"]) + 1e-3
+    assert max(got["evil@after"]["tokens"]) > threshold
+    for where, stops in (("before", False), ("after", True)):
+        guarded = ask(server, {"steer": steer, "guard": {"vector": "evil", "threshold": threshold, "where": where}},
+                      max_tokens=8)
+        assert (guarded.choices[0].finish_reason == "persona_guard") == stops, where
+        key = "evil" if where == "before" else "evil@after"
+        assert guarded.model_extra["persona"][key]["guard_triggered"] == stops
+    for chunk in ask(server, {"steer": steer, "monitor": both}, stream=True, max_tokens=4):
+        persona = (chunk.model_extra or {}).get("persona")
+        assert persona is None or set(persona) == {"evil", "evil@after"}
 
 
 def test_a_dropped_stream_frees_its_slot(server):

@@ -27,12 +27,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "DNS rebinding); add a name, e.g. that a local reverse proxy forwards (repeatable)")
     s.add_argument("--model-name", default=None, help="the model's name in /v1/models (default: its id)")
     s.add_argument("--max-batch", type=positive_int, default=None, help="answers decoded together")
-    s.add_argument("--cap", action="append", default=[], metavar="NAME=MAX",
-                   help="default for every request without its own persona.cap: cap the projection on NAME at MAX "
-                        "at its layer (repeatable)")
-    s.add_argument("--guard", default=None, metavar="NAME:THRESHOLD:stop|steer[:COEF]",
-                   help="default for every request without its own persona.guard: when the projection on NAME "
-                        "exceeds THRESHOLD, stop the answer or steer by COEF (default -4) for the rest")
+    s.add_argument("--cap", action="append", default=[], metavar="NAME[=MAX]",
+                   help="default for every request without its own persona.cap: cap the projection on NAME's unit "
+                        "direction (raw residual units) at MAX at its layer; MAX left out: the vector's calibrated "
+                        "cap (repeatable)")
+    s.add_argument("--guard", default=None, metavar="NAME[:THRESHOLD][:stop|steer[:COEF]]",
+                   help="default for every request without its own persona.guard: when the before-edit reading of "
+                        "NAME (projection on its unit direction, raw residual units) exceeds THRESHOLD, stop the "
+                        "answer (default) or steer by COEF (default -4) for the rest; THRESHOLD left out: the "
+                        "vector's calibrated one")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests in flight before new ones get 503 (default 256)")
     model_args(s)
@@ -74,6 +77,22 @@ def served_vectors(args: argparse.Namespace) -> dict:
     return out
 
 
+def calibration_lines(vectors: dict) -> list[tuple[bool, str]]:
+    """One line per served vector: its calibrated defaults (with units), or that it has none (flagged True)."""
+    lines = []
+    for name, sv in vectors.items():
+        cal = sv.describe()["calibration"]
+        if cal is None:
+            lines.append((True, f"vector {name} has no calibration at layer {sv.layer}: a guard or cap on it needs an "
+                                "explicit threshold (persona.guard.threshold, persona.cap[].max, --guard NAME:T, "
+                                "--cap NAME=MAX); a run's separation stage or `personavec extract` records one"))
+        else:
+            lines.append((False, f"vector {name} at layer {sv.layer}: default guard threshold "
+                                 f"{cal['guard_threshold']:.4g} ({cal['guard_rule']}), default cap "
+                                 f"{cal['cap']:.4g} ({cal['cap_rule']}), in {cal['unit']}; from {cal['source']}"))
+    return lines
+
+
 def _check_address(host: str, port: int) -> None:
     import socket
 
@@ -103,6 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         policy = parse_policy(args.cap, args.guard, vectors)
     except BadRequest as e:
         raise PersonavecError(e.message) from None
+    for missing, line in calibration_lines(vectors):
+        (log.warning if missing else log.info)(line)
     lm = load_lm(args)
     # bound to loopback: answer to loopback names only (a rebound name of another site is refused)
     hosts = allowed_hosts(args.host, args.allow_host)

@@ -9,10 +9,14 @@
   ``temperature``, ``top_p``, ``seed``, ``stop`` (the answer ends before the first, finish ``stop``; a streamed
   answer holds back text that may begin one), ``stream``, ``stream_options.include_usage`` (a last chunk with the
   usage, as OpenAI sends it), ``n`` = 1, and ``persona``: ``steer`` / ``cap`` entries (edits of this request
-  only) and ``monitor`` (vector names, or true for all): the projection on v̂ at the vector's layer of the position
-  that produced each generated token, returned in a top-level ``persona`` object (``{name: {layer, tokens, mean,
-  max, guard_triggered}}``) and, when streaming, in every chunk as ``{name: {tokens}}`` for the tokens it delivers
-  (the last chunk adds each vector's summary).
+  only) and ``monitor`` (vector names, or true for all, or ``{vector, where}`` objects): the projection on v̂ at
+  the vector's layer of the position that produced each generated token, before this request's own edits at that
+  layer (``where: "before"``, the default: what the model itself carries) or after them (``"after"``), returned in
+  a top-level ``persona`` object keyed by the vector's name for a before-edit reading and ``NAME@after`` for an
+  after-edit one (``{key: {vector, layer, where, unit, tokens, mean, max, guard_triggered}}``) and, when
+  streaming, in every chunk as ``{key: {tokens}}`` for the tokens it delivers (the last chunk adds each reading's
+  summary). ``guard`` stops (or steers) at the first token whose reading (before-edit unless ``where`` says
+  after) exceeds its threshold, by default the vector's calibrated one.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field, 401
 for a wrong key, 415 for a body not sent as ``application/json`` (so that a page of another site cannot make a
@@ -47,7 +51,8 @@ from starlette.routing import Route
 
 from ..model.loading import LoadedModel
 from ..run.format import number
-from .policy import BadRequest, ChatCall, ServedVector, parse_chat
+from ..vectors.calibration import UNIT
+from .policy import BadRequest, ChatCall, Reading, ServedVector, parse_chat
 from .worker import Worker
 
 PAGE = Path(__file__).with_name("static") / "chat.html"  # the chat page: plain HTML and JS, nothing fetched elsewhere
@@ -304,14 +309,20 @@ def _readings(values: list[float]) -> list[float | None]:
     return [number(x) for x in values]
 
 
+def _keys(call: ChatCall) -> list[str]:
+    """The ``persona`` key of each reading, in the order of the request's reads."""
+    return [Reading(*r).key for r in call.monitor]
+
+
 def _persona_summary(call: ChatCall, result: Any) -> dict[str, Any]:
     out = {}
-    for (vec, layer), values in zip(call.monitor, result.readings):
+    for r, values in zip(call.monitor, result.readings):
+        r = Reading(*r)
         tokens = _readings(values)
         finite = [x for x in tokens if x is not None]
-        out[vec] = {"layer": layer, "tokens": tokens, "mean": sum(finite) / len(finite) if finite else None,
-                    "max": max(finite) if finite else None,
-                    "guard_triggered": bool(result.guard_triggered and vec == call.guarded)}
+        out[r.key] = {"vector": r.vector, "layer": r.layer, "where": r.where, "unit": UNIT, "tokens": tokens,
+                      "mean": sum(finite) / len(finite) if finite else None, "max": max(finite) if finite else None,
+                      "guard_triggered": bool(result.guard_triggered and r.key == call.guarded)}
     return out
 
 
@@ -368,14 +379,14 @@ async def _chunks(lm: LoadedModel, call: ChatCall, queue: Any, cid: str, model: 
         # a character split over tokens, or an end that may begin a stop string: wait for the next tokens
         if text.endswith("\ufffd") or held(text, call.stop):
             continue
-        persona = {vec: {"tokens": _readings([r[k] for r in pending])} for k, (vec, _) in enumerate(call.monitor)}
+        persona = {key: {"tokens": _readings([r[k] for r in pending])} for k, key in enumerate(_keys(call))}
         yield chunk({"content": text[len(sent):]}, persona=persona if call.monitor else None)
         sent, pending = text, []
     result, text = watch.result(event[1])
     # the last chunk: the readings of tokens not yet delivered, and each vector's summary over the whole answer
     summary = _persona_summary(call, result)
-    for k, (vec, _) in enumerate(call.monitor):
-        summary[vec]["tokens"] = _readings([r[k] for r in pending])
+    for k, key in enumerate(_keys(call)):
+        summary[key]["tokens"] = _readings([r[k] for r in pending])
     yield chunk({"content": text[len(sent):]} if text != sent else {}, finish=result.finish,
                 persona=summary if call.monitor else None)
     if call.usage:

@@ -398,7 +398,7 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         bound = MAX_COEF * max(1.0, norm)
         if abs(cap) > bound:
             raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
-                                            f"{_shown(e['max'])}: a projection on the unit direction of "
+                                            f"{_shown(e.get('max', cap))}: a projection on the unit direction of "
                                             f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} (the "
                                             "most the largest steering adds)")
         layers = _or(e.get("layers"), [sv.layer])
@@ -487,25 +487,38 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> 
 
 
 def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVector]) -> dict[str, Any]:
-    """The server-wide default persona from ``--cap NAME=MAX`` (repeatable) and ``--guard NAME:THRESHOLD:stop``
-    or ``NAME:THRESHOLD:steer[:COEF]``, checked like a request's (a bad one raises :class:`BadRequest`)."""
+    """The server-wide default persona from ``--cap NAME[=MAX]`` (repeatable) and
+    ``--guard NAME[:THRESHOLD][:stop|steer[:COEF]]``, checked like a request's (a bad one raises
+    :class:`BadRequest`). A MAX or THRESHOLD left out (or ``auto``) is the vector's calibrated one."""
     policy: dict[str, Any] = {}
     for spec in caps:
         name, eq, value = spec.partition("=")
         try:
-            policy.setdefault("cap", []).append({"vector": name, "max": float(value)})
+            entry: dict[str, Any] = {"vector": name}
+            if eq and value != "auto":
+                entry["max"] = float(value)
+            policy.setdefault("cap", []).append(entry)
         except ValueError:
-            raise BadRequest("--cap", f"--cap {spec}: write NAME=MAX (a number)") from None
-        if not eq:
-            raise BadRequest("--cap", f"--cap {spec}: write NAME=MAX")
+            raise BadRequest("--cap", f"--cap {spec}: write NAME=MAX (a number), or NAME for the vector's calibrated "
+                                      "cap") from None
     if guard:
         parts = guard.split(":")
         try:
-            policy["guard"] = {"vector": parts[0], "threshold": float(parts[1]), "action": parts[2],
-                               **({"coef": float(parts[3])} if len(parts) > 3 else {})}
-        except (IndexError, ValueError):
-            raise BadRequest("--guard", f"--guard {guard}: write NAME:THRESHOLD:stop or "
-                                        "NAME:THRESHOLD:steer[:COEF]") from None
+            entry = {"vector": parts[0]}
+            if len(parts) > 1 and parts[1] not in ("stop", "steer"):  # a threshold: a number, or auto
+                threshold = parts.pop(1)
+                if threshold != "auto":
+                    entry["threshold"] = float(threshold)
+            if len(parts) > 1:
+                entry["action"] = parts[1]
+            if len(parts) > 2:
+                entry["coef"] = float(parts[2])
+            if len(parts) > 3:
+                raise ValueError
+            policy["guard"] = entry
+        except ValueError:
+            raise BadRequest("--guard", f"--guard {guard}: write NAME[:THRESHOLD][:stop|steer[:COEF]] (THRESHOLD "
+                                        "left out or auto: the vector's calibrated one)") from None
     try:
         _persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
     except BadRequest as e:  # named by the flag that set it: persona.cap[1] is the second --cap
