@@ -293,6 +293,18 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (resume later)")
 
 
+def check_experiment_layer(args: argparse.Namespace) -> None:
+    """An experiment's ``--layer``, checked against the model's config (no weights loaded) before its run starts: the
+    run may take hours, and the experiment would refuse the layer only after it."""
+    if getattr(args, "layer", None) is None:
+        return
+    from ..model.loading import model_shape
+
+    n_layers = model_shape(args.model, args.revision)[0]
+    if not 0 <= args.layer <= n_layers:
+        raise PersonavecError(f"--layer {args.layer} is out of range: {args.model} has layers 0..{n_layers}")
+
+
 def experiment_args(p: argparse.ArgumentParser) -> None:
     """What both fine-tuning experiments take: read-out layer, evaluation sampling, training settings."""
     p.add_argument("--layer", type=int, default=None, help="intervention/read-out layer (default: chosen)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import PersonavecError
 from .common import (
+    check_experiment_layer,
     experiment_args,
     finite_float,
     load_lm,
@@ -148,13 +149,19 @@ def cmd_shift(args: argparse.Namespace) -> None:
 def cmd_finetune_experiment(args: argparse.Namespace) -> None:
     from ..finetuning.experiment import FineTuneExperiment, FTExperimentConfig, parse_percents
 
-    run = run_from_args(args)
-    run.run()
+    check_experiment_layer(args)  # the experiment's settings are checked before its run starts
     cfg = FTExperimentConfig(
         percents=parse_percents(args.percents), prevent_percents=parse_percents(args.prevent_percents),
         caft_percents=parse_percents(args.caft_percents) or [], layer=args.layer,
         prevent_coefs=parse_percents(args.prevent_coef) or [], train=train_config(args),
         eval_samples=args.ft_eval_samples, max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
+    for flag, values in (("--percents", cfg.percents), ("--prevent-percents", cfg.prevent_percents or []),
+                         ("--caft-percents", cfg.caft_percents)):
+        bad = [p for p in values if not 0 <= p <= 100]
+        if bad:
+            raise PersonavecError(f"{flag}: {bad[0]:g} is not a percentage; give numbers from 0 to 100")
+    run = run_from_args(args)
+    run.run()
     summary = FineTuneExperiment(run, cfg).run_all()
     print_finetune_summary(summary)
     print(f"table -> {run.dir / 'finetune' / 'finetune.parquet'}, plots -> {run.dir / 'finetune'}/*.png")

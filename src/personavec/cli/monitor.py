@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (
+    check_experiment_layer,
     load_lm,
     model_args,
     named_vectors,
@@ -60,6 +61,7 @@ def cmd_project(args: argparse.Namespace) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:
+    check_experiment_layer(args)
     run = run_from_args(args)
     run.run()
     from ..monitor.experiment import monitor_run
@@ -74,4 +76,6 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         if key + "_overall_setting_means" in corr:
             print(f"    over the setting means: overall {corr[key + '_overall_setting_means']:.3f}, ladder "
                   f"{corr[key + '_ladder_setting_means']:.3f}, many-shot {corr[key + '_many_shot_setting_means']:.3f}")
+    if corr.get("judge_note"):
+        print(f"  note: {corr['judge_note']}")
     print(f"table -> {run.path('monitor.parquet')}, plot -> {run.path('monitor.png')}")

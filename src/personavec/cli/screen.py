@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import PersonavecError
 from .common import (
+    check_experiment_layer,
     experiment_args,
     finite_float,
     fmt,
@@ -66,7 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     "response projection alone, and by the judge when it scores), and compares the "
                                     "fine-tuned models as finetune-experiment does. Resumable.")
     run_args(sx)
-    sx.add_argument("--n", type=int, default=100, help="samples per selection")
+    sx.add_argument("--n", type=positive_int, default=100, help="samples per selection")
     sx.add_argument("--mix-percent", type=finite_float, default=50, help="trait share of the screened mixture")
     experiment_args(sx)
     sx.set_defaults(func=cmd_screen_experiment)
@@ -112,8 +113,9 @@ def cmd_screen(args: argparse.Namespace) -> None:
                      percentile=args.percentile, throughput=speed)
     print(f"{summary['rows']} samples screened ({cfg.mode}); this call: {speed['rows']} rows in {speed['seconds']} s"
           + (f" = {speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s" if speed["rows"] else ""))
-    for name, v in summary["vectors"].items():
-        print(f"  {name}: dataset mean {v['column'].split(':')[-1]} {v['mean']:+.4f} (sd {v['std']:.4f})"
+    for name, v in summary["vectors"].items():  # a mean or sd is None (null) where no row, or one row, has it
+        print(f"  {name}: dataset mean {v['column'].split(':')[-1]} {_shown(v['mean'], '+.4f')} "
+              f"(sd {_shown(v['std'], '.4f')})"
               + (f"; {v['above_cut']} rows above the cut {v['cut']:.4g}" if v["cut"] is not None else ""))
     if "filtered" in summary:
         f = summary["filtered"]
@@ -121,14 +123,23 @@ def cmd_screen(args: argparse.Namespace) -> None:
     print(f"table -> {Path(args.out) / 'screen.parquet'}; top/bottom -> {Path(args.out)}/top.jsonl, bottom.jsonl")
 
 
+def _shown(x: float | None, spec: str) -> str:
+    """A summary number, or "–" where there is none (the sd of one row, the mean of rows that all lack it)."""
+    return "–" if x is None else format(x, spec)
+
+
 def cmd_screen_experiment(args: argparse.Namespace) -> None:
     from ..finetuning.experiment import FineTuneExperiment, FTExperimentConfig
     from ..screening.experiment import screen_validation
 
-    run = run_from_args(args)
-    run.run()
+    check_experiment_layer(args)  # the experiment's settings are checked before its run starts
+    if not 0 < args.mix_percent <= 100:
+        raise PersonavecError(f"--mix-percent {args.mix_percent:g} is not a trait share to screen; give a percentage "
+                              "above 0 and at most 100")
     cfg = FTExperimentConfig(layer=args.layer, train=train_config(args), eval_samples=args.ft_eval_samples,
                              max_new_tokens=args.ft_max_new_tokens, seed=args.seed)
+    run = run_from_args(args)
+    run.run()
     s = screen_validation(FineTuneExperiment(run, cfg), n=args.n, percent=args.mix_percent, seed=args.seed)
     print(f"\n{s['mixture']}: dataset dP {s['dataset_delta_p']:+.3f}; AUROC of dP for the trait rows "
           f"{s['auroc_delta_p_trait_rows']:.3f} (response projection alone {s['auroc_response_trait_rows']:.3f})")

@@ -92,9 +92,9 @@ class FineTuneExperiment:
         self.progress = progress
         self.dir = Path(run.dir) / "finetune"
         self.vec = PersonaVector.load(run.path("vectors.safetensors"))
-        self.layer = cfg.layer if cfg.layer is not None else self.vec.chosen_layer
-        if self.layer is None:
-            raise PersonavecError("the run's vector has no chosen layer; pass --layer")
+        from ..monitor.experiment import check_layer
+
+        self.layer = check_layer(self.vec, cfg.layer)  # in range, with a direction, before anything is written
         from ..run.artifacts import TraitArtifacts
 
         self.art = TraitArtifacts.load(run.path("artifacts.json"))
@@ -231,17 +231,16 @@ class FineTuneExperiment:
         return result
 
     def judge_answers(self, answers: pd.DataFrame, name: str) -> pd.DataFrame:
-        """``trait`` and ``coherence`` columns from the experiment's judge (NaN without one)."""
-        from ..judge.scoring import judge_rows
-
-        return judge_rows(self.run.eval_judge(), self.art.rubric, answers, progress=self.progress,
-                          desc=f"judging {name}")
+        """``trait`` and ``coherence`` columns from the experiment's judge (NaN without one, or when it gave up: it
+        scored none of the first answers of the run or of an earlier model; the answers' ``attrs`` say so)."""
+        return self.run.judge_experiment(self.art.rubric, answers, f"judging {name}")
 
     def judged_fields(self, answers: pd.DataFrame) -> dict[str, Any]:
+        note = answers.attrs.get("judge_note")
         return {"trait": _num(answers["trait"].mean()), "trait_scored": int(answers["trait"].notna().sum()),
                 "coherence": _num(answers["coherence"].mean()),
                 "coherence_scored": int(answers["coherence"].notna().sum()),
-                "judge_spec": self.run.eval_judge_spec}
+                "judge_spec": self.run.eval_judge_spec, **({"judge_note": note} if note else {})}
 
     def fluency(self, answers: pd.DataFrame) -> float:
         """Mean per-token NLL of the answers under the base model (judge-free fluency; lower is more fluent)."""

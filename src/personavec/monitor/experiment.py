@@ -15,7 +15,8 @@ against the answers' own response-average projection (read by the unsteered mode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ import pandas as pd
 import torch
 
 from ..engine.sampling import SamplingConfig, run_sampling
-from ..errors import PersonavecError
-from ..files import claim_settings, read_json, save_figure, write_json, write_table
+from ..errors import PersonavecError, whole
+from ..files import claim_settings, read_json, refuse_other_settings, save_figure, write_json, write_table
 from ..judge.scoring import judge_rows
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs, unit
@@ -33,6 +34,8 @@ from ..run.artifacts import TraitArtifacts, builtin, builtin_traits
 from ..run.pipeline import Run
 from ..stats import pearson
 from ..vectors.vector import PersonaVector
+
+log = logging.getLogger(__name__)
 
 SHOTS = (0, 5, 10, 15, 20)
 
@@ -75,8 +78,11 @@ def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str],
 
 def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, layer: int, judge: Any,
                    examples: Sequence[tuple[str, str]], out_dir: Path, sampling: SamplingConfig,
-                   progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Generate, judge and project; returns the per-(setting, question) table and the correlations."""
+                   progress: bool = True, judging: Callable[..., pd.DataFrame] | None = None
+                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Generate, judge and project; returns the per-(setting, question) table and the correlations. ``judging``
+    (``rubric, rows, desc`` → judged rows) replaces :func:`judge_rows` with ``judge`` (a run's
+    :meth:`~personavec.run.pipeline.Run.judge_experiment`, which applies the run's give-up rule)."""
     jobs = build_prompts(lm, art, examples)
     direction = unit(vec.get(layer))
     before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last")
@@ -84,7 +90,11 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
                                      progress="monitor sampling" if progress else False))
-    rows = judge_rows(judge, art.rubric, rows, progress=progress, desc="monitor judging")
+    if judging is not None:
+        rows = judging(art.rubric, rows, "monitor judging")
+    else:
+        rows = judge_rows(judge, art.rubric, rows, progress=progress, desc="monitor judging")
+    note = rows.attrs.get("judge_note")
     rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
                                             "response_avg")
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
@@ -92,6 +102,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                   answer_projection=("answer_projection", "mean"), n=("answer", "size")))
     corr: dict[str, Any] = {"layer": layer, "judge": getattr(judge, "name", "none"), "n_prompts": len(table),
                             "trait_scored": int(table["trait"].notna().sum())}
+    if note:
+        corr["judge_note"] = note
     # the same correlations over the means of each setting (13 points: 8 ladder steps, 5 shot counts), which
     # average out the sampling noise of single answers
     means = table.groupby(["type", "setting"], as_index=False)[["projection", "trait", "answer_projection"]].mean()
@@ -130,17 +142,36 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
     save_figure(fig, path)
 
 
+def check_layer(vec: PersonaVector, layer: int | None) -> int:
+    """The experiment's read-out layer: ``layer`` (``--layer``), else the vector's chosen one; refused when out of the
+    vector's range or where its row is zero (no direction to read along)."""
+    if layer is None:
+        if vec.chosen_layer is None:
+            raise PersonavecError("the vector has no chosen layer; pass --layer")
+        layer = vec.chosen_layer
+    layer = whole(layer, "layer (--layer)")
+    if not 0 <= layer <= vec.n_layers:
+        raise PersonavecError(f"layer {layer} (--layer) is out of range: the model has layers 0..{vec.n_layers}")
+    vec.direction(layer)  # a zero row (layer 0, a layer not extracted) is refused naming the vector's layers
+    return layer
+
+
 def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
     """The experiment on a finished run (``monitor.parquet``, ``monitor.json``, ``monitor.png`` in its directory);
     read back when done with the same judge, the stored answers re-judged when the judge changed."""
     with run.locked():
         vec = PersonaVector.load(run.path("vectors.safetensors"))
-        layer = layer if layer is not None else vec.chosen_layer
-        if layer is None:
-            raise PersonavecError("the vector has no chosen layer; pass --layer")
-        claim_settings(run.path("monitor_settings.json"), {"layer": layer, "n_samples": n_samples},
-                       "a monitoring experiment", "pass the same --layer and --monitor-samples, or delete its "
-                       "monitor* files to start it over")
+        if layer is None and vec.chosen_layer is None and run.path("separation.parquet").exists():
+            # no defensible steering choice: a monitor needs separation, not steering, so it reads the best layer
+            sep = pd.read_parquet(run.path("separation.parquet"))
+            layer = int(sep.loc[sep["auroc"].idxmax(), "layer"])
+            log.warning("the run made no defensible steering choice; monitoring at the best-separating layer %d "
+                        "(pass --layer to choose another)", layer)
+        layer = check_layer(vec, layer)
+        n_samples = whole(n_samples, "n_samples (--monitor-samples)", low=1)
+        settings = {"layer": layer, "n_samples": n_samples}
+        todo = "pass the same --layer and --monitor-samples, or delete its monitor* files to start it over"
+        refuse_other_settings(run.path("monitor_settings.json"), settings, "a monitoring experiment", todo)
         out = run.path("monitor.json")
         if out.exists():
             done = read_json(out)
@@ -150,15 +181,23 @@ def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[
         art = TraitArtifacts.load(run.path("artifacts.json"))
         if not art.ladder and art.name in builtin_traits():
             art.ladder = builtin(art.name).ladder
+        if len(art.ladder) != 8:  # checked here, before the directory is claimed (build_prompts checks it too)
+            raise PersonavecError(f"trait {art.name!r} has no 8-step system-prompt ladder; add 'ladder' (8 system "
+                                  "prompts, suppressing to eliciting) to its artifacts")
         judged = pd.read_parquet(run.path("judged.parquet"))
         pos = judged[(judged["set"] == "extract") & (judged["side"] == "pos") & (judged["answer"].str.strip() != "")]
         if pos["trait"].notna().any():
             pos = pos.sort_values("trait", ascending=False, kind="stable")
         pos = pos.drop_duplicates("question_id")  # one example per extraction question
         examples = list(zip(pos["question"], pos["answer"]))
+        if max(SHOTS) > len(examples):
+            raise PersonavecError(f"many-shot prompts need {max(SHOTS)} trait-expressing examples, only "
+                                  f"{len(examples)} available")
+        judge = run.eval_judge()  # built (an endpoint checked, a local model loaded) before anything is written
+        claim_settings(run.path("monitor_settings.json"), settings, "a monitoring experiment", todo)
         sampling = replace(run.cfg.sampling, n_samples=n_samples)
-        table, corr = run_experiment(run.lm, art, vec, layer, run.eval_judge(), examples, run.dir, sampling,
-                                     progress=run.progress)
+        table, corr = run_experiment(run.lm, art, vec, layer, judge, examples, run.dir, sampling,
+                                     progress=run.progress, judging=run.judge_experiment)
         corr["judge_spec"] = run.eval_judge_spec
         write_table(table, run.path("monitor.parquet"))
         plot(table, corr, run.path("monitor.png"), f"{run.cfg.trait} — {vec.model_id}")

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import PersonavecError
 from ..files import read_jsonl, write_json
-from ..finetuning.datasets import write_jsonl, write_mixtures
+from ..finetuning.datasets import paired_answers, write_jsonl, write_mixtures
 from ..finetuning.experiment import FineTuneExperiment
 from ..stats import auroc
 from ..vectors.probe import Probe
@@ -32,12 +32,17 @@ def screen_validation(exp: FineTuneExperiment, n: int = 100, percent: float = 50
 
 def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: int,
                        max_new_tokens: int) -> dict[str, Any]:
-    exp.write_config()
     judged = pd.read_parquet(exp.run.path("judged.parquet"))
+    n_rows = len(paired_answers(judged))  # the mixture's size, known before anything is written
+    if not 0 < n < n_rows:
+        raise PersonavecError(f"--n {n} is out of range: it must be between 1 and {n_rows - 1} (the mixture has "
+                              f"{n_rows} samples)")
+    if not 0 < percent <= 100:
+        raise PersonavecError(f"--mix-percent {percent:g} is not a trait share to screen; give a percentage above 0 "
+                              "and at most 100")
+    exp.write_config()
     src = write_mixtures(judged, exp.dir / "data", [percent], seed=exp.cfg.seed)[f"mix{round(percent):03d}"]
     rows = read_jsonl(src)
-    if not 0 < n < len(rows):
-        raise PersonavecError(f"--n must be between 1 and {len(rows) - 1} (the mixture has {len(rows)} samples)")
     out = exp.dir / f"screen_mix{round(percent):03d}"
     cfg = ScreenConfig(mode="delta", chunk_rows=64, max_new_tokens=max_new_tokens, seed=seed)
     speed = screen_file(exp.base, src, [Probe("trait", exp.vec, (exp.layer,))], out, cfg, progress=exp.progress)
