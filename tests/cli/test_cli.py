@@ -184,3 +184,16 @@ def test_chat_remembers_each_sides_conversation_through_the_template_until_reset
                    {"role": "user", "content": "Why?"}]
         assert second[side] == conversation_pair({"messages": history}, tokenizer)[0]
     assert "Hi?" not in third[0] and "Hi?" not in third[1] and "And?" in third[0]  # /reset forgot it
+
+
+def test_steer_and_chat_at_a_layer_where_the_vector_is_zero_fail_before_the_model_loads(tmp_path, model_dir, capsys,
+                                                                                       monkeypatch):
+    import personavec.cli.steer as steer_cli
+
+    t = torch.randn(3, 32)
+    t[0] = 0
+    path = PersonaVector({"response_avg": t}, model_id="tiny-llama", trait="evil").save(tmp_path / "v.safetensors")
+    monkeypatch.setattr(steer_cli, "load_lm", lambda args: pytest.fail("the model was loaded"))
+    for command in (["steer", "Hi?"], ["chat"]):
+        _one_line_error(capsys, [*command, "--vector", str(path), "--layer", "0", "--model", str(model_dir)],
+                        "the evil vector has no direction at layer 0 (its row there is zero); it has one at layers 1-2")

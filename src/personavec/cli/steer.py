@@ -96,7 +96,7 @@ def _load_steering(args: argparse.Namespace):
         raise PersonavecError("the vector has no chosen layer; pass --layer")
     if not 0 <= layer <= vec.n_layers:
         raise PersonavecError(f"--layer {layer} is out of range: the model has layers 0..{vec.n_layers}")
-    vec.get(layer)  # a layer out of range fails before the model loads
+    vec.direction(layer)  # a layer where the vector is zero (row 0 always) fails before the model loads
     return vec, load_lm(args), layer
 
 
@@ -170,9 +170,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ..vectors.extraction import extract_vector
 
     t0 = time.perf_counter()
+    if args.layer is not None:  # from the model's config: before the model loads, any work or any directory
+        from ..model.loading import model_shape
+
+        n_layers = model_shape(args.model, args.revision)[0]
+        if not 0 <= args.layer <= n_layers:
+            raise PersonavecError(f"--layer {args.layer} is out of range: {args.model} has layers 0..{n_layers}")
     lm = load_lm(args)
-    if args.layer is not None and not 0 <= args.layer <= lm.n_layers:  # before any work or any directory
-        raise PersonavecError(f"--layer {args.layer} is out of range: {lm.model_id} has layers 0..{lm.n_layers}")
     data = resources.files("personavec") / "data" / "demo"
     with resources.as_file(data / "evil_pos.jsonl") as pos, resources.as_file(data / "evil_neg.jsonl") as neg:
         vec = extract_vector(lm, pos, neg, trait="evil", batch_size=args.batch_size, progress=True)
