@@ -339,3 +339,9 @@ def test_commands_check_everything_before_they_write_and_end_without_a_traceback
     before = {p.name: p.read_bytes() for p in (tmp_path / "td").glob("*.json*")}
     fails(cli("trait-data", tmp_path / "r", "--out", tmp_path / "td", "--seed", "2"), "seed was 1, now 2")
     assert {p.name: p.read_bytes() for p in (tmp_path / "td").glob("*.json*")} == before and len(before) == 8
+
+
+def test_demo_checks_its_layer_before_any_work(tmp_path, model_dir):
+    fails(cli("demo", "--layer", "9", "--model", model_dir, "--out", tmp_path / "runs"),
+          "--layer 9 is out of range", "layers 0..2")
+    assert not (tmp_path / "runs").exists()
