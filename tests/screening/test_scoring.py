@@ -158,6 +158,22 @@ def test_rows_without_a_response_are_a_clear_error(lm, tmp_path):
         "row", "evil@L1:prompt_last", "n_tokens"]
 
 
+def test_a_bad_row_or_an_empty_file_claims_nothing(lm, tmp_path):
+    """A bad row in a later chunk, or a file without rows, failed after screen_config.json was written, so the
+    corrected data (another fingerprint) was refused in the same directory."""
+    data, probes = tmp_path / "d.jsonl", [Probe("evil", vector(lm), (1,))]
+    write_jsonl(data, [*rows(5), {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(PersonavecError, match="row 5 has no response"):
+        screen_file(lm, data, probes, tmp_path / "o", ScreenConfig(mode="response", chunk_rows=2), progress=False)
+    data.write_text("")
+    with pytest.raises(PersonavecError, match="holds no rows"):
+        screen_file(lm, data, probes, tmp_path / "o", ScreenConfig(mode="response", chunk_rows=2), progress=False)
+    assert not (tmp_path / "o" / "screen_config.json").exists() and not (tmp_path / "o" / "parts").exists()
+    write_jsonl(data, rows(5))  # the corrected data, in the same directory
+    screen_file(lm, data, probes, tmp_path / "o", ScreenConfig(mode="response", chunk_rows=2), progress=False)
+    assert len(pd.read_parquet(tmp_path / "o" / "screen.parquet")) == 5
+
+
 @pytest.mark.slow
 def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_path, capsys):
     pytest.importorskip("ray")

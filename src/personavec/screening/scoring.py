@@ -142,21 +142,36 @@ def _project(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], pr
                          max_length=cfg.max_length, stop_early=cfg.stop_early, sort_by_length=cfg.bucket)
 
 
+def row_pair(row: dict[str, Any], number: int, tokenizer: Any, cfg: ScreenConfig) -> tuple[str, str]:
+    """The (prompt, response) of input row ``number``, or one line saying what the row lacks."""
+    try:
+        prompt, answer = conversation_pair(row, tokenizer)
+    except PersonavecError as e:
+        raise PersonavecError(f"row {number}: {e}") from None
+    if answer is None and cfg.mode != "prompt_last":
+        raise PersonavecError(f"row {number} has no response to screen; give 'messages' ending with an "
+                              "assistant turn or 'prompt' + 'answer', or use --mode prompt_last")
+    return prompt, answer or ""
+
+
+def check_rows(path: Path, tokenizer: Any, cfg: ScreenConfig) -> None:
+    """Every input row read as the screening will read it, before its directory is claimed: a bad row, or a file
+    without rows, is refused without leaving settings that would refuse the corrected data."""
+    n = 0
+    for k, chunk in enumerate(iter_chunks(path, cfg.chunk_rows)):
+        for j, r in enumerate(chunk.to_dict("records")):
+            row_pair(r, k * cfg.chunk_rows + j, tokenizer, cfg)
+        n += len(chunk)
+    if n == 0:
+        raise PersonavecError(f"{path} holds no rows")
+
+
 @torch.no_grad()
 def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int,
                  probes: Sequence[Probe], cfg: ScreenConfig, cache: KeyValueCache | None = None) -> pd.DataFrame:
     """Scores of one chunk of input rows (``row`` = global row number) plus token counts and timing."""
     t0 = time.perf_counter()
-    pairs = []
-    for k, r in enumerate(rows):
-        try:
-            prompt, answer = conversation_pair(r, lm.tokenizer)
-        except PersonavecError as e:
-            raise PersonavecError(f"row {first_row + k}: {e}") from None
-        if answer is None and cfg.mode != "prompt_last":
-            raise PersonavecError(f"row {first_row + k} has no response to screen; give 'messages' ending with an "
-                                  "assistant turn or 'prompt' + 'answer', or use --mode prompt_last")
-        pairs.append((prompt, answer or ""))
+    pairs = [row_pair(r, first_row + k, lm.tokenizer, cfg) for k, r in enumerate(rows)]
     prompts = [p for p, _ in pairs]
     answers = [a for _, a in pairs]
     poolings = ["prompt_last"] if cfg.mode == "prompt_last" else ["response_avg", "prompt_last"]
@@ -275,6 +290,8 @@ def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path
                  cache_path: str | os.PathLike | None, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    if not (out / "screen_config.json").exists():
+        check_rows(path, lm.tokenizer, cfg)
     check_settings(out, path, probes, cfg, lm.model_id)
     done = done_chunks(out)
     cache = base_answer_cache(cache_path or out / "base_answers.sqlite") if cfg.mode == "delta" else None
