@@ -323,6 +323,9 @@ def test_commands_check_everything_before_they_write_and_end_without_a_traceback
     fails(cli("extract", "--pos", pos, "--neg", vector.parent / "neg.csv", "--model", model_dir, "--layers", "5",
               "--out", tmp_path / "v"), "--layers 5: layer 5 is out of range", "has layers 0..2")
     assert not (tmp_path / "v").exists()
+    # shift: the adapter is looked for before the model loads (it does not even exist)
+    fails(cli("shift", "--adapter", tmp_path / "ft", "--vector", vector, "--model", tmp_path / "nowhere"),
+          "holds no adapter")
     # screen on one row: the sd of one value is not a number, the summary says so
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"prompt": "How are you?", "answer": "Fine."}) + "\n")

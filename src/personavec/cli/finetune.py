@@ -115,10 +115,11 @@ def cmd_trait_data(args: argparse.Namespace) -> None:
 
 def cmd_shift(args: argparse.Namespace) -> None:
     from ..files import TABLE_SUFFIXES, read_table, write_table
-    from ..finetuning.lora import load_adapter
+    from ..finetuning.lora import adapter_path, load_adapter
     from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
     from ..run.artifacts import builtin
 
+    adapter_path(args.adapter)  # the adapter exists: checked before the base model loads and is read
     vectors = named_vectors(args, args.vector)
     out_file(args.out, "--out", TABLE_SUFFIXES)
     if args.prompts:

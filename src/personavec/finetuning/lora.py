@@ -178,17 +178,24 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return get_peft_model(model, lcfg)
 
 
+def adapter_path(adapter_dir: str | os.PathLike) -> Path:
+    """The saved adapter in ``adapter_dir`` (a fine-tune's output directory, or its ``adapter/``), checked without
+    loading anything."""
+    p = Path(adapter_dir)
+    if (p / ADAPTER / "adapter_config.json").exists():
+        p = p / ADAPTER
+    if not (p / "adapter_config.json").exists():
+        raise PersonavecError(f"{adapter_dir} holds no adapter (adapter_config.json); point at a fine-tune's output")
+    return p
+
+
 def load_adapter(lm: LoadedModel, adapter_dir: str | os.PathLike) -> LoadedModel:
     """The base model of ``lm`` with a saved adapter applied (a new LoadedModel; ``lm.model`` is wrapped)."""
     try:
         from peft import PeftModel
     except ImportError:
         raise PersonavecError("loading an adapter needs peft: pip install peft") from None
-    p = Path(adapter_dir)
-    if (p / ADAPTER / "adapter_config.json").exists():
-        p = p / ADAPTER
-    if not (p / "adapter_config.json").exists():
-        raise PersonavecError(f"{adapter_dir} holds no adapter (adapter_config.json); point at a fine-tune's output")
+    p = adapter_path(adapter_dir)
     with _peft_wrapping():
         model = PeftModel.from_pretrained(lm.model, str(p)).eval()
     from dataclasses import replace
