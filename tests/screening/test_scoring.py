@@ -230,3 +230,23 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
 def test_every_screen_setting_is_checked_at_construction(kwargs, message):
     with pytest.raises(PersonavecError, match=message):
         ScreenConfig(**kwargs)
+
+
+def test_screen_checks_its_arguments_before_writing(lm, tmp_path):
+    from personavec.screening.scoring import screen
+
+    vec = PersonaVector({"response_avg": torch.randn(3, 32)}, model_id="tiny-llama", trait="evil", chosen_layer=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": lm.format_chat("Why?"), "answer": "Because."}) + "\n")
+    out = tmp_path / "out"
+    cases = [
+        ((None, data, {"evil": vec}, out), {}, "screen takes a model from load_model"),
+        ((lm, None, {"evil": vec}, out), {}, "screen's data must be a path, not None"),
+        ((lm, data, {"evil": vec}, out, {"mode": "response"}), {}, "screen's config must be a ScreenConfig"),
+        ((lm, data, {"evil": vec}, out), {"layers": 1}, "screen's layers must be a list of layer numbers, not 1"),
+        ((lm, data, {"evil": vec}, out), {"layers": ["1"]}, 'each of screen\'s layers must be a whole number'),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(PersonavecError, match=message):
+            screen(*args, **kwargs)
+    assert not out.exists()

@@ -42,7 +42,7 @@ from ..engine.sampling import SamplingConfig, generate
 from ..errors import PersonavecError, finite, shown, whole
 from ..files import atomic_path, claim_settings, fingerprint, iter_chunks, locked
 from ..model.chat import conversation_pair
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, check_loaded
 from ..model.projection import column, project_pairs
 from ..vectors.probe import Probe, directions, make_probes, probe_identity
 from ..vectors.vector import PersonaVector
@@ -282,6 +282,16 @@ def screen(lm: LoadedModel, data: str | os.PathLike, vectors: Mapping[str, Perso
     """Score every (prompt, response) row of ``data`` on each vector (ΔP by default; see :class:`ScreenConfig`)
     into ``out_dir`` (resumable) and return the table (``out_dir/screen.parquet``): one row per input row.
     Vectors are read at ``layers`` (default: each one's chosen layer)."""
+    check_loaded(lm, "screen")
+    for name, value in (("data", data), ("out_dir", out_dir)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise PersonavecError(f"screen's {name} must be a path, not {shown(value)}")
+    if not isinstance(config, ScreenConfig):
+        raise PersonavecError(f"screen's config must be a ScreenConfig, e.g. ScreenConfig(mode=\"response\"), not "
+                              f"{shown(config)}")
+    if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
+        raise PersonavecError(f"screen's layers must be a list of layer numbers, not {shown(layers)}")
+    layers = None if layers is None else [whole(x, "each of screen's layers", low=0) for x in layers]
     screen_file(lm, data, make_probes(vectors, layers), out_dir, config, progress=progress)
     return pd.read_parquet(Path(out_dir) / "screen.parquet")
 
