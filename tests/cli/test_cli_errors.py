@@ -237,7 +237,13 @@ def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, ta
           "--max-new-tokens: '' is not a whole number")
     fails(cli("run", "--trait", "évil", "--model", model_dir, "--judge", "none", "--out", tmp_path / "runs"),
           "--trait évil:", "ASCII letters")
-    fails(cli("shift", "--adapter", tmp_path / "none", "--vector", vector, "--model", model_dir, "--out", "s1"),
+    fails(cli("run", "--trait", "evil", "--model", model_dir, "--judge", "bogus", "--out", tmp_path / "runs"),
+          "--judge bogus is not one of the kinds it takes; use local, local:MODEL, openai:MODEL or none")
+    fails(cli("run", "--trait", "evil", "--model", model_dir, "--sampler", "vllm", "--out", tmp_path / "runs"),
+          "--sampler vllm is not one of the kinds it takes; use local or openai:MODEL")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "adapter_config.json").write_text("{}")  # enough to pass the adapter check, not to load
+    fails(cli("shift", "--adapter", tmp_path / "ft", "--vector", vector, "--model", model_dir, "--out", "s1"),
           "--out s1 has no suffix", ".csv, .jsonl, .json or .parquet")
     for p in ("0", "100"):
         fails(cli("screen", tables[0], "--vector", vector, "--percentile", p, "--model", model_dir, "--out",
@@ -312,6 +318,10 @@ def test_commands_check_everything_before_they_write_and_end_without_a_traceback
               "--run-dir", tmp_path / "run"), "judge local:nonexistent-model", "could not load model")
     fails(cli("monitor", "--trait", "evil", "--model", model_dir, "--layer", "3", "--judge", "none",
               "--run-dir", tmp_path / "run"), "--layer 3 is out of range", "has layers 0..2")
+    fails(cli("finetune-experiment", "--trait", "evil", "--model", model_dir, "--percents", "0,150", "--run-dir",
+              tmp_path / "run"), "--percents: 150 is not a percentage")
+    fails(cli("screen-experiment", "--trait", "evil", "--model", model_dir, "--mix-percent", "0", "--run-dir",
+              tmp_path / "run"), "--mix-percent 0 is not a trait share")
     assert not (tmp_path / "run").exists()
     # extract: pos equal to neg, a layer out of range: refused before the model loads (it does not even exist)
     pos = tmp_path / "copy.csv"

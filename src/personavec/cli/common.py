@@ -226,6 +226,28 @@ def named_vectors(args: argparse.Namespace, paths: Sequence[str]) -> dict[str, A
     return named
 
 
+def _check_specs(args: argparse.Namespace) -> None:
+    """The run's judge, sampler and generator specs, refused naming their flag (the library's lines name none)."""
+    from ..engine.remote import parse_sampler
+    from ..judge.spec import SPECS, parse_spec
+
+    for flag, spec, use in (("--judge", args.judge, SPECS), ("--eval-judge", args.eval_judge, SPECS),
+                            ("--sampler", args.sampler, "local or openai:MODEL (with --sampler-base-url)"),
+                            ("--generator", args.generator, "openai:MODEL or local:MODEL")):
+        if spec is None:
+            continue
+        try:
+            if flag == "--sampler":
+                parse_sampler(spec)
+            elif flag == "--generator":
+                if spec.partition(":")[0] not in ("openai", "local"):
+                    raise PersonavecError(spec)
+            else:
+                parse_spec(spec)
+        except PersonavecError:
+            raise PersonavecError(f"{flag} {as_typed(spec)} is not one of the kinds it takes; use {use}") from None
+
+
 def run_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
@@ -236,6 +258,7 @@ def run_from_args(args: argparse.Namespace):
 
     if not NAME.fullmatch(args.trait):
         raise PersonavecError(f"--trait {as_typed(args.trait)}: a trait name {NAME_RULE}")
+    _check_specs(args)
 
     sampling = quick_sampling(args.seed) if args.quick else SamplingConfig(seed=args.seed)
     overrides = {k: v for k, v in (("n_samples", args.n_samples), ("max_new_tokens", args.max_new_tokens),
