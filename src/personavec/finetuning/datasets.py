@@ -95,7 +95,7 @@ def write_mixtures(responses: pd.DataFrame, out_dir: str | os.PathLike,
         orient="values", force_ascii=False).encode()).hexdigest()[:16]
     with locked(out, "the trait data (--out)"):
         claim_settings(out / MIXTURES, {"seed": seed, "pairs": len(pairs), "answers_sha256": digest},
-                       "trait data (mixtures) drawn from other answers or with another seed", todo)
+                       "trait data (mixtures)", todo)
         files = {"trait": write_jsonl(mixture(pairs, 100, seed), out / "trait.jsonl"),
                  "normal": write_jsonl(mixture(pairs, 0, seed), out / "normal.jsonl")}
         for p in percents:
