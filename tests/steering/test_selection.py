@@ -10,8 +10,11 @@ from personavec.steering.grid import cells, default_grid
 from personavec.steering.selection import choose
 
 
-def table(rows):
-    return pd.DataFrame(rows, columns=["layer", "coef", "trait_mean", "coherence_mean", "projection_mean"])
+def table(rows, fluency=2.0, degenerate=0.0):
+    """A steering table whose cells all read as text unless told otherwise."""
+    t = pd.DataFrame(rows, columns=["layer", "coef", "trait_mean", "coherence_mean", "projection_mean"])
+    t["fluency_mean"], t["degenerate_share"] = fluency, degenerate
+    return t
 
 
 def test_choose_largest_coherent_trait_increase():
@@ -66,3 +69,36 @@ def test_nan_cells_and_layers_are_skipped_and_said():
     assert s.chosen_layer == 12 and s.criterion == "projection_mean"
     assert all(math.isfinite(e) for e in s.effects.values())
     assert "baseline" in s.reason and "nan" not in s.reason.lower()
+
+
+def test_unreadable_cells_are_left_out_with_or_without_a_judge():
+    nan = math.nan
+    for scores in ((10, 30, 90), (nan, nan, nan)):
+        t = table([(8, 0.0, scores[0], 90, 0.0), (8, 2.0, scores[1], 80, 1.0), (8, 4.0, scores[2], 80, 5.0)])
+        t.loc[t["coef"] == 4.0, "degenerate_share"] = 0.5  # half its answers loop
+        s = choose(t)
+        assert s.chosen_coef == 2.0 and s.unreadable == [[8, 4.0]] and s.defensible
+        t.loc[t["coef"] == 4.0, ["degenerate_share", "fluency_mean"]] = (0.0, 2.6)  # 0.6 nats less likely
+        assert choose(t).chosen_coef == 2.0 and choose(t, fluency_margin=0.7).chosen_coef == 4.0
+        # the margins are relative to the unsteered answers: a baseline that is itself unusual moves them
+        t.loc[t["coef"] == 0.0, "fluency_mean"] = 2.5
+        assert choose(t).chosen_coef == 4.0
+
+
+def test_no_defensible_choice_when_every_steered_cell_is_broken_or_nothing_moves():
+    broken = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 60, 80, 1.0), (12, 0.0, 10, 90, 0.0), (12, 4.0, 90, 70, 2.0)])
+    broken.loc[broken["coef"] != 0.0, "degenerate_share"] = 0.9
+    s = choose(broken)
+    assert s.chosen_layer is None and not s.defensible
+    assert s.reason.startswith("no defensible choice: every steered cell (2) reads as broken text")
+    # readable, but the best effect's interval reaches zero: the grid cannot tell it from no steering
+    flat = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 12, 80, 0.1)])
+    flat["trait_effect_lo"] = [0.0, -3.0]
+    s = choose(flat)
+    assert s.chosen_layer is None and not s.defensible and "no defensible choice" in s.reason
+    assert "interval" in s.reason
+    flat["trait_effect_lo"] = [0.0, 0.5]
+    assert choose(flat).chosen_coef == 2.0
+    # a table without fluency readings (never measured): nothing steered counts as readable
+    bare = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 60, 80, 1.0)]).drop(columns=["fluency_mean"])
+    assert choose(bare).chosen_layer is None

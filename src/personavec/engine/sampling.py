@@ -10,7 +10,7 @@ others are sampled. :func:`generate` and :func:`chat` are the same engine for an
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +122,11 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
                  progress: bool | str = True, edits: Callable[[dict[str, Any]], Sequence[Edit]] | None = None,
                  sampler: Any = None) -> list[dict[str, Any]]:
     """Sample an answer for every job (a dict with at least ``prompt``; ``edits(job)`` gives its steering, an
-    optional ``seed`` its seed), appending rows to ``path``. Each row is the job plus ``answer``, ``n_tokens``,
-    ``truncated`` and ``job`` (its index). Jobs already answered in ``path`` are kept; the rest are sampled, by the
-    local engine or by ``sampler`` (an :class:`~personavec.engine.remote.EndpointSampler`, which takes each job's
-    ``system`` and ``question`` as chat messages). Returns all rows in job order."""
+    optional ``seed`` its seed, an optional ``temperature`` its own), appending rows to ``path``. Each row is the
+    job plus ``answer``, ``n_tokens``, ``truncated`` and ``job`` (its index). Jobs already answered in ``path``
+    are kept; the rest are sampled, by the local engine or by ``sampler`` (an
+    :class:`~personavec.engine.remote.EndpointSampler`, which takes each job's ``system`` and ``question`` as chat
+    messages). Returns all rows in job order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_jsonl(path)  # a torn last line from a killed writer
     rows = read_jsonl(path)
@@ -141,6 +142,9 @@ def run_sampling(lm: LoadedModel, jobs: Sequence[dict[str, Any]], cfg: SamplingC
     todo = [j for j in range(len(jobs)) if j not in kept]
     requests = [cfg.request(jobs[j]["prompt"], seeds[j], edits(jobs[j]) if edits else (), key=j,
                             messages=job_messages(jobs[j]) if sampler is not None else None) for j in todo]
+    # a job may set its own temperature (the steering grid's greedy answers beside its sampled ones)
+    requests = [replace(r, temperature=float(jobs[r.key]["temperature"])) if "temperature" in jobs[r.key] else r
+                for r in requests]
     if todo:
         with open(path, "a", encoding="utf-8") as f:
             engine = sampler if sampler is not None else Engine(lm, cfg.batch_size)

@@ -244,7 +244,7 @@ class FineTuneExperiment:
 
     def fluency(self, answers: pd.DataFrame) -> float:
         """Mean per-token NLL of the answers under the base model (judge-free fluency; lower is more fluent)."""
-        from ..finetuning.fluency import answer_nll
+        from ..steering.quality import answer_nll
 
         nll = pd.Series(answer_nll(self.base, answers["prompt"].tolist(), answers["answer"].tolist()))
         return _num(nll.mean())

@@ -1,12 +1,19 @@
 """The automatic choice of steering layer and strength from a steering table (pure functions).
 
-* **layer**: the one with the largest trait increase over the unsteered baseline, among cells whose mean
-  coherence stays ≥ ``coherence_min`` (default 50). When the judge gives no usable scores (a weak local
-  judge), the trait increase is replaced by the increase in projection and coherence is not checked — the
-  result says so.
-* **coefficient**: the strongest positive coefficient at that layer that keeps coherence ≥ ``coherence_min``;
-  and the largest suppressing (negative) coefficient that keeps coherence ≥ ``suppress_coherence_min``
-  (default 80), as in the paper's comparisons.
+* **readable cells only** — always, with or without a judge: a steered cell takes part only while its answers
+  stay text — mean fluency (NLL per answer token under the unsteered model) at most ``fluency_margin`` nats above
+  the unsteered answers', and a share of its answers (sampled and greedy) flagged degenerate (empty, or repeating
+  themselves) at most ``degenerate_max`` above the unsteered answers' share. Then, when the judge scores, mean
+  coherence ≥ ``coherence_min`` (default 50).
+* **layer**: the one with the largest trait increase over the unsteered baseline among readable cells. When the
+  judge gives no usable scores (a weak local judge), the trait increase is replaced by the increase in projection
+  (in units of each layer's held-out pos − neg gap) — the result says so.
+* **coefficient**: the strongest readable positive coefficient at that layer whose effect (paired over questions
+  with the unsteered answers) has a 95 % interval above zero; and the largest readable suppressing (negative)
+  coefficient, keeping judged coherence ≥ ``suppress_coherence_min`` (default 80) when there is a judge, as in the
+  paper's comparisons.
+* **no defensible choice** — when no steered cell is readable, or none moves the trait measurably: then nothing
+  is chosen (``chosen_layer`` None, ``defensible`` False) and the reason says why, instead of taking the grid's edge.
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
+
+#: a readable cell's answers are at most this many nats per token less likely than the unsteered ones (on the
+#: embedded model: unsteered 2.8; the cells a blind read found readable stay within +0.3, broken ones +1.2 and more)
+FLUENCY_MARGIN = 0.5
+#: and at most this much more of them is degenerate (empty, or looping: see :mod:`.quality`) than unsteered
+DEGENERATE_MAX = 0.2
 
 
 @dataclass
@@ -28,6 +41,10 @@ class Selection:
     criterion: str
     reason: str
     effects: dict[int, float] = field(default_factory=dict)
+    defensible: bool = True
+    fluency_margin: float = FLUENCY_MARGIN
+    degenerate_max: float = DEGENERATE_MAX
+    unreadable: list[list[float]] = field(default_factory=list)  # [layer, coef] cells left out as broken text
     skipped_baseline: bool = field(default=False, repr=False)  # a layer was skipped for an unscored baseline
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,8 +53,21 @@ class Selection:
         return d
 
 
+def readable(table: pd.DataFrame, fluency_margin: float = FLUENCY_MARGIN,
+             degenerate_max: float = DEGENERATE_MAX) -> pd.Series:
+    """Per row of a :func:`~personavec.steering.grid.summarize` table: whether its answers stay text (the
+    unsteered baseline always does; a table without fluency readings has no readable steered cell)."""
+    if "fluency_mean" not in table or "degenerate_share" not in table:
+        return table["coef"] == 0.0
+    base = table[table["coef"] == 0.0].groupby("layer")[["fluency_mean", "degenerate_share"]].first()
+    ok = (table["fluency_mean"] <= table["layer"].map(base["fluency_mean"]) + fluency_margin) & \
+        (table["degenerate_share"] <= table["layer"].map(base["degenerate_share"]) + degenerate_max)
+    return ok.fillna(False) | (table["coef"] == 0.0)
+
+
 def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_min: float = 80.0,
-           gaps: dict[int, float] | None = None) -> Selection:
+           gaps: dict[int, float] | None = None, fluency_margin: float = FLUENCY_MARGIN,
+           degenerate_max: float = DEGENERATE_MAX) -> Selection:
     """Pick the layer and coefficients from a :func:`summarize` table (pure function).
 
     Without usable judge scores the projection is the criterion; projections at different layers have
@@ -46,22 +76,42 @@ def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_
     without a value for the criterion are skipped, and so is a layer whose unsteered baseline has none; the
     reason says which. When the judge scores but left the baseline unscored, the projection decides.
     """
+    ok = readable(table, fluency_margin, degenerate_max)
+    unreadable = [[int(r.layer), float(r.coef)] for r in table[~ok].itertuples()]
+    gated = table[ok]
     scored = table["trait_mean"].notna().mean() >= 0.5 and table["coherence_mean"].notna().all()
     if scored:
-        sel = _choose(table, "trait_mean", True, coherence_min, suppress_coherence_min)
+        sel = _choose(gated, "trait_mean", True, coherence_min, suppress_coherence_min)
         if sel.chosen_layer is not None or not sel.skipped_baseline:
-            return sel
+            return _finish(sel, table, unreadable, fluency_margin, degenerate_max)
         fallback = "the judge scored no unsteered answer (baseline), so no judged increase can be measured; "
     else:
         fallback = ""
     metric = "projection_mean"
     if gaps:
-        table = table.copy()
-        scale = table["layer"].map(lambda x: gaps.get(int(x), float("nan")))
-        table["projection_mean"] = table["projection_mean"] / scale.where(scale.abs() > 1e-9)
+        gated = gated.copy()
+        scale = gated["layer"].map(lambda x: gaps.get(int(x), float("nan")))
+        gated["projection_mean"] = gated["projection_mean"] / scale.where(scale.abs() > 1e-9)
         metric = "projection_gap_units"
-    sel = _choose(table, metric, False, coherence_min, suppress_coherence_min)
+    sel = _choose(gated, metric, False, coherence_min, suppress_coherence_min)
     sel.reason = fallback + sel.reason
+    return _finish(sel, table, unreadable, fluency_margin, degenerate_max)
+
+
+def _finish(sel: Selection, table: pd.DataFrame, unreadable: list[list[float]], fluency_margin: float,
+            degenerate_max: float) -> Selection:
+    """The readability gate's part of the result, and "no defensible choice" when nothing readable was chosen."""
+    sel.unreadable, sel.fluency_margin, sel.degenerate_max = unreadable, fluency_margin, degenerate_max
+    gate = (f"cells kept while their answers stay within {fluency_margin:g} nats/token of the unsteered answers' "
+            f"fluency, with at most {degenerate_max:.0%} more of them degenerate")
+    steered = int((table["coef"] != 0.0).sum())
+    if sel.chosen_layer is None:
+        sel.defensible = False
+        why = (f"every steered cell ({steered}) reads as broken text" if steered and len(unreadable) >= steered
+               else sel.reason)
+        sel.reason = f"no defensible choice: {why} ({gate}; {len(unreadable)} of {steered} left out)"
+    else:
+        sel.reason += f"; {gate} ({len(unreadable)} of {steered} left out)"
     return sel
 
 
@@ -108,6 +158,15 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
     pos_ok = g[g["coef"] > 0]
     if scored:
         pos_ok = pos_ok[pos_ok["coherence_mean"] >= coherence_min]
+    lo = "trait_effect_lo" if scored else "projection_effect_lo"
+    if lo in pos_ok:  # an effect whose interval reaches zero is not one the grid can tell from no steering
+        measurable = pos_ok[pos_ok[lo] > 0]
+        if measurable.empty:
+            return Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
+                             f"nothing measurably moves the {'trait score' if scored else 'projection'}: the best "
+                             f"readable cell (layer {layer}, +{best[0]:.2f}) has a 95% interval that reaches 0"
+                             + skipped, effects)
+        pos_ok = measurable
     chosen_coef = float(pos_ok["coef"].max())
     neg = g[g["coef"] < 0]
     if scored:
