@@ -53,16 +53,22 @@ def print_summary(summary: dict) -> None:
     print(f"best layer {b['layer']}: AUROC {b['auroc']:.3f}, d {b['cohens_d']:.2f}")
     sel = summary.get("selection")
     if sel:
-        print(f"selection: layer {sel['chosen_layer']}, coefficient {sel['chosen_coef']}, suppressing "
-              f"coefficient {sel['suppress_coef']} ({sel['reason']})")
+        if sel.get("chosen_layer") is None:
+            print(f"selection: none ({sel['reason']})")
+        else:
+            print(f"selection: layer {sel['chosen_layer']}, coefficient {sel['chosen_coef']}, suppressing "
+                  f"coefficient {sel['suppress_coef']} ({sel['reason']})")
         steer_path = Path(summary["run_dir"]) / "steering.parquet"
         if steer_path.exists():
             t = pd.read_parquet(steer_path)
-            print("steering (trait / coherence / projection by layer x coefficient):")
+            nan = float("nan")
+            print("steering (trait / coherence / projection / fluency in nats per token / degenerate answers, by "
+                  "layer x coefficient; n sampled answers per cell):")
             for layer, g in t.groupby("layer"):
                 cells = "  ".join(f"{r.coef:+g}: {fmt(r.trait_mean)}/{fmt(r.coherence_mean)}/"
-                                  f"{fmt(r.projection_mean)}" for r in g.itertuples())
-                print(f"  L{layer}: {cells}")
+                                  f"{fmt(r.projection_mean)}/{fmt(getattr(r, 'fluency_mean', nan))}/"
+                                  f"{fmt(100 * getattr(r, 'degenerate_share', nan))}%" for r in g.itertuples())
+                print(f"  L{layer} (n {int(g['n'].iloc[0])}): {cells}")
     cap = summary.get("capability")
     if cap:
         steered = ", ".join(f"{r['coef']:+g}: {r['accuracy']:.2f}" for r in cap["steered"])

@@ -383,8 +383,9 @@ class Run:
         return g
 
     def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
-        """Steered evaluation grid, judged and projected; the chosen layer goes into the vector's metadata."""
-        from ..steering.grid import project_rows, steered_answers, summarize
+        """Steered evaluation grid, judged, projected and read for fluency and repetition; the choice (or "no
+        defensible choice") goes into the vector's metadata."""
+        from ..steering.grid import project_rows, read_quality, steered_answers, summarize
         from ..steering.selection import choose
 
         if not self.cfg.select:
@@ -403,30 +404,51 @@ class Run:
             judge = None if self.judge_note() else self.judge()
             df = judge_rows(judge, art.rubric, df, progress=self.progress, desc="judging steered")
             df = project_rows(self.lm, vec, df, batch_size=self.cfg.batch_size)
+            df = read_quality(self.lm, df, batch_size=self.cfg.batch_size)
             write_table(df, answers_path)
-        table = summarize(df, grid.layers)
+        if "fluency" not in df:  # answers stored by an older version: read them now
+            df = read_quality(self.lm, df, batch_size=self.cfg.batch_size)
+            write_table(df, answers_path)
+        table = summarize(df, grid.layers, seed=grid.seed)
         write_table(table, self.path("steering.parquet"))
         sep = pd.read_parquet(self.path("separation.parquet"))
         gaps = {int(r.layer): float(r.pos_mean - r.neg_mean) for r in sep.itertuples()}
         sel = choose(table, coherence_min=self.cfg.coherence_min, gaps=gaps)
         result = {**sel.to_dict(), "grid": grid.to_dict()}
+        vec.chosen_layer = sel.chosen_layer
+        vec.extra["selection"] = {k: v for k, v in result.items() if k not in ("effects", "unreadable")}
+        vec.save(self.path("vectors.safetensors"))
         if sel.chosen_layer is not None:
-            vec.chosen_layer = sel.chosen_layer
-            vec.extra["selection"] = {k: v for k, v in result.items() if k != "effects"}
-            vec.save(self.path("vectors.safetensors"))
-            examples = []
-            for coef in (0.0, sel.chosen_coef):
-                cell = df[(df["coef"] == 0.0)] if coef == 0.0 else df[(df["layer"] == sel.chosen_layer)
-                                                                       & (df["coef"] == coef)]
-                for _, r in cell.head(3).iterrows():
-                    examples.append({"layer": sel.chosen_layer, "coef": coef, "question": r["question"],
-                                     "answer": r["answer"], "trait": _num(r["trait"]),
-                                     "coherence": _num(r["coherence"])})
-            write_table(pd.DataFrame(examples), self.path("examples.jsonl"))
-            write_table(self.greedy_examples(art, vec, grid, sel.chosen_layer, sel.chosen_coef),
-                        self.path("examples_greedy.jsonl"))
+            sampled, greedy = df[df["sample_id"] >= 0], df[df["sample_id"] < 0]
+            write_table(self.examples(sampled, sel.chosen_layer, sel.chosen_coef), self.path("examples.jsonl"))
+            if greedy.empty:  # answers stored by an older version, without the grid's greedy answers
+                write_table(self.greedy_examples(art, vec, grid, sel.chosen_layer, sel.chosen_coef),
+                            self.path("examples_greedy.jsonl"))
+            else:
+                base = self.examples(greedy, sel.chosen_layer, sel.chosen_coef)
+                plain, steered = base[base["coef"] == 0.0], base[base["coef"] != 0.0]
+                write_table(pd.DataFrame([{"question": a["question"], "layer": sel.chosen_layer,
+                                           "coef": sel.chosen_coef, "unsteered": a["answer"],
+                                           "steered": b["answer"], "unsteered_fluency": a["fluency"],
+                                           "steered_fluency": b["fluency"], "unsteered_repetition": a["repetition"],
+                                           "steered_repetition": b["repetition"]}
+                                          for (_, a), (_, b) in zip(plain.iterrows(), steered.iterrows())]),
+                            self.path("examples_greedy.jsonl"))
         write_json(sel_path, result)
         return result
+
+    @staticmethod
+    def examples(df: pd.DataFrame, layer: int, coef: float, n: int = 3) -> pd.DataFrame:
+        """The first ``n`` answers unsteered and at (layer, coef), with their scores and readings."""
+        rows = []
+        for c in (0.0, coef):
+            cell = df[df["coef"] == 0.0] if c == 0.0 else df[(df["layer"] == layer) & (df["coef"] == c)]
+            first = cell.sort_values(["question_id", "sample_id"]).drop_duplicates("question_id").head(n)
+            for _, r in first.iterrows():
+                rows.append({"layer": layer, "coef": c, "question": r["question"], "answer": r["answer"],
+                             "trait": _num(r["trait"]), "coherence": _num(r["coherence"]),
+                             "fluency": _num(r.get("fluency")), "repetition": _num(r.get("repetition"))})
+        return pd.DataFrame(rows)
 
     def greedy_examples(self, art: TraitArtifacts, vec: PersonaVector, grid: Any, layer: int, coef: float,
                         n: int = 3) -> pd.DataFrame:
