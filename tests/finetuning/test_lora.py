@@ -367,7 +367,7 @@ def test_trait_data_over_an_earlier_output_of_other_settings_is_refused(tmp_path
     other = _responses().assign(answer=lambda d: d["answer"].where(d["answer"] == "", d["answer"] + "!"))
     with pytest.raises(PersonavecError, match="answers_sha256 was"):
         write_mixtures(other, tmp_path / "d", (0, 50), seed=1)
-    with pytest.raises(PersonavecError, match="within 0..100, not 150"):
+    with pytest.raises(PersonavecError, match=r"within 0\.\.100, not 150"):
         write_mixtures(_responses(), tmp_path / "e", (0, 150), seed=1)
     assert not (tmp_path / "e").exists()  # checked before anything is written
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.jsonl")} == before
