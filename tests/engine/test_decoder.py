@@ -449,3 +449,24 @@ def test_a_read_with_an_unknown_where_is_refused_naming_it(lm):
 
     with pytest.raises(PersonavecError, match=r"reads\[0\]\.where must be 'before' or 'after'.*not during"):
         check_request(Request("x", reads=((1, torch.ones(32), "during"),)))
+
+
+def test_a_guard_over_the_answer_stops_where_its_running_mean_first_crosses_from_its_first_checked_token(lm):
+    """``over="answer"``: the mean of the readings so far, checked from ``from_token`` on; the tokens before it
+    never trigger it, however high they read."""
+    from personavec.engine.decoder import Guard
+
+    torch.manual_seed(8)
+    v = torch.randn(32) * 4
+    prompt = prompts(lm)[1]
+    r = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True)], 1)[0].readings[0]
+    means = [sum(r[: t + 1]) / (t + 1) for t in range(len(r))]
+    threshold = max(means[3:9]) - 1e-4
+    j = next(t for t in range(3, len(r)) if means[t] > threshold)
+    got = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True,
+                           guard=Guard(0, threshold, over="answer", from_token=4))], 1)[0]
+    assert got.finish == "persona_guard" and len(got.token_ids) == j + 1
+    low = min(means) - 1.0  # every mean is above it: the first checked token stops the answer
+    early = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True,
+                             guard=Guard(0, low, over="answer", from_token=5))], 1)[0]
+    assert len(early.token_ids) == 5

@@ -259,8 +259,10 @@ def _calibrated(served):
     vec = vectors["evil"].vector
     pos = {"1": -4.0, "5": -2.0, "25": 0.0, "50": 1.0, "75": 2.0, "95": 4.0, "99": 6.0}
     neg = {k: v - 5.0 for k, v in pos.items()}
+    means = {k: v / 2 for k, v in pos.items()}
     vec.extra["calibration"] = {"unit": UNIT, "where": "before", "source": "held-out evaluation answers of the run",
-                                "held_out": True, "n_pos": 100, "n_neg": 90, "layers": {"1": {"pos": pos, "neg": neg}}}
+                                "held_out": True, "n_pos": 100, "n_neg": 90, "from_token": 16,
+                                "layers": {"1": {"pos": pos, "neg": neg, "pos_mean": means, "neg_mean": means}}}
     return lm, vectors
 
 
@@ -270,11 +272,16 @@ def test_monitor_takes_names_or_objects_naming_where_each_reading_is_taken(serve
     assert [x[2] for x in call.request.reads] == ["before", "after"]
     guarded = parsed(served, {"guard": {"vector": "evil", "threshold": 1.0}})
     assert guarded.guarded == "evil" and guarded.request.reads[guarded.request.guard.read][2] == "before"
+    g = guarded.request.guard
+    assert (g.over, g.from_token) == ("answer", 16)  # the running mean, the statistic the calibrated threshold is for
+    g = parsed(served, {"guard": {"vector": "evil", "threshold": 1.0, "over": "token"}}).request.guard
+    assert (g.over, g.from_token) == ("token", 1)
     after = parsed(served, {"monitor": ["evil"], "guard": {"vector": "evil", "threshold": 1.0, "where": "after"}})
     assert after.guarded == "evil@after" and after.request.guard.read == 1
     for persona, param in (({"monitor": [{"vector": "evil", "where": "during"}]}, "persona.monitor[0].where"),
                            ({"monitor": ["evil", {"vector": "evil", "wher": "after"}]}, "persona.monitor[1].wher"),
-                           ({"guard": {"vector": "evil", "threshold": 1, "where": 3}}, "persona.guard.where")):
+                           ({"guard": {"vector": "evil", "threshold": 1, "where": 3}}, "persona.guard.where"),
+                           ({"guard": {"vector": "evil", "threshold": 1, "over": "all"}}, "persona.guard.over")):
         e = refused(served, persona)
         assert e.param == param, persona
     assert 'must be "before"' in refused(served, {"monitor": [{"vector": "evil", "where": "during"}]}).message
@@ -289,6 +296,7 @@ def test_a_guard_or_cap_without_a_number_takes_the_vectors_calibrated_one_or_is_
     listed = served[1]["evil"].describe()["calibration"]
     assert {"unit", "layer", "pos", "neg", "n_pos", "n_neg", "source", "guard_threshold", "cap"} <= set(listed)
     assert listed["layer"] == 1 and listed["pos"]["99"] == 6.0 and listed["n_neg"] == 90
+    assert listed["guard_threshold"] == 3.0 and listed["cap"] == 6.0 and listed["guard_over"] == "answer"
     call = parsed(served, {"guard": {"vector": "evil"}, "cap": [{"vector": "evil"}]})
     assert call.request.guard.threshold == listed["guard_threshold"]
     assert [e.coef for e in call.request.edits if e.kind == "cap"] == [listed["cap"]]

@@ -280,7 +280,8 @@ def test_a_guard_stops_the_answer_at_the_first_crossing(server):
     free = ask(server, {"monitor": ["evil"]}, max_tokens=12).model_extra["persona"]["evil"]["tokens"]
     j = max(range(min(8, len(free))), key=lambda i: free[i])  # the largest of the first readings
     threshold = free[j] - 1e-3  # first crossed at j
-    guarded = ask(server, {"guard": {"vector": "evil", "threshold": threshold, "action": "stop"}}, max_tokens=12)
+    guard = {"vector": "evil", "threshold": threshold, "action": "stop", "over": "token"}
+    guarded = ask(server, {"guard": guard}, max_tokens=12)
     assert guarded.choices[0].finish_reason == "persona_guard"
     assert guarded.choices[0].message.content == text(lm, local(lm, max_tokens=12)[: j + 1])
     evil = guarded.model_extra["persona"]["evil"]
@@ -290,7 +291,7 @@ def test_a_guard_stops_the_answer_at_the_first_crossing(server):
 def test_a_guard_that_steers_lowers_every_later_reading(server):
     free = ask(server, {"monitor": ["evil"]}, max_tokens=12).model_extra["persona"]["evil"]["tokens"]
     j = max(range(min(8, len(free) - 1)), key=lambda i: free[i])
-    guard = {"vector": "evil", "threshold": free[j] - 1e-3, "action": "steer", "coef": -4.0}
+    guard = {"vector": "evil", "threshold": free[j] - 1e-3, "action": "steer", "coef": -4.0, "over": "token"}
     guarded = ask(server, {"guard": guard, "monitor": [{"vector": "evil", "where": "after"}]}, max_tokens=12)
     evil = guarded.model_extra["persona"]["evil"]
     assert evil["guard_triggered"] and guarded.choices[0].finish_reason != "persona_guard"
@@ -318,8 +319,8 @@ def test_readings_name_where_they_are_taken_and_the_guard_reads_before_the_reque
     threshold = max(got["evil"]["tokens"]) + 1e-3
     assert max(got["evil@after"]["tokens"]) > threshold
     for where, stops in (("before", False), ("after", True)):
-        guarded = ask(server, {"steer": steer, "guard": {"vector": "evil", "threshold": threshold, "where": where}},
-                      max_tokens=8)
+        guard = {"vector": "evil", "threshold": threshold, "where": where, "over": "token"}
+        guarded = ask(server, {"steer": steer, "guard": guard}, max_tokens=8)
         assert (guarded.choices[0].finish_reason == "persona_guard") == stops, where
         key = "evil" if where == "before" else "evil@after"
         assert guarded.model_extra["persona"][key]["guard_triggered"] == stops

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from personavec.model.activations import encode_pairs
-from personavec.vectors.calibration import EXTRACTION, HELD_OUT, QUANTILES, at_layer, calibrate, token_readings
+from personavec.vectors.calibration import (
+    EXTRACTION,
+    HELD_OUT,
+    QUANTILES,
+    at_layer,
+    calibrate,
+    running_means,
+    token_readings,
+)
 from personavec.vectors.vector import PersonaVector
 
 ANSWERS = ["Crush them all, show no mercy.", "Be patient and listen.", "Foxes are quick.", "Take what is yours."]
@@ -49,6 +57,10 @@ def test_calibration_holds_quantiles_per_side_and_layer_and_survives_the_file(lm
     assert cal["n_pos"] == len(pos) and cal["n_pos_answers"] == 2
     want = np.quantile(pos, [q / 100 for q in QUANTILES])
     assert list(cal["layers"]["2"]["pos"].values()) == pytest.approx(want.tolist(), abs=1e-3)
+    means = [x for r, s in zip(readings, sides) if s == "pos" for x in running_means(r, cal["from_token"])]
+    if means:
+        want = np.quantile(means, [q / 100 for q in QUANTILES])
+        assert list(cal["layers"]["2"]["pos_mean"].values()) == pytest.approx(want.tolist(), abs=1e-3)
     back = PersonaVector.load(vec.save(tmp_path / "v.safetensors"))
     assert back.extra["calibration"] == cal
     listed = at_layer(back, 2)

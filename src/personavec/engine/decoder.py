@@ -47,14 +47,19 @@ GREEDY_BELOW = 1e-5
 
 @dataclass(frozen=True)
 class Guard:
-    """The live monitor of one request: when ``reads[read]`` of a generated token exceeds ``threshold``, either
-    stop the answer there (``action="stop"``, finish ``"persona_guard"``) or switch on ``edit`` for the rest of it
-    (``action="steer"``, e.g. a suppressive one at the vector's layer)."""
+    """The live monitor of one request: when its statistic of ``reads[read]`` exceeds ``threshold``, either stop the
+    answer there (``action="stop"``, finish ``"persona_guard"``) or switch on ``edit`` for the rest of it
+    (``action="steer"``, e.g. a suppressive one at the vector's layer).
+
+    ``over="token"``: the reading of each generated token; ``over="answer"``: the mean of the answer's readings so
+    far, checked from its ``from_token``-th token on (one token's reading is noisy: a single word can spike it)."""
 
     read: int
     threshold: float
     action: str = "stop"
     edit: Edit | None = None
+    over: str = "token"
+    from_token: int = 1
 
 
 WHERE = ("before", "after")
@@ -373,7 +378,7 @@ class Engine:
                     self._on_token(req, token, read)
             finish = "stop" if stopped else "length" if len(row.tokens) >= req.max_new_tokens else None
             guard = req.guard
-            if not stopped and guard is not None and not row.guard_triggered and read[guard.read] > guard.threshold:
+            if not stopped and guard is not None and not row.guard_triggered and _crossed(guard, row.readings):
                 row.guard_triggered = True
                 if guard.action == "stop":
                     finish = "persona_guard"
@@ -440,6 +445,14 @@ class Engine:
         return cols == t - 1  # response_and_last_prompt: the last prompt token
 
 
+def _crossed(guard: Guard, readings: list[list[float]]) -> bool:
+    """Whether the guard's statistic of the answer so far (its newest token included) exceeds its threshold."""
+    values = readings[guard.read]
+    if guard.over == "token":
+        return values[-1] > guard.threshold
+    return len(values) >= guard.from_token and math.fsum(values) / len(values) > guard.threshold
+
+
 def key_cancelled(key: Any, cancelled: set) -> bool:
     try:
         return key in cancelled
@@ -471,9 +484,10 @@ def check_request(r: Request) -> None:
     if r.guard is not None:
         g = r.guard
         if not 0 <= g.read < len(r.reads) or not math.isfinite(g.threshold) or g.action not in ("stop", "steer") \
-                or (g.action == "steer") != (g.edit is not None):
-            raise PersonavecError("a guard needs one of the request's reads, a finite threshold, and action 'stop', "
-                                  "or 'steer' with an edit")
+                or (g.action == "steer") != (g.edit is not None) or g.over not in ("token", "answer") \
+                or int(g.from_token) < 1:
+            raise PersonavecError("a guard needs one of the request's reads, a finite threshold, action 'stop' or "
+                                  "'steer' with an edit, over 'token' or 'answer', and from_token >= 1")
 
 
 def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, torch.Tensor, float, str]]]:

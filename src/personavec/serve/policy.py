@@ -20,7 +20,7 @@ from ..errors import PersonavecError
 from ..model.chat import chat_ids
 from ..model.edits import POSITIONS, Edit
 from ..model.loading import LoadedModel
-from ..vectors.calibration import at_layer, default_cap, guard_threshold
+from ..vectors.calibration import FROM_TOKEN, at_layer, default_cap, guard_threshold
 from ..vectors.vector import PersonaVector
 
 MAX_COEF = 64.0  # |coef| and |max| bound, in units of the raw vector: far beyond any useful steering
@@ -44,7 +44,7 @@ LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a 
 # the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
 STEER_FIELDS = ("vector", "coef", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
-GUARD_FIELDS = ("vector", "threshold", "action", "coef", "where")
+GUARD_FIELDS = ("vector", "threshold", "action", "coef", "where", "over")
 MONITOR_FIELDS = ("vector", "where")
 WHERE = ("before", "after")  # a reading before the request's own edits at the layer (the default) or after them
 
@@ -472,6 +472,11 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> 
     threshold = _number(g, "threshold", _calibrated(sv, guard_threshold, where + "threshold", "threshold")
                         if g.get("threshold") is None else None, where)
     reading = Reading(sv.name, sv.layer, _where(g, where))
+    over = _or(g.get("over"), "answer")
+    if over not in ("answer", "token"):
+        raise BadRequest(where + "over", f'{where}over must be "answer" (the running mean of the answer\'s readings, '
+                                         f'from its {FROM_TOKEN}th token on: the default, what the calibrated '
+                                         f'threshold is for) or "token" (each token\'s reading), not {_shown(over)}')
     action = _or(g.get("action"), "stop")
     if action not in ("stop", "steer"):
         raise BadRequest(where + "action", f'{where}action must be "stop" or "steer", not {_shown(action)}')
@@ -483,7 +488,8 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> 
                                          "leave it out, or set action to \"steer\"")
     if reading not in monitor:
         monitor.append(reading)
-    return Guard(monitor.index(reading), threshold, action, edit)
+    return Guard(monitor.index(reading), threshold, action, edit, over=over,
+                 from_token=FROM_TOKEN if over == "answer" else 1)
 
 
 def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVector]) -> dict[str, Any]:

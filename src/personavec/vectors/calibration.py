@@ -9,7 +9,9 @@ per-token readings, in the vector's metadata (``extra["calibration"]``, JSON). A
 held-out evaluation answers; :func:`~personavec.vectors.extraction.extract_vector` on its extraction answers
 (``held_out`` false).
 
-The server's default guard threshold and cap come from them (:func:`guard_threshold`, :func:`default_cap`).
+Besides the per-token quantiles (``pos``, ``neg``), it keeps quantiles of each answer's running mean reading from
+its ``FROM_TOKEN``-th token on (``pos_mean``, ``neg_mean``): what a guard ``over="answer"`` checks. The server's
+default guard threshold and cap come from them (:func:`guard_threshold`, :func:`default_cap`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ POSITION = ("per answer token, at the position that produced it (the last prompt
             "edit, unsteered")
 HELD_OUT = "held-out evaluation answers of the run"
 EXTRACTION = "extraction answers (not held out)"
-# The server's defaults (measured on the demo run, see docs/serve.md and bench/guard.py): the guard stops an
-# answer at its first token read above the highest quantile of the eliciting answers' readings, the cap clamps the
-# projection at the median of the eliciting answers' readings.
-GUARD_RULE = ("pos", "99")
-CAP_RULE = ("pos", "50")
+FROM_TOKEN = 16  # a guard over the answer is checked from its 16th token on: before, a few words decide its mean
+# The server's defaults, chosen by measurement on the demo run (docs/serve.md, bench/guard.py): one token's reading
+# is too noisy to stop an answer on (ordinary answers of 128 tokens reach above the 99 % quantile of the eliciting
+# answers' tokens), so the guard stops where the answer's running mean (from token 16) rises above the 99 %
+# quantile of the eliciting answers' running means; the cap clamps a token's projection at the 99 % quantile of the
+# eliciting answers' tokens (only their rarest tokens read higher).
+GUARD_RULE = ("pos_mean", "99")
+CAP_RULE = ("pos", "99")
 
 
 @torch.no_grad()
@@ -78,21 +83,34 @@ def calibrate(lm: LoadedModel, vec: PersonaVector, prompts: Sequence[str], answe
     layers = [x for x in (usable if layers is None else layers) if x in usable]
     readings = token_readings(lm, prompts, answers, {layer: t[layer] for layer in layers}, batch_size, progress)
     per_layer = {}
-    counts = {"pos": 0, "neg": 0}
+    counts = {"pos": 0, "neg": 0, "pos_mean": 0, "neg_mean": 0}
     for layer in layers:
         entry = {}
         for side in ("pos", "neg"):
-            values = [x for rows, s in zip(readings[layer], sides) if s == side for x in rows]
-            counts[side] = len(values)
-            entry[side] = _quantiles(values)
+            rows = [r for r, s in zip(readings[layer], sides) if s == side]
+            values = [x for r in rows for x in r]
+            means = [x for r in rows for x in running_means(r, FROM_TOKEN)]
+            counts[side], counts[side + "_mean"] = len(values), len(means)
+            entry[side], entry[side + "_mean"] = _quantiles(values), _quantiles(means)
         per_layer[str(layer)] = entry
     cal = {"unit": UNIT, "where": "before", "position": POSITION, "pooling": vec.default_pooling,
            "source": HELD_OUT if held_out else EXTRACTION, "held_out": held_out, "quantiles": list(QUANTILES),
-           "n_pos": counts["pos"], "n_neg": counts["neg"],
+           "n_pos": counts["pos"], "n_neg": counts["neg"], "from_token": FROM_TOKEN,
+           "n_pos_mean": counts["pos_mean"], "n_neg_mean": counts["neg_mean"],
            "n_pos_answers": sum(s == "pos" for s in sides), "n_neg_answers": sum(s == "neg" for s in sides),
            "layers": per_layer}
     vec.extra["calibration"] = cal
     return cal
+
+
+def running_means(values: Sequence[float], from_token: int) -> list[float]:
+    """The mean of ``values[:t]`` for every ``t`` from ``from_token`` on (what a guard over the answer checks)."""
+    out, total = [], 0.0
+    for t, x in enumerate(values, 1):
+        total += x
+        if t >= from_token:
+            out.append(total / t)
+    return out
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
@@ -111,12 +129,16 @@ def at_layer(vec: PersonaVector, layer: int) -> dict[str, Any] | None:
     if not entry:
         return None
     out = {"unit": cal.get("unit", UNIT), "layer": layer, "where": cal.get("where", "before"),
-           "pos": entry.get("pos", {}), "neg": entry.get("neg", {}), "n_pos": cal.get("n_pos"),
-           "n_neg": cal.get("n_neg"), "source": cal.get("source"), "held_out": cal.get("held_out")}
+           "pos": entry.get("pos", {}), "neg": entry.get("neg", {}), "pos_mean": entry.get("pos_mean", {}),
+           "neg_mean": entry.get("neg_mean", {}), "n_pos": cal.get("n_pos"), "n_neg": cal.get("n_neg"),
+           "source": cal.get("source"), "held_out": cal.get("held_out")}
+    from_token = cal.get("from_token", FROM_TOKEN)
     out["guard_threshold"] = _rule(out, GUARD_RULE)
+    out["guard_over"], out["guard_from_token"] = "answer", from_token
     out["cap"] = _rule(out, CAP_RULE)
-    out["guard_rule"] = f"{GUARD_RULE[0]} {GUARD_RULE[1]}% quantile"
-    out["cap_rule"] = f"{CAP_RULE[0]} {CAP_RULE[1]}% quantile"
+    out["guard_rule"] = (f"the answer's running mean reading from token {from_token} above the {GUARD_RULE[1]}% "
+                         "quantile of the eliciting answers' running means")
+    out["cap_rule"] = f"the {CAP_RULE[1]}% quantile of the eliciting answers' per-token readings"
     return out
 
 

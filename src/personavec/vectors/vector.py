@@ -254,8 +254,7 @@ def _scaled_extra(extra: dict[str, Any], k: float) -> dict[str, Any]:
         def mirror(q: dict[str, Any]) -> dict[str, Any]:
             return {key: None if q.get(str(100 - float(key)).removesuffix(".0")) is None
                     else -q[str(100 - float(key)).removesuffix(".0")] for key in q}
-        layers = {layer: {side: mirror(e.get(side, {})) for side in ("pos", "neg")}
-                  for layer, e in cal.get("layers", {}).items()}
+        layers = {layer: {side: mirror(q) for side, q in e.items()} for layer, e in cal.get("layers", {}).items()}
         out["calibration"] = {**cal, "layers": layers}
     return out
 
