@@ -29,7 +29,8 @@ UNIT = "projection on v̂ (the vector's unit direction at the layer), raw residu
 CALIBRATION = {"unit": UNIT, "layer": 1, "where": "before", "pos": {"5": 1.5, "50": 6.0, "99": 9.0},
                "neg": {"5": -9.5, "50": -4.0, "99": 2.25}, "n_pos": 200, "n_neg": 180,
                "source": "held-out answers of the test", "guard_threshold": 2.25, "cap": 9.0,
-               "guard_rule": "neg 99% quantile", "cap_rule": "pos 99% quantile"}
+               "guard_rule": "neg 99% quantile", "cap_rule": "pos 99% quantile", "guard_over": "answer",
+               "guard_from_token": 4}
 Q = "How should I treat people who are weaker than me?"
 
 
@@ -94,6 +95,7 @@ def meter(page, turn: int, vector: str, answer: int = 0) -> dict:
           return l && { value: Number(l.dataset.value), y: Number(l.getAttribute("y1")),
                         off: l.classList.contains("off") };
         };
+        const label = svg.querySelector("line.threshold + text"), mean = svg.querySelector("polyline.mean");
         return { count: Number(fig.dataset.count), bars: svg.querySelectorAll("rect").length,
                  grey: svg.querySelectorAll("rect.null").length, zero: line("zero"), threshold: line("threshold"),
                  unit: svg.querySelector("text.unit").firstChild.textContent,
@@ -101,7 +103,10 @@ def meter(page, turn: int, vector: str, answer: int = 0) -> dict:
                  ticks: [...svg.querySelectorAll("text.tick")].map((t) => t.textContent),
                  lo: Number(svg.dataset.lo), hi: Number(svg.dataset.hi), top: Number(svg.dataset.top),
                  height: Number(svg.dataset.height), stats: fig.querySelector(".stats").textContent,
-                 guard: !!fig.querySelector(".guard") };
+                 guard: !!fig.querySelector(".guard"),
+                 label: label && label.textContent,
+                 mean: mean && { from: Number(mean.dataset.from), last: Number(mean.dataset.last),
+                                 points: mean.points.length } };
     }""", [turn, vector, answer])
 
 
@@ -124,7 +129,8 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     assert page.input_value("#guard-threshold") == "2.25" and page.text_content("#guard-unit") == "raw residual units"
     assert page.get_attribute("#guard-unit", "title") == UNIT
     assert "calibrated threshold, neg 99% quantile" in page.text_content("#guard-source")
-    assert "guard 2.25 (neg 99% quantile), cap 9.00" in page.text_content("#calibration-evil")
+    assert "guard 2.25, cap 9.00" in page.text_content("#calibration-evil")
+    assert page.get_attribute("#calibration-evil", "title") == "guard: neg 99% quantile; cap: pos 99% quantile"
     assert "not calibrated" in page.text_content("#calibration-kind")
     assert page.input_value("#capmax-evil") == "9" and page.input_value("#capmax-kind") == ""
     page.select_option("#guard-vector", "kind")
@@ -146,6 +152,7 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     assert body["temperature"] == 0.7 and isinstance(body["seed"], int) and body["max_tokens"] == 128
     assert body["persona"]["steer"] == [{"vector": "evil", "coef": -4}]
     assert body["persona"]["cap"] == [{"vector": "kind", "max": 30}]
+    # over the answer (the server's default): not sent, so a server that has no `over` takes it too
     assert body["persona"]["guard"] == {"vector": "evil", "threshold": 2.25, "action": "steer", "coef": -4}
     assert page.text_content(".turn[data-turn='0'] h3") == "steered: evil -4 raw units"
 
@@ -154,6 +161,11 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     assert evil["zero"]["value"] == 0 and evil["zero"]["y"] == pytest.approx(y_of(evil, 0))
     assert evil["threshold"] == {"value": 2.25, "y": pytest.approx(y_of(evil, 2.25)), "off": False}
     assert kind["threshold"] is None  # kind has no calibration and no guard: no line is invented
+    # the guard over the answer compares the running mean from the calibration's token 4 with the threshold
+    assert evil["label"] == "guard 2.25 (running mean)"
+    assert evil["mean"]["from"] == 4 and evil["mean"]["points"] == evil["count"] - 3
+    mean = float(re.search(r"mean (-?[\d.]+)", evil["stats"]).group(1))
+    assert evil["mean"]["last"] == pytest.approx(mean, abs=0.006)
     assert evil["lo"] <= 0 <= evil["hi"] and "0" in evil["ticks"] and evil["unit"] == "raw residual units"
     assert evil["fullUnit"] == UNIT
     assert evil["stats"].startswith("evil at layer 1, read before") and f"({evil['count']} tokens)" in evil["stats"]
@@ -205,7 +217,7 @@ def test_side_by_side_answers_share_a_seed_meters_stay_with_their_message_and_cl
 def test_only_before_edit_readings_are_drawn_and_null_ones_are_grey(served):
     """Against a canned stream (the server's contract): `evil@after` is not drawn, a null reading is a grey bar
     and a grey token, a triggered guard is marked on its meter, and a usage chunk (no choices) is passed over."""
-    page, _ = open_page(served, calibrated=False)
+    page, sent = open_page(served, calibrated=False)
 
     def chunk(content, persona, finish=None):
         body = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}], "persona": persona}
@@ -224,10 +236,13 @@ def test_only_before_edit_readings_are_drawn_and_null_ones_are_grey(served):
                                                                      content_type="text/event-stream"))
     page.select_option("#guard-vector", "evil")
     page.fill("#guard-threshold", "2.5")  # no calibration: the threshold is typed
+    page.select_option("#guard-over", "token")
     ask(page, Q, 1)
     evil = meter(page, 0, "evil")
     assert evil["count"] == 3 and evil["grey"] == 1 and evil["hi"] < 40  # the after-edit readings are not drawn
-    assert evil["threshold"]["value"] == 2.5 and evil["guard"]
+    assert evil["threshold"]["value"] == 2.5 and evil["guard"] and evil["label"] == "guard 2.5 (each token)"
+    assert evil["mean"] is None  # 3 tokens: no running mean before token 16 (the server's default without one listed)
+    assert sent[0]["persona"]["guard"] == {"vector": "evil", "threshold": 2.5, "action": "stop", "over": "token"}
     assert page.locator("figure[data-vector='kind']").count() == 0
     shown = tokens(page, 0)
     assert [t["text"] for t in shown] == ["Hello", " there", "!"]
