@@ -235,6 +235,10 @@ def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, ta
     assert "'nan'" not in err
     fails(cli("steer", "Hi", "--vector", vector, "--max-new-tokens", "", "--model", model_dir),
           "--max-new-tokens: '' is not a whole number")
+    fails(cli("steer", "Hi", "--vector", vector, "--units", "foo", "--model", model_dir),
+          "--units: invalid choice: foo (choose from raw, norm)")  # argparse's own lines too
+    fails(cli("steer", "Hi", "--vector", vector, "--layer", "x", "--model", model_dir),
+          "--layer: x is not a whole number")
     fails(cli("run", "--trait", "évil", "--model", model_dir, "--judge", "none", "--out", tmp_path / "runs"),
           "--trait évil:", "ASCII letters")
     fails(cli("run", "--trait", "evil", "--model", model_dir, "--judge", "bogus", "--out", tmp_path / "runs"),

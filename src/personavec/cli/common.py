@@ -73,7 +73,29 @@ class Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line (``personavec: error: …``), like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"personavec: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"personavec: error: {self.prog}: {_as_typed_usage(message)} (see {self.prog} --help)\n")
+
+
+def _as_typed_usage(message: str) -> str:
+    """argparse's usage messages with the values as typed, not as Python reprs: ``invalid choice: 'foo' (choose from
+    'raw', 'norm')`` becomes ``invalid choice: foo (choose from raw, norm)``, ``invalid int value: 'x'`` becomes ``x is
+    not a whole number``."""
+    import ast
+    import re
+
+    try:
+        m = re.fullmatch(r"(.*: )?invalid choice: (.*) \(choose from (.*)\)", message, re.S)
+        if m:
+            choices = ast.literal_eval(f"({m[3]},)")
+            return f"{m[1] or ''}invalid choice: {as_typed(ast.literal_eval(m[2]))} (choose from " \
+                   f"{', '.join(as_typed(c) for c in choices)})"
+        m = re.fullmatch(r"(.*: )?invalid (int|float) value: (.*)", message, re.S)
+        if m:
+            kind = "a whole number" if m[2] == "int" else "a number"
+            return f"{m[1] or ''}{as_typed(ast.literal_eval(m[3]))} is not {kind}"
+    except (ValueError, SyntaxError):
+        pass
+    return message
 
 
 def finite_float(text: str) -> float:
