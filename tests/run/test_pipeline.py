@@ -394,7 +394,8 @@ def test_trait_names_cannot_leave_the_runs_folder(tmp_path, model_dir):
     cmd = [sys.executable, "-m", "personavec.cli", "run", "--trait", "../../escaped", "--model", str(model_dir),
            "--out", str(tmp_path / "a" / "b" / "runs")]
     r = subprocess.run(cmd, env=_env(tmp_path / "cache"), capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "--trait ../../escaped: a trait name must be" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--trait ../../escaped: a trait name must be" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, inside or outside
 
 
