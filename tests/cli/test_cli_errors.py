@@ -239,6 +239,8 @@ def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, ta
           "--units: invalid choice: foo (choose from raw, norm)")  # argparse's own lines too
     fails(cli("steer", "Hi", "--vector", vector, "--layer", "x", "--model", model_dir),
           "--layer: x is not a whole number")
+    fails(cli("extract", "--pos", tables[0], "--neg", tables[1], "--layers", "1, 9", "--model", model_dir, "--out",
+              tmp_path / "v.safetensors"), "--layers '1, 9': layer 9 is out of range")  # quoted where a shell would
     fails(cli("run", "--trait", "évil", "--model", model_dir, "--judge", "none", "--out", tmp_path / "runs"),
           "--trait évil:", "ASCII letters")
     fails(cli("run", "--trait", "evil", "--model", model_dir, "--judge", "bogus", "--out", tmp_path / "runs"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PersonavecError
-from .common import finite_float, load_lm, model_args, parse_layers, positive_int
+from .common import as_typed, finite_float, load_lm, model_args, parse_layers, positive_int
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +44,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
         n_layers = model_shape(args.model, args.revision)[0]
         bad = [x for x in layers if not 0 <= x <= n_layers]
         if bad:
-            raise PersonavecError(f"--layers {args.layers}: layer {bad[0]} is out of range; {args.model} has layers "
-                                  f"0..{n_layers}")
+            raise PersonavecError(f"--layers {as_typed(args.layers)}: layer {bad[0]} is out of range; {args.model} has "
+                                  f"layers 0..{n_layers}")
     check_writable(args.out)
     lm = load_lm(args)
     vec = extract_vector(lm, pairs, trait=args.trait, layers=layers, apply_filter=not args.no_filter,
