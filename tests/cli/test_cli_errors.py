@@ -364,3 +364,36 @@ def test_demo_checks_its_layer_before_any_work(tmp_path, model_dir):
     fails(cli("demo", "--layer", "9", "--model", model_dir, "--out", tmp_path / "runs"),
           "--layer 9 is out of range", "layers 0..2")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_chat_on_a_terminal_goes_on_past_a_blank_line_until_quit(model_dir, vector):
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()  # a terminal: the chat reads with input(), as a user typing
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "personavec.cli", "chat", "--vector", str(vector), "--layer",
+                                   "1", "--model", str(model_dir), "--max-new-tokens", "2"],
+                  {**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = b""
+
+    def read_until_prompt(start: int, seconds: float = 120) -> None:
+        nonlocal out
+        end = time.time() + seconds
+        while time.time() < end and not out[start:].endswith(b"you> "):
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # the chat ended
+                    return
+
+    for line in (b"Hi?\r", b"\r", b"Why?\r", b"/quit\r"):
+        read_until_prompt(len(out))
+        os.write(fd, line)
+        out += b"\n"  # a prompt before this point is not the next one
+    read_until_prompt(len(out), 30)
+    _, status = os.waitpid(pid, 0)
+    text = out.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0 and "Traceback" not in text, text[-2000:]
+    assert text.count("| steered (evil x 1 (raw units))") == 2, text[-2000:]  # Hi? and Why?, the blank line between

@@ -122,7 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             line = input("\nyou> ") if interactive else sys.stdin.readline()
         except EOFError:
             break
-        if not line:  # the end of piped input (a blank line reads as "\n")
+        if not line and not interactive:  # the end of piped input (a blank line there reads as "\n")
             break
         question = user_text(line, f"line {n} of the input").strip()
         if not question:
