@@ -219,13 +219,19 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     assert vec.trait == "humorous" and vec.filter["applied"] is False and vec.extra["judge"] == "none"
     sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")
     assert list(sep["layer"]) == [0, 1, 2] and sep["auroc"].between(0, 1).all()
-    # no judge: the layer is chosen by the projection of steered answers, and the summary says so
-    assert summary["selection"]["chosen_layer"] == 2 and "no usable trait scores" in summary["selection"]["reason"]
-    assert PersonaVector.load(tmp_path / "run" / "vectors.safetensors").chosen_layer == 2
+    # no judge: the projection of the steered answers decides; on a tiny random model coefficient 1 moves it by
+    # less than its interval, so nothing is chosen, and the summary, selection and vector say so
+    sel = summary["selection"]
+    assert sel["chosen_layer"] is None and sel["reason"].startswith("no defensible choice: nothing measurably moves")
+    assert json.loads((tmp_path / "run" / "selection.json").read_text())["criterion"] == "projection_gap_units"
+    vec = PersonaVector.load(tmp_path / "run" / "vectors.safetensors")
+    assert vec.chosen_layer is None and vec.extra["selection"]["defensible"] is False
     steering = pd.read_parquet(tmp_path / "run" / "steering.parquet")
     assert sorted(steering["coef"]) == [0.0, 1.0] and steering["trait_mean"].isna().all()
-    cap = summary["capability"]
-    assert cap["baseline"]["n"] == 40 and [r["coef"] for r in cap["steered"]] == [1.0]
+    assert (steering["n"] == 20).all() and steering["fluency_mean"].notna().all()
+    assert steering.loc[steering["coef"] == 1.0, "projection_effect_lo"].item() <= 0
+    cap = summary["capability"]  # the unsteered check still runs; with no chosen layer nothing is steered
+    assert cap["baseline"]["n"] == 40 and cap["steered"] == []
     assert (tmp_path / "run" / "report.html").exists()
 
 

@@ -466,20 +466,21 @@ class Run:
                               "steered": b["answer"]} for q, a, b in zip(questions, plain, steered)])
 
     def capability(self, vec: PersonaVector, selection: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Multiple-choice accuracy unsteered and at the chosen layer for each grid coefficient."""
+        """Multiple-choice accuracy unsteered, and at the chosen layer for each grid coefficient (unsteered only when
+        the selection made no defensible choice)."""
         from ..steering.capability import builtin_mc, mc_accuracy, read_mmlu
 
         out = self.path("capability.json")
         if out.exists():
             return read_json(out)
-        if not selection or selection.get("chosen_layer") is None:
+        if not selection:
             return None
         questions = read_mmlu(self.cfg.mc_path) if self.cfg.mc_path else builtin_mc()
-        layer = int(selection["chosen_layer"])
+        layer = selection.get("chosen_layer")
         grid = selection["grid"]
         base = mc_accuracy(self.lm, questions)
         steered = []
-        for coef in sorted(c for c in grid["coefs"] if c != 0.0):
+        for coef in sorted(c for c in grid["coefs"] if c != 0.0 and layer is not None):
             with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid["positions"])):
                 r = mc_accuracy(self.lm, questions)
             steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
