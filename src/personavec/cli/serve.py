@@ -32,10 +32,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "direction (raw residual units) at MAX at its layer; MAX left out: the vector's calibrated "
                         "cap (repeatable)")
     s.add_argument("--guard", default=None, metavar="NAME[:THRESHOLD][:stop|steer[:COEF]]",
-                   help="default for every request without its own persona.guard: when the before-edit reading of "
-                        "NAME (projection on its unit direction, raw residual units) exceeds THRESHOLD, stop the "
-                        "answer (default) or steer by COEF (default -4) for the rest; THRESHOLD left out: the "
-                        "vector's calibrated one")
+                   help="default for every request without its own persona.guard: when the answer's running mean "
+                        "before-edit reading of NAME from its 16th token on (projection on its unit direction, raw "
+                        "residual units) exceeds THRESHOLD, stop the answer (default) or steer by COEF (default -4) "
+                        "for the rest; THRESHOLD left out: the vector's calibrated one")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests in flight before new ones get 503 (default 256)")
     model_args(s)
