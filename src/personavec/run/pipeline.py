@@ -345,7 +345,7 @@ class Run:
         out = self.path("separation.parquet")
         ev = judged[judged["set"] == "eval"].reset_index(drop=True)
         ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
-        if vec.extra.get("calibration", {}).get("source") != HELD_OUT:
+        if len(ev) and vec.extra.get("calibration", {}).get("source") != HELD_OUT:
             calibrate(self.lm, vec, ev["prompt"].tolist(), ev["answer"].tolist(), ev["side"].tolist(), held_out=True,
                       batch_size=self.cfg.batch_size, progress="calibration" if self.progress else False)
             vec.save(self.path("vectors.safetensors"))
