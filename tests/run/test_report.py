@@ -246,3 +246,21 @@ def test_monitoring_section(tmp_path):
                                                        "r_answer_projection_overall": 0.51234}))
     page = write_report(tmp_path).read_text()
     assert "<h2>Monitoring</h2>" in page and "0.512" in page and "layer 13" in page
+
+
+def test_broken_cells_no_defensible_choice_and_the_readings_are_shown(tmp_path):
+    run = _make_run(tmp_path, full=False)
+    s = json.loads((run / "summary.json").read_text())
+    s["selection"] = {"chosen_layer": None, "chosen_coef": None, "suppress_coef": None, "coherence_min": 50.0,
+                      "defensible": False, "unreadable": [[3, 4.0]],
+                      "reason": "no defensible choice: nothing measurably moves the projection"}
+    (run / "summary.json").write_text(json.dumps(s))
+    pd.DataFrame([{"layer": 3, "coef": c, "trait_mean": 10.0, "coherence_mean": 80.0, "n": 20, "trait_missing": 0,
+                   "projection_mean": c, "fluency_mean": f, "degenerate_share": d}
+                  for c, f, d in ((0.0, 2.8, 0.025), (2.0, 3.0, 0.125), (4.0, 4.0, 0.45))]
+                 ).to_parquet(run / "steering.parquet")
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "no defensible choice: nothing measurably moves" in page and "no — nothing chosen" in page
+    assert "n = 20 per cell" in page and "fluency (nats/token) / degenerate answers" in page
+    assert "<td>10.0 / 80.0 / 2.0 / 3.0 / 12%</td>" in page
+    assert "<td>10.0 / 80.0 / 4.0 / 4.0 / 45% (broken text: left out)</td>" in page

@@ -27,7 +27,10 @@ REPORT_NAME = "report.html"
 SEPARATION_PNG = "separation.png"
 STEERING_PNG = "steering.png"
 CAPABILITY_PNG = "capability.png"
-STEERING_COLUMNS = ("layer", "coef", "trait_mean", "coherence_mean", "n", "trait_missing", "projection_mean")
+STEERING_COLUMNS = ("layer", "coef", "trait_mean", "coherence_mean", "n", "trait_missing", "projection_mean",
+                    "fluency_mean", "degenerate_share")
+STEERING_CELL = {"trait_mean": "trait", "coherence_mean": "coherence", "projection_mean": "projection",
+                 "fluency_mean": "fluency (nats/token)", "degenerate_share": "degenerate answers"}
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -138,7 +141,9 @@ def _selection(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [("chosen layer", integer(sel.get("chosen_layer"))),
             ("chosen coefficient (amplify)", coef(sel.get("chosen_coef"))),
             ("suppress coefficient", coef(sel.get("suppress_coef"))),
-            ("coherence threshold", fixed(sel.get("coherence_min"), 1)), ("reason", value(sel.get("reason")))]
+            ("coherence threshold", fixed(sel.get("coherence_min"), 1)),
+            ("defensible", "no — nothing chosen" if sel.get("defensible") is False else "yes"),
+            ("reason", value(sel.get("reason")))]
 
 
 def _separation(sep: pd.DataFrame | None, best_layer: int | None, png: str | None) -> dict[str, Any] | None:
@@ -156,17 +161,29 @@ def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | 
         return None
     chosen_layer, chosen = number(selection.get("chosen_layer")), number(selection.get("chosen_coef"))
     suppress = number(selection.get("suppress_coef"))
-    cols = ["trait_mean", "coherence_mean"] + (["projection_mean"] if "projection_mean" in steer.columns else [])
+    cols = ["trait_mean", "coherence_mean"] + [c for c in ("projection_mean", "fluency_mean", "degenerate_share")
+                                                if c in steer.columns]
     agg = steer.groupby(["layer", "coef"], sort=True)[cols].mean()
     coefs = sorted(steer["coef"].dropna().unique())
+    unreadable = {(number(x[0]), number(x[1])) for x in selection.get("unreadable") or [] if len(x) == 2}
+
+    def cell(layer: float, c: float) -> str:
+        if (layer, c) not in agg.index:
+            return DASH
+        text = " / ".join(fixed(100 * x, 0) + "%" if k == "degenerate_share" else fixed(x, 1)
+                          for k, x in agg.loc[(layer, c)].items())
+        return text + (" (broken text: left out)" if (layer, c) in unreadable else "")
+
     rows = []
     for layer in sorted(steer["layer"].dropna().unique()):
-        cells = [(" / ".join(fixed(x, 1) for x in agg.loc[layer, c]) if (layer, c) in agg.index else DASH,
-                  chosen_layer is not None and layer == chosen_layer and c in (chosen, suppress)) for c in coefs]
+        cells = [(cell(layer, c), chosen_layer is not None and layer == chosen_layer and c in (chosen, suppress))
+                 for c in coefs]
         rows.append((integer(layer), cells))
     missing = int(pd.to_numeric(steer.get("trait_missing", pd.Series(dtype=float)), errors="coerce").fillna(0).sum())
+    n = sorted({int(x) for x in pd.to_numeric(steer.get("n", pd.Series(dtype=float)), errors="coerce").dropna()})
     return {"png": png, "coefs": [(coef(c), c in (chosen, suppress)) for c in coefs], "rows": rows,
-            "missing": missing}
+            "missing": missing, "columns": " / ".join(STEERING_CELL[c] for c in cols),
+            "n": ", ".join(map(str, n)) or DASH}
 
 
 def _capability(cap: dict[str, Any] | None, png: str | None) -> dict[str, Any] | None:
