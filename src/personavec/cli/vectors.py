@@ -47,8 +47,14 @@ def _describe(path: Path) -> str:
              f"  shape [{vec.n_layers + 1}, {vec.hidden_size}], poolings {', '.join(vec.poolings)}, "
              f"chosen layer {vec.chosen_layer}",
              f"  counts {vec.counts}", f"  filter {vec.filter}", f"  convention {vec.layer_convention}"]
-    if vec.extra:
-        lines.append(f"  extra {vec.extra}")
+    extra = {k: v for k, v in vec.extra.items() if k != "calibration"}
+    if extra:
+        lines.append(f"  extra {extra}")
+    cal = vec.extra.get("calibration")
+    if isinstance(cal, dict):  # quantiles at every layer: one line of what they are, not the numbers
+        lines.append(f"  calibration: the meter's readings of {cal.get('n_pos_answers')} pos and "
+                     f"{cal.get('n_neg_answers')} neg answers ({cal.get('source')}) at "
+                     f"{len(cal.get('layers', {}))} layers; GET /v1/persona/vectors of `personavec serve` lists them")
     norms = vec.norms()
     lines.append(f"  {vec.default_pooling} norm per layer: " + " ".join(f"{i}:{n:.3g}" for i, n in
                                                                         enumerate(norms)))
