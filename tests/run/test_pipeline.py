@@ -219,6 +219,11 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     assert vec.trait == "humorous" and vec.filter["applied"] is False and vec.extra["judge"] == "none"
     sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")
     assert list(sep["layer"]) == [0, 1, 2] and sep["auroc"].between(0, 1).all()
+    # 95 % bootstrap intervals over the 20 evaluation questions hold the point estimates
+    real = sep["layer"] > 0  # layer 0's row is the embeddings' (no interval where all projections tie)
+    assert (sep.loc[real, "auroc_lo"] <= sep.loc[real, "auroc"]).all()
+    assert (sep.loc[real, "auroc"] <= sep.loc[real, "auroc_hi"]).all()
+    assert (sep.loc[real, "cohens_d_lo"] < sep.loc[real, "cohens_d_hi"]).all() and (sep["n_questions"] == 20).all()
     # no judge: the projection of the steered answers decides; on a tiny random model coefficient 1 moves it by
     # less than its interval, so nothing is chosen, and the summary, selection and vector say so
     sel = summary["selection"]

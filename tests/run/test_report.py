@@ -229,6 +229,8 @@ def test_degenerate_steering_and_selection(tmp_path):
     page = write_report(run).read_text(encoding="utf-8")
     assert "no setting kept coherence &gt;= 50" in page
     assert page.count("<td>– / – / –</td>") == 60
+    assert "Not drawn, for lack of any value: Trait expression (judge), Coherence (judge)" in page
+    assert "the judge gave the steered answers no usable scores" in page
     assert "<td class='best'>" not in page
     assert (run / "steering.png").read_bytes().startswith(PNG_MAGIC)
     assert (run / "capability.png").read_bytes().startswith(PNG_MAGIC)
@@ -264,3 +266,14 @@ def test_broken_cells_no_defensible_choice_and_the_readings_are_shown(tmp_path):
     assert "n = 20 per cell" in page and "fluency (nats/token) / degenerate answers" in page
     assert "<td>10.0 / 80.0 / 2.0 / 3.0 / 12%</td>" in page
     assert "<td>10.0 / 80.0 / 4.0 / 4.0 / 45% (broken text: left out)</td>" in page
+
+
+def test_separation_shows_intervals_and_counts(tmp_path):
+    run = _make_run(tmp_path, full=False)
+    sep = _separation()
+    sep["auroc_lo"], sep["auroc_hi"], sep["n_pos"], sep["n_neg"] = sep["auroc"] - 0.1, sep["auroc"] + 0.05, 40, 40
+    sep.to_parquet(run / "separation.parquet")
+    page = write_report(run).read_text(encoding="utf-8")
+    r = sep.iloc[1]
+    assert f"<td>{r.auroc:.3f} [{r.auroc - 0.1:.3f}, {r.auroc + 0.05:.3f}]</td>" in page
+    assert "AUROC [95 % interval]" in page and "<th>n_pos</th>" in page

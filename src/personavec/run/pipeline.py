@@ -47,7 +47,7 @@ from ..model.edits import Edit, steer
 from ..model.loading import LoadedModel, load_model, model_shape
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
-from ..stats import auroc, cohens_d
+from ..stats import auroc, bootstrap, cohens_d
 from ..vectors.calibration import HELD_OUT, calibrate
 from ..vectors.extraction import extract_vector
 from ..vectors.vector import PersonaVector
@@ -339,9 +339,10 @@ class Run:
         return {"applied": True, "reason": "judge separates pos from neg", **info}
 
     def separation(self, judged: pd.DataFrame, vec: PersonaVector) -> pd.DataFrame:
-        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers; and the
-        vector's calibration (quantiles of the meter's per-token readings of the same answers, see
-        :mod:`personavec.vectors.calibration`), added to a vector that lacks it when the stage runs again."""
+        """Per layer: AUROC and Cohen's d of response-average projections, pos vs neg held-out answers, with 95 %
+        bootstrap intervals resampling the evaluation questions; and the vector's calibration (quantiles of the
+        meter's per-token readings of the same answers, see :mod:`personavec.vectors.calibration`), added to a
+        vector that lacks it when the stage runs again."""
         out = self.path("separation.parquet")
         ev = judged[judged["set"] == "eval"].reset_index(drop=True)
         ev = ev[ev["answer"].str.strip() != ""].reset_index(drop=True)
@@ -358,11 +359,19 @@ class Run:
                               progress="separation" if self.progress else False)
         proj = torch.tensor([column(table, len(ev), "v", layer) for layer in layers]).T  # [n, L+1]
         is_pos = torch.tensor((ev["side"] == "pos").to_numpy())
-        rows = [{"layer": layer, "auroc": auroc(proj[is_pos, layer], proj[~is_pos, layer]),
-                 "cohens_d": cohens_d(proj[is_pos, layer], proj[~is_pos, layer]),
-                 "pos_mean": float(proj[is_pos, layer].mean()), "neg_mean": float(proj[~is_pos, layer].mean()),
-                 "n_pos": int(is_pos.sum()), "n_neg": int((~is_pos).sum()), "norm": vec.norms()[layer]}
-                for layer in layers]
+        questions = ev["question_id"].tolist() if "question_id" in ev else list(range(len(ev)))
+        rows = []
+        for layer in layers:
+            x = proj[:, layer]
+            a_lo, a_hi = bootstrap(lambda i, x=x: auroc(x[i][is_pos[i]], x[i][~is_pos[i]]), questions,
+                                   seed=self.cfg.sampling.seed)
+            d_lo, d_hi = bootstrap(lambda i, x=x: cohens_d(x[i][is_pos[i]], x[i][~is_pos[i]]), questions,
+                                   seed=self.cfg.sampling.seed)
+            rows.append({"layer": layer, "auroc": auroc(x[is_pos], x[~is_pos]), "auroc_lo": a_lo, "auroc_hi": a_hi,
+                         "cohens_d": cohens_d(x[is_pos], x[~is_pos]), "cohens_d_lo": d_lo, "cohens_d_hi": d_hi,
+                         "pos_mean": float(x[is_pos].mean()), "neg_mean": float(x[~is_pos].mean()),
+                         "n_pos": int(is_pos.sum()), "n_neg": int((~is_pos).sum()),
+                         "n_questions": len(set(questions)), "norm": vec.norms()[layer]})
         df = pd.DataFrame(rows)
         write_table(df, out)
         return df

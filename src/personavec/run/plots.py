@@ -29,6 +29,10 @@ def plot_separation(sep: pd.DataFrame, best_layer: int | None, path: Path, title
     fig, (ax1, ax2) = _new_figure(10, 3.8, 2)
     layer = sep["layer"].to_numpy()
     ax1.plot(layer, sep["auroc"].to_numpy(), marker="o", ms=3, color="#1f77b4")
+    for ax, col, color in ((ax1, "auroc", "#1f77b4"), (ax2, "cohens_d", "#d62728")):
+        if f"{col}_lo" in sep and f"{col}_hi" in sep:  # 95 % bootstrap intervals over the evaluation questions
+            ax.fill_between(layer, sep[f"{col}_lo"].to_numpy(dtype=float), sep[f"{col}_hi"].to_numpy(dtype=float),
+                            color=color, alpha=0.15, lw=0, label="95 % interval" if col == "auroc" else None)
     ax1.axhline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
     ax1.set(xlabel="layer", ylabel="AUROC", title="AUROC (pos vs neg projections)")
     ax2.plot(layer, sep["cohens_d"].to_numpy(), marker="o", ms=3, color="#d62728")
@@ -42,7 +46,21 @@ def plot_separation(sep: pd.DataFrame, best_layer: int | None, path: Path, title
     save_figure(fig, path, dpi=110)
 
 
+#: the steering sweep's panels: column prefix, y label, title; a panel is drawn only where its column has data
+STEERING_PANELS = (("trait", "trait score (0-100)", "Trait expression (judge)"),
+                   ("coherence", "coherence (0-100)", "Coherence (judge)"),
+                   ("projection", "mean projection on unit vector (raw units)", "Answers' projection (unsteered read)"),
+                   ("fluency", "NLL per answer token (nats)", "Fluency (unsteered read; lower is more fluent)"))
+
+
+def steering_panels(steer: pd.DataFrame) -> list[str]:
+    """The panels of :func:`plot_steering` that have data (a judge that scored nothing leaves out its two)."""
+    return [name for name, _, _ in STEERING_PANELS
+            if f"{name}_mean" in steer.columns and steer[f"{name}_mean"].notna().any()]
+
+
 def plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, title: str) -> None:
+    """One panel per reading with data, each mean with its 95 % interval (shaded) where the table has one."""
     import matplotlib
 
     chosen_layer = number(selection.get("chosen_layer"))
@@ -55,9 +73,10 @@ def plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, ti
     def colour(i: int) -> Any:
         return tab[i % len(tab)] if len(layers) <= len(tab) else viridis(i / max(1, len(layers) - 1) * 0.85)
 
-    has_proj = "projection_mean" in steer.columns and steer["projection_mean"].notna().any()
-    fig, axes = _new_figure(16 if has_proj else 11, 4.2, 3 if has_proj else 2)
-    ax1, ax2 = axes[0], axes[1]
+    names = steering_panels(steer) or ["projection"]
+    spec = {name: (ylabel, ptitle) for name, ylabel, ptitle in STEERING_PANELS}
+    fig, axes = _new_figure(5.2 * len(names) + 0.6, 4.2, len(names))
+    panel = dict(zip(names, axes))
     for i, layer in enumerate(layers):
         d = steer[steer["layer"] == layer].sort_values("coef")
         chosen = chosen_layer is not None and layer == chosen_layer
@@ -67,29 +86,30 @@ def plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, ti
         label = f"layer {int(layer)}" + (" (chosen)" if chosen else "")
         if not chosen and len(layers) > 12:
             label = None  # too many layers for a legend: label only the chosen one
-        ax1.plot(d["coef"], d["trait_mean"], **style)
-        ax2.plot(d["coef"], d["coherence_mean"], label=label, **style)
-        if has_proj:
-            axes[2].plot(d["coef"], d["projection_mean"], **style)
-    if coherence_min is not None:
-        ax2.axhline(coherence_min, color="black", ls="--", lw=1.2, label=f"coherence min {coherence_min:g}")
+        for k, (name, ax) in enumerate(panel.items()):
+            if f"{name}_mean" not in d:
+                continue
+            ax.plot(d["coef"], d[f"{name}_mean"], label=label if k == 0 else None, **style)
+            if f"{name}_lo" in d and f"{name}_hi" in d:
+                ax.fill_between(d["coef"], d[f"{name}_lo"], d[f"{name}_hi"], color=style["color"],
+                                alpha=0.18 if chosen else 0.08, lw=0)
+    if coherence_min is not None and "coherence" in panel:
+        panel["coherence"].axhline(coherence_min, color="black", ls="--", lw=1.2,
+                                   label=f"coherence min {coherence_min:g}")
     for key, name, color in (("chosen_coef", "chosen coef", "#d62728"), ("suppress_coef", "suppress coef", "black")):
         c = number(selection.get(key))
         if c is not None:
-            ax1.axvline(c, color=color, ls=":", lw=1.2, label=f"{name} {c:g}")
-            ax2.axvline(c, color=color, ls=":", lw=1.2)
-    ax1.set(xlabel="steering coefficient", ylabel="trait score (0-100)", title="Trait expression (judge)")
-    ax2.set(xlabel="steering coefficient", ylabel="coherence (0-100)", title="Coherence (judge)")
-    if has_proj:
-        axes[2].set(xlabel="steering coefficient", ylabel="mean projection on unit vector",
-                    title="Answers' projection (unsteered read-out)")
-    for ax in axes:
+            for k, ax in enumerate(panel.values()):
+                ax.axvline(c, color=color, ls=":", lw=1.2, label=f"{name} {c:g}" if k == 0 else None)
+    for name, ax in panel.items():
+        ylabel, ptitle = spec[name]
+        ax.set(xlabel="steering coefficient (raw units: multiples of the vector)", ylabel=ylabel, title=ptitle)
         ax.axvline(0, color="grey", lw=0.8)
-    for ax in (ax1, ax2):
+    for ax in panel.values():
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             ax.legend(handles, labels, loc="best", fontsize=8, ncol=2 if len(handles) > 6 else 1)
-    fig.suptitle(title)
+    fig.suptitle(title + " — means with 95 % intervals (bootstrap over questions)")
     save_figure(fig, path, dpi=110)
 
 

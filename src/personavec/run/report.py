@@ -21,7 +21,7 @@ import pandas as pd
 from ..errors import PersonavecError
 from ..files import read_json, write_text
 from .format import DASH, coef, fixed, integer, number, value
-from .plots import numeric, plot_capability, plot_separation, plot_steering
+from .plots import STEERING_PANELS, numeric, plot_capability, plot_separation, plot_steering, steering_panels
 
 REPORT_NAME = "report.html"
 SEPARATION_PNG = "separation.png"
@@ -150,10 +150,20 @@ def _separation(sep: pd.DataFrame | None, best_layer: int | None, png: str | Non
     if sep is None:
         return None
     extra = [c for c in ("pos_mean", "neg_mean", "norm") if c in sep.columns]
+    counts = [c for c in ("n_pos", "n_neg", "n_questions") if c in sep.columns]
+
+    def interval(r: Any, col: str, digits: int) -> str:
+        lo, hi = getattr(r, f"{col}_lo", None), getattr(r, f"{col}_hi", None)
+        if number(lo) is None or number(hi) is None:
+            return fixed(getattr(r, col), digits)
+        return f"{fixed(getattr(r, col), digits)} [{fixed(lo, digits)}, {fixed(hi, digits)}]"
+
     rows = [(best_layer is not None and number(r.layer) == best_layer,
-             [integer(r.layer), fixed(r.auroc, 3), fixed(r.cohens_d, 2), *[fixed(getattr(r, c), 2) for c in extra]])
+             [integer(r.layer), interval(r, "auroc", 3), interval(r, "cohens_d", 2),
+              *[fixed(getattr(r, c), 2) for c in extra], *[integer(getattr(r, c)) for c in counts]])
             for r in sep.itertuples(index=False)]
-    return {"best": best_layer, "png": png, "header": ["layer", "AUROC", "Cohen's d", *extra], "rows": rows}
+    header = ["layer", "AUROC [95 % interval]", "Cohen's d [95 % interval]", *extra, *counts]
+    return {"best": best_layer, "png": png, "header": header, "rows": rows}
 
 
 def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | None) -> dict[str, Any] | None:
@@ -183,6 +193,7 @@ def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | 
     n = sorted({int(x) for x in pd.to_numeric(steer.get("n", pd.Series(dtype=float)), errors="coerce").dropna()})
     return {"png": png, "coefs": [(coef(c), c in (chosen, suppress)) for c in coefs], "rows": rows,
             "missing": missing, "columns": " / ".join(STEERING_CELL[c] for c in cols),
+            "left_out": [t for name, _, t in STEERING_PANELS if name not in steering_panels(steer)],
             "n": ", ".join(map(str, n)) or DASH}
 
 
