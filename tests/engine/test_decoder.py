@@ -470,3 +470,68 @@ def test_a_guard_over_the_answer_stops_where_its_running_mean_first_crosses_from
     early = run(lm, [Request(prompt, 12, reads=((1, v),), key=0, ignore_eos=True,
                              guard=Guard(0, low, over="answer", from_token=5))], 1)[0]
     assert len(early.token_ids) == 5
+
+
+def _forward_sizes(lm):
+    """(rows, columns) of every forward pass of ``lm.model`` while the context is open."""
+    sizes: list[tuple[int, int]] = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: sizes.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs
+                                                     else args[0]).shape)), with_kwargs=True)
+    return sizes, hook
+
+
+def test_prefills_stay_within_the_token_budget_and_answers_do_not_change(lm):
+    ps = prompts(lm)
+    long = lm.format_chat(" ".join(QUESTIONS * 4))  # longer than the budget: prefilled alone, in chunks
+    requests = [Request(p, 6, key=i) for i, p in enumerate([*ps, long])]
+    n_long = len(lm.tokenizer(long, add_special_tokens=False)["input_ids"])
+    budget = 48
+    assert n_long > 2 * budget
+    want = run(lm, requests, max_batch=8)
+    sizes, hook = _forward_sizes(lm)
+    try:
+        got = {r.key: r for r in Engine(lm, max_batch=8, prefill_tokens=budget).generate(requests)}
+    finally:
+        hook.remove()
+    prefills = [(b, t) for b, t in sizes if t > 1]
+    assert prefills and max(b * t for b, t in prefills) <= budget
+    assert sum(t for b, t in prefills if b == 1) >= n_long  # the long prompt went through in chunks
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "response_and_last_prompt"])
+def test_a_prompt_prefilled_in_chunks_is_edited_and_read_as_in_one_pass(lm, positions):
+    torch.manual_seed(9)
+    v = torch.randn(32)
+    unit = v / v.norm()
+    long = lm.format_chat(" ".join(QUESTIONS * 3))
+    req = Request(long, 8, edits=(Edit(1, v, 2.0, positions=positions), Edit(2, v, kind="ablate",
+                                                                            positions=positions)),
+                  reads=((1, unit, "before"), (2, unit, "after")), key=0)
+    whole = next(iter(Engine(lm, max_batch=1).generate([req])))
+    chunked = next(iter(Engine(lm, max_batch=1, prefill_tokens=16).generate([req])))
+    assert chunked.token_ids == whole.token_ids
+    for a, b in zip(chunked.readings, whole.readings):
+        assert a == pytest.approx(b, abs=1e-4)
+    with steer(lm, list(req.edits)):
+        assert whole.token_ids == hf_greedy(lm, long, 8)
+
+
+def test_the_cache_budget_holds_back_what_does_not_fit_and_a_bad_budget_is_refused(lm):
+    from personavec.errors import PersonavecError
+
+    ps = prompts(lm)
+    longest = max(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ps) + 6
+    sizes, hook = _forward_sizes(lm)
+    try:
+        got = {r.key: r for r in Engine(lm, max_batch=6, cache_tokens=2 * longest).generate(
+            [Request(p, 6, key=i) for i, p in enumerate(ps)])}
+    finally:
+        hook.remove()
+    assert max(b for b, _ in sizes) <= 2  # never more than two rows of the longest prompt plus answer
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in run(
+        lm, [Request(p, 6, key=i) for i, p in enumerate(ps)], max_batch=6).items()}
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(PersonavecError, match="prefill_tokens must be a whole number"):
+            Engine(lm, prefill_tokens=bad)

@@ -16,6 +16,11 @@ left, masked out) and carry their own position ids, so what a request gets does 
 * its **reads** (:class:`Read`) are taken at the position that produced each generated token, before its edits at
   the read layer (default: what the model itself carries) or after them.
 
+Memory stays bounded however long the prompts: a prefill takes waiting requests in order while the padded size
+of the group (rows × longest prompt) fits ``prefill_tokens``, and a prompt longer than that is prefilled alone in
+chunks of ``prefill_tokens`` tokens (the same answer, edits and reads as in one pass); a request joins the running
+batch only while every row's prompt plus answer fits ``cache_tokens`` (rows × longest, the KV cache's size).
+
 Models whose cache is not a plain full-attention one (sliding windows) are served in waves: a batch is filled,
 decoded to its end, then the next one starts.
 """
@@ -223,14 +228,40 @@ def default_max_batch(lm: LoadedModel) -> int:
     return int(max(1, min(256, free // 4 // max(1, per_token * 2048))))
 
 
+def default_budgets(lm: LoadedModel) -> tuple[int, int]:
+    """(prefill_tokens, cache_tokens): on CPU 8 192 padded prompt tokens per prefill and 65 536 cache tokens; on
+    CUDA 32 768, and as many cache tokens as a quarter of the free memory holds."""
+    if lm.device.type != "cuda":
+        return 8192, 65536
+    from ..model.layers import config_shape
+
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    cfg = getattr(lm.model, "config", None)
+    n_layers, hidden, _ = config_shape(cfg)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    kv_heads = getattr(text, "num_key_value_heads", heads) or heads
+    per_token = 2 * (n_layers or 1) * (hidden or 1) * kv_heads // heads * lm.dtype.itemsize
+    return 32768, int(max(4096, free // 4 // max(1, per_token)))
+
+
 class Engine:
     """Continuous batching with per-request edits and seeds over one loaded model (see the module docstring)."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int | None = None) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int | None = None, prefill_tokens: int | None = None,
+                 cache_tokens: int | None = None) -> None:
         if max_batch is not None and max_batch < 1:
             raise PersonavecError(f"the batch size must be at least 1, not {max_batch}")
+        for name, value in (("prefill_tokens", prefill_tokens), ("cache_tokens", cache_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise PersonavecError(f"the engine's {name} must be a whole number of tokens >= 1, not {value!r}")
         self.lm = lm
         self.max_batch = max_batch or default_max_batch(lm)
+        default_prefill, default_cache = default_budgets(lm) if None in (prefill_tokens, cache_tokens) else (0, 0)
+        self.prefill_tokens = prefill_tokens or default_prefill
+        self.cache_tokens = cache_tokens or default_cache
+        self._ids: dict[int, tuple[Request, list[int]]] = {}  # id(request) -> (it, its prompt's token ids)
+        self._final_chunk = True  # a chunked prefill's last pass (its last column is the last prompt token)
         self.stop = set(stop_token_ids(lm))
         self.pad = pad_token_id(lm.tokenizer)
         # the model's forward keywords, looked up once (not at every decode step)
@@ -302,8 +333,9 @@ class Engine:
                             break
                         continue  # an open feed: wait for what comes next
                     free = self.max_batch - len(rows)
-                    if waiting and (not rows or (mergeable and free >= min(join_at, len(waiting)))):
-                        new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    new = self._group(waiting, rows, free) if waiting and (not rows or (
+                        mergeable and free >= min(join_at, len(waiting)))) else []
+                    if new:
                         new_rows, new_cache, new_mask, logits = self._prefill_rows(new)
                         if rows:
                             cache, mask = _merge(cache, mask, new_cache, new_mask)
@@ -333,19 +365,76 @@ class Engine:
                 raise
 
     # ---- forward passes ----
+    def _prompt_ids(self, r: Request) -> list[int]:
+        """The prompt's token ids, tokenized once (kept with the request itself, so a reused id() never matches)."""
+        held = self._ids.get(id(r))
+        if held is None or held[0] is not r:
+            ids = list(r.prompt) if not isinstance(r.prompt, str) else \
+                self.lm.tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
+            held = self._ids[id(r)] = (r, ids)
+        return held[1]
+
+    def _group(self, waiting: deque[Request], rows: list[_Row], free: int) -> list[Request]:
+        """The waiting requests (in order) to prefill next: while the group's padded prompt fits ``prefill_tokens``
+        and, with the running rows, every prompt plus answer fits ``cache_tokens``; at least one when nothing runs
+        (a prompt longer than the prefill budget then goes alone, in chunks)."""
+        group: list[Request] = []
+        longest = 0
+        widest = max((r.prompt_len + r.request.max_new_tokens for r in rows), default=0)
+        while waiting and len(group) < free:
+            r = waiting[0]
+            n = len(self._prompt_ids(r))
+            grown, wide = max(longest, n), max(widest, n + r.max_new_tokens)
+            fits = (len(group) + 1) * grown <= self.prefill_tokens and \
+                (len(rows) + len(group) + 1) * wide <= self.cache_tokens
+            if not fits and (group or rows):
+                break
+            group.append(waiting.popleft())
+            longest, widest = grown, wide
+            if not fits:  # alone, over a budget: nothing joins it
+                break
+        return group
+
     def _prefill_rows(self, requests: list[Request]) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor]:
-        tok = self.lm.tokenizer
-        ids_list = [list(r.prompt) if not isinstance(r.prompt, str) else
-                    tok(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
+        ids_list = [self._prompt_ids(r) for r in requests]
+        for r in requests:
+            self._ids.pop(id(r), None)
         dev = self.lm.device
-        batch = make_batch([Encoded(tuple(x), len(x)) for x in ids_list], self.pad, "left", dev)
         rows = [_Row(r, len(x), _generator(r), _row_edits(r, dev), _row_reads(r, dev), readings=[[] for _ in r.reads])
                 for r, x in zip(requests, ids_list)]
+        if len(requests) == 1 and len(ids_list[0]) > self.prefill_tokens:
+            return self._prefill_chunked(rows, ids_list[0])
+        batch = make_batch([Encoded(tuple(x), len(x)) for x in ids_list], self.pad, "left", dev)
         self._rows, self._prefill, self._widths = rows, True, [len(x) for x in ids_list]
         # the model makes the cache its architecture needs (sliding windows included)
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=True, **self._last_logits)
         return rows, _roomy(output_cache(out)), batch.attention_mask, out.logits[:, -1].float()
+
+    def _prefill_chunked(self, rows: list[_Row], ids: list[int]) -> tuple[list[_Row], Any, torch.Tensor,
+                                                                           torch.Tensor]:
+        """One prompt longer than the prefill budget, in chunks over a growing cache: every chunk is prompt (edits
+        with positions ``all``/``prompt`` act on all of it), the last chunk's last column is the last prompt token
+        (``response_and_last_prompt``, and the reads of the first answer token, are taken there only)."""
+        dev, n, size = self.lm.device, len(ids), self.prefill_tokens
+        cache, out = None, None
+        try:
+            for start in range(0, n, size):
+                end = min(n, start + size)
+                self._rows, self._prefill, self._widths = rows, True, [end - start]
+                self._final_chunk = end == n
+                kw = {self._cache_kw: cache} if cache is not None else {}
+                out = self.lm.model(input_ids=torch.tensor([ids[start:end]], device=dev),
+                                    attention_mask=torch.ones(1, end, dtype=torch.long, device=dev),
+                                    position_ids=torch.arange(start, end, device=dev)[None], use_cache=True,
+                                    **kw, **self._last_logits)
+                cache = output_cache(out)
+                if not self._final_chunk:
+                    self._pending = []  # reads are of the last prompt token only
+        finally:
+            self._final_chunk = True
+        mask = torch.ones(1, n, dtype=torch.long, device=dev)
+        return rows, _roomy(cache), mask, out.logits[:, -1].float()
 
     def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every row; returns its logits and the attention mask grown by one column."""
@@ -440,7 +529,7 @@ class Engine:
             return torch.full((t,), positions != "prompt", dtype=torch.bool, device=cols.device)
         if positions in ("all", "prompt"):
             return cols >= t - self._widths[b]
-        if positions == "response":
+        if positions == "response" or not self._final_chunk:  # a chunk before the last holds no last prompt token
             return torch.zeros(t, dtype=torch.bool, device=cols.device)
         return cols == t - 1  # response_and_last_prompt: the last prompt token
 
