@@ -345,7 +345,9 @@ def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_ke
         assert not run_dir.exists()
     cfg = _tiny(model_dir, dtype="float32")  # pinned: `auto` is bfloat16 on CPUs with native bfloat16
     first = Run(cfg, run_dir=run_dir, progress=False).run()
-    assert json.loads((run_dir / "run.json").read_text())["config"]["dtype"] == "float32"
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["config"]["dtype"] == "float32" and recorded["batch"]["batch_invariant"] is True
+    assert first["batch"] == {**recorded["batch"]}
     assert all(v > 0 for k, v in first["stage_seconds"].items() if k != "artifacts")
     # a rerun of the finished run keeps the recorded timings (they went to 0.0)
     again = Run(cfg, run_dir=run_dir, progress=False).run()

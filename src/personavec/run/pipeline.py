@@ -125,7 +125,16 @@ class Run:
     def write_config(self) -> None:
         claim_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config",
                        extra={"personavec": __version__, "torch": torch.__version__,
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": self.batch_note()})
+
+    def batch_note(self) -> dict[str, Any]:
+        """Whether this run's answers are independent of the batch they shared (see README, "Batch dependence")."""
+        dtype = self.cfg.resolved_dtype()
+        invariant = dtype == "float32"
+        return {"dtype": dtype, "dtype_setting": self.cfg.dtype or "auto", "batch_invariant": invariant,
+                "note": "answers do not depend on what shared their batch" if invariant else
+                        f"in {dtype} an answer can depend on what shared its batch (kernels round differently "
+                        "for other batch shapes); pass --dtype float32 for answers reproducible token for token"}
 
     def artifacts(self) -> TraitArtifacts:
         p = self.path("artifacts.json")
@@ -546,6 +555,7 @@ class Run:
                             for side in ("pos", "neg")},
             "best_separation": {"layer": int(best["layer"]), "auroc": float(best["auroc"]),
                                 "cohens_d": float(best["cohens_d"])},
+            "batch": self.batch_note(),
             "stage_seconds": self.timings, "wall_seconds": round(time.perf_counter() - t_start, 1),
             "files": {"vector": str(self.path("vectors.safetensors")),
                       "responses": str(self.path("judged.parquet")),
