@@ -140,7 +140,9 @@ def test_the_answer_has_its_meter_with_axis_zero_and_threshold_lines_and_tokens_
     assert "threshold" in page.text_content("#problem") and not sent  # nothing sent, the question kept
     assert page.input_value("#question") == Q
     page.select_option("#guard-vector", "evil")
+    assert not page.is_visible("#guard-coef")  # a coefficient only for the action steer
     page.select_option("#guard-action", "steer")  # the answer goes on past a crossing
+    assert page.is_visible("#guard-coef")
     page.fill("#temperature", "0.7")
     page.fill("#coef-evil", "-4")
     assert page.text_content("#coeftext-evil") == "-4 raw units"
