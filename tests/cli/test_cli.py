@@ -54,7 +54,7 @@ def test_extract_info_export_steer(tmp_path, model_dir, tables, capsys):
     assert "direction.1" in capsys.readouterr().out
     assert main(["steer", "Hi?", "--vector", str(out), "--layer", "1", "--coef", "2", "--model", str(model_dir),
                  "--max-new-tokens", "3"]) == 0
-    assert "[steered: evil x 2 (raw units) at layer 1, all]" in capsys.readouterr().out
+    assert "[steered: evil x 2 (raw units) at layer 1, response_and_last_prompt]" in capsys.readouterr().out
     assert main(["steer", "Hi?", "--vector", str(out), "--layer", "2", "--ablate", "--positions", "response",
                  "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
     assert "[steered: evil ablated at layer 2, response]" in capsys.readouterr().out

@@ -121,3 +121,18 @@ def test_response_norm_is_the_mean_token_norm(lm, tokenizer):
             hs = lm.model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states
         ref.append(torch.stack([h[0, e.n_prompt:].norm(dim=-1).mean() for h in hs[:2]]))
     torch.testing.assert_close(got.means["response_norm"][:2, 0], torch.stack(ref).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_batches_of_texts_stay_within_the_token_budget():
+    import random
+
+    from personavec.model.activations import length_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([5, 40, 300, 2500, 9000]) for _ in range(200)]
+    for sort in (True, False):
+        batches = length_batches(lengths, 16, sort=sort, max_tokens=4096)
+        assert sorted(i for b in batches for i in b) == list(range(200))  # every row once
+        for b in batches:
+            assert len(b) <= 16 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 4096)
+    assert [len(b) for b in length_batches([10] * 40, 16)] == [16, 16, 8]  # short rows: batch_size decides

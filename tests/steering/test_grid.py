@@ -28,7 +28,7 @@ def grid_answers(tokenizer, tmp_path_factory):
     rows = torch.randn(3, lm.hidden_size) * 0.1
     rows[2] = lm.model.lm_head.weight.detach()[100]
     vec = PersonaVector({"response_avg": rows}, model_id="tiny-llama")
-    grid = SteerGrid(layers=[2], coefs=[0.0, 1.0, 400.0], n_samples=2, max_new_tokens=12)
+    grid = SteerGrid(layers=[2], coefs=[0.0, 1.0, 400.0], n_samples=2, max_new_tokens=12, units="raw")
     df = steered_answers(lm, QUESTIONS, vec, grid, tmp_path, progress=False)
     return project_rows(lm, vec, read_quality(lm, df))
 

@@ -296,7 +296,7 @@ def run_from_args(args: argparse.Namespace):
                     filter=FilterConfig(args.pos_min, args.neg_max, args.coherence_min), filter_mode=args.filter,
                     batch_size=args.batch_size, select=not args.no_select, quick=args.quick,
                     steer_layers=parse_layers(args.steer_layers, "--steer-layers") if args.steer_layers else None,
-                    steer_coefs=args.steer_coefs or None,
+                    steer_coefs=args.steer_coefs or None, steer_units=args.steer_units,
                     coherence_min=args.select_coherence_min, mc_path=args.mmlu, device=args.device,
                     dtype=args.dtype, revision=args.revision, sampler=args.sampler,
                     sampler_base_url=args.sampler_base_url, sampler_concurrency=args.sampler_concurrency,
@@ -405,8 +405,11 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--steer-layers", default=None, help="layers of the steering grid (default: 4 spread over "
                                                         "the middle of the network)")
     r.add_argument("--steer-coefs", default=None, type=finite_floats,
-                   help="comma-separated coefficients in raw-vector units, written --steer-coefs=-2,2 "
-                        "(default -4,-2,0,2,4 with --quick)")
+                   help="comma-separated coefficients in --steer-units, written --steer-coefs=-0.2,0.2 "
+                        "(default -0.2,-0.1,0,0.1,0.2 with --quick)")
+    r.add_argument("--steer-units", choices=["norm", "raw"], default="norm",
+                   help="the grid's coefficients: norm (default; x the typical residual norm at the layer, comparable "
+                        "across layers) or raw (x the vector)")
     r.add_argument("--select-coherence-min", type=finite_float, default=50.0,
                    help="the chosen layer/coefficient must keep mean coherence >= this (when the judge scores)")
     r.add_argument("--mmlu", default=None, help="MMLU-format multiple-choice data (CSV per subject, a folder of "

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import PersonavecError
+from ..model.edits import POSITIONS, STEER_POSITIONS, chosen_setting
 from .common import finite_float, load_lm, model_args, model_vectors, positive_int, user_text
 
 DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
@@ -43,19 +44,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _steer_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--vector", required=True)
     s.add_argument("--layer", type=int, default=None, help="default: the vector's chosen layer")
-    s.add_argument("--coef", type=finite_float, default=1.0, help="strength (default 1), in --units")
-    s.add_argument("--units", default="raw", choices=["raw", "norm"],
-                   help="raw: add coef x the vector (default); norm: coef x the typical residual norm at the layer")
-    s.add_argument("--positions", default="all", choices=["all", "prompt", "response", "response_and_last_prompt"],
-                   help="where to edit: all (default), prompt (prefill only), response (generated tokens only), "
-                        "response_and_last_prompt (the official code's 'response')")
+    s.add_argument("--coef", type=finite_float, default=None,
+                   help="strength, in --units (default: the vector's chosen coefficient, in its run's units; 1 for a "
+                        "vector without one)")
+    s.add_argument("--units", default=None, choices=["raw", "norm"],
+                   help="raw: add coef x the vector; norm: coef x the typical residual norm at the layer (default: "
+                        "the chosen coefficient's units when --coef is left out, else raw)")
+    s.add_argument("--positions", default=STEER_POSITIONS, choices=list(POSITIONS),
+                   help=f"where to edit: {STEER_POSITIONS} (default, what the run's grid chose with: the last prompt "
+                        "token and every generated one), all, prompt (prefill only), response (generated tokens only)")
     s.add_argument("--ablate", action="store_true", help="remove the direction instead of adding it")
     s.add_argument("--max-new-tokens", type=positive_int, default=60)
     model_args(s)
 
 
-def _steer_pair(lm, vec, question: str | list[str], layer: int, coef: float, max_new_tokens: int,
-                positions: str = "all", kind: str = "add", units: str = "raw") -> tuple[str, str]:
+def _steer_pair(lm, vec, question: str | list[str], layer: int, coef: float | None, units: str | None,
+                max_new_tokens: int, positions: str = STEER_POSITIONS, kind: str = "add") -> tuple[str, str]:
     """The unsteered and the steered answer to ``question``, or to two chat-formatted prompts (the unsteered and
     the steered side's conversations)."""
     from ..engine.sampling import SamplingConfig, check_context, generate
@@ -73,7 +77,27 @@ def _label(vec, args: argparse.Namespace) -> str:
     """How the steered answer was steered, with the coefficient's unit."""
     if args.ablate:
         return f"{vec.trait} ablated"
-    return f"{vec.trait} x {args.coef:g} ({args.units} units)"
+    coef, units = steering_strength(vec, args)
+    return f"{vec.trait} x {coef:g} ({units} units)"
+
+
+def strength(vec, args: argparse.Namespace) -> tuple[float | None, str | None]:
+    """The (coef, units) :func:`_steer_pair` is given: none for an ablation (it has no strength)."""
+    return (None, None) if args.ablate else steering_strength(vec, args)
+
+
+def steering_strength(vec, args: argparse.Namespace) -> tuple[float, str]:
+    """(coef, units) the command steers with: as given, else the vector's chosen coefficient in its units, else 1
+    in raw units (a vector no run chose a setting for)."""
+    if args.coef is not None:
+        return args.coef, args.units or "raw"
+    _, chosen, units = chosen_setting(vec)
+    if chosen is None:  # no run chose one (or it made no defensible choice): 1 x the vector, as ever
+        return 1.0, args.units or "raw"
+    if args.units is not None and args.units != units:
+        raise PersonavecError(f"the vector's chosen coefficient {chosen:g} is in {units} units, not {args.units}; "
+                              "pass --coef too, or leave --units out")
+    return chosen, units
 
 
 def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:
@@ -97,6 +121,7 @@ def _load_steering(args: argparse.Namespace):
     if not 0 <= layer <= vec.n_layers:
         raise PersonavecError(f"--layer {layer} is out of range: the model has layers 0..{vec.n_layers}")
     vec.direction(layer)  # a layer where the vector is zero (row 0 always) fails before the model loads
+    strength(vec, args)  # no coefficient to steer with: said before the model loads
     return vec, load_lm(args), layer
 
 
@@ -148,8 +173,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             reset = "; or type /reset to start a new conversation" if sides[0] else ""
             print(f"personavec: {e}{reset}", file=sys.stderr, flush=True)
             continue
-        base, steered = _steer_pair(lm, vec, prompts, layer, args.coef, args.max_new_tokens, args.positions, kind,
-                                    args.units)
+        base, steered = _steer_pair(lm, vec, prompts, layer, *strength(vec, args), args.max_new_tokens,
+                                    args.positions, kind)
         for side, turn, answer in zip(sides, turns, (base, steered)):
             side[:] = [*turn, {"role": "assistant", "content": answer}]
         print(side_by_side(base, steered, ("unsteered", f"steered ({how})"), width), flush=True)
@@ -159,8 +184,8 @@ def cmd_steer(args: argparse.Namespace) -> None:
     question = user_text(args.question, "the question")
     vec, lm, layer = _load_steering(args)
     kind = "ablate" if args.ablate else "add"
-    base, steered = _steer_pair(lm, vec, question, layer, args.coef, args.max_new_tokens, args.positions, kind,
-                                args.units)
+    base, steered = _steer_pair(lm, vec, question, layer, *strength(vec, args), args.max_new_tokens,
+                                args.positions, kind)
     print(f"Q: {question}\n\n[unsteered]\n{base}\n\n[steered: {_label(vec, args)} at layer {layer}, "
           f"{args.positions}]\n{steered}")
 
@@ -190,6 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"-> {path}")
     print("response_avg norm by layer: " + " ".join(f"{i}:{n:.2f}" for i, n in enumerate(norms)))
     for q in DEMO_QUESTIONS:
-        base, steered = _steer_pair(lm, vec, q, layer, args.coef, args.max_new_tokens)
-        print(f"\nQ: {q}\n[unsteered]\n{base}\n[steered: evil x {args.coef} at layer {layer}]\n{steered}")
+        base, steered = _steer_pair(lm, vec, q, layer, args.coef, "raw", args.max_new_tokens)
+        print(f"\nQ: {q}\n[unsteered]\n{base}\n[steered: evil x {args.coef:g} (raw units) at layer {layer}]\n"
+              f"{steered}")
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")

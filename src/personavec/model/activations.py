@@ -147,12 +147,32 @@ def pool_hidden(hidden: torch.Tensor, batch: Batch, poolings: Sequence[str]) -> 
     return out
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, sort: bool = True) -> list[list[int]]:
-    """Index batches; with ``sort`` the pairs are grouped by length (longest first) to cut padding."""
+#: the most padded tokens (rows × longest row) one forward pass of a batch of texts holds: long texts go in smaller
+#: batches, so memory stays bounded whatever the rows' lengths (a row longer than this goes alone)
+TOKEN_BUDGET = 8192
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, sort: bool = True,
+                   max_tokens: int | None = TOKEN_BUDGET) -> list[list[int]]:
+    """Index batches of at most ``batch_size`` rows and ``max_tokens`` padded tokens; with ``sort`` the pairs are
+    grouped by length (longest first) to cut padding."""
     if batch_size < 1:
         raise PersonavecError("batch size must be at least 1")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if current and (len(current) >= batch_size or (max_tokens is not None and
+                                                        (len(current) + 1) * grown > max_tokens)):
+            batches.append(current)
+            current, grown = [], lengths[i]
+        current.append(i)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.no_grad()

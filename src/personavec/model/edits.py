@@ -16,6 +16,12 @@ same column, so the split is exact for the whole batch:
   The official persona_vectors code instead edits "the newest position of every forward pass", i.e. the last
   prompt token at prefill and every generated token after; that is ``response_and_last_prompt`` here.
 
+**Defaults.** Steering an answer defaults to ``response_and_last_prompt`` (:data:`STEER_POSITIONS`) everywhere:
+the steering grid selects its layer and coefficient with it, and ``Edit.from_vector``, ``personavec steer`` /
+``chat`` and the server's ``persona.steer`` use it unless told otherwise, so a vector's chosen coefficient means the
+same thing wherever it is used. A plain ``Edit(...)`` acts on ``all`` positions: what a training-time edit
+(preventative steering, CAFT) or an edit of one teacher-forced forward pass needs.
+
 An edit at layer ℓ acts on the output of block ℓ − 1 (see :mod:`personavec.model.layers`). Several edits may be
 active at once (they compose in order); all hooks are removed on exit, including on exceptions.
 """
@@ -35,6 +41,18 @@ from ..model.layers import backbone, decoder_layers, edit, hidden_size
 
 POSITIONS = ("all", "prompt", "response", "response_and_last_prompt")
 KINDS = ("add", "ablate", "cap")
+#: where steering an answer acts unless told otherwise (the grid selects with it; see the module docstring)
+STEER_POSITIONS = "response_and_last_prompt"
+UNITS = ("raw", "norm")
+
+
+def chosen_setting(vec: Any) -> tuple[int | None, float | None, str]:
+    """(layer, coefficient, units) the vector's run chose, where it made a defensible choice; the coefficient is in
+    the units of its grid (``raw`` for vectors chosen before grids had units)."""
+    sel = getattr(vec, "extra", {}).get("selection") or {}
+    units = (sel.get("grid") or {}).get("units", "raw")
+    coef = sel.get("chosen_coef")
+    return vec.chosen_layer, (float(coef) if coef is not None else None), units if units in UNITS else "raw"
 
 
 @dataclass(frozen=True)
@@ -54,17 +72,30 @@ class Edit:
     positions: str = "all"
 
     @classmethod
-    def from_vector(cls, vec: Any, layer: int | None = None, coef: float = 1.0, units: str = "raw",
-                    kind: str = "add", positions: str = "all", pooling: str | None = None) -> Edit:
+    def from_vector(cls, vec: Any, layer: int | None = None, coef: float | None = None, units: str | None = None,
+                    kind: str = "add", positions: str = STEER_POSITIONS, pooling: str | None = None) -> Edit:
         """An edit from a PersonaVector. ``units="raw"``: add ``coef · v``; ``units="norm"``: add a vector along
         v̂ whose length is ``coef`` × the typical residual norm at that layer (mean over answer tokens, measured at
-        extraction and stored in the vector's metadata as ``resid_norm``)."""
-        if units not in ("raw", "norm"):
-            raise PersonavecError(f"units must be raw or norm, not {shown(units)}")
+        extraction and stored in the vector's metadata as ``resid_norm``).
+
+        Left out, ``layer`` and ``coef`` are the vector's chosen setting (:func:`chosen_setting`), the coefficient
+        then in the chosen setting's units (1, raw, for a vector without one); a coefficient given without
+        ``units`` is in raw units."""
         if layer is not None:
             whole(layer, "layer", low=0)
-        coef = finite(coef, "coef")
-        layer = vec.chosen_layer if layer is None else layer
+        chosen_layer, chosen_coef, chosen_units = chosen_setting(vec)
+        if coef is None and kind == "add" and chosen_coef is not None:
+            if units is not None and units != chosen_units:
+                raise PersonavecError(f"the vector's chosen coefficient {chosen_coef:g} is in {chosen_units} units, "
+                                      f"not {shown(units)}; pass coef too, or leave units out")
+            coef, units = chosen_coef, chosen_units
+        units = "raw" if units is None else units
+        if units not in UNITS:
+            raise PersonavecError(f"units must be raw or norm, not {shown(units)}")
+        coef = finite(1.0 if coef is None else coef, "coef")
+        if layer is None and chosen_layer is None:
+            raise PersonavecError(f"the {getattr(vec, 'trait', '')} vector has no chosen layer; pass layer")
+        layer = chosen_layer if layer is None else layer
         # a zero row (layer 0, a layer not extracted) is refused naming the vector's non-zero layers; adding it
         # with coefficient 0 is a legitimate baseline
         v = vec.get(layer, pooling) if kind == "add" and coef == 0 else vec.direction(layer, pooling)

@@ -40,7 +40,8 @@ class RunConfig:
     select: bool = True  # steered evaluation grid + automatic layer/coefficient choice
     quick: bool = False  # CPU-sized steering grid
     steer_layers: list[int] | None = None  # override the grid's layers
-    steer_coefs: list[float] | None = None  # override the grid's coefficients
+    steer_coefs: list[float] | None = None  # override the grid's coefficients (in steer_units)
+    steer_units: str = "norm"  # the grid's coefficients: norm (x the residual norm at the layer) or raw (x the vector)
     coherence_min: float = 50.0  # selection: coherence kept by the chosen layer/coefficient
     mc_path: str | None = None  # MMLU-format multiple-choice data for the capability check (default: built in)
     device: str | None = None
@@ -86,6 +87,8 @@ class RunConfig:
             if not isinstance(value, (list, tuple)) or not value:
                 raise PersonavecError(f"RunConfig {name} must be a non-empty list or None, not {shown(value)}")
             setattr(self, name, [check(x, f"each of RunConfig {name}") for x in value])
+        if self.steer_units not in ("raw", "norm"):
+            raise PersonavecError(f"RunConfig steer_units must be raw or norm, not {shown(self.steer_units)}")
         if self.dtype is not None:
             resolve_dtype(self.dtype, "cpu")  # an unknown name, named now rather than when the model loads
 

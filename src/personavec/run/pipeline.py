@@ -398,7 +398,7 @@ class Run:
             g = replace(g, layers=sorted(set(self.cfg.steer_layers)))
         if self.cfg.steer_coefs:
             g = replace(g, coefs=sorted(set(self.cfg.steer_coefs) | {0.0}))
-        return g
+        return replace(g, units=self.cfg.steer_units)
 
     def steer_and_select(self, art: TraitArtifacts, vec: PersonaVector) -> dict[str, Any] | None:
         """Steered evaluation grid, judged, projected and read for fluency and repetition; the choice (or "no
@@ -432,7 +432,7 @@ class Run:
         sep = pd.read_parquet(self.path("separation.parquet"))
         gaps = {int(r.layer): float(r.pos_mean - r.neg_mean) for r in sep.itertuples()}
         sel = choose(table, coherence_min=self.cfg.coherence_min, gaps=gaps)
-        result = {**sel.to_dict(), "grid": grid.to_dict()}
+        result = {**sel.to_dict(), "units": grid.units, "grid": grid.to_dict()}
         vec.chosen_layer = sel.chosen_layer
         vec.extra["selection"] = {k: v for k, v in result.items() if k not in ("effects", "unreadable")}
         vec.save(self.path("vectors.safetensors"))
@@ -473,11 +473,12 @@ class Run:
         """The first evaluation questions answered greedily, unsteered and steered at the chosen setting: at
         temperature 1 a small model's sampled answers are barely legible, these show the effect plainly."""
         from ..engine.sampling import SamplingConfig, generate
+        from ..steering.grid import grid_edit
 
         questions = art.evaluation_questions[:n]
         prompts = [self.lm.format_chat(q) for q in questions]
         cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=grid.max_new_tokens)
-        edit = Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid.positions)
+        edit = grid_edit(vec, grid, layer, coef)
         answers = generate(self.lm, prompts * 2, cfg, edits=[[]] * len(prompts) + [[edit]] * len(prompts))
         plain, steered = answers[:len(prompts)], answers[len(prompts):]
         return pd.DataFrame([{"question": q, "layer": layer, "coef": coef, "unsteered": a["answer"],
@@ -499,7 +500,8 @@ class Run:
         base = mc_accuracy(self.lm, questions)
         steered = []
         for coef in sorted(c for c in grid["coefs"] if c != 0.0 and layer is not None):
-            with steer(self.lm, Edit(layer=layer, direction=vec.get(layer), coef=coef, positions=grid["positions"])):
+            units = grid.get("units", "raw")  # a selection made before grids had units was in raw units
+            with steer(self.lm, Edit.from_vector(vec, layer, coef, units=units, positions=grid["positions"])):
                 r = mc_accuracy(self.lm, questions)
             steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
         result = {"data": self.cfg.mc_path or "builtin general (40 questions)",

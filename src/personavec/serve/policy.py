@@ -18,7 +18,7 @@ import torch
 from ..engine.decoder import Guard, Request
 from ..errors import PersonavecError
 from ..model.chat import chat_ids
-from ..model.edits import POSITIONS, Edit
+from ..model.edits import POSITIONS, STEER_POSITIONS, UNITS, Edit, chosen_setting
 from ..model.loading import LoadedModel
 from ..vectors.calibration import FROM_TOKEN, at_layer, default_cap, guard_threshold
 from ..vectors.vector import PersonaVector
@@ -42,7 +42,7 @@ UNSERVED: dict[str, tuple[Any, ...]] = {
 LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a caller: any string, no effect here
 # (``model`` too is any string: one model is served)
 # the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
-STEER_FIELDS = ("vector", "coef", "layer", "positions")
+STEER_FIELDS = ("vector", "coef", "units", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
 GUARD_FIELDS = ("vector", "threshold", "action", "coef", "where", "over")
 MONITOR_FIELDS = ("vector", "where")
@@ -76,7 +76,14 @@ class ServedVector:
         return {"name": self.name, "trait": self.vector.trait, "layer": self.layer,
                 "hidden_size": self.vector.hidden_size, "n_layers": self.vector.n_layers,
                 "norm": round(float(self.direction().norm()), 4), "source": self.path,
-                "calibration": at_layer(self.vector, self.layer)}
+                "calibration": at_layer(self.vector, self.layer), "steer_default": self.steer_default()}
+
+    def steer_default(self) -> dict[str, Any]:
+        """What a ``persona.steer`` entry naming only this vector does: the run's chosen coefficient in its units
+        (``coef`` None when the vector has none: an entry must then give it), at the served layer."""
+        _, coef, units = chosen_setting(self.vector)
+        return {"layer": self.layer, "coef": coef, "units": units if coef is not None else "raw",
+                "positions": STEER_POSITIONS}
 
 
 class Reading(NamedTuple):
@@ -381,13 +388,33 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         where = f"persona.steer[{i}]."
         _known(e, STEER_FIELDS, where[:-1])
         sv = _vector(e, vectors, where)
-        coef = _coef(e, where)
+        default = sv.steer_default()
+        units = _or(e.get("units"), default["units"] if e.get("coef") is None else "raw")
+        if units not in UNITS:
+            raise BadRequest(where + "units", f'{where}units must be "raw" (x the vector) or "norm" (x the typical '
+                                              f"residual norm at the layer), not {_shown(units)}")
+        if e.get("coef") is None and default["coef"] is None:
+            raise BadRequest(where + "coef", f"{where}coef is needed: the vector {sv.name} has no chosen coefficient "
+                                             "(its run made none) to default to")
+        if e.get("coef") is None and units != default["units"]:
+            raise BadRequest(where + "units", f"{where}units: the chosen coefficient {default['coef']:g} of {sv.name} "
+                                              f"is in {default['units']} units; send coef too, or leave units out")
+        coef = _number(e, "coef", default["coef"], where)
         layer = _layer(e.get("layer"), sv.layer, n_layers, where + "layer")
-        positions = _or(e.get("positions"), "response")
+        positions = _or(e.get("positions"), STEER_POSITIONS)
         if positions not in POSITIONS:
             raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}, not "
                                                   f"{_shown(positions)}")
-        edits.append(_edit(where + "layer", layer, sv.direction(layer), coef, positions=positions))
+        try:
+            edit = Edit.from_vector(sv.vector, layer, coef, units=units, positions=positions)
+        except PersonavecError as err:
+            raise BadRequest(where + ("units" if "resid_norm" in str(err) else "layer"), f"{where[:-1]}: {err}"
+                             ) from None
+        if abs(edit.coef) > MAX_COEF:
+            raise BadRequest(where + "coef", f"{where}coef must be between {-MAX_COEF:g} and {MAX_COEF:g} in raw units "
+                                             f"(x the vector), not {_shown(e.get('coef'))}"
+                                             + (f" {units} (= {edit.coef:g} raw)" if units != "raw" else ""))
+        edits.append(edit)
     for i, e in enumerate(_entries(persona, "cap")):
         where = f"persona.cap[{i}]."
         _known(e, CAP_FIELDS, where[:-1])
@@ -482,7 +509,7 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> 
         raise BadRequest(where + "action", f'{where}action must be "stop" or "steer", not {_shown(action)}')
     edit = None
     if action == "steer":
-        edit = Edit(sv.layer, sv.direction(), _coef(g, where, -4.0), positions="response")
+        edit = Edit(sv.layer, sv.direction(), _coef(g, where, -4.0), positions=STEER_POSITIONS)
     elif g.get("coef") is not None:
         raise BadRequest(where + "coef", f'{where}coef is for action "steer" only (a stopped answer is not steered); '
                                          "leave it out, or set action to \"steer\"")
