@@ -277,3 +277,29 @@ def test_separation_shows_intervals_and_counts(tmp_path):
     r = sep.iloc[1]
     assert f"<td>{r.auroc:.3f} [{r.auroc - 0.1:.3f}, {r.auroc + 0.05:.3f}]</td>" in page
     assert "AUROC [95 % interval]" in page and "<th>n_pos</th>" in page
+
+
+def test_the_cell_browser_the_chance_level_check_and_why_the_layers_differ(tmp_path):
+    run = _make_run(tmp_path, full=False)
+    s = json.loads((run / "summary.json").read_text())
+    s["selection"] = {"chosen_layer": 2, "chosen_coef": 0.1, "suppress_coef": None, "coherence_min": 50.0,
+                      "defensible": True, "unreadable": [[2, 0.2]], "reason": "r",
+                      "grid": {"layers": [1, 2], "units": "norm"}}
+    (run / "summary.json").write_text(json.dumps(s))  # the best-separating layer is 3
+    rows = [{"layer": layer, "coef": c, "question_id": q, "sample_id": sid, "question": f"Q{q}?",
+             "answer": "just just just just" if c == 0.2 and sid < 0 else f"answer <{layer},{c},{q},{sid}>",
+             "fluency": 1.5, "repetition": 0.9 if c == 0.2 and sid < 0 else 0.0, "trait": float("nan"),
+             "coherence": float("nan"), "flags": "repetitive" if c == 0.2 and sid < 0 else "",
+             "degenerate": c == 0.2 and sid < 0}
+            for layer, c in ((-1, 0.0), (2, 0.1), (2, 0.2)) for q in range(2) for sid in (0, -1)]
+    pd.DataFrame(rows).to_parquet(run / "steering_answers.parquet")
+    (run / "capability.json").write_text(json.dumps({"baseline": {"accuracy": 0.275, "n": 40}, "chance": 0.25,
+                                                     "steered": []}))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert page.count("<details") == 3 and "<details open><summary><b>layer 2, 0.1</b> — chosen" in page
+    assert "layer 2, 0.2</b> — left out as broken text · 4 answers, 2 degenerate" in page
+    assert "<b class='flag'>[repetitive]</b> just just just just" in page
+    assert "answer &lt;2,0.1,1,-1&gt;" in page  # every question's greedy answer, escaped
+    assert "uninformative here" in page and "0.275 [0.16, 0.43]" in page
+    assert "The steering layer (2) differs from the best-separating layer (3)" in page
+    assert "layer 3 is not in the steering grid, layers 1, 2" in page

@@ -506,6 +506,7 @@ class Run:
             steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
         result = {"data": self.cfg.mc_path or "builtin general (40 questions)",
                   "baseline": {"accuracy": base.accuracy, "n": base.n, "letter_mass": base.mean_letter_mass},
+                  "chance": sum(1 / len(q.choices) for q in questions) / max(1, len(questions)),
                   "steered": steered}
         write_json(out, result)
         return result

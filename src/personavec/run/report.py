@@ -197,14 +197,81 @@ def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | 
             "n": ", ".join(map(str, n)) or DASH}
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
 def _capability(cap: dict[str, Any] | None, png: str | None) -> dict[str, Any] | None:
     if cap is None:
         return None
     base = cap["baseline"]
-    rows = [("unsteered", DASH, DASH, fixed(base.get("accuracy"), 3), integer(base.get("n")))]
-    rows += [("steered", integer(s.get("layer")), coef(s.get("coef")), fixed(s.get("accuracy"), 3),
+
+    def acc(r: dict[str, Any]) -> str:
+        a, n = number(r.get("accuracy")), number(r.get("n", base.get("n")))
+        if a is None or not n:
+            return fixed(a, 3)
+        lo, hi = wilson(a * n, int(n))
+        return f"{fixed(a, 3)} [{fixed(lo, 2)}, {fixed(hi, 2)}]"
+
+    rows = [("unsteered", DASH, DASH, acc(base), integer(base.get("n")))]
+    rows += [("steered", integer(s.get("layer")), coef(s.get("coef")), acc(s),
               integer(s.get("n", base.get("n")))) for s in cap["steered"]]
-    return {"png": png, "rows": rows}
+    chance = number(cap.get("chance")) or 0.25
+    a, n = number(base.get("accuracy")), number(base.get("n"))
+    at_chance = a is not None and bool(n) and wilson(a * n, int(n))[0] <= chance
+    note = (f"The unsteered accuracy's 95 % interval reaches chance ({chance:.2f}): this model cannot answer these "
+            "questions, so the check cannot show what steering costs — uninformative here; pass --mmlu with questions "
+            "the model can answer, or use a larger model." if at_chance else None)
+    return {"png": png, "rows": rows, "note": note}
+
+
+def _browser(df: pd.DataFrame | None, selection: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every cell's answers, question by question: the sampled ones and the greedy one side by side, with their
+    readings; degenerate ones flagged."""
+    if df is None or not len(df):
+        return []
+    chosen = (number(selection.get("chosen_layer")), number(selection.get("chosen_coef")))
+    unreadable = {(number(x[0]), number(x[1])) for x in selection.get("unreadable") or [] if len(x) == 2}
+    cells = []
+    for (layer, c), g in df.groupby(["layer", "coef"], sort=True):
+        questions = []
+        for _, rows in g.groupby("question_id", sort=True):
+            sid = rows["sample_id"] if "sample_id" in rows else pd.Series(0, index=rows.index)
+            questions.append({"question": str(rows["question"].iloc[0]),
+                              "sampled": [_answer(r) for _, r in rows[sid >= 0].iterrows()],
+                              "greedy": [_answer(r) for _, r in rows[sid < 0].iterrows()]})
+        key = (number(layer), number(c))
+        label = "unsteered" if key[0] is not None and key[0] < 0 else f"layer {integer(layer)}, {coef(c)}"
+        cells.append({"label": label, "questions": questions, "n": len(g), "chosen": key == chosen,
+                      "degenerate": int(g["degenerate"].sum()) if "degenerate" in g else 0,
+                      "broken": key in unreadable})
+    return cells
+
+
+def _answer(r: Any) -> dict[str, str]:
+    """One answer of the browser with its readings and flags."""
+    return {"answer": str(r["answer"]), "flags": str(r.get("flags") or "").replace(",", ", "),
+            "reading": f"fluency {fixed(r.get('fluency'), 2)} · repetition {fixed(r.get('repetition'), 2)} · "
+                       f"trait {fixed(r.get('trait'), 1)} · coherence {fixed(r.get('coherence'), 1)}"}
+
+
+def _why_layers(best_layer: int | None, selection: dict[str, Any]) -> str | None:
+    layer = number(selection.get("chosen_layer"))
+    if layer is None or best_layer is None or int(layer) == best_layer:
+        return None
+    grid = (selection.get("grid") or {}).get("layers") or []
+    where = ""
+    if grid and best_layer not in grid:
+        where = f" (layer {best_layer} is not in the steering grid, layers {', '.join(map(str, grid))})"
+    return (f"The steering layer ({int(layer)}) differs from the best-separating layer ({best_layer}): separation "
+            "measures where eliciting and suppressing answers differ most once written; steering needs a layer where "
+            "adding the direction changes what the model writes next while the text stays readable, which is usually "
+            f"earlier — late layers leave few blocks for the change to act through{where}.")
 
 
 def _read_json_section(path: Path) -> dict[str, Any] | None:
@@ -319,6 +386,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                "steered": str(g.get("steered", "")), "layer": integer(g.get("layer")), "coef": coef(g.get("coef"))}
               for g in _read_examples(run_dir / "examples_greedy.jsonl", notes)]
     cap = _read_capability(run_dir / "capability.json", notes)
+    answers = _read_parquet(run_dir / "steering_answers.parquet", ("layer", "coef", "question_id", "question",
+                                                                    "answer"), notes)
     selection = summary.get("selection") if isinstance(summary.get("selection"), dict) else {}
     best_layer = _best_layer(summary, sep)
 
@@ -355,6 +424,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         steering=_steering(steer, selection, png(STEERING_PNG)), capability=_capability(cap, png(CAPABILITY_PNG)),
         monitoring=_monitoring(run_dir), finetuning=_finetuning(run_dir), screening=_screening(run_dir),
         examples=_examples(examples), greedy=greedy, judge_note=summary.get("judge_note"),
+        browser=_browser(answers, selection), why_layers=_why_layers(best_layer, selection),
         timings=_timings(summary), command=summary.get("command"),
         files=_items(files) if isinstance(files, dict) else [])
     return write_text(run_dir / REPORT_NAME, page)
