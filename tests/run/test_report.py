@@ -264,6 +264,7 @@ def test_broken_cells_no_defensible_choice_and_the_readings_are_shown(tmp_path):
     page = write_report(run).read_text(encoding="utf-8")
     assert "no defensible choice: nothing measurably moves" in page and "no — nothing chosen" in page
     assert "n = 20 per cell" in page and "fluency (nats/token) / degenerate answers" in page
+    assert "coef (raw units)</th>" in page  # a selection made before grids had units was in raw units
     assert "<td>10.0 / 80.0 / 2.0 / 3.0 / 12%</td>" in page
     assert "<td>10.0 / 80.0 / 4.0 / 4.0 / 45% (broken text: left out)</td>" in page
 
@@ -302,4 +303,5 @@ def test_the_cell_browser_the_chance_level_check_and_why_the_layers_differ(tmp_p
     assert "answer &lt;2,0.1,1,-1&gt;" in page  # every question's greedy answer, escaped
     assert "uninformative here" in page and "0.275 [0.16, 0.43]" in page
     assert "The steering layer (2) differs from the best-separating layer (3)" in page
+    assert "<td class='k'>0.1 (norm units)</td>" in page
     assert "layer 3 is not in the steering grid, layers 1, 2" in page

@@ -567,7 +567,7 @@ class Run:
         if selection is not None:
             summary["selection"] = {k: selection.get(k) for k in ("chosen_layer", "chosen_coef", "suppress_coef",
                                                                   "coherence_min", "criterion", "reason",
-                                                                  "defensible", "unreadable")}
+                                                                  "defensible", "unreadable", "units", "grid")}
         if capability is not None:
             summary["capability"] = capability
         filt = read_json(self.path("filter.json"))

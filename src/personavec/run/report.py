@@ -138,12 +138,20 @@ def _selection(summary: dict[str, Any]) -> list[tuple[str, str]]:
     sel = summary.get("selection")
     if not isinstance(sel, dict) or not sel:
         return []
+    def with_unit(x: Any) -> str:
+        return coef(x) + (f" ({_units(sel)} units)" if x is not None else "")
+
     return [("chosen layer", integer(sel.get("chosen_layer"))),
-            ("chosen coefficient (amplify)", coef(sel.get("chosen_coef"))),
-            ("suppress coefficient", coef(sel.get("suppress_coef"))),
+            ("chosen coefficient (amplify)", with_unit(sel.get("chosen_coef"))),
+            ("suppress coefficient", with_unit(sel.get("suppress_coef"))),
             ("coherence threshold", fixed(sel.get("coherence_min"), 1)),
             ("defensible", "no — nothing chosen" if sel.get("defensible") is False else "yes"),
             ("reason", value(sel.get("reason")))]
+
+
+def _units(selection: dict[str, Any]) -> str:
+    """The units of a selection's coefficients: its grid's (raw for selections made before grids had units)."""
+    return str(selection.get("units") or (selection.get("grid") or {}).get("units") or "raw")
 
 
 def _separation(sep: pd.DataFrame | None, best_layer: int | None, png: str | None) -> dict[str, Any] | None:
@@ -194,7 +202,7 @@ def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | 
     return {"png": png, "coefs": [(coef(c), c in (chosen, suppress)) for c in coefs], "rows": rows,
             "missing": missing, "columns": " / ".join(STEERING_CELL[c] for c in cols),
             "left_out": [t for name, _, t in STEERING_PANELS if name not in steering_panels(steer)],
-            "n": ", ".join(map(str, n)) or DASH}
+            "n": ", ".join(map(str, n)) or DASH, "units": _units(selection)}
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
