@@ -102,3 +102,16 @@ def test_no_defensible_choice_when_every_steered_cell_is_broken_or_nothing_moves
     # a table without fluency readings (never measured): nothing steered counts as readable
     bare = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 60, 80, 1.0)]).drop(columns=["fluency_mean"])
     assert choose(bare).chosen_layer is None
+
+
+def test_a_layer_whose_effect_is_measurable_is_chosen_over_a_larger_one_whose_interval_reaches_zero():
+    """The layer is chosen among measurable effects: a noisy layer with a larger point estimate does not hide a
+    smaller effect that the grid can tell from no steering (nor make the result "nothing measurably moves")."""
+    t = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 50, 80, 1.0), (12, 0.0, 10, 90, 0.0), (12, 2.0, 30, 80, 1.0),
+               (12, 4.0, 35, 75, 2.0)])
+    t["trait_effect_lo"] = [0.0, -5.0, 0.0, 8.0, -1.0]  # layer 8's +40 and layer 12's +25 reach zero
+    s = choose(t)
+    assert s.defensible and (s.chosen_layer, s.chosen_coef) == (12, 2.0)
+    t["trait_effect_lo"] = [0.0, -5.0, 0.0, -2.0, -1.0]  # nothing measurable anywhere
+    s = choose(t)
+    assert s.chosen_layer is None and "nothing measurably moves" in s.reason and "layer 8, +40.00" in s.reason

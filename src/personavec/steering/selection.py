@@ -5,7 +5,8 @@
   the unsteered answers', and a share of its answers (sampled and greedy) flagged degenerate (empty, or repeating
   themselves) at most ``degenerate_max`` above the unsteered answers' share. Then, when the judge scores, mean
   coherence ≥ ``coherence_min`` (default 50).
-* **layer**: the one with the largest trait increase over the unsteered baseline among readable cells. When the
+* **layer**: the one with the largest trait increase over the unsteered baseline among readable cells whose
+  effect is measurable (its 95 % interval above zero, see below). When the
   judge gives no usable scores (a weak local judge), the trait increase is replaced by the increase in projection
   (in units of each layer's held-out pos − neg gap) — the result says so.
 * **coefficient**: the strongest readable positive coefficient at that layer whose effect (paired over questions
@@ -118,8 +119,10 @@ def _finish(sel: Selection, table: pd.DataFrame, unreadable: list[list[float]], 
 def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float,
             suppress_coherence_min: float) -> Selection:
     col = "projection_mean" if metric == "projection_gap_units" else metric
+    lo = "trait_effect_lo" if scored else "projection_effect_lo"
     effects: dict[int, float] = {}
     best: tuple[float, int, float] | None = None
+    unmeasured: tuple[float, int] | None = None  # the largest readable increase whose interval reaches zero
     no_baseline, no_scores = [], []
     for layer, g in table.groupby("layer"):
         base = g[g["coef"] == 0.0]
@@ -140,14 +143,26 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
             continue
         top = pos.loc[pos[col].idxmax()]
         effects[int(layer)] = float(top[col]) - b
-        if best is None or effects[int(layer)] > best[0]:
-            best = (effects[int(layer)], int(layer), float(top["coef"]))
+        if lo in pos:  # an effect whose interval reaches zero is not one the grid can tell from no steering
+            if unmeasured is None or effects[int(layer)] > unmeasured[0]:
+                unmeasured = (effects[int(layer)], int(layer))
+            pos = pos[pos[lo] > 0]
+            if pos.empty:
+                continue
+            top = pos.loc[pos[col].idxmax()]
+        effect = float(top[col]) - b
+        if best is None or effect > best[0]:
+            best = (effect, int(layer), float(top["coef"]))
     what = "trait score" if metric == "trait_mean" else "projection"
     skipped = ""
     if no_baseline:
         skipped += f"; skipped {_layers(no_baseline)}: the unsteered baseline has no {what}"
     if no_scores:
         skipped += f"; skipped {_layers(no_scores)}: no {what} at any coherent positive coefficient"
+    if best is None and unmeasured is not None:
+        return Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
+                         f"nothing measurably moves the {what}: the best readable cell (layer {unmeasured[1]}, "
+                         f"+{unmeasured[0]:.2f}) has a 95% interval that reaches 0" + skipped, effects)
     if best is None:
         sel = Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
                         f"no positive coefficient kept coherence >= {coherence_min} with a {what}" + skipped, effects)
@@ -158,15 +173,8 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
     pos_ok = g[g["coef"] > 0]
     if scored:
         pos_ok = pos_ok[pos_ok["coherence_mean"] >= coherence_min]
-    lo = "trait_effect_lo" if scored else "projection_effect_lo"
-    if lo in pos_ok:  # an effect whose interval reaches zero is not one the grid can tell from no steering
-        measurable = pos_ok[pos_ok[lo] > 0]
-        if measurable.empty:
-            return Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
-                             f"nothing measurably moves the {'trait score' if scored else 'projection'}: the best "
-                             f"readable cell (layer {layer}, +{best[0]:.2f}) has a 95% interval that reaches 0"
-                             + skipped, effects)
-        pos_ok = measurable
+    if lo in pos_ok:
+        pos_ok = pos_ok[pos_ok[lo] > 0]
     chosen_coef = float(pos_ok["coef"].max())
     neg = g[g["coef"] < 0]
     if scored:
