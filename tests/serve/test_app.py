@@ -323,3 +323,25 @@ def test_the_servers_guard_and_cap_flags_take_the_calibrated_values_when_no_numb
         "cap": [{"vector": "evil", "max": 1.5}], "guard": {"vector": "evil", "threshold": 3.0, "action": "stop"}}
     ((missing, line),) = calibration_lines(vectors)
     assert not missing and "default guard threshold" in line and "raw residual units" in line
+
+
+def test_an_answer_cut_at_a_stop_string_reports_the_guard_only_where_its_statistic_crossed_before_the_cut(tokenizer):
+    """The default guard checks the answer's running mean: one token reading above the threshold before the cut
+    (the mean stayed below) does not make a guard that crossed only after the stop string count as triggered."""
+    from types import SimpleNamespace
+
+    from personavec.engine.decoder import Guard
+    from personavec.serve.app import _Stops
+
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in "xyabxx"]
+    lm = SimpleNamespace(tokenizer=tokenizer)
+    for over, triggered in (("answer", False), ("token", True)):
+        guard = Guard(0, 3.0, over=over, from_token=2 if over == "answer" else 1)
+        call = ChatCall(Request((1,), 8, key=7, reads=((1, torch.ones(32)),), guard=guard), [("evil", 1)], "evil",
+                        False, 1, stop=("ab",))
+        # running means 5, 2.5, 1.67, 1.25 up to the stop's last token, then 3 and 4.17 (crossed at the 6th token)
+        engine = Result(7, call.request, ids, "", "persona_guard", readings=[[5.0, 0.0, 0.0, 0.0, 10.0, 10.0]],
+                        guard_triggered=True)
+        result, text = _Stops(lm, call, SimpleNamespace(end=lambda key: None)).result(engine)
+        assert (text, result.finish, len(result.token_ids)) == ("xy", "stop", 4)
+        assert result.guard_triggered is triggered, over

@@ -229,10 +229,10 @@ def default_max_batch(lm: LoadedModel) -> int:
 
 
 def default_budgets(lm: LoadedModel) -> tuple[int, int]:
-    """(prefill_tokens, cache_tokens): on CPU 8 192 padded prompt tokens per prefill and 65 536 cache tokens; on
+    """(prefill_tokens, cache_tokens): on CPU 8 192 padded prompt tokens per prefill and 32 768 cache tokens; on
     CUDA 32 768, and as many cache tokens as a quarter of the free memory holds."""
     if lm.device.type != "cuda":
-        return 8192, 65536
+        return 8192, 32768
     from ..model.layers import config_shape
 
     free, _ = torch.cuda.mem_get_info(lm.device)
@@ -540,6 +540,17 @@ def _crossed(guard: Guard, readings: list[list[float]]) -> bool:
     if guard.over == "token":
         return values[-1] > guard.threshold
     return len(values) >= guard.from_token and math.fsum(values) / len(values) > guard.threshold
+
+
+def guard_crossing(guard: Guard, values: list[float]) -> int | None:
+    """How many of ``values`` (the guarded read's readings, in order) the answer had when ``guard`` first triggered
+    on them by the engine's rule (:func:`_crossed`), or None when it did not."""
+    total = 0.0
+    for t, x in enumerate(values, 1):
+        total += x
+        if (x if guard.over == "token" else total / t if t >= guard.from_token else -math.inf) > guard.threshold:
+            return t
+    return None
 
 
 def key_cancelled(key: Any, cancelled: set) -> bool:

@@ -49,6 +49,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..engine.decoder import guard_crossing
 from ..model.loading import LoadedModel
 from ..run.format import number
 from ..vectors.calibration import UNIT
@@ -277,29 +278,33 @@ class _Stops:
 
     def add(self, token: int) -> bool:
         """Take the next token; True when the answer ends at a stop string (tokens after that are ignored)."""
-        if self.at is not None:
-            return True
+        if self.at is None and self._take(token):
+            self.worker.end(self.call.request.key)
+        return self.at is not None
+
+    def _take(self, token: int) -> bool:
+        """The next token into the text; True when it completes a stop string (``at`` is then the tokens so far)."""
         self.tokens.append(token)
         self.text = _decode(self.lm, self.tokens)
         cut = stop_at(self.text, self.call.stop)
         if cut is not None:
             self.at, self.text = len(self.tokens), self.text[:cut]
-            self.worker.end(self.call.request.key)
-        return self.at is not None
+        return cut is not None
 
     def result(self, result: Any) -> tuple[Any, str]:
         """The engine's ``result`` as the caller gets it, and its text."""
+        if self.at is None and self.call.stop:  # the tokens this watch was not given, taken the same way
+            for token in result.token_ids[len(self.tokens):]:
+                if self._take(token):
+                    break
         if self.at is None:
-            text = _decode(self.lm, result.token_ids)
-            cut = stop_at(text, self.call.stop)
-            if cut is None:
-                return result, text
-            self.at, self.text = len(result.token_ids), text[:cut]
+            return result, _decode(self.lm, result.token_ids)
         n, guard = self.at, self.call.request.guard
         readings = [values[:n] for values in result.readings]
-        # the guard counts only where it triggered within the answer's tokens (it triggers at the first reading over)
-        triggered = bool(result.guard_triggered and guard is not None
-                         and any(x > guard.threshold for x in readings[guard.read]))
+        # the guard counts only where its own statistic (a token's reading, or the running mean) crossed within the
+        # answer's tokens
+        triggered = bool(guard is not None and result.guard_triggered
+                         and guard_crossing(guard, readings[guard.read]) is not None)
         return dataclasses.replace(result, token_ids=result.token_ids[:n], readings=readings, finish="stop",
                                    guard_triggered=triggered), self.text
 
