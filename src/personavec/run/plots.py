@@ -53,6 +53,17 @@ STEERING_PANELS = (("trait", "trait score (0-100)", "Trait expression (judge)"),
                    ("fluency", "NLL per answer token (nats)", "Fluency (unsteered read; lower is more fluent)"))
 
 
+#: what a grid coefficient multiplies, per unit (a selection made before grids had units was in raw units)
+COEF_UNITS = {"raw": "raw units: multiples of the vector",
+              "norm": "norm units: multiples of the typical residual norm at the layer"}
+
+
+def coef_units(selection: dict[str, Any]) -> str:
+    """The units of a selection's coefficients: its own, else its grid's, else raw (made before grids had units)."""
+    units = selection.get("units") or (selection.get("grid") or {}).get("units")
+    return str(units) if units in COEF_UNITS else "raw"
+
+
 def steering_panels(steer: pd.DataFrame) -> list[str]:
     """The panels of :func:`plot_steering` that have data (a judge that scored nothing leaves out its two)."""
     return [name for name, _, _ in STEERING_PANELS
@@ -103,7 +114,7 @@ def plot_steering(steer: pd.DataFrame, selection: dict[str, Any], path: Path, ti
                 ax.axvline(c, color=color, ls=":", lw=1.2, label=f"{name} {c:g}" if k == 0 else None)
     for name, ax in panel.items():
         ylabel, ptitle = spec[name]
-        ax.set(xlabel="steering coefficient (raw units: multiples of the vector)", ylabel=ylabel, title=ptitle)
+        ax.set(xlabel=f"steering coefficient ({COEF_UNITS[coef_units(selection)]})", ylabel=ylabel, title=ptitle)
         ax.axvline(0, color="grey", lw=0.8)
     for ax in panel.values():
         handles, labels = ax.get_legend_handles_labels()
