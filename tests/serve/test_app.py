@@ -345,3 +345,23 @@ def test_an_answer_cut_at_a_stop_string_reports_the_guard_only_where_its_statist
         result, text = _Stops(lm, call, SimpleNamespace(end=lambda key: None)).result(engine)
         assert (text, result.finish, len(result.token_ids)) == ("xy", "stop", 4)
         assert result.guard_triggered is triggered, over
+
+
+def test_a_cap_at_another_layer_takes_that_layers_calibrated_default_and_bound(served):
+    """Readings at each layer have their own scale: a cap at layer 2 of a vector served at layer 1 defaults to the
+    calibration at layer 2, and its range is 64 × the vector's norm at layer 2."""
+    lm, vectors = _calibrated(served)
+    vec = vectors["evil"].vector
+    vec.tensors["response_avg"][2] *= 50  # layer 2's row far longer than layer 1's
+    vec.extra["calibration"]["layers"]["2"] = {"pos": {"99": 120.0}, "neg": {"99": 40.0}, "pos_mean": {"99": 80.0},
+                                               "neg_mean": {"99": 30.0}}
+    call = parsed((lm, vectors), {"cap": [{"vector": "evil", "layers": [1, 2]}]})
+    assert [(e.layer, e.coef) for e in call.request.edits] == [(1, 6.0), (2, 120.0)]
+    bound2 = 64 * max(1.0, float(vec.get(2).norm()))
+    call = parsed((lm, vectors), {"cap": [{"vector": "evil", "max": bound2 - 1, "layers": [2]}]})
+    assert call.request.edits[0].coef == bound2 - 1
+    e = refused((lm, vectors), {"cap": [{"vector": "evil", "max": bound2 - 1, "layers": [1, 2]}]})
+    assert e.param == "persona.cap[0].max" and f"its norm {float(vec.get(1).norm()):.4g} at layer 1 (" in e.message
+    del vec.extra["calibration"]["layers"]["2"]
+    e = refused((lm, vectors), {"cap": [{"vector": "evil", "layers": [2]}]})
+    assert e.param == "persona.cap[0].max" and "no calibration at layer 2" in e.message

@@ -419,22 +419,22 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         where = f"persona.cap[{i}]."
         _known(e, CAP_FIELDS, where[:-1])
         sv = _vector(e, vectors, where)
-        cap = _number(e, "max", _calibrated(sv, default_cap, where + "max", "cap") if e.get("max") is None else None,
-                      where)
-        norm = float(sv.direction().norm())
-        bound = MAX_COEF * max(1.0, norm)
-        if abs(cap) > bound:
-            raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
-                                            f"{_shown(e.get('max', cap))}: a projection on the unit direction of "
-                                            f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} (the "
-                                            "most the largest steering adds)")
         layers = _or(e.get("layers"), [sv.layer])
         if not isinstance(layers, list) or not layers:
             raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers, not "
                                                f"{_shown(layers)}")
         _bounded(layers, where + "layers")
-        for layer in layers:
+        for layer in layers:  # each layer's readings have their own scale: its own calibration and bound
             layer = _layer(layer, sv.layer, n_layers, where + "layers")
+            cap = _number(e, "max", _calibrated(sv, default_cap, where + "max", "cap", layer)
+                          if e.get("max") is None else None, where)
+            norm = float(sv.direction(layer).norm())
+            bound = MAX_COEF * max(1.0, norm)
+            if abs(cap) > bound:
+                raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
+                                                f"{_shown(e.get('max', cap))}: a projection on the unit direction of "
+                                                f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} at "
+                                                f"layer {layer} (the most the largest steering adds)")
             edits.append(_edit(where + "layers", layer, sv.direction(layer), cap, kind="cap", positions="all"))
     wanted = _or(persona.get("monitor"), [])
     if wanted is True:
@@ -465,12 +465,14 @@ def _where(entry: dict, where: str) -> str:
     return value
 
 
-def _calibrated(sv: ServedVector, rule: Any, field: str, what: str) -> float:
-    """The vector's calibrated default for ``field`` (a guard threshold or a cap), or a 400 saying it has none."""
-    value = rule(sv.vector, sv.layer)
+def _calibrated(sv: ServedVector, rule: Any, field: str, what: str, layer: int | None = None) -> float:
+    """The vector's calibrated default for ``field`` (a guard threshold or a cap) at ``layer`` (default: the served
+    one), or a 400 saying it has none."""
+    layer = sv.layer if layer is None else layer
+    value = rule(sv.vector, layer)
     if value is None:
         raise BadRequest(field, f"{field} is required: vector {_shown(sv.name)} has no calibration at layer "
-                                f"{sv.layer} to take a default {what} from (a run's vector gets one from its "
+                                f"{layer} to take a default {what} from (a run's vector gets one from its "
                                 "separation stage, `personavec extract` records one); give a number, a projection on "
                                 "the unit direction in raw residual units")
     return value
