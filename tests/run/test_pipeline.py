@@ -468,3 +468,36 @@ def test_the_separation_stage_calibrates_the_vector_and_a_vector_without_calibra
     run.separation(judged, PersonaVector.load(run.path("vectors.safetensors")))
     assert PersonaVector.load(run.path("vectors.safetensors")).extra["calibration"] == cal
     assert run.path("separation.parquet").read_bytes() == sep_bytes
+
+
+def test_the_capability_check_steers_with_the_grids_units_and_records_them(tmp_path, lm, monkeypatch):
+    """A norm-unit grid coefficient becomes coef x resid_norm / |v| along v (as in the grid itself), and every
+    steered row of capability.json names its coefficient's units (raw for a selection made before grids had units)."""
+    import contextlib
+
+    import personavec.run.pipeline as pipeline
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
+
+    seen = []
+
+    @contextlib.contextmanager
+    def spy(model, edits):
+        seen.append(edits)
+        yield
+
+    monkeypatch.setattr(pipeline, "steer", spy)
+    rows = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    rows[0] = 0
+    vec = PersonaVector(tensors={"response_avg": rows}, model_id="tiny-llama", trait="evil",
+                        extra={"resid_norm": [1.0, 8.0, 4.0]})
+    for units, factor in (("norm", 8.0 / float(rows[1].norm())), (None, 1.0)):
+        run = Run(RunConfig(trait="evil", model="tiny"), run_dir=tmp_path / f"run-{units}", progress=False)
+        run._lm = lm
+        run.dir.mkdir()
+        grid = {"coefs": [-0.1, 0.0, 0.2], "positions": "response_and_last_prompt",
+                **({"units": units} if units else {})}
+        seen.clear()
+        cap = run.capability(vec, {"chosen_layer": 1, "grid": grid})
+        assert [e.coef for e in seen] == pytest.approx([-0.1 * factor, 0.2 * factor])
+        assert [r["units"] for r in cap["steered"]] == [units or "raw"] * 2

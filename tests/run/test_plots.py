@@ -20,3 +20,14 @@ def test_the_steering_plots_coefficient_axis_names_the_grids_units(tmp_path, mon
     plots.plot_steering(steer, selection, tmp_path / "steering.png", "t")
     labels = {ax.get_xlabel() for ax in figures[0].axes if ax.get_xlabel()}
     assert labels and all(unit in label for label in labels), labels
+
+
+@pytest.mark.parametrize("row, unit", [({"units": "norm"}, "norm units"), ({}, "raw units")])
+def test_the_capability_plots_coefficient_axis_names_the_units(tmp_path, monkeypatch, row, unit):
+    pytest.importorskip("matplotlib")
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=None: figures.append(fig))
+    cap = {"baseline": {"accuracy": 0.5, "n": 40},
+           "steered": [{"layer": 3, "coef": c, "accuracy": 0.4, **row} for c in (-0.1, 0.1)]}
+    plots.plot_capability(cap, tmp_path / "capability.png", "t")
+    assert unit in figures[0].axes[0].get_xlabel()

@@ -305,3 +305,13 @@ def test_the_cell_browser_the_chance_level_check_and_why_the_layers_differ(tmp_p
     assert "The steering layer (2) differs from the best-separating layer (3)" in page
     assert "<td class='k'>0.1 (norm units)</td>" in page
     assert "layer 3 is not in the steering grid, layers 1, 2" in page
+
+
+def test_the_capability_table_names_its_coefficients_units(tmp_path):
+    run = _make_run(tmp_path, full=False)
+    (run / "capability.json").write_text(json.dumps({"baseline": {"accuracy": 0.6, "n": 40}, "steered": [
+        {"layer": 3, "coef": 0.1, "units": "norm", "accuracy": 0.55}]}))
+    assert "<th>coef (norm units)</th>" in write_report(run).read_text(encoding="utf-8")
+    (run / "capability.json").write_text(json.dumps({"baseline": {"accuracy": 0.6, "n": 40}, "steered": [
+        {"layer": 3, "coef": 2.0, "accuracy": 0.55}]}))  # written before capability rows had units
+    assert "<th>coef (raw units)</th>" in write_report(run).read_text(encoding="utf-8")

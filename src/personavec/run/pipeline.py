@@ -503,7 +503,8 @@ class Run:
             units = grid.get("units", "raw")  # a selection made before grids had units was in raw units
             with steer(self.lm, Edit.from_vector(vec, layer, coef, units=units, positions=grid["positions"])):
                 r = mc_accuracy(self.lm, questions)
-            steered.append({"layer": layer, "coef": coef, "accuracy": r.accuracy, "letter_mass": r.mean_letter_mass})
+            steered.append({"layer": layer, "coef": coef, "units": units, "accuracy": r.accuracy,
+                            "letter_mass": r.mean_letter_mass})
         result = {"data": self.cfg.mc_path or "builtin general (40 questions)",
                   "baseline": {"accuracy": base.accuracy, "n": base.n, "letter_mass": base.mean_letter_mass},
                   "chance": sum(1 / len(q.choices) for q in questions) / max(1, len(questions)),

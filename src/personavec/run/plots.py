@@ -135,7 +135,9 @@ def plot_capability(cap: dict[str, Any], path: Path, title: str) -> None:
             ax.plot(d["coef"], d["accuracy"], marker="o", label=f"layer {int(layer)}")
     if base is not None:
         ax.axhline(base, color="black", ls="--", lw=1.2, label=f"unsteered {base:.3g}")
-    ax.set(xlabel="steering coefficient", ylabel="accuracy", title="Capability under steering")
+    units = {str(r.get("units") or "raw") for r in cap["steered"] if isinstance(r, dict)}  # raw: before grids had units
+    unit = f" ({COEF_UNITS[units.pop()]})" if len(units) == 1 and units <= set(COEF_UNITS) else ""
+    ax.set(xlabel=f"steering coefficient{unit}", ylabel="accuracy", title="Capability under steering")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)

@@ -235,7 +235,8 @@ def _capability(cap: dict[str, Any] | None, png: str | None) -> dict[str, Any] |
     note = (f"The unsteered accuracy's 95 % interval reaches chance ({chance:.2f}): this model cannot answer these "
             "questions, so the check cannot show what steering costs — uninformative here; pass --mmlu with questions "
             "the model can answer, or use a larger model." if at_chance else None)
-    return {"png": png, "rows": rows, "note": note}
+    units = sorted({str(s.get("units") or "raw") for s in cap["steered"]})  # raw: made before grids had units
+    return {"png": png, "rows": rows, "note": note, "units": ", ".join(units)}
 
 
 def _browser(df: pd.DataFrame | None, selection: dict[str, Any]) -> list[dict[str, Any]]:
