@@ -365,3 +365,18 @@ def test_a_cap_at_another_layer_takes_that_layers_calibrated_default_and_bound(s
     del vec.extra["calibration"]["layers"]["2"]
     e = refused((lm, vectors), {"cap": [{"vector": "evil", "layers": [2]}]})
     assert e.param == "persona.cap[0].max" and "no calibration at layer 2" in e.message
+
+
+def test_a_calibration_without_a_default_guard_threshold_is_said_at_start_and_in_the_400(served):
+    """Eliciting answers all shorter than the guard's first checked token give no running-mean quantiles: the
+    server says so on one line at start (no traceback) and a guard without a number is a 400 saying why."""
+    from personavec.cli.serve import calibration_lines
+
+    lm, vectors = _calibrated(served)
+    entry = vectors["evil"].vector.extra["calibration"]["layers"]["1"]
+    entry["pos_mean"] = {k: None for k in entry["pos_mean"]}
+    ((missing, line),) = calibration_lines(vectors)
+    assert missing and "no default guard threshold" in line and "default cap 6" in line and "\n" not in line
+    e = refused((lm, vectors), {"guard": {"vector": "evil"}})
+    assert e.param == "persona.guard.threshold" and "no calibrated threshold at layer 1" in e.message
+    assert parsed((lm, vectors), {"cap": [{"vector": "evil"}]}).request.edits[0].coef == 6.0

@@ -86,10 +86,15 @@ def calibration_lines(vectors: dict) -> list[tuple[bool, str]]:
             lines.append((True, f"vector {name} has no calibration at layer {sv.layer}: a guard or cap on it needs an "
                                 "explicit threshold (persona.guard.threshold, persona.cap[].max, --guard NAME:T, "
                                 "--cap NAME=MAX); a run's separation stage or `personavec extract` records one"))
-        else:
-            lines.append((False, f"vector {name} at layer {sv.layer}: default guard threshold "
-                                 f"{cal['guard_threshold']:.4g} ({cal['guard_rule']}), default cap "
-                                 f"{cal['cap']:.4g} ({cal['cap_rule']}), in {cal['unit']}; from {cal['source']}"))
+        else:  # a quantile is missing where no answer had enough tokens (the running mean's from its 16th)
+            guard = "no default guard threshold (none of its eliciting answers is long enough for the rule: " \
+                f"{cal['guard_rule']}; give persona.guard.threshold or --guard NAME:T)" \
+                if cal["guard_threshold"] is None else \
+                f"default guard threshold {cal['guard_threshold']:.4g} ({cal['guard_rule']})"
+            cap = "no default cap (no eliciting answer token to take it from; give persona.cap[].max or --cap " \
+                "NAME=MAX)" if cal["cap"] is None else f"default cap {cal['cap']:.4g} ({cal['cap_rule']})"
+            lines.append((None in (cal["guard_threshold"], cal["cap"]),
+                          f"vector {name} at layer {sv.layer}: {guard}, {cap}, in {cal['unit']}; from {cal['source']}"))
     return lines
 
 

@@ -471,10 +471,12 @@ def _calibrated(sv: ServedVector, rule: Any, field: str, what: str, layer: int |
     layer = sv.layer if layer is None else layer
     value = rule(sv.vector, layer)
     if value is None:
-        raise BadRequest(field, f"{field} is required: vector {_shown(sv.name)} has no calibration at layer "
-                                f"{layer} to take a default {what} from (a run's vector gets one from its "
-                                "separation stage, `personavec extract` records one); give a number, a projection on "
-                                "the unit direction in raw residual units")
+        has = f"no calibrated {what} at layer {layer} (its eliciting answers are too short for the rule)" \
+            if at_layer(sv.vector, layer) is not None else \
+            f"no calibration at layer {layer} to take a default {what} from (a run's vector gets one from its " \
+            "separation stage, `personavec extract` records one)"
+        raise BadRequest(field, f"{field} is required: vector {_shown(sv.name)} has {has}; give a number, a "
+                                "projection on the unit direction in raw residual units")
     return value
 
 
