@@ -53,17 +53,21 @@ def print_summary(summary: dict) -> None:
     print(f"best layer {b['layer']}: AUROC {b['auroc']:.3f}, d {b['cohens_d']:.2f}")
     sel = summary.get("selection")
     if sel:
+        units = sel.get("units") or (sel.get("grid") or {}).get("units") or "raw"  # raw: before grids had units
         if sel.get("chosen_layer") is None:
             print(f"selection: none ({sel['reason']})")
         else:
-            print(f"selection: layer {sel['chosen_layer']}, coefficient {sel['chosen_coef']}, suppressing "
-                  f"coefficient {sel['suppress_coef']} ({sel['reason']})")
+            suppress = sel.get("suppress_coef")
+            suppress = (f"suppressing coefficient {suppress:+g} ({units} units)" if suppress is not None
+                        else "no readable suppressing coefficient")
+            print(f"selection: layer {sel['chosen_layer']}, coefficient {sel['chosen_coef']:+g} ({units} units), "
+                  f"{suppress} ({sel['reason']})")
         steer_path = Path(summary["run_dir"]) / "steering.parquet"
         if steer_path.exists():
             t = pd.read_parquet(steer_path)
             nan = float("nan")
             print("steering (trait / coherence / projection / fluency in nats per token / degenerate answers, by "
-                  "layer x coefficient; n sampled answers per cell):")
+                  f"layer x coefficient in {units} units; n sampled answers per cell):")
             for layer, g in t.groupby("layer"):
                 cells = "  ".join(f"{r.coef:+g}: {fmt(r.trait_mean)}/{fmt(r.coherence_mean)}/"
                                   f"{fmt(r.projection_mean)}/{fmt(getattr(r, 'fluency_mean', nan))}/"
@@ -71,9 +75,11 @@ def print_summary(summary: dict) -> None:
                 print(f"  L{layer} (n {int(g['n'].iloc[0])}): {cells}")
     cap = summary.get("capability")
     if cap:
+        units = sorted({str(r.get("units") or "raw") for r in cap["steered"]})  # raw: before rows had units
         steered = ", ".join(f"{r['coef']:+g}: {r['accuracy']:.2f}" for r in cap["steered"])
-        print(f"multiple choice ({cap['data']}): unsteered {cap['baseline']['accuracy']:.2f}; steered at the chosen "
-              f"layer {steered}")
+        steered = (f"steered at the chosen layer (coefficients in {', '.join(units)} units) {steered}" if steered
+                   else "not steered (no chosen layer)")
+        print(f"multiple choice ({cap['data']}): unsteered {cap['baseline']['accuracy']:.2f}; {steered}")
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items())
           + f"; wall {summary['wall_seconds']}s")
     print(f"vector -> {summary['files']['vector']}")
