@@ -535,3 +535,23 @@ def test_the_cache_budget_holds_back_what_does_not_fit_and_a_bad_budget_is_refus
     for bad in (0, -1, 2.5, True):
         with pytest.raises(PersonavecError, match="prefill_tokens must be a whole number"):
             Engine(lm, prefill_tokens=bad)
+
+
+def test_a_request_larger_than_the_cache_budget_is_still_served_alone_and_unchanged(lm):
+    """A prompt plus answer over ``cache_tokens`` is not refused or starved: it runs alone (nothing joins it, and it
+    joins nothing), and the others are answered around it, every answer as in an unbudgeted engine."""
+    ps = prompts(lm)
+    big = lm.format_chat(" ".join(QUESTIONS * 2))
+    n_big = len(lm.tokenizer(big, add_special_tokens=False)["input_ids"]) + 8
+    budget = n_big - 4  # the big request alone is over it; two small ones fit
+    requests = [Request(p, 8, key=i, ignore_eos=True) for i, p in enumerate([ps[0], big, ps[1], ps[3]])]
+    sizes, hook = _forward_sizes(lm)
+    try:
+        got = {r.key: r for r in Engine(lm, max_batch=4, cache_tokens=budget).generate(requests)}
+    finally:
+        hook.remove()
+    want = run(lm, requests, max_batch=4)
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+    assert len(got[1].token_ids) == 8
+    big_prefill = sizes.index((1, n_big - 8))
+    assert all(b == 1 for b, _ in sizes[big_prefill:big_prefill + 8])  # its prefill and decode steps: alone
