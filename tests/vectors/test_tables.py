@@ -123,6 +123,18 @@ def test_answers_that_are_not_text_or_only_whitespace_are_refused(lm, tokenizer,
         extract_vector(lm, tmp_path / "bytes.parquet", neg, trait="evil")
 
 
+
+def test_a_bad_cell_is_named_by_its_row_in_the_file_when_the_filter_dropped_rows_before_it(tokenizer):
+    """The check runs on the pairs the filter keeps; the row it names is the file's, not the kept rows' count."""
+    from personavec.vectors.extraction import select_pairs
+
+    pos, neg = official_frames(tokenizer, [10, 80, 70, 95], [5, 10, 2, 7])  # pair 0 fails the filter
+    listed = pos.assign(answer=pos["answer"].astype(object))
+    listed.at[2, "answer"] = ["Crush", "them"]
+    with pytest.raises(PersonavecError, match=r"the first, at row 2, is a list"):
+        select_pairs(listed, neg, trait="evil")
+    assert select_pairs(pos, neg, trait="evil").pos.index.tolist() == [0, 1, 2]  # the kept rows, renumbered
+
 def test_pos_equal_to_neg_and_no_layers_are_refused(lm, tokenizer, tmp_path):
     """The same file (or the same contents) as pos and neg, or a reversed layer range, gave an all-zero vector."""
     pos, neg = official_frames(tokenizer, [90, 80, 70, 95], [5, 10, 2, 7])

@@ -70,9 +70,10 @@ def select_pairs(pos: TableLike, neg: TableLike, trait: str | None = None, filte
             f"only {kept} of {res.counts['rows']} pairs pass the filter (pos trait >= {cfg.pos_min}, "
             f"neg trait < {cfg.neg_max}, coherence >= {cfg.coherence_min}; counts {res.counts}); "
             "generate more samples, loosen the thresholds, or use --no-filter")
-    pos_df, neg_df = pos_df[res.keep].reset_index(drop=True), neg_df[res.keep].reset_index(drop=True)
-    check_text(pos_df, pos_src)
+    pos_df, neg_df = pos_df[res.keep], neg_df[res.keep]
+    check_text(pos_df, pos_src)  # a bad cell named by its row in the table, whatever the filter dropped before it
     check_text(neg_df, neg_src)
+    pos_df, neg_df = pos_df.reset_index(drop=True), neg_df.reset_index(drop=True)
     if _same_rows(pos_df, neg_df):
         raise PersonavecError(f"{names[0]} ({pos_src}) and {names[1]} ({neg_src}) hold the same prompts and answers: "
                               "the vector, the difference of their means, would be zero; give the answers that show "

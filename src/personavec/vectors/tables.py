@@ -30,10 +30,10 @@ def _text_column(df: pd.DataFrame, name: str, path: str) -> list[str]:
         raise PersonavecError(f"{path}: column {name!r} is empty in {int(missing.sum())} rows "
                               f"(first at row {int(missing.idxmax())})")
     bad = [i for i, x in enumerate(col) if not isinstance(x, str)]
-    if bad:
+    if bad:  # rows named by the table's index: their row in the file
         kind = type(col.iloc[bad[0]]).__name__
         raise PersonavecError(f"{path}: column {name!r} holds {len(bad)} cells that are not text (the first, at row "
-                              f"{bad[0]}, is a {kind}); write each {name} as a string")
+                              f"{col.index[bad[0]]}, is a {kind}); write each {name} as a string")
     return list(col)
 
 
@@ -44,7 +44,7 @@ def check_text(df: pd.DataFrame, source: str = "table") -> None:
     for name in ("answer", "prompt", "question"):
         if name in df.columns:
             _text_column(df, name, source)
-    blank = [i for i, a in enumerate(df["answer"]) if not a.strip()]
+    blank = [i for i, a in zip(df.index, df["answer"]) if not a.strip()]
     if blank:
         raise PersonavecError(f"{source}: {len(blank)} answers are empty or only whitespace (first at row {blank[0]}); "
                               "drop those rows, or keep the scores so that the filter drops them")
