@@ -115,3 +115,14 @@ def test_a_layer_whose_effect_is_measurable_is_chosen_over_a_larger_one_whose_in
     t["trait_effect_lo"] = [0.0, -5.0, 0.0, -2.0, -1.0]  # nothing measurable anywhere
     s = choose(t)
     assert s.chosen_layer is None and "nothing measurably moves" in s.reason and "layer 8, +40.00" in s.reason
+
+
+def test_a_broken_cell_the_judge_could_not_score_does_not_turn_the_judge_off():
+    """Whether the judge's scores decide is read on the cells that take part: an unreadable cell without scores
+    (answers the judge gave no number for) leaves the judged criterion and the coherence check in place."""
+    nan = math.nan
+    t = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 40, 80, 1.0), (8, 4.0, nan, nan, 5.0)])
+    t.loc[t["coef"] == 4.0, "degenerate_share"] = 1.0  # every answer empty or looping
+    s = choose(t)
+    assert s.unreadable == [[8, 4.0]] and s.criterion == "trait_mean" and "not checked" not in s.reason
+    assert (s.chosen_layer, s.chosen_coef) == (8, 2.0)

@@ -80,7 +80,8 @@ def choose(table: pd.DataFrame, coherence_min: float = 50.0, suppress_coherence_
     ok = readable(table, fluency_margin, degenerate_max)
     unreadable = [[int(r.layer), float(r.coef)] for r in table[~ok].itertuples()]
     gated = table[ok]
-    scored = table["trait_mean"].notna().mean() >= 0.5 and table["coherence_mean"].notna().all()
+    # read on the cells that take part: a broken cell the judge gave no number for does not turn the judge off
+    scored = gated["trait_mean"].notna().mean() >= 0.5 and gated["coherence_mean"].notna().all()
     if scored:
         sel = _choose(gated, "trait_mean", True, coherence_min, suppress_coherence_min)
         if sel.chosen_layer is not None or not sel.skipped_baseline:
