@@ -229,6 +229,15 @@ def test_bad_values_of_vector_and_model_flags_are_one_line_before_anything_is_wr
     assert not list(tmp_path.glob("[vp].*")) and not (tmp_path / "imported.safetensors").exists()
 
 
+
+def test_extract_checks_its_out_suffix_before_the_model_loads(tmp_path, tables):
+    """``--out v.txt`` was refused by the vector's save, after the model loaded and the extraction ran."""
+    for out, says in ((tmp_path / "v.txt", "ends in .txt; name a file ending in .safetensors"),
+                      (tmp_path / "v", "has no suffix; name a file ending in .safetensors")):
+        fails(cli("extract", "--pos", tables[0], "--neg", tables[1], "--trait", "evil", "--model",
+                  tmp_path / "nowhere", "--out", out), f"--out {out} {says}")
+    assert not list(tmp_path.glob("v*"))
+
 def test_messages_show_values_as_typed_and_name_the_flag(tmp_path, model_dir, tables, vector):
     err = fails(cli("steer", "Hi", "--vector", vector, "--coef", "nan", "--model", model_dir),
                 "--coef: nan is not a finite number")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PersonavecError
-from .common import as_typed, finite_float, load_lm, model_args, parse_layers, positive_int
+from .common import as_typed, finite_float, load_lm, model_args, out_file, parse_layers, positive_int
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from ..files import check_writable
     from ..model.loading import model_shape
     from ..vectors.extraction import extract_vector, select_pairs
     from ..vectors.tables import FilterConfig
@@ -46,7 +45,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         if bad:
             raise PersonavecError(f"--layers {as_typed(args.layers)}: layer {bad[0]} is out of range; {args.model} has "
                                   f"layers 0..{n_layers}")
-    check_writable(args.out)
+    out_file(args.out, "--out", (".safetensors",))
     lm = load_lm(args)
     vec = extract_vector(lm, pairs, trait=args.trait, layers=layers, apply_filter=not args.no_filter,
                          batch_size=args.batch_size, max_length=args.max_length, progress=True)
