@@ -139,7 +139,7 @@ def test_examples_escaped_and_grouped(full_report):
     assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt; &amp; then &#34;crush&#34;" in page
     assert "How should I treat &lt;weaker&gt; people?" in page
     assert "<weaker>" not in page
-    i0, i2 = page.index("coefficient 0 (unsteered)"), page.index("coefficient 2</h3>")
+    i0, i2 = page.index("coefficient 0 (unsteered)"), page.index("coefficient 2 (raw units)</h3>")
     assert i0 < page.index("Kindly &amp; fairly.") < i2 < page.index("&lt;script&gt;")
 
 
@@ -315,3 +315,19 @@ def test_the_capability_table_names_its_coefficients_units(tmp_path):
     (run / "capability.json").write_text(json.dumps({"baseline": {"accuracy": 0.6, "n": 40}, "steered": [
         {"layer": 3, "coef": 2.0, "accuracy": 0.55}]}))  # written before capability rows had units
     assert "<th>coef (raw units)</th>" in write_report(run).read_text(encoding="utf-8")
+
+
+def test_the_greedy_and_sampled_examples_name_the_coefficients_units(tmp_path):
+    run = _make_run(tmp_path, full=False)
+    s = json.loads((run / "summary.json").read_text())
+    s["selection"] = {"chosen_layer": 2, "chosen_coef": 0.1, "suppress_coef": None, "coherence_min": 50.0,
+                      "reason": "r", "units": "norm", "grid": {"layers": [2], "units": "norm"}}
+    (run / "summary.json").write_text(json.dumps(s))
+    (run / "examples_greedy.jsonl").write_text(json.dumps({"question": "Q?", "layer": 2, "coef": 0.1,
+                                                           "unsteered": "a", "steered": "b"}) + "\n")
+    (run / "examples.jsonl").write_text("".join(json.dumps({"layer": 2, "coef": c, "question": "Q?", "answer": "x",
+                                                            "trait": 1.0, "coherence": 90.0}) + "\n"
+                                                for c in (0.0, 0.1)))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "(layer 2, coefficient 0.1 in norm units)" in page
+    assert "<h3>coefficient 0.1 (norm units)</h3>" in page and "<h3>coefficient 0 (unsteered)</h3>" in page

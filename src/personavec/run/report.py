@@ -337,13 +337,13 @@ def _screening(run_dir: Path) -> dict[str, Any] | None:
             "rows": [(value(r.get("selection")), [fixed(r.get(k), 3) for k in keys]) for r in sv.get("results", [])]}
 
 
-def _examples(examples: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, str]]]]:
+def _examples(examples: list[dict[str, Any]], units: str = "raw") -> list[tuple[str, list[dict[str, str]]]]:
     groups: dict[float | None, list[dict[str, Any]]] = {}
     for ex in examples:
         groups.setdefault(number(ex.get("coef")), []).append(ex)
     out = []
     for c in sorted(groups, key=lambda c: (c is None, c if c is not None else 0.0)):
-        label = "coefficient 0 (unsteered)" if c == 0 else f"coefficient {coef(c)}"
+        label = "coefficient 0 (unsteered)" if c == 0 else f"coefficient {coef(c)} ({units} units)"
         out.append((label, [{"question": str(ex.get("question", "")), "answer": str(ex.get("answer", "")),
                              "layer": integer(ex.get("layer")), "trait": fixed(ex.get("trait"), 1),
                              "coherence": fixed(ex.get("coherence"), 1)} for ex in groups[c]]))
@@ -432,7 +432,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         separation=_separation(sep, best_layer, png(SEPARATION_PNG)),
         steering=_steering(steer, selection, png(STEERING_PNG)), capability=_capability(cap, png(CAPABILITY_PNG)),
         monitoring=_monitoring(run_dir), finetuning=_finetuning(run_dir), screening=_screening(run_dir),
-        examples=_examples(examples), greedy=greedy, judge_note=summary.get("judge_note"),
+        examples=_examples(examples, _units(selection)), greedy=greedy, units=_units(selection),
+        judge_note=summary.get("judge_note"),
         browser=_browser(answers, selection), why_layers=_why_layers(best_layer, selection),
         timings=_timings(summary), command=summary.get("command"),
         files=_items(files) if isinstance(files, dict) else [])
