@@ -55,3 +55,12 @@ def test_before_edit_readings_on_the_same_tokens_ignore_edits_at_the_layer_or_la
 def test_an_unknown_where_is_refused_naming_the_field():
     with pytest.raises(PersonavecError, match=r"where must be 'before' or 'after'.*not during"):
         LiveMonitor(torch.ones(32), layer=1, where="during")
+
+
+def test_an_unknown_action_or_judge_shows_the_value_as_given_not_a_python_repr():
+    from personavec.judge.spec import make_judge
+
+    with pytest.raises(PersonavecError, match=r'^LiveMonitor action must be stop, steer or none, not "halt"$'):
+        LiveMonitor(torch.ones(32), layer=1, action="halt")
+    with pytest.raises(PersonavecError, match=r'^unknown judge "bogus"; use local, local:MODEL'):
+        make_judge("bogus")

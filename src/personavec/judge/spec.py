@@ -18,7 +18,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise PersonavecError(f"a judge spec is a string ({SPECS}), not {shown(spec)}")
     kind, _, rest = spec.partition(":")
     if kind not in ("local", "openai", "none"):
-        raise PersonavecError(f"unknown judge {spec!r}; use {SPECS}")
+        raise PersonavecError(f"unknown judge {shown(spec)}; use {SPECS}")
     return kind, rest
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PersonavecError, finite, whole
+from ..errors import PersonavecError, finite, shown, whole
 from ..model.edits import as_direction
 from ..model.layers import capture, decoder_layers, edit, hidden_size
 from ..model.projection import unit
@@ -45,7 +45,7 @@ class LiveMonitor:
 
     def __post_init__(self) -> None:
         if self.action not in ("stop", "steer", "none"):
-            raise PersonavecError(f"monitor action must be stop, steer or none, not {self.action!r}")
+            raise PersonavecError(f"LiveMonitor action must be stop, steer or none, not {shown(self.action)}")
         if self.where not in ("before", "after"):
             raise PersonavecError(f"where must be 'before' or 'after' (the edits at the monitor's layer), not "
                                   f"{self.where}")
