@@ -380,3 +380,13 @@ def test_a_calibration_without_a_default_guard_threshold_is_said_at_start_and_in
     e = refused((lm, vectors), {"guard": {"vector": "evil"}})
     assert e.param == "persona.guard.threshold" and "no calibrated threshold at layer 1" in e.message
     assert parsed((lm, vectors), {"cap": [{"vector": "evil"}]}).request.edits[0].coef == 6.0
+
+
+def test_a_guard_without_an_action_stops_the_answer_and_the_docs_say_so(served):
+    """The guard's default action (#22: it was undocumented) is stop, as docs/serve.md and the README say."""
+    from pathlib import Path
+
+    g = parsed(served, {"guard": {"vector": "evil", "threshold": 1.0}}).request.guard
+    assert (g.action, g.edit) == ("stop", None)
+    docs = Path(__file__).parents[2] / "docs" / "serve.md"
+    assert "`stop` (the default action)" in docs.read_text(encoding="utf-8")
