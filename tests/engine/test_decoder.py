@@ -555,3 +555,14 @@ def test_a_request_larger_than_the_cache_budget_is_still_served_alone_and_unchan
     assert len(got[1].token_ids) == 8
     big_prefill = sizes.index((1, n_big - 8))
     assert all(b == 1 for b, _ in sizes[big_prefill:big_prefill + 8])  # its prefill and decode steps: alone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch": "8"}, 'max_batch must be a whole number of rows >= 1, not "8"'),
+    ({"max_batch": 0}, "max_batch must be a whole number of rows >= 1, not 0"),
+    ({"cache_tokens": "64"}, 'cache_tokens must be .* >= 1, not "64"')])
+def test_an_engine_size_that_is_not_a_whole_number_is_one_line_naming_it(lm, kwargs, message):
+    from personavec.errors import PersonavecError
+
+    with pytest.raises(PersonavecError, match=message):
+        Engine(lm, **kwargs)

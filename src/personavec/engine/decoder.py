@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 from ..model.activations import Encoded, make_batch
 from ..model.edits import Edit, check_edits, edit_delta
 from ..model.layers import cache_kwarg, edit, last_logits, output_cache
@@ -250,11 +250,11 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, max_batch: int | None = None, prefill_tokens: int | None = None,
                  cache_tokens: int | None = None) -> None:
-        if max_batch is not None and max_batch < 1:
-            raise PersonavecError(f"the batch size must be at least 1, not {max_batch}")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise PersonavecError(f"the engine's max_batch must be a whole number of rows >= 1, not {shown(max_batch)}")
         for name, value in (("prefill_tokens", prefill_tokens), ("cache_tokens", cache_tokens)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise PersonavecError(f"the engine's {name} must be a whole number of tokens >= 1, not {value!r}")
+                raise PersonavecError(f"the engine's {name} must be a whole number of tokens >= 1, not {shown(value)}")
         self.lm = lm
         self.max_batch = max_batch or default_max_batch(lm)
         default_prefill, default_cache = default_budgets(lm) if None in (prefill_tokens, cache_tokens) else (0, 0)
