@@ -89,6 +89,19 @@ def test_atomic_dir_gives_what_libraries_wrote_inside_it_the_normal_permissions(
     assert (d / "run.sh").stat().st_mode & 0o777 == _normal_mode("dir")  # an executable stays executable
 
 
+
+def test_atomic_dir_leaves_what_a_link_inside_it_points_to_as_it_was(tmp_path):
+    """A link in the directory (to a folder or a file outside it) is not followed: its target keeps its mode."""
+    outside, private = tmp_path / "outside", tmp_path / "private.txt"
+    outside.mkdir(mode=0o700)
+    os.chmod(outside, 0o700)
+    private.write_text("x")
+    os.chmod(private, 0o600)
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "folder").symlink_to(outside, target_is_directory=True)
+        (tmp / "file").symlink_to(private)
+    assert outside.stat().st_mode & 0o777 == 0o700 and private.stat().st_mode & 0o777 == 0o600
+
 def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     """Fixed ``name.tmp`` names made two writers rename each other's temporary file away."""
     errors: list[BaseException] = []

@@ -101,9 +101,10 @@ def _normal_modes(root: Path) -> None:
     """``root`` and everything in it given the normal permissions (``0777`` / ``0666`` less the umask; executables
     stay executable): libraries that write into a directory may create files ``0600`` (safetensors does)."""
     os.chmod(root, 0o777 & ~_UMASK)
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # a link is left alone: chmod would change its target
         for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
         for name in filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
