@@ -566,3 +566,20 @@ def test_an_engine_size_that_is_not_a_whole_number_is_one_line_naming_it(lm, kwa
 
     with pytest.raises(PersonavecError, match=message):
         Engine(lm, **kwargs)
+
+
+def test_the_cuda_defaults_size_the_batch_and_the_cache_from_the_free_memory_and_the_kv_bytes_per_token(lm,
+                                                                                                       monkeypatch):
+    """On CUDA: a quarter of the free memory over the KV bytes per token (keys and values, every layer, the KV
+    heads' share of the hidden size) — 2 048 tokens a row for the batch, the whole of it for the cache budget."""
+    from types import SimpleNamespace
+
+    from personavec.engine.decoder import default_budgets, default_max_batch
+
+    cfg = lm.model.config  # 2 layers, hidden 32
+    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * cfg.num_key_value_heads // cfg.num_attention_heads * 2
+    free = per_token * 2048 * 4 * 10  # room for 10 rows of 2 048 tokens in a quarter
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2 * free))
+    fake = SimpleNamespace(device=torch.device("cuda"), model=lm.model, dtype=torch.bfloat16)
+    assert default_max_batch(fake) == 10
+    assert default_budgets(fake) == (32768, free // 4 // per_token)

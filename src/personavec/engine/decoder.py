@@ -216,15 +216,7 @@ def default_max_batch(lm: LoadedModel) -> int:
     each (at most 256); 64 on CPU."""
     if lm.device.type != "cuda":
         return 64
-    from ..model.layers import config_shape
-
-    free, _ = torch.cuda.mem_get_info(lm.device)
-    cfg = getattr(lm.model, "config", None)
-    n_layers, hidden, _ = config_shape(cfg)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    heads = getattr(text, "num_attention_heads", 1) or 1
-    kv_heads = getattr(text, "num_key_value_heads", heads) or heads
-    per_token = 2 * (n_layers or 1) * (hidden or 1) * kv_heads // heads * lm.dtype.itemsize
+    free, per_token = _cuda_kv_room(lm)
     return int(max(1, min(256, free // 4 // max(1, per_token * 2048))))
 
 
@@ -233,6 +225,12 @@ def default_budgets(lm: LoadedModel) -> tuple[int, int]:
     CUDA 32 768, and as many cache tokens as a quarter of the free memory holds."""
     if lm.device.type != "cuda":
         return 8192, 32768
+    free, per_token = _cuda_kv_room(lm)
+    return 32768, int(max(4096, free // 4 // max(1, per_token)))
+
+
+def _cuda_kv_room(lm: LoadedModel) -> tuple[int, int]:
+    """(free bytes on the model's CUDA device, KV-cache bytes per token: keys and values of every layer)."""
     from ..model.layers import config_shape
 
     free, _ = torch.cuda.mem_get_info(lm.device)
@@ -241,8 +239,7 @@ def default_budgets(lm: LoadedModel) -> tuple[int, int]:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = getattr(text, "num_attention_heads", 1) or 1
     kv_heads = getattr(text, "num_key_value_heads", heads) or heads
-    per_token = 2 * (n_layers or 1) * (hidden or 1) * kv_heads // heads * lm.dtype.itemsize
-    return 32768, int(max(4096, free // 4 // max(1, per_token)))
+    return free, 2 * (n_layers or 1) * (hidden or 1) * kv_heads // heads * lm.dtype.itemsize
 
 
 class Engine:
