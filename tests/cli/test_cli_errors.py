@@ -406,3 +406,14 @@ def test_a_chat_on_a_terminal_goes_on_past_a_blank_line_until_quit(model_dir, ve
     text = out.decode("utf-8", "replace")
     assert os.waitstatus_to_exitcode(status) == 0 and "Traceback" not in text, text[-2000:]
     assert text.count("| steered (evil x 1 (raw units))") == 2, text[-2000:]  # Hi? and Why?, the blank line between
+
+
+@pytest.mark.parametrize("message", [
+    "argument --units: invalid choice: 'foo' (choose from 'raw', 'norm')",  # Python up to 3.12.7
+    "argument --units: invalid choice: 'foo' (choose from raw, norm)",  # 3.12.8 and 3.13.1 on: choices bare
+])
+def test_argparse_choice_lines_show_values_as_typed_on_every_python(message):
+    from personavec.cli.common import _as_typed_usage
+
+    assert _as_typed_usage(message) == "argument --units: invalid choice: foo (choose from raw, norm)"
+    assert _as_typed_usage("argument --layer: invalid int value: 'x'") == "argument --layer: x is not a whole number"

@@ -86,7 +86,10 @@ def _as_typed_usage(message: str) -> str:
     try:
         m = re.fullmatch(r"(.*: )?invalid choice: (.*) \(choose from (.*)\)", message, re.S)
         if m:
-            choices = ast.literal_eval(f"({m[3]},)")
+            try:  # reprs ('raw', 'norm') up to Python 3.12.7; bare (raw, norm) from 3.12.8 and 3.13.1 on
+                choices = ast.literal_eval(f"({m[3]},)")
+            except (ValueError, SyntaxError):
+                choices = m[3].split(", ")
             return f"{m[1] or ''}invalid choice: {as_typed(ast.literal_eval(m[2]))} (choose from " \
                    f"{', '.join(as_typed(c) for c in choices)})"
         m = re.fullmatch(r"(.*: )?invalid (int|float) value: (.*)", message, re.S)
