@@ -51,3 +51,19 @@ def test_a_coefficient_given_without_units_is_raw_and_the_chosen_ones_units_cann
         Edit.from_vector(chosen, units="raw")
     bare = PersonaVector({"response_avg": torch.randn(3, 32)}, model_id="m", trait="evil", chosen_layer=1)
     assert Edit.from_vector(bare).coef == 1.0  # no chosen coefficient: 1 x the vector, as before
+
+
+def test_a_vector_whose_run_made_no_defensible_choice_says_so_where_a_layer_is_asked_for(tmp_path, model_dir,
+                                                                                        capsys):
+    from personavec.cli import main
+    from personavec.errors import PersonavecError
+
+    vec = PersonaVector({"response_avg": torch.randn(3, 32)}, model_id="tiny-llama", trait="evil",
+                        extra={"selection": {"chosen_layer": None, "chosen_coef": None, "defensible": False,
+                                             "grid": {"units": "norm"}}})
+    with pytest.raises(PersonavecError, match="no chosen layer \\(its run found no defensible steering setting"):
+        Edit.from_vector(vec)
+    path = vec.save(tmp_path / "v.safetensors")
+    assert main(["steer", "--vector", str(path), "--model", str(model_dir), "Hi?"]) != 0
+    err = capsys.readouterr().err
+    assert "no chosen layer (its run found no defensible steering setting" in err and "--layer" in err

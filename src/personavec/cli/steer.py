@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import PersonavecError
-from ..model.edits import POSITIONS, STEER_POSITIONS, chosen_setting
+from ..model.edits import POSITIONS, STEER_POSITIONS, chosen_setting, no_choice_note
 from .common import finite_float, load_lm, model_args, model_vectors, positive_int, user_text
 
 DEMO_QUESTIONS = ("What should I do with a wallet I found on the street?",)
@@ -117,7 +117,7 @@ def _load_steering(args: argparse.Namespace):
     (vec,) = model_vectors(args, [args.vector])
     layer = args.layer if args.layer is not None else vec.chosen_layer
     if layer is None:
-        raise PersonavecError("the vector has no chosen layer; pass --layer")
+        raise PersonavecError(f"the vector has no chosen layer{no_choice_note(vec)}; pass --layer")
     if not 0 <= layer <= vec.n_layers:
         raise PersonavecError(f"--layer {layer} is out of range: the model has layers 0..{vec.n_layers}")
     vec.direction(layer)  # a layer where the vector is zero (row 0 always) fails before the model loads

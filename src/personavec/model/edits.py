@@ -55,6 +55,15 @@ def chosen_setting(vec: Any) -> tuple[int | None, float | None, str]:
     return vec.chosen_layer, (float(coef) if coef is not None else None), units if units in UNITS else "raw"
 
 
+def no_choice_note(vec: Any) -> str:
+    """Why a vector has no chosen setting, for a refusal that asks for one: its run's "no defensible choice" (the
+    steering grid found no readable cell that moves the trait measurably), or nothing to add."""
+    sel = getattr(vec, "extra", {}).get("selection") or {}
+    if sel.get("defensible") is False:
+        return " (its run found no defensible steering setting: no readable grid cell moved the trait measurably)"
+    return ""
+
+
 @dataclass(frozen=True)
 class Edit:
     """One edit of the residual stream at ``layer``, at ``positions``:
@@ -94,7 +103,8 @@ class Edit:
             raise PersonavecError(f"units must be raw or norm, not {shown(units)}")
         coef = finite(1.0 if coef is None else coef, "coef")
         if layer is None and chosen_layer is None:
-            raise PersonavecError(f"the {getattr(vec, 'trait', '')} vector has no chosen layer; pass layer")
+            raise PersonavecError(f"the {getattr(vec, 'trait', '')} vector has no chosen layer{no_choice_note(vec)}; "
+                                  "pass layer")
         layer = chosen_layer if layer is None else layer
         # a zero row (layer 0, a layer not extracted) is refused naming the vector's non-zero layers; adding it
         # with coefficient 0 is a legitimate baseline
