@@ -330,4 +330,12 @@ def test_the_greedy_and_sampled_examples_name_the_coefficients_units(tmp_path):
                                                 for c in (0.0, 0.1)))
     page = write_report(run).read_text(encoding="utf-8")
     assert "(layer 2, coefficient 0.1 in norm units)" in page
+    assert "<td class='k a'>b</td>" in page  # an example written without readings shows none
+    (run / "examples_greedy.jsonl").write_text(json.dumps({"question": "Q?", "layer": 2, "coef": 0.1,
+                                                           "unsteered": "a", "steered": "b", "unsteered_fluency": 2.81,
+                                                           "steered_fluency": 3.07, "unsteered_repetition": 0.0,
+                                                           "steered_repetition": 0.05}) + "\n")
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "b<div class='s'>fluency 3.07 nats/token · repetition 0.05</div>" in page
+    assert "a<div class='s'>fluency 2.81 nats/token · repetition 0.00</div>" in page
     assert "<h3>coefficient 0.1 (norm units)</h3>" in page and "<h3>coefficient 0 (unsteered)</h3>" in page

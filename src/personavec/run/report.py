@@ -269,6 +269,14 @@ def _answer(r: Any) -> dict[str, str]:
                        f"trait {fixed(r.get('trait'), 1)} · coherence {fixed(r.get('coherence'), 1)}"}
 
 
+def _greedy_reading(example: dict[str, Any], side: str) -> str | None:
+    """The fluency and repetition of one side of a greedy example (None for examples written without them)."""
+    f, r = example.get(f"{side}_fluency"), example.get(f"{side}_repetition")
+    if number(f) is None and number(r) is None:
+        return None
+    return f"fluency {fixed(f, 2)} nats/token · repetition {fixed(r, 2)}"
+
+
 def _why_layers(best_layer: int | None, selection: dict[str, Any]) -> str | None:
     layer = number(selection.get("chosen_layer"))
     if layer is None or best_layer is None or int(layer) == best_layer:
@@ -392,7 +400,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         steer = numeric(steer, [c for c in STEERING_COLUMNS if c in steer.columns])
     examples = _read_examples(run_dir / "examples.jsonl", notes)
     greedy = [{"question": str(g.get("question", "")), "unsteered": str(g.get("unsteered", "")),
-               "steered": str(g.get("steered", "")), "layer": integer(g.get("layer")), "coef": coef(g.get("coef"))}
+               "steered": str(g.get("steered", "")), "layer": integer(g.get("layer")), "coef": coef(g.get("coef")),
+               **{f"{side}_reading": _greedy_reading(g, side) for side in ("unsteered", "steered")}}
               for g in _read_examples(run_dir / "examples_greedy.jsonl", notes)]
     cap = _read_capability(run_dir / "capability.json", notes)
     answers = _read_parquet(run_dir / "steering_answers.parquet", ("layer", "coef", "question_id", "question",
