@@ -67,3 +67,16 @@ def test_a_vector_whose_run_made_no_defensible_choice_says_so_where_a_layer_is_a
     assert main(["steer", "--vector", str(path), "--model", str(model_dir), "Hi?"]) != 0
     err = capsys.readouterr().err
     assert "no chosen layer (its run found no defensible steering setting" in err and "--layer" in err
+
+
+def test_a_chosen_coefficient_too_strong_for_the_server_is_refused_naming_it_not_null(chosen):
+    from personavec.serve.policy import BadRequest, ServedVector, _persona
+
+    chosen.extra["resid_norm"] = [1.0, 5000.0, 60.0]  # 0.1 norm is then far over the server's raw bound
+    try:
+        _persona({"steer": [{"vector": "evil"}]}, {"evil": ServedVector("evil", chosen, 1, "v")}, 2)
+    except BadRequest as e:
+        text = str(e) + " " + " ".join(map(str, e.args))
+    else:
+        raise AssertionError("not refused")
+    assert "not the vector's chosen 0.1 norm (= " in text and "null" not in text

@@ -411,8 +411,9 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
             raise BadRequest(where + ("units" if "resid_norm" in str(err) else "layer"), f"{where[:-1]}: {err}"
                              ) from None
         if abs(edit.coef) > MAX_COEF:
+            given = _shown(e.get("coef")) if e.get("coef") is not None else f"the vector's chosen {coef:g}"
             raise BadRequest(where + "coef", f"{where}coef must be between {-MAX_COEF:g} and {MAX_COEF:g} in raw units "
-                                             f"(x the vector), not {_shown(e.get('coef'))}"
+                                             f"(x the vector), not {given}"
                                              + (f" {units} (= {edit.coef:g} raw)" if units != "raw" else ""))
         edits.append(edit)
     for i, e in enumerate(_entries(persona, "cap")):
