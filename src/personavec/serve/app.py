@@ -1,7 +1,9 @@
 """The ASGI app (Starlette): OpenAI-compatible chat completions with a ``persona`` extension.
 
-* ``GET /`` — a self-contained chat page: per loaded vector a live meter of the per-token readings, a steering
-  slider, a cap toggle and the guard's state;
+* ``GET /`` — a self-contained chat page (docs/serve.md): every answer keeps its own meter per vector (before-edit
+  readings from a zero line, an axis in the reading's unit, the guard's threshold and running mean), its text
+  coloured by reading; steering, cap and guard controls with calibrated defaults; temperature and length; side by
+  side unsteered/steered answers; clear chat;
 * ``GET /v1/models`` — the one served model;
 * ``GET /v1/persona/vectors`` — the loaded vectors (name, trait, layer, hidden size, norm, source file);
 * ``GET /v1/persona/status`` — requests in flight, answers dropped by callers that went away, batch limits;
@@ -15,8 +17,9 @@
   a top-level ``persona`` object keyed by the vector's name for a before-edit reading and ``NAME@after`` for an
   after-edit one (``{key: {vector, layer, where, unit, tokens, mean, max, guard_triggered}}``) and, when
   streaming, in every chunk as ``{key: {tokens}}`` for the tokens it delivers (the last chunk adds each reading's
-  summary). ``guard`` stops (or steers) at the first token whose reading (before-edit unless ``where`` says
-  after) exceeds its threshold, by default the vector's calibrated one.
+  summary). ``guard`` stops (or steers) where the answer's running mean reading from its 16th token
+  (``over: "answer"``, the default; ``"token"``: each token's reading), before-edit unless ``where`` says after,
+  first exceeds its threshold, by default the vector's calibrated one.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field, 401
 for a wrong key, 415 for a body not sent as ``application/json`` (so that a page of another site cannot make a
