@@ -20,7 +20,7 @@ from serving import KEY, build, start
 
 from personavec import PersonaVector, load_model
 from personavec.engine.decoder import Engine, Request
-from personavec.model.edits import Edit
+from personavec.model.edits import STEER_POSITIONS, Edit
 
 QUESTION = "How should I treat people who are weaker than me?"
 
@@ -70,7 +70,7 @@ def test_unsteered_and_steered_answers_equal_the_engine_and_steer(server):
     plain = ask(server)
     assert plain.choices[0].message.content == text(lm, local(lm))
     steered = ask(server, {"steer": [{"vector": "evil", "coef": 3.0}]})
-    want = local(lm, [Edit(1, evil.get(1), 3.0, positions="response")])
+    want = local(lm, [Edit(1, evil.get(1), 3.0, positions=STEER_POSITIONS)])  # the server's default positions
     assert steered.choices[0].message.content == text(lm, want)
     assert steered.usage.completion_tokens == len(want)
 
@@ -247,7 +247,7 @@ def test_null_persona_fields_take_their_defaults(server):
     lm, evil = server["lm"], server["vectors"]["evil"]
     assert code == 200
     assert answer["choices"][0]["message"]["content"] == text(lm, local(lm, [Edit(1, evil.get(1), 3.0,
-                                                                                   positions="response")]))
+                                                                                   positions=STEER_POSITIONS)]))
 
 
 def test_null_settings_take_their_defaults(server):
