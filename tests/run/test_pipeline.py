@@ -501,3 +501,13 @@ def test_the_capability_check_steers_with_the_grids_units_and_records_them(tmp_p
         cap = run.capability(vec, {"chosen_layer": 1, "grid": grid})
         assert [e.coef for e in seen] == pytest.approx([-0.1 * factor, 0.2 * factor])
         assert [r["units"] for r in cap["steered"]] == [units or "raw"] * 2
+
+
+def test_steering_layer_0_is_refused_at_the_start_not_after_sampling(tmp_path, model_dir):
+    from personavec.errors import PersonavecError
+    from personavec.run.pipeline import Run
+
+    run = Run(_tiny(model_dir, steer_layers=[0, 1]), run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(PersonavecError, match=r"steering layer 0 \(--steer-layers\) .* steer at layers 1\.\.2"):
+        run.preflight()
+    assert not (tmp_path / "run").exists()

@@ -107,6 +107,9 @@ class Run:
             if bad:
                 raise PersonavecError(f"steering layer {bad[0]} (--steer-layers) is out of range: {self.cfg.model} "
                                       f"has layers 0..{n_layers}")
+            if 0 in self.cfg.steer_layers:  # found only at the steer stage, after every answer was sampled and judged
+                raise PersonavecError(f"steering layer 0 (--steer-layers) is the embeddings' output, where a vector "
+                                      f"has no direction (its row 0 is zero); steer at layers 1..{n_layers}")
         if self.cfg.mc_path and not self.path("capability.json").exists():
             from ..steering.capability import read_mmlu
 
