@@ -390,3 +390,16 @@ def test_a_guard_without_an_action_stops_the_answer_and_the_docs_say_so(served):
     assert (g.action, g.edit) == ("stop", None)
     docs = Path(__file__).parents[2] / "docs" / "serve.md"
     assert "`stop` (the default action)" in docs.read_text(encoding="utf-8")
+
+
+def test_a_bad_vector_spec_of_serve_shows_it_as_typed():
+    from personavec.cli.serve import parse_vector_spec
+    from personavec.errors import PersonavecError
+
+    assert parse_vector_spec("evil=runs/v.safetensors@13") == ("evil", "runs/v.safetensors", 13)
+    assert parse_vector_spec("v.safetensors") == (None, "v.safetensors", None)
+    with pytest.raises(PersonavecError, match=r"^--vector =v\.safetensors: a vector's name is empty; write NAME=PATH "
+                                              r"or NAME=PATH@LAYER$"):
+        parse_vector_spec("=v.safetensors")
+    with pytest.raises(PersonavecError, match=r"^--vector evil=: write NAME=PATH"):
+        parse_vector_spec("evil=")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PersonavecError
-from .common import load_lm, model_args, model_vectors, positive_int
+from .common import as_typed, load_lm, model_args, model_vectors, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def parse_vector_spec(spec: str) -> tuple[str | None, str, int | None]:
     if at and tail.isdigit():
         path, layer = head, int(tail)
     if not path or (name is not None and not name):
-        raise PersonavecError(f"--vector {spec!r}: write NAME=PATH or NAME=PATH@LAYER")
+        empty = "a vector's name is empty; " if path and name is not None and not name else ""
+        raise PersonavecError(f"--vector {as_typed(spec)}: {empty}write NAME=PATH or NAME=PATH@LAYER")
     return name, path, layer
 
 
@@ -63,7 +64,7 @@ def served_vectors(args: argparse.Namespace) -> dict:
     for (name, path, layer), vec in zip(specs, vecs):
         name = name or (vec.trait if vec.trait != "unknown" else Path(path).stem)
         if name in out:
-            raise PersonavecError(f"two vectors are named {name!r}: name them apart with NAME=PATH")
+            raise PersonavecError(f"two vectors are named {as_typed(name)}: name them apart with --vector NAME=PATH")
         layer = vec.chosen_layer if layer is None else layer
         if layer is None:
             raise PersonavecError(f"{path} has no chosen layer: give one as {name}={path}@LAYER")
