@@ -126,3 +126,19 @@ def test_a_broken_cell_the_judge_could_not_score_does_not_turn_the_judge_off():
     s = choose(t)
     assert s.unreadable == [[8, 4.0]] and s.criterion == "trait_mean" and "not checked" not in s.reason
     assert (s.chosen_layer, s.chosen_coef) == (8, 2.0)
+
+
+def test_the_default_grids_coefficients_are_in_its_units():
+    """A raw grid asked for without coefficients steers as a raw grid (x the vector: -4..4), not with the norm
+    grid's -0.2..0.2 read as multiples of the vector, which barely move the residual."""
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
+
+    assert default_grid(30).coefs == [-0.2, -0.1, 0.0, 0.1, 0.2] and default_grid(30).units == "norm"
+    raw = default_grid(30, units="raw")
+    assert raw.coefs == [-4.0, -2.0, 0.0, 2.0, 4.0] and raw.units == "raw"
+    assert default_grid(30, quick=False, units="raw").coefs[-1] == 2.5
+    g = Run(RunConfig(trait="evil", quick=True, steer_units="raw")).grid(30)
+    assert (g.units, g.coefs) == ("raw", [-4.0, -2.0, 0.0, 2.0, 4.0])
+    g = Run(RunConfig(trait="evil", quick=True, steer_units="raw", steer_coefs=[1.0])).grid(30)
+    assert (g.units, g.coefs) == ("raw", [0.0, 1.0])

@@ -409,7 +409,7 @@ def run_args(r: argparse.ArgumentParser) -> None:
                                                         "the middle of the network)")
     r.add_argument("--steer-coefs", default=None, type=finite_floats,
                    help="comma-separated coefficients in --steer-units, written --steer-coefs=-0.2,0.2 "
-                        "(default -0.2,-0.1,0,0.1,0.2 with --quick)")
+                        "(default with --quick: -0.2,-0.1,0,0.1,0.2 in norm units, -4,-2,0,2,4 in raw)")
     r.add_argument("--steer-units", choices=["norm", "raw"], default="norm",
                    help="the grid's coefficients: norm (default; x the typical residual norm at the layer, comparable "
                         "across layers) or raw (x the vector)")

@@ -393,7 +393,7 @@ class Run:
 
         from ..steering.grid import default_grid
 
-        g = default_grid(n_layers, quick=self.cfg.quick)
+        g = default_grid(n_layers, quick=self.cfg.quick, units=self.cfg.steer_units)
         g = replace(g, seed=self.cfg.sampling.seed, batch_size=self.cfg.sampling.batch_size,
                     n_samples=1 if self.cfg.quick else self.cfg.sampling.n_samples,
                     max_new_tokens=min(g.max_new_tokens, self.cfg.sampling.max_new_tokens))

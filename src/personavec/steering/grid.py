@@ -45,13 +45,18 @@ class SteerGrid:
         return asdict(self)
 
 
-def default_grid(n_layers: int, quick: bool = True) -> SteerGrid:
-    """Four layers spread over the middle of the network; coefficients in norm units (× the typical residual norm
-    at the layer: on the embedded model raw +2 at layer 13, the readable setting a blind read found, is +0.11)."""
+def default_grid(n_layers: int, quick: bool = True, units: str = "norm") -> SteerGrid:
+    """Four layers spread over the middle of the network; coefficients in ``units``: norm (× the typical residual
+    norm at the layer: on the embedded model raw +2 at layer 13, the readable setting a blind read found, is +0.11),
+    or raw (× the vector: −4…4, the paper's range −2.5…2.5 for the full grid)."""
     lo, hi = max(1, round(n_layers * 0.25)), max(1, round(n_layers * 0.75))
     layers = sorted({round(lo + i * (hi - lo) / 3) for i in range(4)})
-    coefs = [-0.2, -0.1, 0.0, 0.1, 0.2] if quick else [-0.25, -0.15, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
-    return SteerGrid(layers=layers, coefs=coefs, n_samples=1 if quick else 10, max_new_tokens=64 if quick else 1000)
+    if units == "raw":
+        coefs = [-4.0, -2.0, 0.0, 2.0, 4.0] if quick else [-2.5, -1.5, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    else:
+        coefs = [-0.2, -0.1, 0.0, 0.1, 0.2] if quick else [-0.25, -0.15, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    return SteerGrid(layers=layers, coefs=coefs, n_samples=1 if quick else 10, max_new_tokens=64 if quick else 1000,
+                     units=units)
 
 
 def grid_edit(vec: PersonaVector, grid: SteerGrid, layer: int, coef: float) -> Edit:
