@@ -126,3 +126,23 @@ def test_prompts_that_are_not_text_are_refused_naming_the_position(lm, tmp_path)
                                                   "in a list"):
             judge.score("Rate")
     assert cached.score([]) == []
+
+
+def test_prompts_in_a_pandas_column_or_a_numpy_array_are_scored_like_a_list(tmp_path):
+    """A column of a table (``judge.score(df["prompt"])``) or an array was scored before the text check; it is not
+    refused as not being a list."""
+    import numpy as np
+    import pandas as pd
+
+    from personavec.judge.base import check_prompts
+    from personavec.judge.cache import CachedJudge, JudgeCache
+
+    class Echo:
+        name = "echo"
+
+        def score(self, prompts, progress=False):
+            return [float(len(p)) for p in prompts]
+
+    judge = CachedJudge(Echo(), JudgeCache(tmp_path / "c.sqlite"))
+    assert judge.score(pd.Series(["ab", "abc"])) == [2.0, 3.0]
+    assert judge.score(np.array(["abcd"])) == [4.0] and check_prompts(x for x in ["a"]) == ["a"]

@@ -66,13 +66,13 @@ class Judge(Protocol):
 
 
 def check_prompts(prompts: Sequence[str], what: str = "judge prompt") -> list[str]:
-    """``prompts`` as a list, refused unless it is a sequence of strings (not one string), naming the first
-    position that is not one — before anything is sent or cached."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+    """``prompts`` as a list of strings, refused unless it is a list (or a table column, an array, any iterable) of
+    strings — not one string — naming the first position that is not one, before anything is sent or cached."""
+    if isinstance(prompts, (str, bytes, Mapping)) or not hasattr(prompts, "__iter__"):
         raise PersonavecError(f"score takes a list of {what}s, not {shown(prompts)}"
                               + ("; wrap one prompt in a list" if isinstance(prompts, str) else ""))
     out = list(prompts)
     for i, p in enumerate(out):
         if not isinstance(p, str):
             raise PersonavecError(f"{what} {i} is {shown(p)}, not a string; a judge scores text")
-    return out
+    return [str(p) for p in out]  # plain strings (a NumPy array holds numpy.str_)
