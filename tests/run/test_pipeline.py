@@ -511,3 +511,27 @@ def test_steering_layer_0_is_refused_at_the_start_not_after_sampling(tmp_path, m
     with pytest.raises(PersonavecError, match=r"steering layer 0 \(--steer-layers\) .* steer at layers 1\.\.2"):
         run.preflight()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_recorded_before_the_grid_had_units_continues_with_raw_units_and_says_so_otherwise(tmp_path, model_dir):
+    """Its run.json has no steer_units (its grid was raw): with --steer-units raw the settings match, with the
+    default norm units it is refused in one line that says what to pass (not "steer_units is new", which no flag
+    could ever match)."""
+    from dataclasses import replace
+
+    from personavec.errors import PersonavecError
+    from personavec.files import write_json
+    from personavec.run.pipeline import Run
+
+    raw = _tiny(model_dir, steer_units="raw")
+    old = raw.identity()
+    old.pop("steer_units")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_json(run_dir / "run.json", {"config": old, "personavec": "0.1"})
+    Run(raw, run_dir=run_dir, progress=False).preflight()  # the same settings
+    with pytest.raises(PersonavecError, match=r"before the steering grid had units .*: pass --steer-units raw to "
+                                              r"continue it, or pass --out or --run-dir"):
+        Run(replace(raw, steer_units="norm"), run_dir=run_dir, progress=False).preflight()
+    with pytest.raises(PersonavecError, match=r"sampling\.seed was 0, now 1"):  # other settings are still compared
+        Run(replace(raw, sampling=replace(raw.sampling, seed=1)), run_dir=run_dir, progress=False).preflight()

@@ -100,7 +100,7 @@ class Run:
     def preflight(self) -> None:
         """Every check that can fail at the start, before anything is written: the directory's recorded settings,
         the judge endpoint, and the artifacts (read, or generated; saved once the run is claimed)."""
-        refuse_other_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config")
+        refuse_other_settings(self.path("run.json"), self.identity(), "a run", self.REFUSAL_TODO, key="config")
         n_layers = model_shape(self.cfg.model, self.cfg.revision)[0]  # the model exists (its config, no weights)
         if self.cfg.steer_layers and not self.path("selection.json").exists():
             bad = [x for x in self.cfg.steer_layers if not 0 <= x <= n_layers]
@@ -125,8 +125,23 @@ class Run:
         if not self.path("artifacts.json").exists():
             self._art = self.make_artifacts()
 
+    def identity(self) -> dict[str, Any]:
+        """The settings compared with this directory's ``run.json``: a run recorded before the steering grid had
+        units (no ``steer_units``) steered a raw grid, so it continues with ``--steer-units raw`` and is refused,
+        saying so, with norm units."""
+        ident = self.cfg.identity()
+        recorded = read_json(self.path("run.json")) if self.path("run.json").exists() else None
+        config = recorded.get("config") if isinstance(recorded, dict) else None
+        if isinstance(config, dict) and "steer_units" not in config:
+            if ident["steer_units"] != "raw":
+                raise PersonavecError(f"{self.dir} holds a run made before the steering grid had units (its "
+                                      f"coefficients are multiples of the vector): pass --steer-units raw to continue "
+                                      f"it, or {self.REFUSAL_TODO}")
+            ident.pop("steer_units")
+        return ident
+
     def write_config(self) -> None:
-        claim_settings(self.path("run.json"), self.cfg.identity(), "a run", self.REFUSAL_TODO, key="config",
+        claim_settings(self.path("run.json"), self.identity(), "a run", self.REFUSAL_TODO, key="config",
                        extra={"personavec": __version__, "torch": torch.__version__,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": self.batch_note()})
 
