@@ -451,6 +451,25 @@ def test_a_read_with_an_unknown_where_is_refused_naming_it(lm):
         check_request(Request("x", reads=((1, torch.ones(32), "during"),)))
 
 
+
+def test_a_read_for_another_model_is_refused_before_any_forward_pass(lm):
+    """A read past the last layer, or along a direction of another hidden size, was a raw error from inside a hook
+    once the forward pass ran; it is one line naming the read, before generation (as an edit's is)."""
+    from personavec.errors import PersonavecError
+
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = tuple(lm.tokenizer(lm.format_chat("Why?"), add_special_tokens=False)["input_ids"])
+    try:
+        for reads, says in ((((1, torch.ones(100)),), r"reads\[0\] has 100 dims but the model's hidden size is 32"),
+                            (((1, torch.ones(32)), (7, torch.ones(32))), r"reads\[1\] is at layer 7, out of range: "
+                                                                         r"this model has layers 0\.\.2")):
+            with pytest.raises(PersonavecError, match=says):
+                list(Engine(lm).generate([Request(ids, 3, reads=reads)]))
+    finally:
+        handle.remove()
+    assert calls == []
+
 def test_a_guard_over_the_answer_stops_where_its_running_mean_first_crosses_from_its_first_checked_token(lm):
     """``over="answer"``: the mean of the readings so far, checked from ``from_token`` on; the tokens before it
     never trigger it, however high they read."""

@@ -292,6 +292,7 @@ class Engine:
             check_request(r)
             guard_edit = [r.guard.edit] if r.guard is not None and r.guard.edit is not None else []
             check_edits([*r.edits, *guard_edit], self.lm.n_layers, self.lm.hidden_size)  # steer()'s own check
+            _check_reads(r, self.lm.n_layers, self.lm.hidden_size)
         self._on_token, self._pending, self._cancelled, self._feed = on_token, [], set(), feed
         desc = progress if isinstance(progress, str) else "sampling"
         # new requests join once this many slots are free (or the queue is nearly empty): fewer, fuller prefills
@@ -585,6 +586,18 @@ def check_request(r: Request) -> None:
                 or int(g.from_token) < 1:
             raise PersonavecError("a guard needs one of the request's reads, a finite threshold, action 'stop' or "
                                   "'steer' with an edit, over 'token' or 'answer', and from_token >= 1")
+
+
+def _check_reads(r: Request, n_layers: int, hidden_size: int) -> None:
+    """Refuse a read (checked by :func:`check_request`) that does not fit a model of ``n_layers`` blocks and
+    ``hidden_size`` dims, before any forward pass."""
+    for i, x in enumerate(r.reads):
+        layer, direction, _ = Read(*x)
+        if int(layer) > n_layers:
+            raise PersonavecError(f"reads[{i}] is at layer {layer}, out of range: this model has layers 0..{n_layers}")
+        if direction.numel() != hidden_size:
+            raise PersonavecError(f"reads[{i}] has {direction.numel()} dims but the model's hidden size is "
+                                  f"{hidden_size}; read along a vector extracted from this model")
 
 
 def _row_edits(r: Request, device: torch.device) -> dict[int, list[tuple[str, torch.Tensor, float, str]]]:
