@@ -80,3 +80,16 @@ def test_a_chosen_coefficient_too_strong_for_the_server_is_refused_naming_it_not
     else:
         raise AssertionError("not refused")
     assert "not the vector's chosen 0.1 norm (= " in text and "null" not in text
+
+
+def test_norm_units_on_a_vector_without_resid_norm_are_refused_before_the_model_loads(tmp_path, model_dir, capsys,
+                                                                                       monkeypatch):
+    import personavec.cli.steer as steer_cli
+    from personavec.cli import main
+
+    monkeypatch.setattr(steer_cli, "load_lm", lambda args: (_ for _ in ()).throw(AssertionError("model loaded")))
+    vec = PersonaVector({"response_avg": torch.randn(3, 32)}, model_id="tiny-llama", trait="evil")
+    path = vec.save(tmp_path / "v.safetensors")
+    assert main(["steer", "--vector", str(path), "--model", str(model_dir), "--layer", "1", "--coef", "0.1",
+                 "--units", "norm", "Hi?"]) != 0
+    assert "no resid_norm metadata" in capsys.readouterr().err

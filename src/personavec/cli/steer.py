@@ -121,7 +121,11 @@ def _load_steering(args: argparse.Namespace):
     if not 0 <= layer <= vec.n_layers:
         raise PersonavecError(f"--layer {layer} is out of range: the model has layers 0..{vec.n_layers}")
     vec.direction(layer)  # a layer where the vector is zero (row 0 always) fails before the model loads
-    strength(vec, args)  # no coefficient to steer with: said before the model loads
+    from ..model.edits import Edit
+
+    # the edit itself (its coefficient, units and the vector's resid_norm for norm units): said before the model loads
+    Edit.from_vector(vec, layer, *strength(vec, args), kind="ablate" if args.ablate else "add",
+                     positions=args.positions)
     return vec, load_lm(args), layer
 
 
