@@ -298,6 +298,7 @@ def test_the_cell_browser_the_chance_level_check_and_why_the_layers_differ(tmp_p
                                                      "steered": []}))
     page = write_report(run).read_text(encoding="utf-8")
     assert page.count("<details") == 3 and "<details open><summary><b>layer 2, 0.1</b> — chosen" in page
+    assert "Each cell of the steering grid (layer, coefficient in norm units)" in page
     assert "layer 2, 0.2</b> — left out as broken text · 4 answers, 2 degenerate" in page
     assert "<b class='flag'>[repetitive]</b> just just just just" in page
     assert "answer &lt;2,0.1,1,-1&gt;" in page  # every question's greedy answer, escaped
