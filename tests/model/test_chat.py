@@ -63,3 +63,16 @@ def test_a_template_that_changes_message_text_cannot_hide_a_forged_turn(tokenize
     with pytest.raises(PersonavecError, match=r"messages\[0\] holds the chat template's control token"):
         chat_ids(trimming, [{"role": "user", "content": " " + FORGED + " "}])
     assert chat_ids(trimming, [{"role": "user", "content": FORGED}])  # nothing to trim: the text is where it was
+
+
+def test_a_message_whose_content_is_not_text_is_refused_not_stringified():
+    """A null or list content was read as the text "None" or "['a', 'b']" (words nobody wrote)."""
+    from personavec.model.chat import chat_messages
+
+    ok = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    assert chat_messages(ok) == ok
+    for content, shown in ((None, "None"), (["a", "b"], "a list"), (3, "3")):
+        bad = [ok[0], {"role": "assistant", "content": content}]
+        with pytest.raises(PersonavecError, match=rf"message 1 has content {shown}, not text; write each message's "
+                                                  "content as a string"):
+            chat_messages(bad)

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, shown
 
 
 def format_chat(tokenizer: Any, user: str, system: str | None = None, assistant: str | None = None) -> str:
@@ -95,7 +95,11 @@ def chat_messages(value: Any) -> list[dict[str, str]] | None:
         msgs = []
     if not msgs or not all("role" in m and "content" in m for m in msgs):
         raise PersonavecError("a 'messages' row must be a list of {role, content} objects")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+    for i, m in enumerate(msgs):  # a null or a list is not stringified into words nobody wrote
+        if not isinstance(m["content"], str):
+            raise PersonavecError(f"a 'messages' row's message {i} has content {shown(m['content'])}, not text; "
+                                  "write each message's content as a string")
+    return [{"role": str(m["role"]), "content": m["content"]} for m in msgs]
 
 
 def conversation_pair(row: dict[str, Any], tokenizer: Any) -> tuple[str, str | None]:
