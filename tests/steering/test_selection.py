@@ -142,3 +142,13 @@ def test_the_default_grids_coefficients_are_in_its_units():
     assert (g.units, g.coefs) == ("raw", [-4.0, -2.0, 0.0, 2.0, 4.0])
     g = Run(RunConfig(trait="evil", quick=True, steer_units="raw", steer_coefs=[1.0])).grid(30)
     assert (g.units, g.coefs) == ("raw", [0.0, 1.0])
+
+
+def test_an_unmeasurable_effect_is_said_as_it_is():
+    """A best cell that lowers the trait reads "-5.00", not "+-5.00"; one without an interval (too few questions
+    to resample) is not said to have an interval that reaches 0."""
+    t = table([(8, 0.0, 10, 90, 0.0), (8, 2.0, 5, 80, 1.0)])
+    t["trait_effect_lo"] = [0.0, -9.0]
+    assert "(layer 8, -5.00) has a 95% interval that reaches 0" in choose(t).reason
+    t["trait_effect_lo"] = [math.nan, math.nan]
+    assert "(layer 8, -5.00) has no 95% interval (too few questions to resample)" in choose(t).reason

@@ -123,7 +123,8 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
     lo = "trait_effect_lo" if scored else "projection_effect_lo"
     effects: dict[int, float] = {}
     best: tuple[float, int, float] | None = None
-    unmeasured: tuple[float, int] | None = None  # the largest readable increase whose interval reaches zero
+    unmeasured: tuple[float, int, float] | None = None  # the largest readable increase not measurable: (effect,
+    # layer, its interval's lower end)
     no_baseline, no_scores = [], []
     for layer, g in table.groupby("layer"):
         base = g[g["coef"] == 0.0]
@@ -146,7 +147,7 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
         effects[int(layer)] = float(top[col]) - b
         if lo in pos:  # an effect whose interval reaches zero is not one the grid can tell from no steering
             if unmeasured is None or effects[int(layer)] > unmeasured[0]:
-                unmeasured = (effects[int(layer)], int(layer))
+                unmeasured = (effects[int(layer)], int(layer), float(top[lo]))
             pos = pos[pos[lo] > 0]
             if pos.empty:
                 continue
@@ -163,7 +164,9 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
     if best is None and unmeasured is not None:
         return Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
                          f"nothing measurably moves the {what}: the best readable cell (layer {unmeasured[1]}, "
-                         f"+{unmeasured[0]:.2f}) has a 95% interval that reaches 0" + skipped, effects)
+                         f"{unmeasured[0]:+.2f}) has "
+                         + ("a 95% interval that reaches 0" if math.isfinite(unmeasured[2]) else
+                            "no 95% interval (too few questions to resample)") + skipped, effects)
     if best is None:
         sel = Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
                         f"no positive coefficient kept coherence >= {coherence_min} with a {what}" + skipped, effects)
