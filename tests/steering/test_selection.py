@@ -152,3 +152,12 @@ def test_an_unmeasurable_effect_is_said_as_it_is():
     assert "(layer 8, -5.00) has a 95% interval that reaches 0" in choose(t).reason
     t["trait_effect_lo"] = [math.nan, math.nan]
     assert "(layer 8, -5.00) has no 95% interval (too few questions to resample)" in choose(t).reason
+
+
+def test_without_a_judge_the_reason_does_not_claim_a_coherence_check():
+    nan = math.nan
+    t = table([(8, 0.0, nan, nan, 0.0), (8, 2.0, nan, nan, 1.0), (8, -2.0, nan, nan, -1.0)])
+    t.loc[t["coef"] == 2.0, "degenerate_share"] = 1.0  # the only positive cell is broken text
+    s = choose(t)
+    assert s.chosen_layer is None and "coherence >=" not in s.reason.split("(cells kept")[0]
+    assert "no readable positive coefficient has a projection" in s.reason

@@ -169,7 +169,8 @@ def _choose(table: pd.DataFrame, metric: str, scored: bool, coherence_min: float
                             "no 95% interval (too few questions to resample)") + skipped, effects)
     if best is None:
         sel = Selection(None, None, None, coherence_min, suppress_coherence_min, metric,
-                        f"no positive coefficient kept coherence >= {coherence_min} with a {what}" + skipped, effects)
+                        (f"no positive coefficient kept coherence >= {coherence_min} with a {what}" if scored else
+                         f"no readable positive coefficient has a {what}") + skipped, effects)
         sel.skipped_baseline = bool(no_baseline)
         return sel
     layer = best[1]
