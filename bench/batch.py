@@ -2,8 +2,8 @@
 
 Run as ``python bench/batch.py`` (``--dtypes float32,bfloat16 --questions 40 --tokens 64``). Every question is
 answered greedily three ways by the engine: alone (batch of one), all questions in one batch, and in shuffled
-batches of 8 next to other questions. Printed per dtype: how many answers differ from the one-alone answer, and
-where the first differing token lies. In float32 the engine is batch-invariant on CPU (tested in
+order with at most 8 rows decoding together (continuous batching), next to other questions. Printed per dtype: how
+many answers differ from the one-alone answer, and how many of their first tokens agree. In float32 the engine is batch-invariant on CPU (tested in
 ``tests/engine/test_decoder.py``); in bfloat16 the matrix kernels round differently for different batch shapes, so
 a near-tie between two tokens can go either way and the answer then continues differently.
 """
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    print(f"{'dtype':9} {'batching':22} {'answers differing':>18} {'first differing token (median)':>32}")
+    print(f"{'dtype':9} {'batching':22} {'answers differing':>18} {'tokens that agree first (median)':>34}")
     for dtype in args.dtypes.split(","):
         lm = load_model("smollm2-135m", device="cpu", dtype=dtype)
         prompts = [lm.format_chat(q) for q in questions(args.questions)]
@@ -56,11 +56,11 @@ def main() -> None:
         order = list(range(n))
         random.Random(args.seed).shuffle(order)
         for name, engine, o in ((f"one batch of {n}", Engine(lm, n), list(range(n))),
-                                ("shuffled batches of 8", Engine(lm, 8), order)):
+                                ("shuffled, 8 rows at most", Engine(lm, 8), order)):
             got = answers(engine, prompts, o, args.tokens)
             diffs = [d for i in range(n) if (d := first_difference(alone[i], got[i])) is not None]
             median = sorted(diffs)[len(diffs) // 2] if diffs else "-"
-            print(f"{dtype:9} {name:22} {len(diffs):>10d} of {n:<5d} {median!s:>32}")
+            print(f"{dtype:9} {name:22} {len(diffs):>10d} of {n:<5d} {median!s:>34}")
 
 
 if __name__ == "__main__":

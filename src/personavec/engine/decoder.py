@@ -324,6 +324,7 @@ class Engine:
                         if self._cancelled:  # a waiting request that was cancelled never starts
                             for r in [r for r in waiting if key_cancelled(r.key, self._cancelled)]:
                                 waiting.remove(r)
+                                self._ids.pop(id(r), None)  # its tokenized prompt, if the budget check read it
                                 feed.answered(r.key)
                                 yield Result(r.key, r, [], "", "cancelled")
                     if not (waiting or rows):

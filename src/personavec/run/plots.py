@@ -54,8 +54,7 @@ STEERING_PANELS = (("trait", "trait score (0-100)", "Trait expression (judge)"),
 
 
 #: what a grid coefficient multiplies, per unit (a selection made before grids had units was in raw units)
-COEF_UNITS = {"raw": "raw units: multiples of the vector",
-              "norm": "norm units: multiples of the typical residual norm at the layer"}
+COEF_UNITS = {"raw": "raw units: × the vector", "norm": "norm units: × residual norm"}
 
 
 def coef_units(selection: dict[str, Any]) -> str:
