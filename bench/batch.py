@@ -4,8 +4,9 @@ Run as ``python bench/batch.py`` (``--dtypes float32,bfloat16 --questions 40 --t
 answered greedily three ways by the engine: alone (batch of one), all questions in one batch, and in shuffled
 order with at most 8 rows decoding together (continuous batching), next to other questions. Printed per dtype: how
 many answers differ from the one-alone answer, and how many of their first tokens agree. In float32 the engine is
-batch-invariant on CPU (tested in ``tests/engine/test_decoder.py``); in bfloat16 the matrix kernels round differently for different batch shapes, so
-a near-tie between two tokens can go either way and the answer then continues differently.
+batch-invariant on CPU (tested in ``tests/engine/test_decoder.py``); in bfloat16 the matrix kernels round
+differently for different batch shapes, so a near-tie between two tokens can go either way and the answer then
+continues differently.
 """
 
 from __future__ import annotations
