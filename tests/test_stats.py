@@ -63,3 +63,17 @@ def test_a_statistic_of_two_groups_resamples_their_questions():
 def test_fewer_than_two_clusters_give_no_interval(clusters):
     lo, hi = mean_interval([1.0] * len(clusters), clusters)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_a_correlation_interval_holds_its_estimate_and_narrows_with_more_questions():
+    from personavec.stats import pearson, pearson_interval
+
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (20, 200):
+        x = rng.normal(0, 1, n)
+        y = 0.6 * x + rng.normal(0, 0.8, n)
+        lo, hi = pearson_interval(x, y, np.arange(n))
+        assert lo < pearson(x.tolist(), y.tolist()) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2

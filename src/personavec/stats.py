@@ -84,3 +84,10 @@ def mean_interval(values: Sequence[float], clusters: Sequence[Hashable], seed: i
     keep = np.isfinite(x)
     x, groups = x[keep], [c for c, k in zip(clusters, keep) if k]
     return bootstrap(lambda idx: float(x[idx].mean()) if len(idx) else math.nan, groups, n_boot=n_boot, seed=seed)
+
+
+def pearson_interval(x: Sequence[float], y: Sequence[float], clusters: Sequence[Hashable], seed: int = 0
+                     ) -> tuple[float, float]:
+    """Bootstrap interval of :func:`pearson` over ``(x, y)`` pairs, resampling their clusters (questions)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return bootstrap(lambda idx: pearson(a[idx].tolist(), b[idx].tolist()), list(clusters), seed=seed)

@@ -266,11 +266,19 @@ def test_monitor_experiment_on_a_finished_run(tmp_path, model_dir, monkeypatch):
     corr = monitor_run(run)
     table = pd.read_parquet(tmp_path / "run" / "monitor.parquet")
     # 20 evaluation questions x (8 ladder steps + 5 many-shot settings)
-    assert len(table) == 20 * 13 and corr["n_prompts"] == 260 and corr["layer"] == 1
+    assert len(table) == 20 * 13 and corr["n_prompts"] == 260
+    # the vector's chosen layer; a tiny random model steered at coefficient 1 makes no defensible choice, and the
+    # monitor then reads at the best-separating layer
+    sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")
+    chosen = json.loads((tmp_path / "run" / "selection.json").read_text())["chosen_layer"]
+    assert corr["layer"] == (chosen if chosen is not None else int(sep.loc[sep["auroc"].idxmax(), "layer"]))
     assert sorted(table[table["type"] == "ladder"]["setting"].unique()) == list(range(8))
     assert sorted(table[table["type"] == "many_shot"]["setting"].unique()) == [0, 5, 10, 15, 20]
     assert math.isnan(corr["r_trait_overall"]) and corr["trait_scored"] == 0  # no judge
     assert -1 <= corr["r_answer_projection_overall"] <= 1
+    lo, hi = corr["r_answer_projection_overall_interval"]  # resampling the 20 evaluation questions
+    assert lo <= corr["r_answer_projection_overall"] <= hi and -1 <= lo < hi <= 1
+    assert all(math.isnan(x) for x in corr["r_trait_overall_interval"])  # nothing scored: no interval either
     means = table.groupby(["type", "setting"])[["projection", "answer_projection"]].mean()
     assert corr["r_answer_projection_overall_setting_means"] == pytest.approx(
         pearson(means["projection"].tolist(), means["answer_projection"].tolist()))

@@ -71,8 +71,13 @@ def cmd_monitor(args: argparse.Namespace) -> None:
           f"{corr['trait_scored']} with a trait score)")
     for key, label in (("r_trait", "last-prompt projection vs judged trait"),
                        ("r_answer_projection", "last-prompt projection vs the answers' projection")):
-        print(f"  Pearson r, {label}: overall {corr[key + '_overall']:.3f}, ladder {corr[key + '_ladder']:.3f}, "
-              f"many-shot {corr[key + '_many_shot']:.3f}")
+        def r(part: str, key: str = key) -> str:
+            lo, hi = (corr.get(f"{key}_{part}_interval") or [float("nan")] * 2)[:2]
+            interval = f" [{lo:.2f}, {hi:.2f}]" if lo == lo and hi == hi else ""
+            return f"{corr[f'{key}_{part}']:.3f}{interval}"
+
+        print(f"  Pearson r [95% interval over questions], {label}: overall {r('overall')}, ladder {r('ladder')}, "
+              f"many-shot {r('many_shot')}")
         if key + "_overall_setting_means" in corr:
             print(f"    over the setting means: overall {corr[key + '_overall_setting_means']:.3f}, ladder "
                   f"{corr[key + '_ladder_setting_means']:.3f}, many-shot {corr[key + '_many_shot_setting_means']:.3f}")

@@ -32,7 +32,7 @@ from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs, unit
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits
 from ..run.pipeline import Run
-from ..stats import pearson
+from ..stats import pearson, pearson_interval
 from ..vectors.vector import PersonaVector
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
                              ("many_shot", table[table["type"] == "many_shot"], means[means["type"] == "many_shot"])):
         for y in ("trait", "answer_projection"):
             corr[f"r_{y}_{label}"] = pearson(sub["projection"].tolist(), sub[y].tolist())
+            # 95 % interval resampling the evaluation questions (a question's prompts share its wording)
+            corr[f"r_{y}_{label}_interval"] = list(pearson_interval(sub["projection"], sub[y], sub["question_id"]))
             corr[f"r_{y}_{label}_setting_means"] = pearson(msub["projection"].tolist(), msub[y].tolist())
     return table, corr
 
