@@ -278,6 +278,9 @@ def test_monitor_takes_names_or_objects_naming_where_each_reading_is_taken(serve
     assert (g.over, g.from_token) == ("answer", 16)  # the running mean, the statistic the calibrated threshold is for
     g = parsed(served, {"guard": {"vector": "evil", "threshold": 1.0, "over": "token"}}).request.guard
     assert (g.over, g.from_token) == ("token", 1)
+    # the calibrated default is a running mean's threshold: per token it would stop ordinary answers
+    e = refused(served, {"guard": {"vector": "evil", "over": "token"}})
+    assert e.param == "persona.guard.threshold" and 'needed with over "token"' in e.message
     after = parsed(served, {"monitor": ["evil"], "guard": {"vector": "evil", "threshold": 1.0, "where": "after"}})
     assert after.guarded == "evil@after" and after.request.guard.read == 1
     for persona, param in (({"monitor": [{"vector": "evil", "where": "during"}]}, "persona.monitor[0].where"),

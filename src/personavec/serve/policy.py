@@ -501,14 +501,18 @@ def _guard(g: Any, vectors: dict[str, ServedVector], monitor: list[Reading]) -> 
     where = "persona.guard."
     _known(g, GUARD_FIELDS, where[:-1])
     sv = _vector(g, vectors, where)
-    threshold = _number(g, "threshold", _calibrated(sv, guard_threshold, where + "threshold", "threshold")
-                        if g.get("threshold") is None else None, where)
-    reading = Reading(sv.name, sv.layer, _where(g, where))
     over = _or(g.get("over"), "answer")
     if over not in ("answer", "token"):
         raise BadRequest(where + "over", f'{where}over must be "answer" (the running mean of the answer\'s readings, '
                                          f'from its {FROM_TOKEN}th token on: the default, what the calibrated '
                                          f'threshold is for) or "token" (each token\'s reading), not {_shown(over)}')
+    if over == "token" and g.get("threshold") is None:  # the calibrated default is a running mean's, not a token's
+        raise BadRequest(where + "threshold", f'{where}threshold is needed with over "token": the calibrated default '
+                                              "is for the answer's running mean (single tokens of ordinary answers "
+                                              "pass it); give a number, or leave over out")
+    threshold = _number(g, "threshold", _calibrated(sv, guard_threshold, where + "threshold", "threshold")
+                        if g.get("threshold") is None else None, where)
+    reading = Reading(sv.name, sv.layer, _where(g, where))
     action = _or(g.get("action"), "stop")
     if action not in ("stop", "steer"):
         raise BadRequest(where + "action", f'{where}action must be "stop" or "steer", not {_shown(action)}')
