@@ -40,12 +40,17 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
         assert o["kind"] == pytest.approx(-json.loads((d / m / "eval.json").read_text())["shift"], abs=1e-6)
     table = pd.read_parquet(d / "finetune.parquet")
     assert table["model"].tolist() == ["base", "mix000", "mix100", "mix100+prevent2", "mix100+caft"]
-    assert summary["n_finetunes"] == 4 and summary["layer"] == 1
+    sep = pd.read_parquet(tmp_path / "run" / "separation.parquet")  # no defensible steering choice on a tiny model:
+    chosen = json.loads((tmp_path / "run" / "selection.json").read_text())["chosen_layer"]  # the best-separating one
+    assert summary["n_finetunes"] == 4
+    assert summary["layer"] == (chosen if chosen is not None else int(sep.loc[sep["auroc"].idxmax(), "layer"]))
     assert table.loc[0, "shift"] == 0.0  # the base model against itself
     assert table["shift"].iloc[1:].abs().min() > 0  # every fine-tune moved the last-prompt state
     assert len(table["mc_accuracy"].dropna()) == 5 and (table["n_answers"] == 20).all()
     assert (table["answer_nll"] > 0).all()  # every model's answers read by the base model
     assert math.isnan(summary["r_shift_trait"]) and -1 <= summary["r_shift_answer_projection"] <= 1  # no judge
+    lo, hi = summary["r_shift_answer_projection_interval"]  # resampling the fine-tunes
+    assert math.isnan(lo) or lo <= summary["r_shift_answer_projection"] <= hi
     assert [(p["percent"], p["intervention"]) for p in summary["prevention"]] == [(100, "prevent2"), (100, "caft")]
     shifts = pd.read_parquet(d / "shift.parquet")
     assert len(shifts) == 4 * 3 * 2 and set(shifts["model"]) == set(table["model"][1:])
@@ -53,7 +58,8 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
         assert (d / name).read_bytes()[:4] == b"\x89PNG"
     trained = json.loads((d / "mix100+prevent2" / "train.json").read_text())
     (iv,) = trained["interventions"]
-    assert (iv["kind"], iv["layer"], iv["coef"]) == ("preventative_steering", 1, 2.0) and iv["direction_norm"] > 0
+    assert (iv["kind"], iv["layer"], iv["coef"]) == ("preventative_steering", summary["layer"], 2.0)
+    assert iv["direction_norm"] > 0
     # a second call reads everything back without training again
     stamp = (d / "mix100" / "train.json").stat().st_mtime_ns
     assert FineTuneExperiment(run, ecfg, progress=False).run_all()["n_finetunes"] == 4
@@ -97,6 +103,8 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert 0 < rand["trait_share"] < 1  # a random draw, independent of how the mixture picked its trait rows
     assert top["mean_delta_p"] >= bottom["mean_delta_p"] and all(0 <= r["trait_share"] <= 1 for r in sv["results"])
     assert 0 <= sv["auroc_delta_p_trait_rows"] <= 1 and (d / "screen_mix050" / "screen.parquet").exists()
+    lo, hi = sv["auroc_delta_p_trait_rows_interval"]  # resampling the rows
+    assert lo <= sv["auroc_delta_p_trait_rows"] <= hi
     assert json.loads((d / "screen_validation.json").read_text())["n"] == 20
     page = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Fine-tuning</h2>" in page and "mix100+prevent2" in page and "ΔP) validation" in page
@@ -106,6 +114,7 @@ def test_experiment_on_a_finished_run_and_the_commands(tmp_path, model_dir, monk
     assert (tmp_path / "data" / "mix050.jsonl").exists()
     ft = ["finetune", str(tmp_path / "data" / "trait.jsonl"), "--model", str(model_dir), "--out",
           str(tmp_path / "ft"), "--vector", str(tmp_path / "run" / "vectors.safetensors"), "--prevent-coef", "2",
+          "--intervention-layers", "1",  # the tiny run made no defensible steering choice: no chosen layer
           "--lr", "0.01", "--rank", "2", "--train-batch-size", "10", "--grad-accum", "2", "--warmup-steps", "0"]
     assert main([*ft, "--max-steps", "2"]) == 0
     assert "run the same command to continue" in capsys.readouterr().out

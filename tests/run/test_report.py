@@ -340,3 +340,21 @@ def test_the_greedy_and_sampled_examples_name_the_coefficients_units(tmp_path):
     assert "b<div class='s'>fluency 3.07 nats/token · repetition 0.05</div>" in page
     assert "a<div class='s'>fluency 2.81 nats/token · repetition 0.00</div>" in page
     assert "<h3>coefficient 0.1 (norm units)</h3>" in page and "<h3>coefficient 0 (unsteered)</h3>" in page
+
+
+def test_every_correlation_and_auroc_of_the_experiments_shows_its_interval(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"trait": "evil", "model": "m", "judge": "none"}))
+    (tmp_path / "monitor.json").write_text(json.dumps({
+        "layer": 13, "n_prompts": 260, "judge": "none", "trait_scored": 0, "r_trait_overall": float("nan"),
+        "r_answer_projection_overall": 0.286, "r_answer_projection_overall_interval": [0.171, 0.392]}))
+    ft = tmp_path / "finetune"
+    ft.mkdir()
+    (ft / "finetune.json").write_text(json.dumps({"n_finetunes": 5, "layer": 13, "r_shift_trait": 0.9,
+                                                  "r_shift_trait_interval": [0.55, 0.99]}))
+    pd.DataFrame([{"model": "base", "shift": 0.0}]).to_parquet(ft / "finetune.parquet")
+    (ft / "screen_validation.json").write_text(json.dumps({
+        "mixture": "mix", "n": 100, "auroc_delta_p_trait_rows": 0.81, "auroc_delta_p_trait_rows_interval": [0.7, 0.9],
+        "auroc_response_trait_rows": 0.6, "results": []}))
+    page = write_report(tmp_path).read_text()
+    assert "0.286 [0.17, 0.39]" in page and "0.900 [0.55, 0.99]" in page and "0.810 [0.70, 0.90]" in page
+    assert "(response projection alone\n0.600)" in page  # no interval recorded: the value alone

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import PersonavecError
+from ..run.format import with_interval
 from .common import (
     check_experiment_layer,
     experiment_args,
@@ -171,10 +172,13 @@ def cmd_finetune_experiment(args: argparse.Namespace) -> None:
 def print_finetune_summary(s: dict) -> None:
     print(f"\n{s['n_finetunes']} fine-tunes, read out at layer {s['layer']} "
           f"({s['trait_scored']} answers with a judged trait score)")
-    print(f"  Pearson r, shift vs judged trait: {s['r_shift_trait']:.3f} (plain fine-tunes only "
-          f"{s['r_shift_trait_plain']:.3f})")
-    print(f"  Pearson r, shift vs the answers' projection: {s['r_shift_answer_projection']:.3f} (plain only "
-          f"{s['r_shift_answer_projection_plain']:.3f})")
+    def r(key: str) -> str:
+        return with_interval(s.get(key), s.get(key + "_interval"))
+
+    print(f"  Pearson r [95% interval over fine-tunes], shift vs judged trait: {r('r_shift_trait')} (plain "
+          f"fine-tunes only {r('r_shift_trait_plain')})")
+    print(f"  Pearson r, shift vs the answers' projection: {r('r_shift_answer_projection')} (plain only "
+          f"{r('r_shift_answer_projection_plain')})")
     rl = s.get("r_by_layer", {}).get("r") or []
     if rl:
         best = max(range(len(rl)), key=lambda i: -1 if rl[i] != rl[i] else rl[i])

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import PersonavecError
+from ..run.format import with_interval
 from .common import (
     check_experiment_layer,
     experiment_args,
@@ -141,8 +142,10 @@ def cmd_screen_experiment(args: argparse.Namespace) -> None:
     run = run_from_args(args)
     run.run()
     s = screen_validation(FineTuneExperiment(run, cfg), n=args.n, percent=args.mix_percent, seed=args.seed)
-    print(f"\n{s['mixture']}: dataset dP {s['dataset_delta_p']:+.3f}; AUROC of dP for the trait rows "
-          f"{s['auroc_delta_p_trait_rows']:.3f} (response projection alone {s['auroc_response_trait_rows']:.3f})")
+    dp = with_interval(s["auroc_delta_p_trait_rows"], s.get("auroc_delta_p_trait_rows_interval"))
+    response = with_interval(s["auroc_response_trait_rows"], s.get("auroc_response_trait_rows_interval"))
+    print(f"\n{s['mixture']}: dataset dP {s['dataset_delta_p']:+.3f}; AUROC of dP for the trait rows {dp} "
+          f"(response projection alone {response}; 95% intervals over rows)")
     print(f"  {'selection':<16}{'trait share':>12}{'mean dP':>10}{'shift':>9}{'answer proj':>13}{'trait':>8}"
           f"{'NLL':>8}")
     b = s["base"]

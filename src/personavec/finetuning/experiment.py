@@ -34,7 +34,7 @@ from ..finetuning.datasets import write_mixtures
 from ..finetuning.shift import last_prompt_means, plot_shifts, shift_table
 from ..model.edits import Edit
 from ..model.loading import LoadedModel, load_model
-from ..stats import pearson
+from ..stats import pearson, pearson_interval
 from ..vectors.vector import PersonaVector
 from .conversations import read_chats
 from .lora import TrainConfig, intervention_edits, is_trained, load_adapter, train_lora
@@ -92,9 +92,9 @@ class FineTuneExperiment:
         self.progress = progress
         self.dir = Path(run.dir) / "finetune"
         self.vec = PersonaVector.load(run.path("vectors.safetensors"))
-        from ..monitor.experiment import check_layer
+        from ..monitor.experiment import run_layer
 
-        self.layer = check_layer(self.vec, cfg.layer)  # in range, with a direction, before anything is written
+        self.layer = run_layer(run, self.vec, cfg.layer)  # in range, with a direction, before anything is written
         from ..run.artifacts import TraitArtifacts
 
         self.art = TraitArtifacts.load(run.path("artifacts.json"))
@@ -294,6 +294,11 @@ def summarize(table: pd.DataFrame, layer: int) -> dict[str, Any]:
     out["r_shift_answer_projection"] = pearson(tuned["shift"].tolist(), tuned["answer_projection"].tolist())
     out["r_shift_trait_plain"] = pearson(plain["shift"].tolist(), plain["trait"].tolist())
     out["r_shift_answer_projection_plain"] = pearson(plain["shift"].tolist(), plain["answer_projection"].tolist())
+    # 95 % bootstrap intervals resampling the fine-tunes (few points: read them as wide, which they are)
+    for key, rows, col in (("r_shift_trait", tuned, "trait"), ("r_shift_answer_projection", tuned, "answer_projection"),
+                           ("r_shift_trait_plain", plain, "trait"),
+                           ("r_shift_answer_projection_plain", plain, "answer_projection")):
+        out[key + "_interval"] = list(pearson_interval(rows["shift"], rows[col], range(len(rows))))
     y = "trait" if out["trait_scored"] >= 3 else "answer_projection"
     by_layer = [pearson([s[i] for s in tuned["shift_by_layer"]], tuned[y].tolist())
                 for i in range(len(tuned["shift_by_layer"].iloc[0]))] if "shift_by_layer" in tuned else []

@@ -158,18 +158,24 @@ def check_layer(vec: PersonaVector, layer: int | None) -> int:
     return layer
 
 
+def run_layer(run: Any, vec: PersonaVector, layer: int | None) -> int:
+    """An experiment's read-out layer on a run: ``layer``, else the vector's chosen one, else — when the run made no
+    defensible steering choice — its best-separating layer (reading needs separation, not a steering setting);
+    checked by :func:`check_layer`."""
+    if layer is None and vec.chosen_layer is None and run.path("separation.parquet").exists():
+        sep = pd.read_parquet(run.path("separation.parquet"))
+        layer = int(sep.loc[sep["auroc"].idxmax(), "layer"])
+        log.warning("the run made no defensible steering choice; reading at its best-separating layer %d (pass "
+                    "--layer to choose another)", layer)
+    return check_layer(vec, layer)
+
+
 def monitor_run(run: Run, layer: int | None = None, n_samples: int = 1) -> dict[str, Any]:
     """The experiment on a finished run (``monitor.parquet``, ``monitor.json``, ``monitor.png`` in its directory);
     read back when done with the same judge, the stored answers re-judged when the judge changed."""
     with run.locked():
         vec = PersonaVector.load(run.path("vectors.safetensors"))
-        if layer is None and vec.chosen_layer is None and run.path("separation.parquet").exists():
-            # no defensible steering choice: a monitor needs separation, not steering, so it reads the best layer
-            sep = pd.read_parquet(run.path("separation.parquet"))
-            layer = int(sep.loc[sep["auroc"].idxmax(), "layer"])
-            log.warning("the run made no defensible steering choice; monitoring at the best-separating layer %d "
-                        "(pass --layer to choose another)", layer)
-        layer = check_layer(vec, layer)
+        layer = run_layer(run, vec, layer)
         n_samples = whole(n_samples, "n_samples (--monitor-samples)", low=1)
         settings = {"layer": layer, "n_samples": n_samples}
         todo = "pass the same --layer and --monitor-samples, or delete its monitor* files to start it over"

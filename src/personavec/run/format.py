@@ -25,6 +25,14 @@ def fixed(x: Any, digits: int = 2) -> str:
     return DASH if v is None else f"{v:.{digits}f}"
 
 
+def with_interval(x: Any, interval: Any, digits: int = 3) -> str:
+    """``x`` and its 95 % interval ``[lo, hi]`` (left out where there is none): ``0.512 [0.40, 0.61]``."""
+    lo, hi = [*interval, None, None][:2] if isinstance(interval, (list, tuple)) else (None, None)
+    if number(lo) is None or number(hi) is None:
+        return fixed(x, digits)
+    return f"{fixed(x, digits)} [{fixed(lo, 2)}, {fixed(hi, 2)}]"
+
+
 def integer(x: Any) -> str:
     v = number(x)
     return DASH if v is None else str(round(v))

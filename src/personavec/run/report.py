@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..errors import PersonavecError
 from ..files import read_json, write_text
-from .format import DASH, coef, fixed, integer, number, value
+from .format import DASH, coef, fixed, integer, number, value, with_interval
 from .plots import STEERING_PANELS, numeric, plot_capability, plot_separation, plot_steering, steering_panels
 
 REPORT_NAME = "report.html"
@@ -311,7 +311,8 @@ def _monitoring(run_dir: Path) -> dict[str, Any] | None:
         for suffix, how in (("", ""), ("_setting_means", " (means of each setting)")):
             if suffix and f"{key}_overall{suffix}" not in corr:
                 continue
-            rows.append((label + how, [fixed(corr.get(f"{key}_{part}{suffix}"), 3)
+            rows.append((label + how, [with_interval(corr.get(f"{key}_{part}{suffix}"),
+                                                     corr.get(f"{key}_{part}{suffix}_interval"))
                                        for part in ("overall", "ladder", "many_shot")]))
     return {"layer": integer(corr.get("layer")), "n_prompts": integer(corr.get("n_prompts")),
             "judge": value(corr.get("judge", DASH)), "trait_scored": integer(corr.get("trait_scored")),
@@ -329,7 +330,9 @@ def _finetuning(run_dir: Path) -> dict[str, Any] | None:
         return {"unreadable": True}
     keys = ("shift", "trait", "coherence", "answer_projection", "answer_nll", "mc_accuracy")
     return {"n": integer(s.get("n_finetunes")), "layer": integer(s.get("layer")),
-            "r_trait": fixed(s.get("r_shift_trait"), 3), "r_projection": fixed(s.get("r_shift_answer_projection"), 3),
+            "r_trait": with_interval(s.get("r_shift_trait"), s.get("r_shift_trait_interval")),
+            "r_projection": with_interval(s.get("r_shift_answer_projection"),
+                                          s.get("r_shift_answer_projection_interval")),
             "rows": [(str(r["model"]), [fixed(r.get(k), 3) for k in keys]) for _, r in t.iterrows()],
             "pngs": [(png, alt) for png, alt in (("finetune.png", "shift vs trait"),
                                                  ("finetune_shift.png", "shift per layer")) if (d / png).is_file()]}
@@ -340,8 +343,11 @@ def _screening(run_dir: Path) -> dict[str, Any] | None:
     if sv is None or sv.get("unreadable"):
         return sv
     keys = ("trait_share", "mean_delta_p", "shift", "trait", "answer_projection", "answer_nll")
-    return {"mixture": value(sv.get("mixture")), "auroc_delta_p": fixed(sv.get("auroc_delta_p_trait_rows"), 3),
-            "auroc_response": fixed(sv.get("auroc_response_trait_rows"), 3), "n": integer(sv.get("n")),
+    return {"mixture": value(sv.get("mixture")),
+            "auroc_delta_p": with_interval(sv.get("auroc_delta_p_trait_rows"),
+                                           sv.get("auroc_delta_p_trait_rows_interval")),
+            "auroc_response": with_interval(sv.get("auroc_response_trait_rows"),
+                                            sv.get("auroc_response_trait_rows_interval")), "n": integer(sv.get("n")),
             "rows": [(value(r.get("selection")), [fixed(r.get(k), 3) for k in keys]) for r in sv.get("results", [])]}
 
 

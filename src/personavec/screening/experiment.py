@@ -17,7 +17,7 @@ from ..errors import PersonavecError
 from ..files import read_jsonl, write_json
 from ..finetuning.datasets import paired_answers, write_jsonl, write_mixtures
 from ..finetuning.experiment import FineTuneExperiment
-from ..stats import auroc
+from ..stats import auroc, bootstrap
 from ..vectors.probe import Probe
 from .scoring import ScreenConfig, screen_file
 
@@ -75,7 +75,10 @@ def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: in
     summary = {"mixture": src.name, "n": n, "layer": exp.layer, "column": col, "screen_throughput": speed,
                "dataset_delta_p": float(table[col].mean()),
                "auroc_delta_p_trait_rows": _auroc(table[col], table["is_trait"]),
+               "auroc_delta_p_trait_rows_interval": _auroc_interval(table[col], table["is_trait"]),
                "auroc_response_trait_rows": _auroc(table[f"trait@L{exp.layer}:response"], table["is_trait"]),
+               "auroc_response_trait_rows_interval": _auroc_interval(table[f"trait@L{exp.layer}:response"],
+                                                                     table["is_trait"]),
                "base": {k: base.get(k) for k in ("trait", "answer_projection", "answer_nll")},
                "results": results}
     write_json(exp.dir / "screen_validation.json", summary)
@@ -83,6 +86,12 @@ def _screen_validation(exp: FineTuneExperiment, n: int, percent: float, seed: in
 
     write_report(exp.run.dir)
     return summary
+
+
+def _auroc_interval(scores: pd.Series, labels: pd.Series) -> list[float]:
+    """95 % bootstrap interval of :func:`_auroc`, resampling the rows."""
+    s, y = scores.reset_index(drop=True), labels.reset_index(drop=True)
+    return list(bootstrap(lambda idx: _auroc(s.iloc[idx], y.iloc[idx]), list(range(len(s)))))
 
 
 def _auroc(scores: pd.Series, labels: pd.Series) -> float:

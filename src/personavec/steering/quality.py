@@ -83,6 +83,7 @@ def answer_nll(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], 
     return _nll(lm, encode_for(lm, list(prompts), list(answers), max_length), batch_size)
 
 
+@torch.no_grad()
 def _nll(lm: LoadedModel, encs: list[Encoded], batch_size: int) -> list[float]:
     out = [math.nan] * len(encs)
     pad = pad_token_id(lm.tokenizer)
