@@ -127,6 +127,7 @@ class FakeOpenAIServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             fault = self.faults.popleft() if self.faults else None
+        reply: tuple[int, str, dict[str, str]] = (500, json.dumps({"error": {"message": "no reply"}}), {})
         try:
             if self.delay:
                 time.sleep(self.delay)
@@ -134,24 +135,26 @@ class FakeOpenAIServer:
                 err = fault.body or json.dumps({"error": {"message": f"injected HTTP {fault.status}",
                                                           "type": "injected", "code": fault.status}})
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-                self._send(handler, fault.status, err, headers)
+                reply = (fault.status, err, headers)
             elif method == "POST" and handler.path.rstrip("/") == "/v1/chat/completions" and isinstance(body, dict):
                 try:
                     completion = self._completion(body)
                 except Exception as exc:  # a responder that raises makes the server fail this request with 500
-                    self._send(handler, 500, json.dumps({"error": {"message": f"responder failed: {exc}"}}))
+                    reply = (500, json.dumps({"error": {"message": f"responder failed: {exc}"}}), {})
                 else:
-                    self._send(handler, 200, json.dumps(completion))
+                    reply = (200, json.dumps(completion), {})
             elif method == "GET" and handler.path.rstrip("/") == "/v1/models":
-                self._send(handler, 200, json.dumps({"object": "list", "data": [{"id": self.model,
-                                                                                  "object": "model"}]}))
+                reply = (200, json.dumps({"object": "list", "data": [{"id": self.model, "object": "model"}]}), {})
             elif method == "POST" and handler.path.rstrip("/") == "/v1/chat/completions":
-                self._send(handler, 400, json.dumps({"error": {"message": "request body is not a JSON object"}}))
+                reply = (400, json.dumps({"error": {"message": "request body is not a JSON object"}}), {})
             else:
-                self._send(handler, 404, json.dumps({"error": {"message": f"no route {method} {handler.path}"}}))
+                reply = (404, json.dumps({"error": {"message": f"no route {method} {handler.path}"}}), {})
         finally:
+            # out of flight before the reply is written: a client that sends its next request the moment it reads
+            # this one must not find it still counted (that made max_in_flight exceed a bound the client kept)
             with self._lock:
                 self.in_flight -= 1
+        self._send(handler, *reply)
 
     def _completion(self, body: dict) -> dict:
         if self.completer is not None:

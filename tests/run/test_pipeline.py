@@ -91,9 +91,9 @@ def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_out
                               text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         calls_ref = judged_calls(srv)
-        # trait + coherence for every extraction answer and every steered answer (1 baseline + 2x2 cells) x 20,
-        # less the prompts that repeat (identical answers are judged once)
-        assert 2 * 200 < calls_ref <= 2 * 200 + 2 * 5 * 20
+        # trait + coherence for every extraction answer and every steered answer (1 baseline + 2x2 cells) x 20
+        # questions x (a sampled and a greedy answer), less the prompts that repeat (identical answers are judged once)
+        assert 2 * 200 < calls_ref <= 2 * 200 + 2 * 5 * 20 * 2
 
         cmd, env = _cmd(model_dir, run_dir, srv.base_url), _env(cache_run)
         jsonl = run_dir / "responses.jsonl"
