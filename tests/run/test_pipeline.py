@@ -125,11 +125,12 @@ def test_killed_at_every_stage_or_interrupted_the_run_resumes_with_identical_out
 
     # no judge call was repeated beyond those in flight at a kill (concurrency 2)
     assert calls_resumed <= calls_ref + 2 * kills
-    # every job answered exactly once, here and in the steering grid (1 baseline + 2 x 2 cells, 20 questions each)
+    # every job answered exactly once, here and in the steering grid (1 baseline + 2 x 2 cells, 20 questions each,
+    # sampled and greedy)
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert sorted(r["job"] for r in rows) == list(range(280))  # 2 sides x (100 extraction + 40 held-out)
     steered = [json.loads(x)["job"] for x in (run_dir / "steer" / "answers.jsonl").read_text().splitlines()]
-    assert sorted(steered) == list(range(5 * 20))
+    assert sorted(steered) == list(range(5 * 20 * 2))
     j_ref, v_ref, s_ref = _outputs(ref_dir)
     j_run, v_run, s_run = _outputs(run_dir)
     pd.testing.assert_frame_equal(j_ref.drop(columns=["judge"]), j_run.drop(columns=["judge"]))
