@@ -91,3 +91,12 @@ def pearson_interval(x: Sequence[float], y: Sequence[float], clusters: Sequence[
     """Bootstrap interval of :func:`pearson` over ``(x, y)`` pairs, resampling their clusters (questions)."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return bootstrap(lambda idx: pearson(a[idx].tolist(), b[idx].tolist()), list(clusters), seed=seed)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (``successes`` of ``n``)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))

@@ -16,11 +16,13 @@ against the answers' own response-average projection (read by the unsteered mode
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -32,7 +34,7 @@ from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs, unit
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits
 from ..run.pipeline import Run
-from ..stats import pearson, pearson_interval
+from ..stats import mean_interval, pearson, pearson_interval
 from ..vectors.vector import PersonaVector
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
 
 
 def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> None:
-    """Scatter: last-prompt projection vs judged trait (or vs the answers' projection when unscored)."""
+    """Scatter: last-prompt projection vs judged trait (or vs the answers' projection when unscored); each setting's
+    mean drawn black with its 95 % interval over questions."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -132,6 +135,16 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
         sub = table[table["type"] == kind]
         sc = ax.scatter(sub["projection"], sub[y_col], c=sub["setting"] / top, cmap="viridis", vmin=0.0, vmax=1.0,
                         marker=marker, s=18, label=kind.replace("_", "-"), alpha=0.8)
+    label = "setting mean, 95 % interval"
+    for (_, _), g in table.groupby(["type", "setting"]):  # each setting's mean with its 95 % interval (questions)
+        y = g[y_col].to_numpy(dtype=float)
+        if np.isfinite(y).any():
+            lo, hi = mean_interval(y, g["question_id"].to_numpy())
+            m = float(np.nanmean(y))
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar(float(g["projection"].mean()), m, yerr=[[m - lo], [hi - m]], fmt="s", ms=5, color="black",
+                            capsize=2, lw=1, zorder=5, label=label)
+                label = None
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="ladder step / 7, shots / 20 (0 = suppressing, 1 = eliciting)")
     key = "r_trait" if y_col == "trait" else "r_answer_projection"

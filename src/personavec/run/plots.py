@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..files import save_figure
+from ..stats import wilson
 from .format import number
 
 
@@ -129,11 +131,21 @@ def plot_capability(cap: dict[str, Any], path: Path, title: str) -> None:
     steered = pd.DataFrame(cap["steered"])
     if len(steered) and {"layer", "coef", "accuracy"} <= set(steered.columns):
         steered = numeric(steered, ["layer", "coef", "accuracy"])
+        n = number(cap["baseline"].get("n")) or 0
         for layer, d in steered.groupby("layer", sort=True):
             d = d.sort_values("coef")
-            ax.plot(d["coef"], d["accuracy"], marker="o", label=f"layer {int(layer)}")
+            if n:  # 95 % Wilson intervals of each accuracy (n questions)
+                acc = d["accuracy"].to_numpy(dtype=float)
+                lo, hi = (np.array(x, dtype=float) for x in zip(*(wilson(a * n, int(n)) for a in acc)))
+                ax.errorbar(d["coef"], acc, yerr=[acc - lo, hi - acc], marker="o", capsize=3,
+                            label=f"layer {int(layer)} (95 % interval)")
+            else:
+                ax.plot(d["coef"], d["accuracy"], marker="o", label=f"layer {int(layer)}")
     if base is not None:
         ax.axhline(base, color="black", ls="--", lw=1.2, label=f"unsteered {base:.3g}")
+        chance = number(cap.get("chance"))
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1.2, label=f"chance {chance:.2f}")
     units = {str(r.get("units") or "raw") for r in cap["steered"] if isinstance(r, dict)}  # raw: before grids had units
     unit = f" ({COEF_UNITS[units.pop()]})" if len(units) == 1 and units <= set(COEF_UNITS) else ""
     ax.set(xlabel=f"steering coefficient{unit}", ylabel="accuracy", title="Capability under steering")

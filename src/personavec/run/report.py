@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..errors import PersonavecError
 from ..files import read_json, write_text
+from ..stats import wilson
 from .format import DASH, coef, fixed, integer, number, value, with_interval
 from .plots import STEERING_PANELS, numeric, plot_capability, plot_separation, plot_steering, steering_panels
 
@@ -203,15 +204,6 @@ def _steering(steer: pd.DataFrame | None, selection: dict[str, Any], png: str | 
             "missing": missing, "columns": " / ".join(STEERING_CELL[c] for c in cols),
             "left_out": [t for name, _, t in STEERING_PANELS if name not in steering_panels(steer)],
             "n": ", ".join(map(str, n)) or DASH, "units": _units(selection)}
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
 
 
 def _capability(cap: dict[str, Any] | None, png: str | None) -> dict[str, Any] | None:
