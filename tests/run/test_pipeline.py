@@ -39,7 +39,8 @@ def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
     return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
             "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",
             "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "8",
-            "--filter", "on", "--steer-layers", "1,2", "--steer-coefs=-1,1", "--run-dir", str(run_dir)]
+            "--filter", "on", "--steer-layers", "1,2", "--steer-coefs=-1,1", "--run-dir", str(run_dir),
+            "--dtype", "float32"]  # answers are independent of their batch (a resumed run's batches differ) in fp32
 
 
 def _env(cache: Path) -> dict[str, str]:
