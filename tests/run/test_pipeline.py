@@ -38,9 +38,11 @@ def deterministic_judge(prompt: str) -> list[tuple[str, float]]:
 def _cmd(model_dir: Path, run_dir: Path, base_url: str) -> list[str]:
     return [sys.executable, "-m", "personavec.cli", "run", "--trait", "evil", "--model", str(model_dir),
             "--judge", "openai:fake-judge", "--judge-base-url", base_url, "--judge-concurrency", "2",
-            "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "8",
+            "--n-samples", "1", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "1",
             "--filter", "on", "--steer-layers", "1,2", "--steer-coefs=-1,1", "--run-dir", str(run_dir),
-            "--dtype", "float32"]  # answers are independent of their batch (a resumed run's batches differ) in fp32
+            "--dtype", "float32"]  # one row at a time: a resumed run's batches differ, and the matrix kernels may
+    # round another batch shape differently in the last bit (a sampled token then flips), so what is tested here is
+    # the resume, not batch invariance
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -356,7 +358,8 @@ def test_failed_starts_write_nothing_changed_dtype_is_refused_and_timings_are_ke
     cfg = _tiny(model_dir, dtype="float32")  # pinned: `auto` is bfloat16 on CPUs with native bfloat16
     first = Run(cfg, run_dir=run_dir, progress=False).run()
     recorded = json.loads((run_dir / "run.json").read_text())
-    assert recorded["config"]["dtype"] == "float32" and recorded["batch"]["batch_invariant"] is True
+    assert recorded["config"]["dtype"] == "float32" and recorded["batch"]["batch_invariant"] is False  # 50 rows
+    assert "rarely depends" in recorded["batch"]["note"]
     assert first["batch"] == {**recorded["batch"]}
     assert all(v > 0 for k, v in first["stage_seconds"].items() if k != "artifacts")
     # a rerun of the finished run keeps the recorded timings (they went to 0.0)

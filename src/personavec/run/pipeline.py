@@ -146,13 +146,17 @@ class Run:
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": self.batch_note()})
 
     def batch_note(self) -> dict[str, Any]:
-        """Whether this run's answers are independent of the batch they shared (see README, "Batch dependence")."""
+        """Whether this run's answers are independent of the batch they shared (see README, "Batch dependence"):
+        only one row at a time is that by construction; float32 nearly always, bfloat16 often not."""
         dtype = self.cfg.resolved_dtype()
-        invariant = dtype == "float32"
-        return {"dtype": dtype, "dtype_setting": self.cfg.dtype or "auto", "batch_invariant": invariant,
-                "note": "answers do not depend on what shared their batch" if invariant else
-                        f"in {dtype} an answer can depend on what shared its batch (kernels round differently "
-                        "for other batch shapes); pass --dtype float32 for answers reproducible token for token"}
+        invariant = self.cfg.sampling.batch_size == 1
+        note = ("one row at a time: answers do not depend on a batch" if invariant else
+                "in float32 an answer rarely depends on what shared its batch (kernels may round other batch shapes "
+                "differently in the last bit)" if dtype == "float32" else
+                f"in {dtype} an answer can depend on what shared its batch (kernels round other batch shapes "
+                "differently); pass --dtype float32, and --gen-batch-size 1 for answers reproducible token for token")
+        return {"dtype": dtype, "dtype_setting": self.cfg.dtype or "auto", "batch_size": self.cfg.sampling.batch_size,
+                "batch_invariant": invariant, "note": note}
 
     def artifacts(self) -> TraitArtifacts:
         p = self.path("artifacts.json")
