@@ -207,7 +207,10 @@ def test_side_by_side_answers_share_a_seed_meters_stay_with_their_message_and_cl
     assert [m["role"] for m in sent[2]["messages"]] == ["user", "assistant", "user"]
     assert sent[2]["messages"][1]["content"] == steered_text
     assert [meter(page, 0, "evil", k)["count"] for k in (0, 1)] == first
-    assert meter(page, 1, "evil")["count"] > 0 and page.locator(".turn").count() == 2
+    # the second answer has its own meter, one bar per reading (the tiny model may end the answer at once, as it
+    # does in float32 here: then it has none)
+    second = meter(page, 1, "evil")
+    assert second["bars"] == second["count"] and page.locator(".turn").count() == 2
 
     page.click("#clear")
     assert page.locator("#log > *").count() == 0 and page.evaluate("state.history.length") == 0
