@@ -194,7 +194,10 @@ class FakeOpenAIServer:
         for k, v in (headers or {}).items():
             handler.send_header(k, v)
         handler.end_headers()
-        handler.wfile.write(data)
+        try:
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client was killed before it read its reply
+            pass
 
 
 class _Handler(BaseHTTPRequestHandler):
