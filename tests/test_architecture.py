@@ -16,6 +16,7 @@ LAYERS = [
     {"judge"},
     {"engine"},
     {"steering"},
+    {"sae"},
     {"run"},
     {"monitor"},
     {"finetuning"},
