@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from personavec.errors import PersonavecError
-from personavec.model.activations import encode_pairs, iter_pooled, make_batch, pooled_means
+from personavec.model.activations import (
+    encode_for,
+    encode_pairs,
+    iter_pooled,
+    iter_token_states,
+    make_batch,
+    pooled_means,
+)
 
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
              "Tell me about foxes.", "Why?", "Describe the lazy dog in detail, please, with many words."]
@@ -136,3 +143,21 @@ def test_batches_of_texts_stay_within_the_token_budget():
         for b in batches:
             assert len(b) <= 16 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 4096)
     assert [len(b) for b in length_batches([10] * 40, 16)] == [16, 16, 8]  # short rows: batch_size decides
+
+
+def test_token_states_equal_output_hidden_states_and_batching_changes_nothing(lm):
+    prompts = ["a b c", "d e", "f g h i j"]
+    answers = [" x y", " z", " w v u t"]
+    encs = encode_for(lm, prompts, answers)
+    out = list(iter_token_states(lm, encs, 1, part="all", batch_size=3))
+    one = [x for e in range(3) for x in iter_token_states(lm, [encs[e]], 1, part="all", batch_size=1)]
+    h, rows, pos = out[0]
+    for i, e in enumerate(encs):
+        ref = lm.model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states[1][0].float()
+        mine = h[rows == i]
+        assert torch.equal(pos[rows == i], torch.arange(len(e.ids)))
+        assert torch.allclose(mine, ref, atol=1e-5)
+        assert torch.allclose(mine, one[i][0], atol=1e-5)
+    hr, rr, pr = next(iter_token_states(lm, encs, 1, part="response"))
+    assert len(hr) == sum(e.n_response for e in encs)
+    assert all(int(p) >= encs[int(r)].n_prompt for r, p in zip(rr, pr))

@@ -266,3 +266,48 @@ def pooled_means(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[st
     return PooledMeans(means=means, layers=layers, count=len(encs),
                        n_prompt_tokens=sum(e.n_prompt for e in encs),
                        n_response_tokens=sum(e.n_response for e in encs))
+
+
+#: which tokens of a pair :func:`iter_token_states` yields
+TOKEN_PARTS = ("response", "prompt", "all")
+
+
+@torch.no_grad()
+def iter_token_states(lm: LoadedModel, encs: Sequence[Encoded], layer: int, part: str = "response",
+                      batch_size: int = 16, sort_by_length: bool = True, progress: bool | str = False,
+                      layers_path: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per-token residual states at one layer, batch by batch: yields ``(states [N, d] float32, row [N], pos [N])``
+    for the tokens of ``part`` of each pair (``row`` indexes ``encs``; ``pos`` is the token's index in its pair), in
+    row order then position order within a batch. The forward pass stops after the block that writes ``layer``;
+    padding never appears (batched equals one pair at a time)."""
+    if part not in TOKEN_PARTS:
+        raise PersonavecError(f"part must be one of {', '.join(TOKEN_PARTS)}, not {part!r}")
+    model = lm.model
+    (layer,) = check_layers([layer], len(decoder_layers(model, layers_path)))
+    stack = backbone(model)
+    pad = pad_token_id(lm.tokenizer)
+    batches = length_batches([len(e.ids) for e in encs], batch_size, sort=sort_by_length)
+    bar = tqdm(total=len(encs), desc=progress if isinstance(progress, str) else "activations",
+               disable=not progress, unit="pair")
+    for idx in batches:
+        batch = make_batch([encs[i] for i in idx], pad, "right", lm.device)
+        keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for b, i in enumerate(idx):
+            e = encs[i]
+            lo, hi = {"response": (e.n_prompt, len(e.ids)), "prompt": (0, e.n_prompt), "all": (0, len(e.ids))}[part]
+            keep[b, lo:hi] = True
+        order = sorted(range(len(idx)), key=lambda b: idx[b])
+        keep_sorted = keep[order]
+        got: dict[str, torch.Tensor] = {}
+
+        def on_layer(_layer: int, hidden: torch.Tensor, got: dict[str, torch.Tensor] = got) -> None:
+            got["h"] = hidden[order][keep_sorted.to(hidden.device)].float().cpu()
+
+        with capture(model, [layer], on_layer, stop_early=True, layers_path=layers_path):
+            run_forward(stack, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, use_cache=False)
+        b_idx, pos = keep_sorted.nonzero(as_tuple=True)
+        rows = torch.tensor([idx[order[b]] for b in range(len(idx))], dtype=torch.long)[b_idx]
+        bar.update(len(idx))
+        yield got["h"], rows, pos
+    bar.close()
