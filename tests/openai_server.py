@@ -11,6 +11,7 @@ that request fail with HTTP 500.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -194,10 +195,8 @@ class FakeOpenAIServer:
         for k, v in (headers or {}).items():
             handler.send_header(k, v)
         handler.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client was killed before it read
             handler.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client was killed before it read its reply
-            pass
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -78,5 +78,5 @@ def test_check_model_refuses_another_width_or_a_layer_the_model_lacks():
     sae.check_model(n_layers=6, hidden_size=8)
     with pytest.raises(PersonavecError, match="hidden size 16"):
         sae.check_model(n_layers=6, hidden_size=16)
-    with pytest.raises(PersonavecError, match="layers 0..4"):
+    with pytest.raises(PersonavecError, match=r"layers 0\.\.4"):
         sae.check_model(n_layers=4, hidden_size=8)

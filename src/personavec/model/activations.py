@@ -300,7 +300,8 @@ def iter_token_states(lm: LoadedModel, encs: Sequence[Encoded], layer: int, part
         keep_sorted = keep[order]
         got: dict[str, torch.Tensor] = {}
 
-        def on_layer(_layer: int, hidden: torch.Tensor, got: dict[str, torch.Tensor] = got) -> None:
+        def on_layer(_layer: int, hidden: torch.Tensor, got: dict[str, torch.Tensor] = got, order: list[int] = order,
+                     keep_sorted: torch.Tensor = keep_sorted) -> None:
             got["h"] = hidden[order][keep_sorted.to(hidden.device)].float().cpu()
 
         with capture(model, [layer], on_layer, stop_early=True, layers_path=layers_path):
