@@ -15,6 +15,9 @@ from ..files import atomic_write, escape_line_ends, iter_chunks, jsonl_line, sav
 from ..vectors.probe import Probe
 from .scoring import ScreenConfig
 
+#: per-row lists (the SAE features carrying a score, :mod:`.features`), not scores
+LIST_COLUMNS = (":sae_features", ":sae_terms")
+
 
 def rank_columns(probes: Sequence[Probe], mode: str) -> dict[str, str]:
     """The column each probe ranks samples by: its main score at its first layer."""
@@ -46,7 +49,8 @@ def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence
     out, path = Path(out_dir), Path(path)
     table = pd.read_parquet(out / "screen.parquet")
     ranks = rank_columns(probes, cfg.mode)
-    score_cols = [c for c in table.columns if "@L" in c]
+    score_cols = [c for c in table.columns if "@L" in c and not c.endswith(LIST_COLUMNS)]
+    feature_cols = [c for c in table.columns if c.endswith(LIST_COLUMNS)]
     summary: dict[str, Any] = {"rows": len(table), "mode": cfg.mode, "rank_columns": ranks,
                                "dataset_mean": {c: _mean(table[c]) for c in score_cols}, "vectors": {}}
     cuts: dict[str, float] = {}
@@ -70,7 +74,9 @@ def report(out_dir: str | os.PathLike, path: str | os.PathLike, probes: Sequence
     for fname, sel in (("top.jsonl", top_rows), ("bottom.jsonl", bottom_rows)):
         with atomic_write(out / fname) as f:
             for r in sel:
-                extra = {"row": int(r), **{c: _mean(scores.at[r, c]) for c in score_cols}}
+                extra = {"row": int(r), **{c: _mean(scores.at[r, c]) for c in score_cols},
+                         **{c: [round(float(x), 6) if c.endswith("terms") else int(x) for x in scores.at[r, c]]
+                            for c in feature_cols}}
                 if "base_answer" in scores.columns:
                     extra["base_answer"] = scores.at[r, "base_answer"]
                 f.write(jsonl_line({**_jsonable(originals[r]), "screen": extra}))

@@ -44,8 +44,11 @@ from ..files import atomic_path, claim_settings, fingerprint, iter_chunks, locke
 from ..model.chat import conversation_pair
 from ..model.loading import LoadedModel, check_loaded
 from ..model.projection import column, project_pairs
+from ..sae.autoencoder import SparseAutoencoder
 from ..vectors.probe import Probe, directions, make_probes, probe_identity
 from ..vectors.vector import PersonaVector
+from .features import check_sae, feature_columns
+from .features import identity as sae_identity
 
 MODES = ("delta", "response", "prompt_last")
 KINDS = {"delta": ("delta_p", "response", "base_response", "prompt_last"),
@@ -168,8 +171,10 @@ def check_rows(path: Path, tokenizer: Any, cfg: ScreenConfig) -> None:
 
 @torch.no_grad()
 def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int,
-                 probes: Sequence[Probe], cfg: ScreenConfig, cache: KeyValueCache | None = None) -> pd.DataFrame:
-    """Scores of one chunk of input rows (``row`` = global row number) plus token counts and timing."""
+                 probes: Sequence[Probe], cfg: ScreenConfig, cache: KeyValueCache | None = None,
+                 sae: SparseAutoencoder | None = None) -> pd.DataFrame:
+    """Scores of one chunk of input rows (``row`` = global row number) plus token counts and timing; with an
+    ``sae``, the features that carry each row's score (:mod:`.features`)."""
     t0 = time.perf_counter()
     pairs = [row_pair(r, first_row + k, lm.tokenizer, cfg) for k, r in enumerate(rows)]
     prompts = [p for p, _ in pairs]
@@ -186,6 +191,7 @@ def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int
                 df[f"{p.name}@L{layer}:response"] = column(proj, n, p.name, layer, "response_avg")
             df[f"{p.name}@L{layer}:prompt_last"] = column(proj, n, p.name, layer, "prompt_last")
     generated = 0
+    base = None
     if cfg.mode == "delta":
         base, generated = base_answers(lm, prompts, cfg, cache)
         bproj = _project(lm, prompts, base, probes, ["response_avg"], cfg)
@@ -196,6 +202,9 @@ def screen_chunk(lm: LoadedModel, rows: Sequence[dict[str, Any]], first_row: int
                 b = pd.Series(column(bproj, n, p.name, layer), dtype="float64")
                 df[f"{p.name}@L{layer}:base_response"] = b.to_numpy()
                 df[f"{p.name}@L{layer}:delta_p"] = (df[f"{p.name}@L{layer}:response"] - b).to_numpy()
+    if sae is not None:
+        feats = feature_columns(lm, sae, probes, prompts, answers, base, cfg.batch_size, cfg.max_length)
+        df = pd.concat([df, feats], axis=1)
     df["n_tokens"] = lengths
     df.attrs["stats"] = {"seconds": time.perf_counter() - t0, "tokens": n_tokens, "generated_tokens": generated}
     return df
@@ -222,11 +231,14 @@ def write_part(df: pd.DataFrame, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: ScreenConfig, model_id: str) -> None:
+def check_settings(out_dir: Path, path: Path, probes: Sequence[Probe], cfg: ScreenConfig, model_id: str,
+                   sae: SparseAutoencoder | None = None) -> None:
     """Write ``screen_config.json`` once; refuse to continue a directory made with other settings or data."""
-    claim_settings(out_dir / "screen_config.json",
-                   {"input": fingerprint(path), "model": model_id, "probes": probe_identity(probes),
-                    "config": cfg.identity()},
+    settings = {"input": fingerprint(path), "model": model_id, "probes": probe_identity(probes),
+                "config": cfg.identity()}
+    if sae is not None:  # a directory screened without an SAE keeps its settings as they were
+        settings["sae"] = sae_identity(sae)
+    claim_settings(out_dir / "screen_config.json", settings,
                    "a screening (of other data?)", "use another --out or delete that directory")
 
 
@@ -264,24 +276,28 @@ def assemble(out_dir: Path, n_chunks: int) -> Path:
 
 def screen_file(lm: LoadedModel, path: str | os.PathLike, probes: Sequence[Probe], out_dir: str | os.PathLike,
                 cfg: ScreenConfig = DEFAULT_CONFIG, cache_path: str | os.PathLike | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Score every row of ``path`` into ``out_dir`` (resumable); returns throughput figures of this call."""
+                progress: bool = True, sae: SparseAutoencoder | None = None) -> dict[str, Any]:
+    """Score every row of ``path`` into ``out_dir`` (resumable); returns throughput figures of this call. With an
+    ``sae``, each row also gets the features that carry its score."""
 
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist")
     for p in probes:
         p.vector.check_compatible(lm)
+    if sae is not None:
+        check_sae(sae, probes, cfg.mode, lm.n_layers, lm.hidden_size)
     with locked(out, "the screening (--out)"):
-        return _screen_file(lm, path, probes, out, cfg, cache_path, progress)
+        return _screen_file(lm, path, probes, out, cfg, cache_path, progress, sae)
 
 
 def screen(lm: LoadedModel, data: str | os.PathLike, vectors: Mapping[str, PersonaVector], out_dir: str | os.PathLike,
            config: ScreenConfig = DEFAULT_CONFIG, layers: Sequence[int] | None = None,
-           progress: bool = True) -> pd.DataFrame:
+           progress: bool = True, sae: SparseAutoencoder | None = None) -> pd.DataFrame:
     """Score every (prompt, response) row of ``data`` on each vector (ΔP by default; see :class:`ScreenConfig`)
     into ``out_dir`` (resumable) and return the table (``out_dir/screen.parquet``): one row per input row.
-    Vectors are read at ``layers`` (default: each one's chosen layer)."""
+    Vectors are read at ``layers`` (default: each one's chosen layer). With an ``sae`` (at one of those layers),
+    each row also gets the features that carry its score (:mod:`personavec.screening.features`)."""
     check_loaded(lm, "screen")
     for name, value in (("data", data), ("out_dir", out_dir)):
         if not isinstance(value, (str, os.PathLike)):
@@ -292,17 +308,20 @@ def screen(lm: LoadedModel, data: str | os.PathLike, vectors: Mapping[str, Perso
     if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
         raise PersonavecError(f"screen's layers must be a list of layer numbers, not {shown(layers)}")
     layers = None if layers is None else [whole(x, "each of screen's layers", low=0) for x in layers]
-    screen_file(lm, data, make_probes(vectors, layers), out_dir, config, progress=progress)
+    if sae is not None and not isinstance(sae, SparseAutoencoder):
+        raise PersonavecError(f"screen's sae must be a SparseAutoencoder (pv.load_sae(path)), not {shown(sae)}")
+    screen_file(lm, data, make_probes(vectors, layers), out_dir, config, progress=progress, sae=sae)
     return pd.read_parquet(Path(out_dir) / "screen.parquet")
 
 
 def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path, cfg: ScreenConfig,
-                 cache_path: str | os.PathLike | None, progress: bool) -> dict[str, Any]:
+                 cache_path: str | os.PathLike | None, progress: bool,
+                 sae: SparseAutoencoder | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if not (out / "screen_config.json").exists():
         check_rows(path, lm.tokenizer, cfg)
-    check_settings(out, path, probes, cfg, lm.model_id)
+    check_settings(out, path, probes, cfg, lm.model_id, sae)
     done = done_chunks(out)
     cache = base_answer_cache(cache_path or out / "base_answers.sqlite") if cfg.mode == "delta" else None
     t0 = time.perf_counter()
@@ -315,7 +334,7 @@ def _screen_file(lm: LoadedModel, path: Path, probes: Sequence[Probe], out: Path
             if k in done:
                 bar.update(len(chunk))
                 continue
-            df = screen_chunk(lm, chunk.to_dict("records"), k * cfg.chunk_rows, probes, cfg, cache)
+            df = screen_chunk(lm, chunk.to_dict("records"), k * cfg.chunk_rows, probes, cfg, cache, sae)
             write_part(df, part_path(out, k))
             s = df.attrs["stats"]
             stats["rows"] += len(df)
