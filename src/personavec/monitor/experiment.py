@@ -160,15 +160,8 @@ def plot(table: pd.DataFrame, corr: dict[str, Any], path: Path, title: str) -> N
 def check_layer(vec: PersonaVector, layer: int | None) -> int:
     """The experiment's read-out layer: ``layer`` (``--layer``), else the vector's chosen one; refused when out of the
     vector's range or where its row is zero (no direction to read along)."""
-    if layer is None:
-        if vec.chosen_layer is None:
-            raise PersonavecError("the vector has no chosen layer; pass --layer")
-        layer = vec.chosen_layer
-    layer = whole(layer, "layer (--layer)")
-    if not 0 <= layer <= vec.n_layers:
-        raise PersonavecError(f"layer {layer} (--layer) is out of range: the model has layers 0..{vec.n_layers}")
-    vec.direction(layer)  # a zero row (layer 0, a layer not extracted) is refused naming the vector's layers
-    return layer
+    vec.direction(layer, flag="--layer")
+    return vec.chosen_layer if layer is None else int(layer)
 
 
 def run_layer(run: Any, vec: PersonaVector, layer: int | None) -> int:

@@ -85,18 +85,20 @@ class PersonaVector:
     def default_pooling(self) -> str:
         return "response_avg" if "response_avg" in self.tensors else next(iter(self.tensors))
 
-    def get(self, layer: int | None = None, pooling: str | None = None) -> torch.Tensor:
-        """The ``[d]`` direction at ``layer`` (default: the chosen layer) for ``pooling``."""
+    def get(self, layer: int | None = None, pooling: str | None = None, flag: str | None = None) -> torch.Tensor:
+        """The ``[d]`` direction at ``layer`` (default: the chosen layer) for ``pooling``; ``flag`` names where the
+        layer came from in a refusal."""
         pooling = pooling or self.default_pooling
         if pooling not in self.tensors:
             raise PersonavecError(f"this vector has no {pooling!r} pooling; it has {', '.join(self.tensors)}")
         if layer is None:
             if self.chosen_layer is None:
-                raise PersonavecError("no layer given and the vector has no chosen layer; pass --layer")
+                raise PersonavecError(f"no layer given and the vector has no chosen layer; pass {flag or '--layer'}")
             layer = self.chosen_layer
-        layer = whole(layer, "layer")
+        named = f"layer ({flag})" if flag else "layer"
+        layer = whole(layer, named)
         if not 0 <= layer <= self.n_layers:
-            raise PersonavecError(f"layer {layer} out of range 0..{self.n_layers}")
+            raise PersonavecError(f"{named} {layer} is out of range: the model has layers 0..{self.n_layers}")
         if layer == self.n_layers and self.extra.get("last_row") == "hf_final_norm" and not self._warned_last_row:
             self._warned_last_row = True
             log.warning("layer %d of this imported vector was taken AFTER the model's final norm (the official "
@@ -104,10 +106,11 @@ class PersonaVector:
                         "direction do not match; prefer a layer below %d", layer, layer, layer)
         return self.tensors[pooling][layer]
 
-    def direction(self, layer: int | None = None, pooling: str | None = None) -> torch.Tensor:
+    def direction(self, layer: int | None = None, pooling: str | None = None,
+                  flag: str | None = None) -> torch.Tensor:
         """:meth:`get`, refusing a row that is zero or not finite: it has no direction to steer, export or project
         on (row 0, the embeddings, is zero in every extracted vector; so are layers that were not extracted)."""
-        v = self.get(layer, pooling)
+        v = self.get(layer, pooling, flag)
         layer = self.chosen_layer if layer is None else layer
         if bool(torch.isfinite(v).all()) and bool(v.any()):
             return v
