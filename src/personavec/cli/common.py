@@ -8,7 +8,7 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -112,26 +112,22 @@ def finite_float(text: str) -> float:
     return x
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{as_typed(text)} must be at least 1")
-    return n
+def _whole_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{as_typed(text)} must be at least {low}")
+        return n
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{as_typed(text)} must be at least 0")
-    return n
+positive_int = _whole_at_least(1)
+non_negative_int = _whole_at_least(0)
 
 
 def finite_floats(text: str) -> list[float]:
