@@ -76,10 +76,17 @@ def test_arithmetic_keeps_mirrors_or_drops_the_calibration(lm):
     vec = _vec()
     cal = calibrate(lm, vec, prompts, answers, sides, held_out=True)["layers"]["2"]
     assert (vec * 2.0).extra["calibration"]["layers"]["2"] == cal
-    neg = (-vec).extra["calibration"]["layers"]["2"]
-    assert neg["pos"]["1"] == -cal["pos"]["99"] and neg["neg"]["75"] == -cal["neg"]["25"]
-    flipped = calibrate(lm, -vec, prompts, answers, sides, held_out=True)["layers"]["2"]
+    # negated, the sides swap too: "pos" holds the answers the vector points towards (the default guard's side)
+    negated = (-vec).extra["calibration"]
+    neg = negated["layers"]["2"]
+    assert neg["neg"]["1"] == -cal["pos"]["99"] and neg["pos"]["75"] == -cal["neg"]["25"]
+    assert neg["pos_mean"]["99"] == (None if cal["neg_mean"]["1"] is None else -cal["neg_mean"]["1"])
+    assert negated["negated"] is True
+    assert negated["n_pos_answers"] == vec.extra["calibration"]["n_neg_answers"]
+    flipped = calibrate(lm, -vec, prompts, answers, [{"pos": "neg", "neg": "pos"}[s] for s in sides],
+                        held_out=True)["layers"]["2"]
     assert neg["pos"]["50"] == pytest.approx(flipped["pos"]["50"], abs=1e-3)
+    assert (-(-vec)).extra["calibration"]["layers"]["2"] == cal and "negated" not in vec.extra["calibration"]
     assert "calibration" not in (vec * 0.0).extra and "calibration" not in (vec + _vec(1)).extra
     assert "calibration" in vec.extra  # the original is untouched
 

@@ -248,7 +248,9 @@ def check_named(vectors: Any, what: str = "vectors") -> dict[str, PersonaVector]
 
 def _scaled_extra(extra: dict[str, Any], k: float) -> dict[str, Any]:
     """The metadata of ``vec * k``: a calibration (readings on the unit direction) is kept for k > 0, mirrored for
-    k < 0 (v̂ turns round: the q% quantile becomes minus the (100 − q)% one) and dropped for k = 0."""
+    k < 0 (v̂ turns round: the q% quantile becomes minus the (100 − q)% one, and the sides swap: ``pos`` always
+    holds the answers the vector points towards, so a negated vector's default guard and cap come from the answers
+    that now read high) and dropped for k = 0."""
     cal = extra.get("calibration")
     if not isinstance(cal, dict) or k > 0:
         return dict(extra)
@@ -257,8 +259,12 @@ def _scaled_extra(extra: dict[str, Any], k: float) -> dict[str, Any]:
         def mirror(q: dict[str, Any]) -> dict[str, Any]:
             return {key: None if q.get(str(100 - float(key)).removesuffix(".0")) is None
                     else -q[str(100 - float(key)).removesuffix(".0")] for key in q}
-        layers = {layer: {side: mirror(q) for side, q in e.items()} for layer, e in cal.get("layers", {}).items()}
-        out["calibration"] = {**cal, "layers": layers}
+        def swap(key: str) -> str:
+            return key.replace("pos", "\0").replace("neg", "pos").replace("\0", "neg")
+
+        layers = {layer: {swap(side): mirror(q) for side, q in e.items()} for layer, e in cal.get("layers", {}).items()}
+        counts = {swap(key): v for key, v in cal.items() if key.startswith(("n_pos", "n_neg"))}
+        out["calibration"] = {**cal, **counts, "layers": layers, "negated": not cal.get("negated", False)}
     return out
 
 
