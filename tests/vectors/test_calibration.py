@@ -86,7 +86,7 @@ def test_arithmetic_keeps_mirrors_or_drops_the_calibration(lm):
     flipped = calibrate(lm, -vec, prompts, answers, [{"pos": "neg", "neg": "pos"}[s] for s in sides],
                         held_out=True)["layers"]["2"]
     assert neg["pos"]["50"] == pytest.approx(flipped["pos"]["50"], abs=1e-3)
-    assert (-(-vec)).extra["calibration"]["layers"]["2"] == cal and "negated" not in vec.extra["calibration"]
+    assert (-1 * -vec).extra["calibration"]["layers"]["2"] == cal and "negated" not in vec.extra["calibration"]
     assert "calibration" not in (vec * 0.0).extra and "calibration" not in (vec + _vec(1)).extra
     assert "calibration" in vec.extra  # the original is untouched
 
