@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from personavec.model.activations import Encoded, encode_for, iter_token_states
@@ -28,7 +30,7 @@ def test_streaming_top_k_equals_the_top_k_of_everything_and_windows_stay_in_thei
     acts = torch.relu(torch.randn(len(rows), 3, generator=g))
     for cut in ([0, 2, 4, 7], [0, 7], [0, 1, 2, 3, 4, 5, 6, 7]):  # batches of whole answers
         top = TopContexts([10, 11, 12], k=3, window=2)
-        for lo, hi in zip(cut, cut[1:]):
+        for lo, hi in pairwise(cut):
             m = (rows >= lo) & (rows < hi)
             top.add(acts[m], rows[m], pos[m], encs)
         for j, kept in enumerate(top.kept):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ..errors import PersonavecError
 from ..version import __version__
-from . import extract, finetune, monitor, run, sae, screen, serve, steer, vectors
+from . import decompose, extract, finetune, monitor, run, sae, screen, serve, steer, vectors
 from .common import Parser
 
 
@@ -18,7 +18,7 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version=f"personavec {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (extract, run, monitor, finetune, screen, vectors, steer, serve, sae):
+    for group in (extract, run, monitor, finetune, screen, vectors, steer, serve, sae, decompose):
         group.add_parsers(sub)
     return p
 

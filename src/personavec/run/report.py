@@ -343,6 +343,38 @@ def _screening(run_dir: Path) -> dict[str, Any] | None:
             "rows": [(value(r.get("selection")), [fixed(r.get(k), 3) for k in keys]) for r in sv.get("results", [])]}
 
 
+DECOMPOSITION_JSON = "decomposition/decomposition.json"
+DECOMPOSITION_PAGE = "decomposition/decomposition.html"
+
+
+def _decomposition(run_dir: Path, n: int = 8) -> dict[str, Any] | None:
+    """The SAE decomposition's short section (``personavec decompose --run``): its top features by cosine with
+    their share of the pos − neg gap, and the link to its page."""
+    doc = _read_json_section(run_dir / DECOMPOSITION_JSON)
+    if doc is None or doc.get("unreadable"):
+        return doc
+    cards = {c.get("latent"): c for c in doc.get("cards") or [] if isinstance(c, dict)}
+    rankings = doc.get("rankings") or {}
+    att = (doc.get("attribution") or {}).get("gap") or {}
+
+    def rows(key: str) -> list[list[str]]:
+        out = []
+        for i in (rankings.get(key) or [])[:n]:
+            c = cards.get(i) or {}
+            share = number(c.get("gap_share"))
+            causal = (c.get("causal") or {}).get("projection_effect") or {}
+            out.append([f"feature {i}", fixed(c.get("cosine"), 3), DASH if share is None else f"{100 * share:+.1f} %",
+                        with_interval(causal.get("mean"), [causal.get("lo"), causal.get("hi")])
+                        if number(causal.get("mean")) is not None else DASH])
+        return out
+
+    error = number(att.get("error_share"))
+    return {"page": DECOMPOSITION_PAGE if (run_dir / DECOMPOSITION_PAGE).is_file() else None,
+            "sae": value((doc.get("sae") or {}).get("describe")), "layer": integer(doc.get("layer")),
+            "positive": rows("cosine_positive"), "negative": rows("cosine_negative"),
+            "error_share": DASH if error is None else f"{100 * error:+.1f} %"}
+
+
 def _examples(examples: list[dict[str, Any]], units: str = "raw") -> list[tuple[str, list[dict[str, str]]]]:
     groups: dict[float | None, list[dict[str, Any]]] = {}
     for ex in examples:
@@ -439,6 +471,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         separation=_separation(sep, best_layer, png(SEPARATION_PNG)),
         steering=_steering(steer, selection, png(STEERING_PNG)), capability=_capability(cap, png(CAPABILITY_PNG)),
         monitoring=_monitoring(run_dir), finetuning=_finetuning(run_dir), screening=_screening(run_dir),
+        decomposition=_decomposition(run_dir),
         examples=_examples(examples, _units(selection)), greedy=greedy, units=_units(selection),
         judge_note=summary.get("judge_note"),
         browser=_browser(answers, selection), why_layers=_why_layers(best_layer, selection),
