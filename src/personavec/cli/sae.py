@@ -33,6 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=positive_int, default=1024, help="tokens per optimizer step")
     t.add_argument("--lr", type=finite_float, default=None, help="default 2e-4/sqrt(latents/2^14)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-steps", type=positive_int, default=None,
+                   help="also checkpoint every this many steps (default: every 2 minutes and at the end)")
     model_args(t)
     t.set_defaults(func=cmd_sae_train, model=None)
     i = ssub.add_parser("info", help="describe an SAE (any format personavec reads)")
@@ -82,7 +84,7 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
     if args.k > args.latents:
         raise PersonavecError(f"--k {args.k} is more than --latents {args.latents}: lower --k or raise --latents")
     cfg = SaeTrainConfig(latents=args.latents, k=args.k, tokens=args.tokens, minutes=minutes, seed=args.seed,
-                         batch_size=args.batch_size, lr=args.lr)
+                         batch_size=args.batch_size, lr=args.lr, checkpoint_steps=args.checkpoint_steps)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PersonavecError(f"--out {as_typed(args.out)} is a file; give a directory")

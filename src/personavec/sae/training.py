@@ -356,7 +356,8 @@ class TopKTrainer:
             write_json(tmp / "state.json", {"step": self.step_count, "tokens": self.tokens, **extra})
 
     def load(self, directory: Path) -> dict[str, Any]:
-        t = load_file(directory / "state.safetensors")
+        # fresh (aligned) memory: a matrix product's rounding may depend on its operands' alignment
+        t = {k: v.clone() for k, v in load_file(directory / "state.safetensors").items()}
         for k in PARAMS:
             self.p[k], self.m[k], self.v[k] = t[k], t[f"m.{k}"], t[f"v.{k}"]
         self.since_fired = t["since_fired"]
@@ -534,9 +535,7 @@ def train_loop(cache: ActivationCache, cfg: SaeTrainConfig, ckpt: Path, progress
     elapsed = 0.0
     if (ckpt / "state.json").is_file():
         meta = trainer.load(ckpt)
-        elapsed = float(meta.get("elapsed", 0.0))
-        if meta.get("done"):
-            return trainer, meta
+        elapsed = float(meta.get("elapsed", 0.0))  # a finished checkpoint: the loop below has nothing to do
     B = min(cfg.batch_size, cache.n_train)
     n_steps = None if cfg.tokens is None else math.ceil(cfg.tokens / B)
     budget = None if cfg.minutes is None else cfg.minutes * 60
