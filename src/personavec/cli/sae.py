@@ -38,7 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     model_args(t)
     t.set_defaults(func=cmd_sae_train, model=None)
     i = ssub.add_parser("info", help="describe an SAE (any format personavec reads)")
-    i.add_argument("sae", help="an SAE directory or file (e.g. the sae/ folder `sae train` writes)")
+    i.add_argument("sae", help="an SAE directory or file, or a `sae train --out` directory")
     i.add_argument("--layer", type=int, default=None, help="the layer, for a file that does not say")
     i.set_defaults(func=cmd_sae_info)
 
@@ -121,6 +121,8 @@ def cmd_sae_info(args: argparse.Namespace) -> None:
     from ..sae.training import load_trained
 
     path = Path(args.sae)
+    if (path / "sae").is_dir() and (path / "settings.json").is_file():  # a `sae train --out` directory
+        path = path / "sae"
     if not path.exists():
         raise PersonavecError(f"sae info {as_typed(args.sae)} does not exist; give an SAE directory or file")
     try:

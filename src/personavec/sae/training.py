@@ -48,7 +48,7 @@ from ..model.activations import encode_for, iter_token_states, make_batch
 from ..model.layers import edit, run_forward
 from ..model.loading import LoadedModel, check_loaded, pad_token_id
 from .autoencoder import SparseAutoencoder
-from .corpus import Document, read_corpus_files, run_documents, run_identity, sampled_corpus
+from .corpus import CORPUS_SAMPLING, Document, read_corpus_files, run_documents, run_identity, sampled_corpus
 
 log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)
@@ -495,7 +495,8 @@ def train_sae(lm: LoadedModel, layer: int, corpus: Sequence[str | os.PathLike] |
         raise PersonavecError(f"the corpus ({', '.join(map(str, files))}) holds no text; give files with text in them")
     settings = {"model": lm.model_id, "revision": lm.revision, "dtype": str(lm.dtype).replace("torch.", ""),
                 "layer": layer, **cfg.identity(),
-                "corpus": [fingerprint(p) for p in files] if files else "sampled: built-in traits' questions",
+                "corpus": [fingerprint(p) for p in files] if files else {
+                    "sampled": "built-in traits' questions", **CORPUS_SAMPLING.to_dict()},
                 "run": run_identity(run) if run is not None else None}
     with locked(out, "the SAE"):
         claim_settings(out / "settings.json", settings, "an SAE's training")
