@@ -13,7 +13,8 @@ encoder's input is ``x - b_dec`` when ``apply_b_dec_to_input`` is true, else ``x
 
 - ``relu``: ``relu(pre)``;
 - ``topk``: the ``k`` largest pre-activations kept (then ReLU), all others zero;
-- ``jumprelu``: ``pre`` where ``pre > threshold`` (per latent), else zero (BatchTopK SAEs are saved this way).
+- ``jumprelu``: ``relu(pre)`` where ``pre > threshold`` (per latent), else zero (BatchTopK SAEs are saved this
+  way; the ReLU matters only for a negative threshold, and SAELens, Gemma Scope and dictionary_learning apply it).
 
 ``layer`` is in personavec's convention (the residual stream after ``layer`` decoder blocks; see
 :mod:`personavec.model.layers`), never a hook name: the readers translate.
@@ -131,7 +132,7 @@ class SparseAutoencoder:
         if self.activation == "relu":
             return torch.relu(pre)
         if self.activation == "jumprelu":
-            return pre * (pre > self.threshold)
+            return torch.relu(pre) * (pre > self.threshold)
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
