@@ -118,19 +118,14 @@ def report(m: dict[str, Any]) -> str:
 
 
 def cmd_sae_info(args: argparse.Namespace) -> None:
-    from ..sae.training import load_trained
+    from ..sae.formats import load_sae
 
     path = Path(args.sae)
     if (path / "sae").is_dir() and (path / "settings.json").is_file():  # a `sae train --out` directory
         path = path / "sae"
     if not path.exists():
         raise PersonavecError(f"sae info {as_typed(args.sae)} does not exist; give an SAE directory or file")
-    try:
-        from ..sae.formats import load_sae
-    except ImportError:
-        sae = load_trained(path)
-    else:
-        sae = load_sae(path, layer=args.layer)
+    sae = load_sae(path, layer=args.layer)
     print(sae.describe())
     norms = sae.decoder_norms()
     print(f"  decoder row norms {float(norms.min()):.4g}..{float(norms.max()):.4g}, "

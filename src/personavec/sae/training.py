@@ -573,26 +573,14 @@ def train_loop(cache: ActivationCache, cfg: SaeTrainConfig, ckpt: Path, progress
 
 
 def save_trained(sae: SparseAutoencoder, directory: Path) -> None:
-    """The trained SAE in SAELens' format (``personavec.sae.formats``)."""
-    try:
-        from .formats import save_sae
-    except ImportError:  # formats.py not written yet: our own two files
-        with atomic_dir(directory) as tmp:
-            save_file({k: getattr(sae, k).contiguous() for k in PARAMS}, tmp / "sae_weights.safetensors")
-            write_json(tmp / "cfg.json", {"d_in": sae.d_in, "d_sae": sae.n_latents, "architecture": "topk",
-                                          "k": sae.k, "apply_b_dec_to_input": True, "layer": sae.layer,
-                                          "model_id": sae.model_id, "hook_name": sae.hook_name,
-                                          "provenance": sae.provenance})
-        return
+    """The trained SAE in SAELens' format (:func:`personavec.sae.formats.save_sae`; the training metrics and
+    settings ride in its provenance)."""
+    from .formats import save_sae
+
     save_sae(sae, directory)
 
 
 def load_trained(directory: Path) -> SparseAutoencoder:
-    try:
-        from .formats import load_sae
-    except ImportError:
-        meta = read_json(directory / "cfg.json")
-        t = load_file(directory / "sae_weights.safetensors")
-        return SparseAutoencoder(**t, activation="topk", k=meta["k"], layer=meta["layer"], model_id=meta["model_id"],
-                                 hook_name=meta["hook_name"], provenance=meta["provenance"])
+    from .formats import load_sae
+
     return load_sae(directory)
