@@ -54,16 +54,14 @@ def test_trait_chats_are_the_pipelines_prompts():
     from personavec.run.artifacts import builtin, builtin_traits
 
     jobs = trait_chats()
-    assert len(jobs) == len(builtin_traits()) * 40 * 3
+    assert len(jobs) == len(builtin_traits()) * 40
     for trait in builtin_traits():
         art = builtin(trait)
         mine = [j for j in jobs if j["trait"] == trait]
-        assert [j["question"] for j in mine[::3]] == art.extraction_questions + art.evaluation_questions
-        for q, j in enumerate(mine[1::3]):
-            assert j["system"] == art.system_prompts("pos")[q % 5]
-        for q, j in enumerate(mine[2::3]):
-            assert j["system"] == art.system_prompts("neg")[q % 5]
-        assert all(j["system"] is None for j in mine[::3])
+        assert [j["question"] for j in mine] == art.extraction_questions + art.evaluation_questions
+        for q, j in enumerate(mine):
+            want = [None, art.system_prompts("pos")[q % 5], art.system_prompts("neg")[q % 5]][q % 3]
+            assert j["system"] == want and j["side"] == ("none", "pos", "neg")[q % 3]
 
 
 def test_sampled_corpus_is_written_once(tmp_path, lm, monkeypatch):
