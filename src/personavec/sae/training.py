@@ -16,9 +16,12 @@ divided by ``s`` (a test checks this).
 Activations. The corpus's residual states at the layer are computed once and written to ``DIR/activations/``
 (chunks of ``chunk_tokens`` tokens, safetensors; the held-out documents' tokens beside them). Training reads them in
 epochs: each epoch a seeded order of the chunks, taken in groups that fit ``shuffle_mib`` MiB, each group's tokens
-shuffled with a seed and cut into batches. So memory is bounded by ``shuffle_mib`` (default 256 MiB) plus the model
-and the SAE, whatever the corpus's size (disk: 4 bytes x d_in per corpus token), and the batch of step ``t`` is a
-function of the seed and ``t`` alone: a resumed run reads exactly the batches an uninterrupted one would.
+shuffled with a seed and cut into batches. So the activations held in memory are at most ``shuffle_mib`` (default
+256 MiB) while training and one chunk plus a forward batch while caching, and ``heldout_max_tokens`` x d_in x 4 bytes
+(default 65 536 tokens: 144 MiB at d_in 576) while measuring, beside the model and the SAE with its Adam moments
+(3 x 2 x latents x d_in x 4 bytes: 54 MiB at the defaults), whatever the corpus's size (disk: 4 bytes x d_in per
+corpus token). The batch of step ``t`` is a function of the seed and ``t`` alone: a resumed run reads exactly the
+batches an uninterrupted one would.
 
 Resume. The whole training state (weights, Adam moments, the dead-latent counters, the step) is checkpointed to
 ``DIR/checkpoint/`` every ``checkpoint_minutes`` and at the end; killed (even by SIGKILL) and run again with the
