@@ -242,3 +242,38 @@ def test_gemma_scope_off_the_residual_stream_is_refused(tmp_path):
     np.savez(d / "params.npz", W_enc=np.zeros((8, 24), np.float32))
     with pytest.raises(PersonavecError, match="not the residual stream"):
         load_sae(d)
+
+
+def test_dictionary_learning_jumprelu_and_the_classes_we_cannot_tell_or_read(tmp_path):
+    sae = random_sae()
+    d = tmp_path / "resid_post_layer_4" / "trainer_1"
+    d.mkdir(parents=True)
+    torch.save({"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+                "threshold": torch.full((24,), 0.2)}, d / "ae.pt")
+    got = load_sae(d)
+    assert (got.layer, got.activation, got.apply_b_dec_to_input) == (5, "jumprelu", False)
+    x = torch.randn(5, 8)
+    pre = x @ sae.W_enc + sae.b_enc
+    assert torch.equal(got.encode(x), torch.relu(pre * (pre > 0.2)))  # JumpReluAutoEncoder.encode
+    torch.save({"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc, "b_dec": sae.b_dec,
+                "decoder.weight": sae.W_dec.T.contiguous(), "k": torch.tensor(4), "threshold": torch.tensor(-1.0)},
+               d / "ae.pt")
+    with pytest.raises(PersonavecError, match="put its config"):
+        load_sae(d)
+    (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "MatryoshkaBatchTopKSAE"}}))
+    with pytest.raises(PersonavecError, match="MatryoshkaBatchTopKSAE"):
+        load_sae(d)
+    (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK", "layer": 9}}))
+    with pytest.raises(PersonavecError, match="resid_post_layer_4"):  # the folder and the config must agree
+        load_sae(d, layer=10)
+    assert load_sae(d).k == 4
+
+
+def test_a_goodfire_file_beside_a_config_is_still_read_as_goodfire(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    torch.save({"encoder_linear.weight": torch.randn(24, 8, generator=g), "encoder_linear.bias": torch.zeros(24),
+                "decoder_linear.weight": torch.randn(8, 24, generator=g), "decoder_linear.bias": torch.zeros(8)},
+               tmp_path / "sae.pth")
+    (tmp_path / "config.json").write_text("{}")
+    sae = load_sae(tmp_path, layer=2)
+    assert (sae.provenance["format"], sae.apply_b_dec_to_input, sae.layer) == ("goodfire", False, 2)

@@ -213,7 +213,7 @@ def read_saelens(directory: Path, layer: int | None = None, model_id: str | None
     if arch not in ("standard", "topk", "jumprelu"):
         raise PersonavecError(f"{cfg_path}: architecture {shown(arch)} is not one personavec reads (standard, topk, "
                               "jumprelu; BatchTopK saved as jumprelu)")
-    norm = cfg.get("normalize_activations", "none")
+    norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise PersonavecError(f"{cfg_path}: normalize_activations is {shown(norm)}, which rescales each input at run "
                               "time by a factor the file does not fold in; personavec reads only \"none\" (sae-lens: "
@@ -343,7 +343,7 @@ def read_gemma_scope(path: Path, layer: int | None = None, model_id: str | None 
 
 # ------------------------------------------------------------------------------------- dictionary_learning
 
-_DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+_DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 
 
 def read_dictionary_learning(path: Path, layer: int | None = None, model_id: str | None = None) -> SparseAutoencoder:
@@ -351,7 +351,7 @@ def read_dictionary_learning(path: Path, layer: int | None = None, model_id: str
 
     - ``AutoEncoder``: relu(encoder(x − bias)), decoder(f) + bias (``decoder.weight [d, n]``, no decoder bias);
     - ``AutoEncoderTopK``: top-k of relu(encoder(x − b_dec)) (its encode does not use its threshold by default);
-    - ``BatchTopKSAE`` / ``MatryoshkaBatchTopKSAE``: at inference relu(encoder(x − b_dec)) kept where it exceeds
+    - ``BatchTopKSAE``: at inference relu(encoder(x − b_dec)) kept where it exceeds
       the one scalar ``threshold``: a JumpReLU with that threshold for every latent;
     - ``JumpReluAutoEncoder``: SAELens-named tensors, no b_dec at the input.
     The layer: a ``resid_post_layer_N`` folder, else the config's ``trainer.layer`` (block N's output): our N+1.
@@ -360,7 +360,13 @@ def read_dictionary_learning(path: Path, layer: int | None = None, model_id: str
     cfg = _config(cfg_path) if cfg_path.is_file() else {}
     trainer = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else {}
     t = _pickle(path)
+    if "encoder_linear.weight" in t:  # a Goodfire state dict beside a config.json
+        return read_goodfire(path, layer, model_id, tensors=t)
     cls = trainer.get("dict_class") or _guess_dl_class(t)
+    if cls is None:
+        raise PersonavecError(f"{path}: no config.json with trainer.dict_class beside it, and its tensors do not tell "
+                              "the class (AutoEncoderTopK and BatchTopKSAE hold the same ones): put its config.json "
+                              "beside it")
     if cls not in _DL_CLASSES:
         raise PersonavecError(f"{cfg_path}: dict_class {shown(cls)} is not one personavec reads "
                               f"({', '.join(_DL_CLASSES)})")
@@ -410,19 +416,18 @@ def _guess_dl_class(t: dict[str, torch.Tensor]) -> str | None:
         return "JumpReluAutoEncoder"
     if "bias" in t and "encoder.weight" in t:
         return "AutoEncoder"
-    if "k" in t and "threshold" in t:
-        return None  # TopK and BatchTopK hold the same tensors: only the config tells them apart
-    return None
+    return None  # AutoEncoderTopK and BatchTopKSAE hold the same tensors: only the config tells them apart
 
 
 # ---------------------------------------------------------------------------------------------- Goodfire
 
-def read_goodfire(path: Path, layer: int | None = None, model_id: str | None = None) -> SparseAutoencoder:
+def read_goodfire(path: Path, layer: int | None = None, model_id: str | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None) -> SparseAutoencoder:
     """A Goodfire SAE (one state dict: ``encoder_linear.weight [n, d]``, ``encoder_linear.bias``,
     ``decoder_linear.weight [d, n]``, ``decoder_linear.bias``): relu(encoder_linear(x)), decoder_linear(f) — no
     b_dec at the input. The file does not say its layer: ``layer=`` is needed (their ``-lN`` releases read the
     output of block N, as sae-lens maps them: our layer N+1)."""
-    t = _pickle(path)
+    t = _pickle(path) if tensors is None else tensors
     where = str(path)
     m = re.search(r"-l(\d+)\.pth?$", path.name)
     hint = f"; {path.name} names block {m.group(1)}, whose output is --layer {int(m.group(1)) + 1}" if m else ""
@@ -461,7 +466,7 @@ def detect_format(path: str | os.PathLike, layer: int | None = None) -> tuple[st
         return "dictionary_learning", p / "ae.pt"
     pickles = sorted([*p.glob("*.pth"), *p.glob("*.pt")])
     if len(pickles) == 1:
-        return "goodfire", pickles[0]
+        return detect_format(pickles[0], layer)
     if any((q / SPARSIFY_WEIGHTS).is_file() for q in p.iterdir() if q.is_dir()):
         return "sparsify", _sparsify_hookpoint(p, layer)
     raise PersonavecError(f"found no SAE in {p} ({_EXPECTED})")
