@@ -95,7 +95,8 @@ def cmd_sae_train(args: argparse.Namespace) -> None:
     lm = load_lm(args)
     sae = train_sae(lm, layer, corpus=args.corpus, out=out, config=cfg, run=args.run)
     print(sae.describe())
-    print(report(sae.provenance.get("training", {})))
+    training = sae.provenance.get("training")
+    print(report(training if isinstance(training, dict) else {}))
     print(f"saved to {out / 'sae'}; metrics in {out / 'training.json'}")
 
 
@@ -111,10 +112,14 @@ def report(m: dict[str, Any]) -> str:
     if s:
         lines.append(f"next-token loss on {s.get('n_tokens')} held-out tokens: clean {s['ce_clean']:.4f}, SAE spliced "
                      f"{s['ce_spliced']:.4f} ({s['ce_delta']:+.4f}), zero-ablated {s['ce_zero_ablated']:.4f}; "
-                     f"ce_loss_score {s['ce_loss_score']:.4f}")
+                     f"ce_loss_score {_num(s.get('ce_loss_score'))}")
     lines.append(f"trained on {m.get('train_tokens')} tokens in {m.get('steps')} steps, {m.get('train_seconds', 0):.0f}"
                  f" s ({m.get('tokens_per_s', 0):.0f} tokens/s; stopped by {m.get('stopped_by')})")
     return "\n".join(lines)
+
+
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def cmd_sae_info(args: argparse.Namespace) -> None:

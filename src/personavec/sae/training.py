@@ -445,7 +445,7 @@ def spliced_loss(lm: LoadedModel, layer: int, sae: SparseAutoencoder, docs: Sequ
             sums[name] += float(ce.reshape(targets.shape)[scored].sum())
         n += int(scored.sum())
     ce = {k: v / max(n, 1) for k, v in sums.items()}
-    score = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else float("nan")
+    score = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else None
     return {"ce_clean": ce["clean"], "ce_spliced": ce["sae"], "ce_zero_ablated": ce["zero"],
             "ce_delta": ce["sae"] - ce["clean"], "ce_loss_score": score, "n_tokens": n, "n_docs": len(docs)}
 
