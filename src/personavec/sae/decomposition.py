@@ -156,11 +156,23 @@ def cosine_ranking(sae: SparseAutoencoder, direction: torch.Tensor, top: int) ->
     """``(cosines [n] float64, top positive latents, top negative latents)``: v̂ against every unit decoder row."""
     u = direction.double().flatten()
     u = u / u.norm()
-    cos = sae.unit_decoder().double().cpu() @ u
+    component = decoder_components(sae, u)
+    norms = decoder_components(sae, None)
+    cos = torch.where(norms > 0, component / norms.clamp(min=1e-300), torch.zeros_like(component))
     k = min(top, cos.numel())
     pos = cos.topk(k).indices.tolist()
     neg = (-cos).topk(k).indices.tolist()
     return cos, pos, neg
+
+
+def decoder_components(sae: SparseAutoencoder, u: torch.Tensor | None, chunk: int = 8192) -> torch.Tensor:
+    """``[n]`` float64 ``⟨W_dec[i], u⟩`` (``u`` None: the rows' norms), a chunk of rows at a time: an SAE of 131k
+    latents over a 3584-wide stream is never copied whole into float64."""
+    out = []
+    for lo in range(0, sae.n_latents, chunk):
+        rows = sae.W_dec[lo:lo + chunk].detach().cpu().double()
+        out.append(rows.norm(dim=-1) if u is None else rows @ u)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def decompose(vec: PersonaVector, sae: SparseAutoencoder, lm: LoadedModel | None = None,
@@ -180,8 +192,8 @@ def decompose(vec: PersonaVector, sae: SparseAutoencoder, lm: LoadedModel | None
         raise PersonavecError("attributing over answers needs the model: pass lm")
     cos, top_pos, top_neg = cosine_ranking(sae, v, cfg.top)
     table = pd.DataFrame({"latent": np.arange(sae.n_latents), "cosine": cos.numpy(),
-                          "component": (sae.W_dec.double().cpu() @ (v.double() / v.double().norm())).numpy(),
-                          "decoder_norm": sae.decoder_norms().double().cpu().numpy()})
+                          "component": decoder_components(sae, v.double() / v.double().norm()).numpy(),
+                          "decoder_norm": decoder_components(sae, None).numpy()})
     table["rank_cos_pos"] = _ranks(top_pos, sae.n_latents)
     table["rank_cos_neg"] = _ranks(top_neg, sae.n_latents)
     rankings: dict[str, list[int]] = {"cosine_positive": top_pos, "cosine_negative": top_neg}
