@@ -32,7 +32,7 @@ $(SAE_STAMP): $(SAE_REQS) $(SAE_PINS)
 	$(SAE_VENV)/bin/pip uninstall -q -y torchvision
 	touch $(SAE_STAMP)
 
-sae-venv: $(SAE_STAMP)  ## the SAE libraries' venv the format parity test runs them in (~3.5 min, 2.3 GB)
+sae-venv: $(SAE_STAMP)  ## the SAE libraries' venv the format parity test runs them in (3.5-7 min with a warm pip cache, 2.3 GB)
 
 demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, CPU profile)
 	$(BIN)/personavec run --trait evil --quick
