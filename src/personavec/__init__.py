@@ -34,12 +34,42 @@ _API = {
     "project": "monitor.projections", "LiveMonitor": "monitor.live",
     "finetune": "finetuning.lora", "TrainConfig": "finetuning.lora", "shift": "finetuning.shift",
     "screen": "screening.scoring", "ScreenConfig": "screening.scoring",
+    "SparseAutoencoder": "sae.autoencoder", "load_sae": "sae.formats", "save_sae": "sae.formats",
+    "train_sae": "sae.training", "SaeTrainConfig": "sae.training", "decompose": "sae.decomposition",
+    "DecomposeConfig": "sae.decomposition",
 }
 
 __all__ = [
-    "Edit", "FilterConfig", "LiveMonitor", "LoadedModel", "PersonaVector", "PersonavecError", "Run", "RunConfig",
-    "SamplingConfig", "ScreenConfig", "TrainConfig", "__version__", "chat", "extract_vector", "finetune",
-    "load_model", "load_vector", "make_judge", "project", "screen", "shift", "steer", "wrap_model",
+    "DecomposeConfig",
+    "Edit",
+    "FilterConfig",
+    "LiveMonitor",
+    "LoadedModel",
+    "PersonaVector",
+    "PersonavecError",
+    "Run",
+    "RunConfig",
+    "SaeTrainConfig",
+    "SamplingConfig",
+    "ScreenConfig",
+    "SparseAutoencoder",
+    "TrainConfig",
+    "__version__",
+    "chat",
+    "decompose",
+    "extract_vector",
+    "finetune",
+    "load_model",
+    "load_sae",
+    "load_vector",
+    "make_judge",
+    "project",
+    "save_sae",
+    "screen",
+    "shift",
+    "steer",
+    "train_sae",
+    "wrap_model",
 ]
 
 
@@ -66,6 +96,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .monitor.projections import project
     from .run.config import RunConfig
     from .run.pipeline import Run
+    from .sae.autoencoder import SparseAutoencoder
+    from .sae.decomposition import DecomposeConfig, decompose
+    from .sae.formats import load_sae, save_sae
+    from .sae.training import SaeTrainConfig, train_sae
     from .screening.scoring import ScreenConfig, screen
     from .vectors.extraction import extract_vector
     from .vectors.formats import load_vector
