@@ -106,7 +106,10 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     lm = None
     if run_dir is not None or args.texts or args.causal:
         if args.model is None:
-            known = vec.model_id if vec.model_id != "unknown" else None
+            from ..model.loading import EMBEDDED
+
+            embedded = {m.model_id: name for name, m in EMBEDDED.items()}  # an embedded model's hub id: its name
+            known = embedded.get(vec.model_id, vec.model_id) if vec.model_id != "unknown" else None
             args.model = (_run_model(run_dir) if run_dir else None) or known or DEFAULT_MODEL
         n_layers, hidden, _ = model_shape(args.model, args.revision)  # before any weights load
         sae.check_model(n_layers, hidden, args.model)
