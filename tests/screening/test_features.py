@@ -72,3 +72,26 @@ def test_an_sae_that_cannot_explain_the_scores_is_refused_before_anything_is_wri
     with pytest.raises(PersonavecError, match=message):
         screen_file(lm, data, [Probe("evil", vector(lm), (1,))], tmp_path / "out", cfg, progress=False, sae=sae)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_takes_an_sae_file_and_refuses_it_on_ray_or_a_layer_without_it(model_dir, tmp_path, capsys):
+    from personavec.cli import main
+    from personavec.model.loading import load_model
+    from personavec.sae.formats import save_sae
+
+    loaded = load_model(str(model_dir), dtype="float32")
+    vector(loaded).save(tmp_path / "evil.safetensors")
+    save_sae(_sae(loaded), tmp_path / "sae")
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, rows(4))
+    base = ["screen", str(data), "--vector", str(tmp_path / "evil.safetensors"), "--model", str(model_dir),
+            "--dtype", "float32", "--max-new-tokens", "4", "--top-k", "2"]
+    assert main([*base, "--out", str(tmp_path / "cli"), "--sae", str(tmp_path / "sae")]) == 0
+    table = pd.read_parquet(tmp_path / "cli" / "screen.parquet")
+    assert (_accounted(table.dropna(subset=["evil@L1:delta_p"]), "evil@L1", "delta_p") < 1e-4).all()
+    capsys.readouterr()
+    for extra, message in ((["--sae", str(tmp_path / "sae"), "--ray"], "--sae runs on the local path only"),
+                           (["--sae-layer", "1"], "give --sae too")):
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

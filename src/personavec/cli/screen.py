@@ -15,6 +15,7 @@ from .common import (
     load_lm,
     model_args,
     named_vectors,
+    non_negative_int,
     parse_layers,
     positive_int,
     run_args,
@@ -53,6 +54,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="SQLite cache of base answers (default: OUT/base_answers.sqlite)")
     sc.add_argument("--no-early-stop", action="store_true", help="run every layer (benchmarking)")
     sc.add_argument("--no-bucketing", action="store_true", help="batch in input order (benchmarking)")
+    sc.add_argument("--sae", default=None, help="an SAE (any format `personavec sae info` reads) at one of the "
+                                                "screened layers: every row gets the features that carry its score")
+    sc.add_argument("--sae-layer", type=non_negative_int, default=None,
+                    help="the SAE's layer, for a file that does not say")
     sc.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     sc.add_argument("--ray-workers", type=positive_int, default=2, help="model actors")
     sc.add_argument("--ray-address", default=None, help="existing cluster: auto or ray://host:port")
@@ -101,6 +106,16 @@ def cmd_screen(args: argparse.Namespace) -> None:
     if not Path(args.data).is_file():
         raise PersonavecError(f"{args.data} does not exist")
     specs, probes = _screen_probes(args)
+    sae = None
+    if args.sae is not None:
+        from ..sae.formats import load_sae
+
+        if args.ray:
+            raise PersonavecError("--sae runs on the local path only for now: leave out --ray (or screen without "
+                                  "--sae on Ray)")
+        sae = load_sae(args.sae, layer=args.sae_layer)
+    elif args.sae_layer is not None:
+        raise PersonavecError("--sae-layer is the layer of an --sae file; give --sae too")
     if args.ray:
         if args.base_cache:
             raise PersonavecError("--base-cache is for the local path; on Ray each worker keeps its own cache on "
@@ -109,7 +124,7 @@ def cmd_screen(args: argparse.Namespace) -> None:
                                 device=args.device, dtype=args.dtype, address=args.ray_address,
                                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
     else:
-        speed = screen_file(load_lm(args), args.data, probes, args.out, cfg, cache_path=args.base_cache)
+        speed = screen_file(load_lm(args), args.data, probes, args.out, cfg, cache_path=args.base_cache, sae=sae)
     summary = report(args.out, args.data, probes, cfg, top_k=args.top_k, threshold=args.threshold,
                      percentile=args.percentile, throughput=speed)
     print(f"{summary['rows']} samples screened ({cfg.mode}); this call: {speed['rows']} rows in {speed['seconds']} s"
