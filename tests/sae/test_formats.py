@@ -66,6 +66,15 @@ def test_save_then_load_round_trips_exactly(tmp_path, kw):
     assert torch.equal(back.encode(x), sae.encode(x))
 
 
+def test_a_training_directory_is_read_as_the_sae_it_holds(tmp_path):
+    sae = random_sae(layer=3, activation="topk", k=4)
+    save_sae(sae, tmp_path / "run" / "sae")
+    with pytest.raises(PersonavecError, match="found no SAE"):
+        load_sae(tmp_path / "run")  # a folder that merely holds an SAE somewhere is not one
+    (tmp_path / "run" / "settings.json").write_text("{}")  # what `sae train --out` leaves beside it
+    assert torch.equal(load_sae(tmp_path / "run").W_dec, sae.W_dec)
+
+
 def test_save_writes_the_current_saelens_layout_with_our_layer(tmp_path):
     save_sae(random_sae(layer=5, model_id="org/m", activation="topk", k=4), tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())

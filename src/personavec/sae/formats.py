@@ -469,6 +469,8 @@ def detect_format(path: str | os.PathLike, layer: int | None = None) -> tuple[st
         return detect_format(pickles[0], layer)
     if any((q / SPARSIFY_WEIGHTS).is_file() for q in p.iterdir() if q.is_dir()):
         return "sparsify", _sparsify_hookpoint(p, layer)
+    if (p / "sae" / SAELENS_CFG).is_file() and (p / "settings.json").is_file():  # a `sae train --out` directory
+        return detect_format(p / "sae", layer)
     raise PersonavecError(f"found no SAE in {p} ({_EXPECTED})")
 
 
