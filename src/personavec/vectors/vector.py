@@ -98,7 +98,8 @@ class PersonaVector:
         named = f"layer ({flag})" if flag else "layer"
         layer = whole(layer, named)
         if not 0 <= layer <= self.n_layers:
-            raise PersonavecError(f"{named} {layer} is out of range: the model has layers 0..{self.n_layers}")
+            raise PersonavecError(f"layer {layer}{f' ({flag})' if flag else ''} is out of range: the model has layers "
+                                  f"0..{self.n_layers}")
         if layer == self.n_layers and self.extra.get("last_row") == "hf_final_norm" and not self._warned_last_row:
             self._warned_last_row = True
             log.warning("layer %d of this imported vector was taken AFTER the model's final norm (the official "
