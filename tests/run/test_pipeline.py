@@ -230,17 +230,21 @@ def test_judge_none_runs_in_process_and_warns(tmp_path, model_dir, monkeypatch):
     assert (sep.loc[real, "auroc_lo"] <= sep.loc[real, "auroc"]).all()
     assert (sep.loc[real, "auroc"] <= sep.loc[real, "auroc_hi"]).all()
     assert (sep.loc[real, "cohens_d_lo"] < sep.loc[real, "cohens_d_hi"]).all() and (sep["n_questions"] == 20).all()
-    # no judge: the projection of the steered answers decides; on a tiny random model coefficient 1 moves it by
-    # less than its interval, so nothing is chosen, and the summary, selection and vector say so
+    # no judge: the projection of the steered answers decides; on a tiny random model coefficient 1 either breaks
+    # its text (more of its six-token answers loop than unsteered: the readability gate leaves the cell out) or
+    # moves the projection by less than its interval, so nothing is chosen, and the summary, selection and vector
+    # say so
     sel = summary["selection"]
-    assert sel["chosen_layer"] is None and sel["reason"].startswith("no defensible choice: nothing measurably moves")
+    assert sel["chosen_layer"] is None and sel["reason"].startswith("no defensible choice: ")
+    broken = sel["unreadable"] == [[2, 1.0]]
+    assert ("every steered cell (1) reads as broken text" if broken else "nothing measurably moves") in sel["reason"]
     assert json.loads((tmp_path / "run" / "selection.json").read_text())["criterion"] == "projection_gap_units"
     vec = PersonaVector.load(tmp_path / "run" / "vectors.safetensors")
     assert vec.chosen_layer is None and vec.extra["selection"]["defensible"] is False
     steering = pd.read_parquet(tmp_path / "run" / "steering.parquet")
     assert sorted(steering["coef"]) == [0.0, 1.0] and steering["trait_mean"].isna().all()
     assert (steering["n"] == 20).all() and steering["fluency_mean"].notna().all()
-    assert steering.loc[steering["coef"] == 1.0, "projection_effect_lo"].item() <= 0
+    assert broken or steering.loc[steering["coef"] == 1.0, "projection_effect_lo"].item() <= 0
     cap = summary["capability"]  # the unsteered check still runs; with no chosen layer nothing is steered
     assert cap["baseline"]["n"] == 40 and cap["steered"] == []
     assert (tmp_path / "run" / "report.html").exists()

@@ -153,6 +153,49 @@ def test_old_flat_saelens_layout_boolean_normalisation_means_the_unfolded_scale(
         load_sae(tmp_path / "t")
 
 
+def test_an_old_topk_cfg_without_k_says_what_is_missing(tmp_path):
+    flat = {"d_in": 8, "d_sae": 24, "hook_name": "blocks.0.hook_resid_pre", "activation_fn_str": "topk",
+            "activation_fn_kwargs": {}}
+    write_saelens(tmp_path / "s", flat, saelens_tensors())
+    with pytest.raises(PersonavecError, match="topk SAE without k in activation_fn_kwargs") as e:
+        load_sae(tmp_path / "s")
+    assert "not one personavec reproduces" not in str(e.value)
+
+
+def test_a_zero_decoder_row_in_a_rescaled_topk_sae_stays_a_latent_that_decodes_to_nothing(tmp_path):
+    t = saelens_tensors()
+    t["W_dec"][5] = 0.0
+    write_saelens(tmp_path / "s", {**NEW_CFG, "architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True},
+                  t)
+    sae = load_sae(tmp_path / "s")
+    assert all(bool(torch.isfinite(x).all()) for x in (sae.W_enc, sae.b_enc, sae.W_dec))
+    x = torch.randn(16, 8)
+    # the file's own rule: top-k of pre·‖d_i‖, decoded by (a/‖d_i‖)·d_i, a zero row contributing nothing
+    norms = t["W_dec"].norm(dim=-1)
+    pre = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms
+    top = pre.topk(4, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    live = norms > 0
+    want = (acts[:, live] / norms[live]) @ t["W_dec"][live] + t["b_dec"]
+    assert torch.allclose(sae.decode(sae.encode(x)), want, atol=1e-5)
+
+
+def test_dictionary_learning_in_a_folder_of_the_users_naming_reads_the_configs_layer(tmp_path):
+    sae = random_sae()
+    state = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
+             "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec}
+    for folder, layer in (("run_layer_3", 7), ("attn_out_layer_3", None)):
+        d = tmp_path / folder / "trainer_0"
+        d.mkdir(parents=True)
+        torch.save(state, d / "ae.pt")
+        (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder", "layer": 6}}))
+        if layer is None:  # the library's own name for an SAE on the attention output
+            with pytest.raises(PersonavecError, match="not the residual stream"):
+                load_sae(d)
+        else:
+            assert load_sae(d).layer == layer
+
+
 def test_a_missing_tensor_a_truncated_file_and_nan_weights_are_one_line_each(tmp_path):
     t = saelens_tensors()
     write_saelens(tmp_path / "a", NEW_CFG, {k: v for k, v in t.items() if k != "b_enc"})

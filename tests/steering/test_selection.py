@@ -78,10 +78,13 @@ def test_unreadable_cells_are_left_out_with_or_without_a_judge():
         t.loc[t["coef"] == 4.0, "degenerate_share"] = 0.5  # half its answers loop
         s = choose(t)
         assert s.chosen_coef == 2.0 and s.unreadable == [[8, 4.0]] and s.defensible
-        t.loc[t["coef"] == 4.0, ["degenerate_share", "fluency_mean"]] = (0.0, 2.6)  # 0.6 nats less likely
-        assert choose(t).chosen_coef == 2.0 and choose(t, fluency_margin=0.7).chosen_coef == 4.0
+        t.loc[t["coef"] == 4.0, ["degenerate_share", "fluency_mean"]] = (0.0, 3.1)  # 1.1 nats less likely
+        assert choose(t).chosen_coef == 2.0 and choose(t, fluency_margin=1.2).chosen_coef == 4.0
+        t.loc[t["coef"] == 4.0, ["degenerate_share", "fluency_mean"]] = (0.15, 2.0)  # 15 % of its answers loop
+        assert choose(t).chosen_coef == 2.0 and choose(t, degenerate_max=0.2).chosen_coef == 4.0
         # the margins are relative to the unsteered answers: a baseline that is itself unusual moves them
-        t.loc[t["coef"] == 0.0, "fluency_mean"] = 2.5
+        t.loc[t["coef"] == 4.0, "fluency_mean"] = 3.1
+        t.loc[t["coef"] == 0.0, ["fluency_mean", "degenerate_share"]] = (2.5, 0.1)
         assert choose(t).chosen_coef == 4.0
 
 

@@ -47,7 +47,7 @@ from ..model.edits import Edit, steer
 from ..model.loading import LoadedModel, load_model, model_shape
 from ..model.projection import column, project_pairs
 from ..run.artifacts import TraitArtifacts, builtin, builtin_traits, generate_artifacts, load_artifacts
-from ..stats import auroc, bootstrap, cohens_d
+from ..stats import auroc, bootstrap, cohens_d, finite_or_none
 from ..vectors.calibration import HELD_OUT, calibrate
 from ..vectors.extraction import extract_vector
 from ..vectors.vector import PersonaVector
@@ -486,8 +486,9 @@ class Run:
             first = cell.sort_values(["question_id", "sample_id"]).drop_duplicates("question_id").head(n)
             for _, r in first.iterrows():
                 rows.append({"layer": layer, "coef": c, "question": r["question"], "answer": r["answer"],
-                             "trait": _num(r["trait"]), "coherence": _num(r["coherence"]),
-                             "fluency": _num(r.get("fluency")), "repetition": _num(r.get("repetition"))})
+                             "trait": finite_or_none(r["trait"]), "coherence": finite_or_none(r["coherence"]),
+                             "fluency": finite_or_none(r.get("fluency")),
+                             "repetition": finite_or_none(r.get("repetition"))})
         return pd.DataFrame(rows)
 
     def greedy_examples(self, art: TraitArtifacts, vec: PersonaVector, grid: Any, layer: int, coef: float,
@@ -609,12 +610,6 @@ class Run:
         return summary
 
 
-def _num(x: Any) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if x != x else x
 
 
 def _mean(s: pd.Series) -> float | None:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..errors import PersonavecError
 from ..files import read_json, write_text
+from ..pages import template
 from ..stats import wilson
 from .format import DASH, coef, fixed, integer, number, value, with_interval
 from .plots import STEERING_PANELS, numeric, plot_capability, plot_separation, plot_steering, steering_panels
@@ -408,11 +409,7 @@ def _best_layer(summary: dict[str, Any], sep: pd.DataFrame | None) -> int | None
 
 
 def _template() -> Any:
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    env = Environment(loader=PackageLoader("personavec.run", "templates"), autoescape=select_autoescape(["html"]),
-                      keep_trailing_newline=True)
-    return env.get_template(REPORT_NAME)
+    return template("run", REPORT_NAME)
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:

@@ -117,7 +117,7 @@ class SparseAutoencoder:
                                   f"{hidden_size}: use an SAE trained on this model")
         if self.layer is not None and not 0 <= self.layer <= n_layers:
             raise PersonavecError(f"the SAE is for layer {self.layer} but {model_name} has layers 0..{n_layers}: "
-                                  "use an SAE trained on this model, or give --layer")
+                                  "use an SAE trained on this model")
 
     # ----- the map -----
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:

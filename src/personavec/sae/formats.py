@@ -47,6 +47,7 @@ SAELENS_LAYOUT_VERSION = "6.0.0"
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|.+)$")
 _MODULE_PATH = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?:layers|h)[._](\d+)$")  # sparsify / HF module paths
 _RESID_POST_DIR = re.compile(r"^resid_post_layer_(\d+)$")  # dictionary_learning's release folders
+_OTHER_SITE_DIR = re.compile(r"^(attn|mlp)(_out)?_layer_\d+$")  # its SAEs on other sites than the residual stream
 _GEMMA_LAYER_DIR = re.compile(r"^layer_(\d+)$")
 
 
@@ -186,7 +187,10 @@ def _saelens_cfg(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu")) or "relu"
         kwargs = cfg.get("activation_fn_kwargs") or {}
         arch = cfg.get("architecture", "standard")
-        if fn == "topk" and kwargs.get("k") is not None:
+        if fn == "topk" and kwargs.get("k") is None:
+            raise PersonavecError(f"{where}: a topk SAE without k in activation_fn_kwargs; the file is incomplete: "
+                                  "add its k there, or use the SAE's current sae-lens export")
+        if fn == "topk":
             arch, out["k"] = "topk", kwargs["k"]
         elif fn != "relu" and arch == "standard":
             raise PersonavecError(f"{where}: activation function {shown(fn)} is not one personavec reproduces "
@@ -236,8 +240,8 @@ def read_saelens(directory: Path, layer: int | None = None, model_id: str | None
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if cfg.get("rescale_acts_by_decoder_norm"):  # top-k of pre·‖d_i‖, decoded by (a/‖d_i‖)·d_i: fold exactly
-            norms = W_dec.norm(dim=-1)
-            W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+            norms = W_dec.norm(dim=-1)  # a zero row (a latent that decodes to nothing) stays zero
+            W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms.where(norms > 0, 1)[:, None]
     if arch == "jumprelu":
         threshold = _tensor(tensors, "threshold", weights)
     meta = cfg["metadata"]
@@ -387,10 +391,11 @@ def read_dictionary_learning(path: Path, layer: int | None = None, model_id: str
         else:
             activation, threshold = "jumprelu", _tensor(t, "threshold", path).float()
     # the layer: resid_post_layer_N in the path wins; the config's trainer.layer is block N's output too
-    dirs = [p for p in path.resolve().parts[:-1] if re.match(r"^[a-z_]+_layer_\d+$", p)]
+    # (a folder of the user's own naming, "run_layer_3" say, is neither: only the library's site names count)
+    dirs = [p for p in path.resolve().parts[:-1] if _RESID_POST_DIR.match(p) or _OTHER_SITE_DIR.match(p)]
     sub = trainer.get("submodule_name")
     site = dirs[-1] if dirs else sub
-    if site and not _RESID_POST_DIR.match(str(site)) and re.match(r"^[a-z_]+_layer_\d+$", str(site)):
+    if site and _OTHER_SITE_DIR.match(str(site)):
         raise PersonavecError(f"{path} is an SAE on {site}, not the residual stream after a block: use a "
                               "resid_post_layer_N SAE")
     if dirs:

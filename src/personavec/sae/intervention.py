@@ -31,7 +31,7 @@ from ..judge.scoring import judge_rows
 from ..model.edits import STEER_POSITIONS, Edit
 from ..model.loading import LoadedModel
 from ..model.projection import column, project_pairs
-from ..stats import bootstrap, mean_interval
+from ..stats import bootstrap, finite_or_none, mean_interval
 from ..steering.quality import answer_quality
 from .autoencoder import SparseAutoencoder
 
@@ -128,22 +128,18 @@ def readings_of(cell: pd.DataFrame, base: pd.DataFrame, seed: int = 0) -> dict[s
     for col in ("projection", "fluency", "trait", "coherence"):
         x = pd.to_numeric(cell[col], errors="coerce").astype(float)
         lo, hi = mean_interval(x.to_numpy(), cell["question_id"].to_numpy(), seed=seed)
-        out[col] = {"mean": _num(x.mean()), "lo": _num(lo), "hi": _num(hi), "n": int(x.notna().sum())}
+        out[col] = _summary(x.mean(), lo, hi, int(x.notna().sum()))
         a = x.groupby(cell["question_id"]).mean()
         b = pd.to_numeric(base[col], errors="coerce").astype(float).groupby(base["question_id"]).mean()
         d = (a - b).dropna().to_numpy()
         if len(d):
             lo, hi = bootstrap(lambda idx, d=d: float(d[idx].mean()), list(range(len(d))), seed=seed)
-            out[f"{col}_effect"] = {"mean": _num(float(np.mean(d))), "lo": _num(lo), "hi": _num(hi), "n": len(d)}
+            out[f"{col}_effect"] = _summary(float(np.mean(d)), lo, hi, len(d))
         else:
             out[f"{col}_effect"] = {"mean": None, "lo": None, "hi": None, "n": 0}
     return out
 
 
-def _num(x: Any) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+def _summary(mean: Any, lo: Any, hi: Any, n: int) -> dict[str, Any]:
+    """A mean with its interval and n, JSON-safe (None for what is missing or not finite)."""
+    return {"mean": finite_or_none(mean), "lo": finite_or_none(lo), "hi": finite_or_none(hi), "n": n}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..pages import template
+
 SECTIONS = {"cosine_positive": "Top features by positive cosine with v̂",
             "cosine_negative": "Top features by negative cosine with v̂",
             "gap": "Top contributors to the pos − neg gap (not listed above)",
@@ -132,14 +134,10 @@ def _causal(doc: dict[str, Any]) -> dict[str, Any] | None:
 
 def render_page(doc: dict[str, Any]) -> str:
     """The page's HTML for a decomposition document (the dict written as ``decomposition.json``)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    env = Environment(loader=PackageLoader("personavec.sae", "templates"), autoescape=select_autoescape(["html"]),
-                      keep_trailing_newline=True)
     cards = [_card(c) for c in doc.get("cards") or []]
     sections = [(title, [c for c in cards if c["section"] == key]) for key, title in SECTIONS.items()]
     vec = doc.get("vector") or {}
-    return env.get_template("decomposition.html").render(
+    return template("sae", "decomposition.html").render(
         title=f"{vec.get('trait')} — SAE features at layer {doc.get('layer')}", header=_header(doc),
         attribution=_attribution(doc), causal=_causal(doc), sections=[s for s in sections if s[1]],
         notes=doc.get("notes") or [])

@@ -25,11 +25,15 @@ from typing import Any
 
 import pandas as pd
 
-#: a readable cell's answers are at most this many nats per token less likely than the unsteered ones (on the
-#: embedded model: unsteered 2.8; the cells a blind read found readable stay within +0.3, broken ones +1.2 and more)
-FLUENCY_MARGIN = 0.5
-#: and at most this much more of them is degenerate (empty, or looping: see :mod:`.quality`) than unsteered
-DEGENERATE_MAX = 0.2
+#: a readable cell's answers are at most this many nats per token less likely than the unsteered ones. Calibrated
+#: on the embedded model's quick grid, 20 sampled answers per cell: unsteered 2.5-2.8; the +0.1 norm cells a read
+#: finds readable sit +0.3 to +0.8 above (more on float32 than on bfloat16: sampled NLL varies by about ±0.4 over
+#: 20 questions), the broken +0.2 cells +1.0 to +1.8 above. Loops are caught by the degenerate share, not here: a
+#: looping answer is *likely* under the model
+FLUENCY_MARGIN = 1.0
+#: and at most this much more of them (sampled and greedy) is degenerate (empty, or looping: see :mod:`.quality`)
+#: than unsteered: on the embedded model the broken cells had 15-28 % looping answers, the readable ones 0-8 %
+DEGENERATE_MAX = 0.1
 
 
 @dataclass
