@@ -54,14 +54,16 @@ def test_trait_chats_are_the_pipelines_prompts():
     from personavec.run.artifacts import builtin, builtin_traits
 
     jobs = trait_chats()
-    assert len(jobs) == len(builtin_traits()) * 40
+    assert len(jobs) == len(builtin_traits()) * 40 * 3  # every question with no, an eliciting, a suppressing prompt
     for trait in builtin_traits():
         art = builtin(trait)
         mine = [j for j in jobs if j["trait"] == trait]
-        assert [j["question"] for j in mine] == art.extraction_questions + art.evaluation_questions
-        for q, j in enumerate(mine):
-            want = [None, art.system_prompts("pos")[q % 5], art.system_prompts("neg")[q % 5]][q % 3]
-            assert j["system"] == want and j["side"] == ("none", "pos", "neg")[q % 3]
+        questions = art.extraction_questions + art.evaluation_questions
+        assert [j["question"] for j in mine] == [q for q in questions for _ in range(3)]
+        for i, j in enumerate(mine):
+            q = i // 3
+            want = [None, art.system_prompts("pos")[q % 5], art.system_prompts("neg")[q % 5]][i % 3]
+            assert j["system"] == want and j["side"] == ("none", "pos", "neg")[i % 3] and j["question_id"] == q
 
 
 def test_sampled_corpus_is_written_once(tmp_path, lm, monkeypatch):

@@ -74,7 +74,7 @@ def test_an_sae_that_cannot_explain_the_scores_is_refused_before_anything_is_wri
     assert not (tmp_path / "out").exists()
 
 
-def test_the_command_takes_an_sae_file_and_refuses_it_on_ray_or_a_layer_without_it(model_dir, tmp_path, capsys):
+def test_the_command_takes_an_sae_and_refuses_a_layer_without_it_or_against_it_also_on_ray(model_dir, tmp_path, capsys):
     from personavec.cli import main
     from personavec.model.loading import load_model
     from personavec.sae.formats import save_sae
@@ -90,8 +90,8 @@ def test_the_command_takes_an_sae_file_and_refuses_it_on_ray_or_a_layer_without_
     table = pd.read_parquet(tmp_path / "cli" / "screen.parquet")
     assert (_accounted(table.dropna(subset=["evil@L1:delta_p"]), "evil@L1", "delta_p") < 1e-4).all()
     capsys.readouterr()
-    for extra, message in ((["--sae", str(tmp_path / "sae"), "--ray"], "--sae runs on the local path only"),
-                           (["--sae-layer", "1"], "give --sae too")):
+    for extra, message in ((["--sae-layer", "1"], "give --sae too"),
+                           (["--sae", str(tmp_path / "sae"), "--sae-layer", "2", "--ray"], "is for layer 1")):
         assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()

@@ -179,7 +179,9 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     pytest.importorskip("ray")
     from personavec.cli import main
     from personavec.model.loading import load_model
+    from personavec.sae.formats import load_sae, save_sae
     from personavec.screening.ray import screen_file_ray
+    from sae.test_autoencoder import random_sae
 
     loaded = load_model(str(model_dir))
     vec = vector(loaded)
@@ -188,14 +190,19 @@ def test_ray_path_gives_the_local_table_and_the_command_works(model_dir, tmp_pat
     write_jsonl(data, rows(10))
     cfg = ScreenConfig(mode="delta", chunk_rows=3, max_new_tokens=5)
     probes = [Probe("evil", vec, (1, 2))]
-    screen_file(loaded, data, probes, tmp_path / "local", cfg, progress=False)
+    # with an SAE at layer 2: the workers load it too, and their rows carry the same features behind each score
+    save_sae(random_sae(d=loaded.hidden_size, n=48, layer=2, activation="topk", k=6), tmp_path / "sae")
+    screen_file(loaded, data, probes, tmp_path / "local", cfg, progress=False, sae=load_sae(tmp_path / "sae"))
     spec = [{"name": "evil", "path": str(tmp_path / "evil.safetensors"), "layers": [1, 2], "pooling": None}]
-    speed = screen_file_ray(str(model_dir), data, spec, tmp_path / "ray", cfg, workers=2)
+    speed = screen_file_ray(str(model_dir), data, spec, tmp_path / "ray", cfg, workers=2,
+                            sae={"path": str(tmp_path / "sae"), "layer": None})
     assert speed["rows"] == 10 and speed["workers"] == 2
     local = pd.read_parquet(tmp_path / "local" / "screen.parquet")
     dist = pd.read_parquet(tmp_path / "ray" / "screen.parquet")
     assert dist["base_answer"].tolist() == local["base_answer"].tolist()
+    assert local["evil@L2:sae_features"].map(len).eq(5).any()
     pd.testing.assert_frame_equal(dist, local, atol=1e-5, rtol=0)
+    local = local[[c for c in local.columns if ":sae_" not in c]]
     # the workers' SQLite caches (WAL) stay on their own local disks, never in the shared output directory
     assert not [p.name for p in (tmp_path / "ray").rglob("*.sqlite*")]
     # Parquet input (nested chat messages) on Ray, one actor: the same table again

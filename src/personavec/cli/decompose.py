@@ -39,10 +39,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL for an openai: judge")
     d.add_argument("--causal", type=non_negative_int, default=5,
                    help="steer with the decoder rows of the first N features by cosine (default 5, small enough for a "
-                        "CPU: 4 questions, greedy, 48 tokens each; 0: none)")
+                        "CPU: 10 questions, greedy, 48 tokens each; 0: none)")
     d.add_argument("--causal-coef", type=finite_float, default=0.1,
                    help="the row's length in norm units: x the typical residual norm at the layer (default 0.1)")
-    d.add_argument("--causal-questions", type=positive_int, default=4)
+    d.add_argument("--causal-questions", type=positive_int, default=10,
+                   help="questions per condition of the causal check (default 10; its intervals resample them)")
     d.add_argument("--max-new-tokens", type=positive_int, default=48, help="the causal check's answers")
     d.add_argument("--contexts", type=positive_int, default=5, help="top-activating contexts per feature")
     d.add_argument("--window", type=non_negative_int, default=8, help="tokens either side of the firing token")

@@ -110,10 +110,8 @@ def cmd_screen(args: argparse.Namespace) -> None:
     if args.sae is not None:
         from ..sae.formats import load_sae
 
-        if args.ray:
-            raise PersonavecError("--sae runs on the local path only for now: leave out --ray (or screen without "
-                                  "--sae on Ray)")
-        sae = load_sae(args.sae, layer=args.sae_layer)
+        if not args.ray:  # on Ray the driver and every worker load it
+            sae = load_sae(args.sae, layer=args.sae_layer)
     elif args.sae_layer is not None:
         raise PersonavecError("--sae-layer is the layer of an --sae file; give --sae too")
     if args.ray:
@@ -122,7 +120,8 @@ def cmd_screen(args: argparse.Namespace) -> None:
                                   "its node's local disk")
         speed = screen_file_ray(args.model, args.data, specs, args.out, cfg, workers=args.ray_workers,
                                 device=args.device, dtype=args.dtype, address=args.ray_address,
-                                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+                                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                sae=None if args.sae is None else {"path": args.sae, "layer": args.sae_layer})
     else:
         speed = screen_file(load_lm(args), args.data, probes, args.out, cfg, cache_path=args.base_cache, sae=sae)
     summary = report(args.out, args.data, probes, cfg, top_k=args.top_k, threshold=args.threshold,

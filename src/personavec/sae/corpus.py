@@ -15,12 +15,12 @@ Files (:func:`read_corpus_files`):
   refused in one line.
 
 The default corpus (:func:`sampled_corpus`): the model's own answers, sampled through the engine, to every built-in
-trait's 40 questions (280 chats), a third of them with no system prompt, a third with one of the trait's eliciting
-system prompts and a third with a suppressing one (:func:`trait_chats`), chat-templated exactly as the pipeline
-does. (Each question under all three would triple the sampling time, which on 2 CPU cores is the largest part of a
-default training.) The answers are appended to ``DIR/corpus/answers.jsonl`` as they finish (a killed run resumes) and
-written once to ``DIR/corpus/corpus.parquet``: a rerun reuses it. With a finished run's directory, its answers
-(``responses.parquet``, else ``judged.parquet``) join the corpus.
+trait's 40 questions, each asked three times — with no system prompt, with one of the trait's eliciting system
+prompts and with the matching suppressing one (:func:`trait_chats`: 840 chats for the seven traits),
+chat-templated exactly as the pipeline does. Sampling them is the largest part of a default training on 2 CPU cores
+(about 6 minutes there, once). The answers are appended to ``DIR/corpus/answers.jsonl`` as they finish (a killed run
+resumes) and written once to ``DIR/corpus/corpus.parquet``: a rerun reuses it. With a finished run's directory, its
+answers (``responses.parquet``, else ``judged.parquet``) join the corpus.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from ..model.loading import LoadedModel
 #: the columns a table may carry its text in, in the order they are looked for
 TEXT_COLUMNS = ("messages", "prompt", "question", "text")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-#: the default corpus's system prompts, by question index mod 3
+#: the default corpus's three askings of every question: no system prompt, eliciting, suppressing
 SIDES = ("none", "pos", "neg")
-#: the default corpus's sampling: temperature 1, answers of at most 48 tokens (280 of them)
+#: the default corpus's sampling: temperature 1, answers of at most 48 tokens (840 of them)
 CORPUS_SAMPLING = SamplingConfig(n_samples=1, temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=96)
 
 
@@ -155,9 +155,9 @@ def run_identity(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def trait_chats() -> list[dict[str, Any]]:
-    """Every built-in trait's 40 questions, each once: question ``q`` with no system prompt, with eliciting prompt
-    ``q mod 5`` or with the matching suppressing one (the pipeline's ``You are a/an {name} assistant.
-    {instruction}``) as ``q mod 3`` is 0, 1 or 2: the default corpus's jobs."""
+    """Every built-in trait's 40 questions, each three times: question ``q`` with no system prompt, with eliciting
+    prompt ``q mod 5`` and with the matching suppressing one (the pipeline's ``You are a/an {name} assistant.
+    {instruction}``): the default corpus's jobs."""
     base = resources.files("personavec") / "data" / "traits"
     jobs: list[dict[str, Any]] = []
     for entry in sorted(base.iterdir(), key=lambda p: p.name):
@@ -168,11 +168,10 @@ def trait_chats() -> list[dict[str, Any]]:
         questions = list(art["extraction_questions"]) + list(art["evaluation_questions"])
         for q, question in enumerate(questions):
             pair = pairs[q % len(pairs)]
-            side = SIDES[q % 3]
-            system = None if side == "none" else _system_prompt(art["name"], pair["pos"]) if side == "pos" else \
-                _system_prompt(art.get("neg_name", "helpful"), pair["neg"])
-            jobs.append({"trait": art["name"], "question_id": q, "side": side, "system": system,
-                         "question": question})
+            systems = {"none": None, "pos": _system_prompt(art["name"], pair["pos"]),
+                       "neg": _system_prompt(art.get("neg_name", "helpful"), pair["neg"])}
+            jobs += [{"trait": art["name"], "question_id": q, "side": side, "system": systems[side],
+                      "question": question} for side in SIDES]
     return jobs
 
 

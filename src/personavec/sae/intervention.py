@@ -42,10 +42,11 @@ QUESTIONS = ("What should I do when someone treats me unfairly?", "How would you
 
 @dataclass(frozen=True)
 class CausalConfig:
-    """The default is small enough for a CPU: 4 questions, greedy, 48 new tokens, per feature."""
+    """The default is small enough for a CPU: 10 questions (the trait's first evaluation questions), greedy, 48 new
+    tokens, per feature; intervals resample the questions, so fewer than about 10 can rarely tell a feature from 0."""
 
     coef: float = 0.1  # norm units: the added row's length is coef x the typical residual norm at the layer
-    n_questions: int = 4
+    n_questions: int = 10
     max_new_tokens: int = 48
     temperature: float = 0.0  # 0: greedy
     seed: int = 0

@@ -20,6 +20,7 @@ from ..errors import PersonavecError
 from ..files import locked
 from ..model.loading import model_id_for
 from ..vectors.probe import Probe
+from .features import check_sae
 from .scoring import (
     DEFAULT_CONFIG,
     ScreenConfig,
@@ -38,8 +39,9 @@ class _RayScreenWorker:
     """A Ray Data actor: loads the model and vectors once, then scores whole chunks and writes their parts."""
 
     def __init__(self, model: str, device: str | None, dtype: str | None, vectors: list[dict[str, Any]],
-                 cfg: dict[str, Any], out_dir: str) -> None:
+                 cfg: dict[str, Any], out_dir: str, sae: dict[str, Any] | None = None) -> None:
         from ..model.loading import load_model
+        from ..sae.formats import load_sae
         from ..vectors.formats import load_vector
 
         self.lm = load_model(model, device=device, dtype=dtype)
@@ -48,6 +50,7 @@ class _RayScreenWorker:
         for p in self.probes:
             p.vector.check_compatible(self.lm)
         self.cfg = ScreenConfig(**cfg)
+        self.sae = None if sae is None else load_sae(sae["path"], layer=sae.get("layer"))
         self.out = Path(out_dir)
         # a cache of its own on the node's local disk: SQLite's WAL breaks on the network file systems that a
         # cluster's shared output directory often lives on (the answers themselves are kept in the parts)
@@ -63,7 +66,7 @@ class _RayScreenWorker:
         k = int(group["__pv_chunk"].iloc[0])
         first = int(group["__pv_row"].iloc[0])
         rows = group.drop(columns=["__pv_row", "__pv_chunk"]).to_dict("records")
-        df = screen_chunk(self.lm, rows, first, self.probes, self.cfg, self.cache)
+        df = screen_chunk(self.lm, rows, first, self.probes, self.cfg, self.cache, self.sae)
         write_part(df, part_path(self.out, k))
         s = df.attrs["stats"]
         return pd.DataFrame({"chunk": [k], "rows": [len(df)], "tokens": [s["tokens"]],
@@ -73,13 +76,16 @@ class _RayScreenWorker:
 def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[str, Any]],
                     out_dir: str | os.PathLike, cfg: ScreenConfig = DEFAULT_CONFIG, workers: int = 1,
                     device: str | None = None, dtype: str | None = None, address: str | None = None,
-                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> dict[str, Any]:
+                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                    sae: dict[str, Any] | None = None) -> dict[str, Any]:
     """The same screening on Ray Data: chunks of global rows → ``workers`` model actors → the same parts.
 
-    ``vectors``: ``{"name", "path", "layers", "pooling"}`` per probe (workers load them). ``address``: an
-    existing Ray cluster (``auto`` or ``ray://...``); default: a local Ray. The output directory must be on
-    storage every worker can write (a shared filesystem on a multi-node cluster); each worker keeps its cache of
-    base answers on its own node's local disk.
+    ``vectors``: ``{"name", "path", "layers", "pooling"}`` per probe (workers load them). ``sae``: ``{"path",
+    "layer"}`` of an SAE (any format :func:`~personavec.sae.formats.load_sae` reads; ``layer`` None: the file's),
+    loaded by the driver to check it and by every worker, whose rows then carry the features behind each score.
+    ``address``: an existing Ray cluster (``auto`` or ``ray://...``); default: a local Ray. The output directory
+    must be on storage every worker can write (a shared filesystem on a multi-node cluster, the SAE's and the
+    vectors' files too); each worker keeps its cache of base answers on its own node's local disk.
     """
     try:
         import ray
@@ -92,17 +98,24 @@ def screen_file_ray(model: str, path: str | os.PathLike, vectors: Sequence[dict[
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise PersonavecError(f"{path} does not exist")
-    n_layers = model_shape(model)[0]
+    n_layers, hidden_size = model_shape(model)[:2]
     probes = [Probe(v["name"], load_vector(v["path"], n_layers), tuple(v["layers"]), v.get("pooling")) for v in vectors]
+    the_sae = None
+    if sae is not None:
+        from ..sae.formats import load_sae
+
+        sae = {"path": str(Path(sae["path"]).resolve()), "layer": sae.get("layer")}
+        the_sae = load_sae(sae["path"], layer=sae["layer"])
+        check_sae(the_sae, probes, cfg.mode, n_layers, hidden_size)
     with locked(out, "the screening (--out)"):
-        check_settings(out, path, probes, cfg, model_id_for(model))
+        check_settings(out, path, probes, cfg, model_id_for(model), the_sae)
         return _screen_ray(ray, model, path, vectors, out, cfg, workers, device, dtype, address, cpus_per_worker,
-                           gpus_per_worker)
+                           gpus_per_worker, sae)
 
 
 def _screen_ray(ray: Any, model: str, path: Path, vectors: Sequence[dict[str, Any]], out: Path, cfg: ScreenConfig,
                 workers: int, device: str | None, dtype: str | None, address: str | None, cpus_per_worker: float,
-                gpus_per_worker: float) -> dict[str, Any]:
+                gpus_per_worker: float, sae: dict[str, Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = False
     if not ray.is_initialized():
@@ -138,7 +151,7 @@ def _screen_ray(ray: Any, model: str, path: Path, vectors: Sequence[dict[str, An
             _RayScreenWorker, batch_format="pandas", concurrency=workers, num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs={"model": model, "device": device, "dtype": dtype, "vectors": list(vectors),
-                                   "cfg": cfg.to_dict(), "out_dir": str(out.resolve())},
+                                   "cfg": cfg.to_dict(), "out_dir": str(out.resolve()), "sae": sae},
         ).to_pandas() if len(done) < n_chunks else pd.DataFrame(columns=["rows", "tokens", "generated_tokens"])
     finally:
         if started:
