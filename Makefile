@@ -19,9 +19,11 @@ SAE_PINS  := tests/sae/parity/constraints.txt
 .PHONY: demo extract-demo judge-model sae-venv test test-fast test-other-dtype lint bench clean
 
 # uv installs (parallel downloads, a shared cache): minutes faster than pip on a fresh machine. It reads no pip
-# config, so the disk's wheel folder (the CPU torch) is named to it where there is one.
+# config, so the disk's wheel folder (the CPU torch) is named to it where there is one. Unlike pip it compiles no
+# bytecode unless told: where PYTHONDONTWRITEBYTECODE is set (CI machines), every process (each test worker, each
+# CLI the tests start) would otherwise compile torch and transformers again, doubling a model load.
 WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-UV       = $(BIN)/uv pip install -q $(WHEELS) --python
+UV       = $(BIN)/uv pip install -q --compile-bytecode $(WHEELS) --python
 # the test runs: one pytest worker per core, each with one thread (two workers of two threads each on 2 cores
 # slow each other down many-fold; one thread each keeps both cores busy, also in the CLI processes tests start)
 PYTEST  := OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto
