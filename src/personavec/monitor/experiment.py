@@ -71,10 +71,11 @@ def build_prompts(lm: LoadedModel, art: TraitArtifacts, examples: Sequence[tuple
 
 
 def projections(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], direction: torch.Tensor,
-                layer: int, pooling: str, batch_size: int = 8) -> list[float]:
+                layer: int, pooling: str, batch_size: int = 8, progress: bool | str = False) -> list[float]:
     """Scalar projection of each pair's ``pooling`` at ``layer`` on ``direction`` (made unit); NaN for an empty
     answer when the pooling averages over the answer."""
-    table = project_pairs(lm, prompts, answers, {"v": {layer: direction}}, [pooling], batch_size=batch_size)
+    table = project_pairs(lm, prompts, answers, {"v": {layer: direction}}, [pooling], batch_size=batch_size,
+                          progress=progress)
     return column(table, len(prompts), "v", layer, pooling)
 
 
@@ -87,7 +88,8 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
     :meth:`~personavec.run.pipeline.Run.judge_experiment`, which applies the run's give-up rule)."""
     jobs = build_prompts(lm, art, examples)
     direction = unit(vec.get(layer))
-    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last")
+    before = projections(lm, [j["prompt"] for j in jobs], [""] * len(jobs), direction, layer, "prompt_last",
+                         progress="monitor prompts" if progress else False)
     sample_jobs = [{**j, "sample_id": s, "projection": before[i], "row": i}
                    for i, j in enumerate(jobs) for s in range(sampling.n_samples)]
     rows = pd.DataFrame(run_sampling(lm, sample_jobs, sampling, out_dir / "monitor_answers.jsonl",
@@ -98,7 +100,7 @@ def run_experiment(lm: LoadedModel, art: TraitArtifacts, vec: PersonaVector, lay
         rows = judge_rows(judge, art.rubric, rows, progress=progress, desc="monitor judging")
     note = rows.attrs.get("judge_note")
     rows["answer_projection"] = projections(lm, rows["prompt"].tolist(), rows["answer"].tolist(), direction, layer,
-                                            "response_avg")
+                                            "response_avg", progress="monitor answers" if progress else False)
     table = (rows.groupby(["row", "type", "setting", "question_id"], as_index=False)
              .agg(projection=("projection", "first"), trait=("trait", "mean"), coherence=("coherence", "mean"),
                   answer_projection=("answer_projection", "mean"), n=("answer", "size")))
