@@ -28,11 +28,12 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
-
-import pandas as pd
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import PersonavecError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or written: the vLLM plugin loads vectors without it
+    import pandas as pd
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -450,6 +451,8 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a CSV, JSONL (one object per line) or Parquet table with a clear error on bad input."""
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise PersonavecError(f"table {path} does not exist")
@@ -482,6 +485,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """Fixed-size chunks of a JSONL / JSON-lines, Parquet or CSV file, streamed."""
+    import pandas as pd
+
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
