@@ -22,6 +22,7 @@ LAYERS = [
     {"finetuning"},
     {"screening"},
     {"serve"},
+    {"vllm"},
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

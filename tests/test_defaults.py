@@ -24,7 +24,7 @@ def test_the_api_cli_server_and_grid_steer_alike_by_default(chosen, lm):
     from personavec.cli import build_parser
     from personavec.cli.steer import steering_strength
     from personavec.run.config import RunConfig
-    from personavec.serve.policy import ServedVector, _persona
+    from personavec.serve.policy import ServedVector, parse_persona
     from personavec.steering.grid import default_grid
 
     want_coef = 0.1 * 50.0 / float(chosen.get(1).norm())  # 0.1 x the residual norm, along v-hat, in raw units
@@ -34,7 +34,7 @@ def test_the_api_cli_server_and_grid_steer_alike_by_default(chosen, lm):
     assert steering_strength(chosen, args) == (0.1, "norm") and args.positions == STEER_POSITIONS
     coef, units = steering_strength(chosen, args)
     cli = Edit.from_vector(chosen, args.layer, coef, units=units, positions=args.positions)  # what `steer` builds
-    edits, _, _ = _persona({"steer": [{"vector": "evil"}]}, {"evil": ServedVector("evil", chosen, 1, "v")}, 2)
+    edits, _, _ = parse_persona({"steer": [{"vector": "evil"}]}, {"evil": ServedVector("evil", chosen, 1, "v")}, 2)
     for e in (cli, edits[0]):
         assert (e.layer, e.positions) == (api.layer, api.positions) and e.coef == pytest.approx(api.coef)
         assert torch.equal(e.direction, api.direction)
@@ -70,11 +70,11 @@ def test_a_vector_whose_run_made_no_defensible_choice_says_so_where_a_layer_is_a
 
 
 def test_a_chosen_coefficient_too_strong_for_the_server_is_refused_naming_it_not_null(chosen):
-    from personavec.serve.policy import BadRequest, ServedVector, _persona
+    from personavec.serve.policy import BadRequest, ServedVector, parse_persona
 
     chosen.extra["resid_norm"] = [1.0, 5000.0, 60.0]  # 0.1 norm is then far over the server's raw bound
     try:
-        _persona({"steer": [{"vector": "evil"}]}, {"evil": ServedVector("evil", chosen, 1, "v")}, 2)
+        parse_persona({"steer": [{"vector": "evil"}]}, {"evil": ServedVector("evil", chosen, 1, "v")}, 2)
     except BadRequest as e:
         text = str(e) + " " + " ".join(map(str, e.args))
     else:

@@ -7,6 +7,17 @@ class PersonavecError(Exception):
     """An error caused by input or environment, reported on one line by the CLI (no traceback)."""
 
 
+def as_typed(text: object) -> str:
+    """A command-line value in a message as the user typed it: bare, quoted only where a shell would need quotes
+    to show it (empty, spaces, quotes), escaped where it holds characters a terminal cannot show."""
+    text = str(text)
+    if not text.isprintable():
+        return ascii(text)
+    if text and not any(c.isspace() or c in "'\"\\" for c in text):
+        return text
+    return f"'{text}'" if "'" not in text else f'"{text}"'
+
+
 def shown(value: object) -> str:
     """A value in a message as the user wrote it: strings quoted, numbers and None as typed, other things by kind
     (a tensor by its shape) — never a long repr."""

@@ -396,8 +396,8 @@ def test_a_guard_without_an_action_stops_the_answer_and_the_docs_say_so(served):
 
 
 def test_a_bad_vector_spec_of_serve_shows_it_as_typed():
-    from personavec.cli.serve import parse_vector_spec
     from personavec.errors import PersonavecError
+    from personavec.serve.policy import parse_vector_spec
 
     assert parse_vector_spec("evil=runs/v.safetensors@13") == ("evil", "runs/v.safetensors", 13)
     assert parse_vector_spec("v.safetensors") == (None, "v.safetensors", None)
@@ -406,3 +406,35 @@ def test_a_bad_vector_spec_of_serve_shows_it_as_typed():
         parse_vector_spec("=v.safetensors")
     with pytest.raises(PersonavecError, match=r"^--vector evil=: write NAME=PATH"):
         parse_vector_spec("evil=")
+
+
+def test_persona_edits_compose_in_list_order_after_steer_and_cap(served):
+    """``persona.edits``: any list of add / ablate / cap entries, after ``steer``'s and ``cap``'s, in list order;
+    an ``add`` entry is a ``steer`` entry, a ``cap`` entry a ``cap`` entry (with positions)."""
+    _, vectors = served
+    d = vectors["evil"].direction()
+    edits = parsed(served, {"steer": [{"vector": "evil", "coef": 2}], "cap": [{"vector": "evil", "max": 1.5}],
+                            "edits": [{"kind": "ablate", "vector": "evil", "positions": "prompt"},
+                                      {"kind": "add", "vector": "evil", "coef": -1, "layer": 2},
+                                      {"kind": "cap", "vector": "evil", "max": 0.5, "layers": [1, 2],
+                                       "positions": "response"}]}).request.edits
+    assert [(e.kind, e.layer, e.coef, e.positions) for e in edits] == [
+        ("add", 1, 2.0, "response_and_last_prompt"), ("cap", 1, 1.5, "all"), ("ablate", 1, 0.0, "prompt"),
+        ("add", 2, -1.0, "response_and_last_prompt"), ("cap", 1, 0.5, "response"), ("cap", 2, 0.5, "response")]
+    assert torch.equal(edits[0].direction, d)
+    as_edits = parsed(served, {"edits": [{"kind": "add", "vector": "evil", "coef": 2},
+                                         {"kind": "cap", "vector": "evil", "max": 1.5}]}).request.edits
+    assert [(e.kind, e.layer, e.coef, e.positions) for e in as_edits] == \
+        [(e.kind, e.layer, e.coef, e.positions) for e in edits[:2]]
+    assert all(torch.equal(a.direction, b.direction) for a, b in zip(as_edits, edits))
+
+
+@pytest.mark.parametrize("entry, param, says", [
+    ({"kind": "twist", "vector": "evil"}, "persona.edits[0].kind", "must be one of add, ablate, cap"),
+    ({"vector": "evil", "coef": 1}, "persona.edits[0].kind", "not null"),
+    ({"kind": "ablate", "vector": "evil", "coef": 1}, "persona.edits[0].coef", "unknown field 'coef'"),
+    ({"kind": "add", "vector": "evil", "coef": 1, "positions": "middle"}, "persona.edits[0].positions", "middle"),
+])
+def test_a_bad_persona_edit_is_refused_naming_its_field(served, entry, param, says):
+    e = refused(served, {"edits": [entry]})
+    assert e.param == param and says in e.message, (e.param, e.message)

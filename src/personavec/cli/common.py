@@ -12,20 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, as_typed
 
 log = logging.getLogger("personavec")
-
-
-def as_typed(text: object) -> str:
-    """A command-line value in a message as the user typed it: bare, quoted only where a shell would need quotes
-    to show it (empty, spaces, quotes), escaped where it holds characters a terminal cannot show."""
-    text = str(text)
-    if not text.isprintable():
-        return ascii(text)
-    if text and not any(c.isspace() or c in "'\"\\" for c in text):
-        return text
-    return f"'{text}'" if "'" not in text else f'"{text}"'
 
 
 def user_text(text: str, what: str) -> str:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from ..errors import PersonavecError
-from .common import as_typed, load_lm, model_args, model_vectors, positive_int
+from .common import load_lm, model_args, model_vectors, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +41,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve)
 
 
-def parse_vector_spec(spec: str) -> tuple[str | None, str, int | None]:
-    """``NAME=PATH[@LAYER]`` or ``PATH[@LAYER]`` → (name or None, path, layer or None)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec else (None, "", spec)
-    path, layer = rest, None
-    head, at, tail = rest.rpartition("@")
-    if at and tail.isdigit():
-        path, layer = head, int(tail)
-    if not path or (name is not None and not name):
-        empty = "a vector's name is empty; " if path and name is not None and not name else ""
-        raise PersonavecError(f"--vector {as_typed(spec)}: {empty}write NAME=PATH or NAME=PATH@LAYER")
-    return name, path, layer
-
-
 def served_vectors(args: argparse.Namespace) -> dict:
-    from ..serve.policy import ServedVector
+    from ..serve.policy import parse_vector_spec, serve_vectors
 
     specs = [parse_vector_spec(s) for s in args.vector]
-    vecs = model_vectors(args, [p for _, p, _ in specs])
-    out: dict[str, ServedVector] = {}
-    for (name, path, layer), vec in zip(specs, vecs):
-        name = name or (vec.trait if vec.trait != "unknown" else Path(path).stem)
-        if name in out:
-            raise PersonavecError(f"two vectors are named {as_typed(name)}: name them apart with --vector NAME=PATH")
-        layer = vec.chosen_layer if layer is None else layer
-        if layer is None:
-            raise PersonavecError(f"{path} has no chosen layer: give one as {name}={path}@LAYER")
-        if not 1 <= layer <= vec.n_layers:
-            raise PersonavecError(f"{path}: layer {layer} is out of range 1..{vec.n_layers}")
-        direction = vec.get(layer)
-        if not bool(direction.isfinite().all()) or float(direction.norm()) == 0:
-            raise PersonavecError(f"{path}: the vector at layer {layer} is zero or not finite; pick another with "
-                                  f"{name}={path}@LAYER")
-        out[name] = ServedVector(name, vec, layer, str(path))
-    return out
+    return serve_vectors(specs, model_vectors(args, [p for _, p, _ in specs]))
 
 
 def calibration_lines(vectors: dict) -> list[tuple[bool, str]]:

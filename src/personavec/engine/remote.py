@@ -3,7 +3,9 @@ server): the official code's fast path for the contrastive answers.
 
 :class:`EndpointSampler` answers :class:`~personavec.engine.decoder.Request` objects like the local engine does
 (same ``generate`` interface, answers yielded as they finish, at most ``concurrency`` requests in flight), from
-each request's chat ``messages``. Steering cannot travel to a stock server: a request with edits is refused.
+each request's chat ``messages``. Steering cannot travel to a stock server: a request with edits is refused, unless
+``edit_body`` turns edits into request fields the server applies (a vLLM server with personavec's plugin:
+:class:`personavec.vllm.client.PluginEdits`).
 Activations are always computed locally from the returned text. :meth:`EndpointSampler.check_same_model` asks
 the server for a greedy answer to a fixed probe and compares it with the local model's, so a server serving
 another model is refused before any answer is sampled.
@@ -11,15 +13,23 @@ another model is refused before any answer is sampled.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import copy
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..endpoint import ChatClient, EndpointConfig
 from ..errors import PersonavecError
+from ..model.edits import Edit
 from ..model.loading import LoadedModel
+from ..vectors.vector import PersonaVector
 from .decoder import Request, Result
 
 PROBE = "Count from one to ten in words, separated by commas."
@@ -37,17 +47,25 @@ def parse_sampler(spec: str) -> str | None:
 
 
 class EndpointSampler:
-    def __init__(self, model: str, base_url: str | None = None, concurrency: int = 16) -> None:
+    def __init__(self, model: str, base_url: str | None = None, concurrency: int = 16,
+                 edit_body: Callable[[Sequence[Edit]], dict[str, Any]] | None = None) -> None:
         self.client = ChatClient(EndpointConfig.from_env(model=model, base_url=base_url), label="sampler endpoint",
                                  hint="--sampler-base-url or OPENAI_BASE_URL")
         self.concurrency = max(1, int(concurrency))
+        self.edit_body = edit_body  # a request's edits -> the request fields that carry them (None: refused)
+
+    def with_edits(self, edit_body: Callable[[Sequence[Edit]], dict[str, Any]]) -> EndpointSampler:
+        """The same endpoint, sending each request's edits as ``edit_body`` makes them."""
+        other = copy.copy(self)
+        other.edit_body = edit_body
+        return other
 
     @property
     def name(self) -> str:
         return f"openai:{self.client.config.model}@{self.client.config.base_url}"
 
     def complete(self, request: Request) -> Result:
-        if request.edits:
+        if request.edits and self.edit_body is None:
             raise PersonavecError("a steered request cannot be sampled on an endpoint; steered stages run locally")
         if not request.messages:
             raise PersonavecError("endpoint sampling needs each request's chat messages")
@@ -55,6 +73,8 @@ class EndpointSampler:
                                   "seed": request.seed}
         if request.temperature > 0:
             params["top_p"] = request.top_p
+        if request.edits:
+            params["extra_body"] = self.edit_body(request.edits)
         data = self.client.chat([dict(m) for m in request.messages], **params)
         try:
             choice = data["choices"][0]
@@ -94,12 +114,24 @@ class EndpointSampler:
             if error is not None:
                 raise error
 
-    def check_same_model(self, lm: LoadedModel) -> None:
-        """Refuse a server whose greedy answer to a fixed probe differs from the local model's."""
+    def check_same_model(self, lm: LoadedModel, edits: Sequence[Edit] = ()) -> None:
+        """Refuse a server whose greedy answer to a fixed probe differs from the local model's (with ``edits``: a
+        steered probe, which the server must steer as the local engine does)."""
+        from .decoder import Engine
         from .sampling import chat
 
-        probe = Request("", PROBE_TOKENS, messages=({"role": "user", "content": PROBE},), key="probe")
+        probe = Request("", PROBE_TOKENS, edits=tuple(edits), messages=({"role": "user", "content": PROBE},),
+                        key="probe")
         served = self.complete(probe).text
+        if edits:
+            (local,) = [r.text.strip() for r in Engine(lm).generate([replace(probe, prompt=lm.format_chat(PROBE),
+                                                                             messages=None)])]
+            if served != local:
+                raise PersonavecError(
+                    f"{self.client.where} steers differently from the local engine: its steered greedy answer to a "
+                    f"probe differs ({served[:40]!r} vs {local[:40]!r}); serve the same weights in float32, or sample "
+                    "steered answers locally (--sampler local); --no-sampler-check skips this check")
+            return
         local = chat(lm, PROBE, max_new_tokens=PROBE_TOKENS)
         if served != local:
             raise PersonavecError(
@@ -107,3 +139,83 @@ class EndpointSampler:
                 f"local model's ({served[:40]!r} vs {local[:40]!r}); serve the same weights (and chat template), "
                 "or sample locally (--sampler local); --no-sampler-check skips this check (for a server that runs the "
                 "same weights at another precision)")
+
+
+def vllm_xargs(persona: dict | None = None, key: str | None = None) -> dict[str, Any]:
+    """A request's ``vllm_xargs`` for personavec's vLLM plugin: ``persona`` (sent as a JSON string: vLLM's field
+    carries no nested objects) and ``key``, the key its readings are fetched under. With the ``openai`` client:
+    ``extra_body={"vllm_xargs": vllm_xargs(persona, key)}``. The prefix-cache salt is the server's to add."""
+    out: dict[str, Any] = {}
+    if persona is not None:
+        out["persona"] = json.dumps(persona, allow_nan=False)
+    if key is not None:
+        out["persona_key"] = key
+    return out
+
+
+HINT = "start vLLM with the personavec plugin serving it (docs/vllm.md)"
+
+
+class NoPlugin(PersonavecError):
+    """The server has no personavec plugin, or does not serve the vector asked for (steered answers can still be
+    sampled locally)."""
+
+
+class PluginEdits:
+    """Edits along ``vectors`` (by the names the server serves them under) as vLLM plugin requests.
+
+    ``base_url``: the server's OpenAI base URL (``http://HOST:PORT/v1``). The constructor runs the preflight and
+    refuses, in one line, a server without the plugin or one serving another vector under a name (or none)."""
+
+    def __init__(self, base_url: str, vectors: dict[str, PersonaVector], timeout: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.vectors = dict(vectors)
+        listing = self._listing(timeout)
+        served = {v.get("name"): v for v in listing.get("vectors", []) if isinstance(v, dict)}
+        for name, vec in self.vectors.items():
+            entry = served.get(name)
+            if entry is None:
+                raise NoPlugin(f"the vLLM server at {self.base_url} serves no vector named {name!r} (it "
+                                      f"serves {', '.join(map(str, served)) or 'none'}); {HINT}")
+            if entry.get("digest") != vec.digest():
+                raise PersonavecError(f"the vLLM server at {self.base_url} serves another vector under the name "
+                                      f"{name!r} (digest {entry.get('digest')} there, {vec.digest()} here); "
+                                      f"serve this run's vector file")
+        self.layers = set(listing.get("layers") or [])
+
+    def _listing(self, timeout: float) -> dict[str, Any]:
+        url = f"{self.base_url}/persona/vectors"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                data = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise NoPlugin(f"{url} answered {e.code}: the server has no personavec plugin, or none "
+                                  f"configured; {HINT}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise PersonavecError(f"cannot reach {url} ({getattr(e, 'reason', e)}); start the server or fix "
+                                  "--sampler-base-url") from None
+        except json.JSONDecodeError:
+            raise NoPlugin(f"{url} did not answer JSON: the server has no personavec plugin; {HINT}") from None
+        if not isinstance(data, dict) or data.get("plugin") != "personavec":
+            raise NoPlugin(f"{url} is not the personavec plugin's listing; {HINT}")
+        return data
+
+    def entry(self, e: Edit) -> dict[str, Any]:
+        """The ``persona.edits`` entry that makes the server apply exactly ``e``."""
+        name = next((n for n, vec in self.vectors.items()
+                     if torch.equal(vec.get(e.layer).float(), e.direction.float())), None)
+        if name is None:
+            raise PersonavecError(f"an edit at layer {e.layer} is not along a vector served by {self.base_url}; only "
+                                  f"{', '.join(self.vectors)} can be sent there")
+        if self.layers and e.layer not in self.layers:
+            raise PersonavecError(f"the vLLM server at {self.base_url} has no hooks at layer {e.layer}; start it with "
+                                  "that layer in personavec.layers")
+        if e.kind == "add":
+            return {"kind": "add", "vector": name, "coef": float(e.coef), "units": "raw", "layer": e.layer,
+                    "positions": e.positions}
+        entry = {"kind": e.kind, "vector": name, "layers": [e.layer], "positions": e.positions}
+        return {**entry, "max": float(e.coef)} if e.kind == "cap" else entry
+
+    def __call__(self, edits: Sequence[Edit]) -> dict[str, Any]:
+        """The request fields (``extra_body``) that carry ``edits``."""
+        return {"vllm_xargs": vllm_xargs({"edits": [self.entry(e) for e in edits]})}

@@ -378,10 +378,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     if revision and local:
         raise PersonavecError(f"--revision picks a commit of a hub model; {spec} is a local model (drop --revision)")
     if spec in EMBEDDED or (path.suffix == ".gguf" and path.is_file()):
-        gguf = embedded_gguf_path(spec) if spec in EMBEDDED else path.resolve()
-        cached = _gguf_cache_dir(gguf)
-        if not (cached / "config.json").is_file():
-            _dequantize_to_cache(gguf, cached)
+        cached = model_directory(spec)
         model, tok = _from_pretrained(str(cached), torch_dtype, device, local_only=True)
         src = read_json(cached / "personavec-source.json")
         source = "embedded" if spec in EMBEDDED else "gguf"
@@ -419,6 +416,25 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     log.info("loaded %s (%s) in %.1fs", model_id, source, time.perf_counter() - t0)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, revision=str(rev), spec=spec,
                        source=source, extra={"load_seconds": time.perf_counter() - t0})
+
+
+def model_directory(spec: str = DEFAULT_MODEL) -> Path:
+    """A Hugging Face model directory for ``spec`` that other tools (vLLM) can load: an embedded name or a
+    ``.gguf`` file is dequantized once into personavec's cache (the directory :func:`load_model` loads), a local
+    directory is itself."""
+    path = Path(os.fspath(spec)).expanduser()
+    if spec in EMBEDDED or (path.suffix == ".gguf" and path.is_file()):
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED else path.resolve()
+        cached = _gguf_cache_dir(gguf)
+        if not (cached / "config.json").is_file():
+            _dequantize_to_cache(gguf, cached)
+        return cached
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise _no_model_here(path)
+        return path.resolve()
+    raise PersonavecError(f"{spec} is not an embedded model ({', '.join(sorted(EMBEDDED))}), a .gguf file or a "
+                          "model directory; a hub id is its own directory for vLLM")
 
 
 def model_id_for(spec: str) -> str:

@@ -272,6 +272,31 @@ class Run:
             self._sampler = EndpointSampler(model, self.cfg.sampler_base_url, self.cfg.sampler_concurrency)
         return self._sampler
 
+    def steer_sampler(self, vec: PersonaVector, grid: Any) -> Any:
+        """The endpoint that samples the steered grid too: the sampler endpoint when it is a vLLM server with
+        personavec's plugin serving this run's vector under the trait's name (checked row for row, and with a
+        steered probe unless ``--no-sampler-check``); otherwise None (local), said once. A server serving another
+        vector under that name is refused."""
+        from ..engine.remote import NoPlugin, PluginEdits
+        from ..steering.grid import grid_edit
+
+        sampler = self.sampler()
+        if sampler is None:
+            return None
+        name = self.cfg.trait
+        try:
+            edits = PluginEdits(sampler.client.config.base_url, {name: vec})
+        except NoPlugin as e:
+            log.warning("steered answers: sampled locally (%s; with the plugin serving %s=%s they are sampled "
+                        "there)", e, name, self.path("vectors.safetensors"))
+            return None
+        steered = sampler.with_edits(edits)
+        if self.cfg.sampler_check:
+            layer = grid.layers[len(grid.layers) // 2]
+            steered.check_same_model(self.lm, [grid_edit(vec, grid, layer, max(grid.coefs))])
+        log.warning("steered answers: sampled by %s with personavec's plugin (vector %r checked)", sampler.name, name)
+        return steered
+
     def _model_for(self, spec: str) -> LoadedModel:
         if spec == self.cfg.model:
             return self.lm
@@ -439,7 +464,7 @@ class Run:
             df = pd.read_parquet(answers_path)
         else:
             df = steered_answers(self.lm, art.evaluation_questions, vec, grid, self.path("steer"),
-                                 progress=self.progress)
+                                 progress=self.progress, sampler=self.steer_sampler(vec, grid))
             # a judge that could score none of the run's answers is not asked about the steered ones either
             judge = None if self.judge_note() else self.judge()
             df = judge_rows(judge, art.rubric, df, progress=self.progress, desc="judging steered")

@@ -11,12 +11,13 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from ..engine.decoder import Guard, Request
-from ..errors import PersonavecError
+from ..errors import PersonavecError, as_typed
 from ..model.chat import chat_ids
 from ..model.edits import POSITIONS, STEER_POSITIONS, UNITS, Edit, chosen_setting
 from ..model.loading import LoadedModel
@@ -44,6 +45,10 @@ LABELS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's ids of a 
 # the keys of each persona entry: any other is refused, naming it (a key a new form adds goes here)
 STEER_FIELDS = ("vector", "coef", "units", "layer", "positions")
 CAP_FIELDS = ("vector", "max", "layers")
+# ``persona.edits``: any list of edits, composing in list order; each entry's kind and the fields it takes
+EDIT_FIELDS = {"add": STEER_FIELDS, "ablate": ("vector", "layers", "positions"),
+               "cap": ("vector", "max", "layers", "positions")}
+PERSONA_FIELDS = ("steer", "cap", "edits", "monitor", "guard")
 GUARD_FIELDS = ("vector", "threshold", "action", "coef", "where", "over")
 MONITOR_FIELDS = ("vector", "where")
 WHERE = ("before", "after")  # a reading before the request's own edits at the layer (the default) or after them
@@ -112,6 +117,43 @@ class ChatCall:
     usage: bool = False  # a streamed answer ends with a usage chunk (stream_options.include_usage)
 
 
+def parse_vector_spec(spec: str) -> tuple[str | None, str, int | None]:
+    """``NAME=PATH[@LAYER]`` or ``PATH[@LAYER]`` (a served vector, as ``--vector`` takes it) → (name or None, path,
+    layer or None)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec else (None, "", spec)
+    path, layer = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and tail.isdigit():
+        path, layer = head, int(tail)
+    if not path or (name is not None and not name):
+        empty = "a vector's name is empty; " if path and name is not None and not name else ""
+        raise PersonavecError(f"--vector {as_typed(spec)}: {empty}write NAME=PATH or NAME=PATH@LAYER")
+    return name, path, layer
+
+
+def serve_vectors(specs: list[tuple[str | None, str, int | None]], vecs: list[PersonaVector]
+                  ) -> dict[str, ServedVector]:
+    """The served vectors by name from :func:`parse_vector_spec`'s specs and the vectors loaded from their paths
+    (checked against the model): a name left out is the vector's trait (or its file's stem), a layer left out its
+    chosen one; two vectors under one name, or a zero row at the layer, are refused."""
+    out: dict[str, ServedVector] = {}
+    for (name, path, layer), vec in zip(specs, vecs):
+        name = name or (vec.trait if vec.trait != "unknown" else Path(path).stem)
+        if name in out:
+            raise PersonavecError(f"two vectors are named {as_typed(name)}: name them apart with --vector NAME=PATH")
+        layer = vec.chosen_layer if layer is None else layer
+        if layer is None:
+            raise PersonavecError(f"{path} has no chosen layer: give one as {name}={path}@LAYER")
+        if not 1 <= layer <= vec.n_layers:
+            raise PersonavecError(f"{path}: layer {layer} is out of range 1..{vec.n_layers}")
+        direction = vec.get(layer)
+        if not bool(direction.isfinite().all()) or float(direction.norm()) == 0:
+            raise PersonavecError(f"{path}: the vector at layer {layer} is zero or not finite; pick another with "
+                                  f"{name}={path}@LAYER")
+        out[name] = ServedVector(name, vec, layer, str(path))
+    return out
+
+
 def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key: Any,
                defaults: dict[str, Any] | None = None) -> ChatCall:
     """``defaults``: the server's persona policy (``cap``, ``guard``), used for what a request's ``persona``
@@ -148,7 +190,7 @@ def parse_chat(body: Any, lm: LoadedModel, vectors: dict[str, ServedVector], key
     persona = body.get("persona")
     if defaults and (persona is None or isinstance(persona, dict)):
         persona = {**defaults, **(persona or {})}
-    edits, monitor, guard = _persona(persona, vectors, lm.n_layers)
+    edits, monitor, guard = parse_persona(persona, vectors, lm.n_layers)
     try:  # a control token typed in a message is text: nobody can forge a turn
         ids = chat_ids(lm.tokenizer, messages)
     except PersonavecError as e:
@@ -375,68 +417,34 @@ def _edit(field: str, *args: Any, **kwargs: Any) -> Edit:
         raise BadRequest(field, f"{field}: {e}") from None
 
 
-def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
-             ) -> tuple[list[Edit], list[Reading], Guard | None]:
+def parse_persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
+                  ) -> tuple[list[Edit], list[Reading], Guard | None]:
+    """A request's ``persona`` object as the edits it makes (in the order they compose at a layer: ``steer``'s,
+    then ``cap``'s, then ``edits``' in list order), the readings it asks for, and its guard; a bad field raises
+    :class:`BadRequest` naming it. The one parser of this server and of the vLLM plugin."""
     if persona is None:
         return [], [], None
     if not isinstance(persona, dict):
-        raise BadRequest("persona", f"persona must be an object with steer, cap, monitor and guard, not "
+        raise BadRequest("persona", f"persona must be an object with {', '.join(PERSONA_FIELDS)}, not "
                                     f"{_shown(persona)}")
-    _known(persona, ("steer", "cap", "monitor", "guard"), "persona")
+    _known(persona, PERSONA_FIELDS, "persona")
     edits: list[Edit] = []
     for i, e in enumerate(_entries(persona, "steer")):
-        where = f"persona.steer[{i}]."
-        _known(e, STEER_FIELDS, where[:-1])
-        sv = _vector(e, vectors, where)
-        default = sv.steer_default()
-        units = _or(e.get("units"), default["units"] if e.get("coef") is None else "raw")
-        if units not in UNITS:
-            raise BadRequest(where + "units", f'{where}units must be "raw" (x the vector) or "norm" (x the typical '
-                                              f"residual norm at the layer), not {_shown(units)}")
-        if e.get("coef") is None and default["coef"] is None:
-            raise BadRequest(where + "coef", f"{where}coef is needed: the vector {sv.name} has no chosen coefficient "
-                                             "(its run made none) to default to")
-        if e.get("coef") is None and units != default["units"]:
-            raise BadRequest(where + "units", f"{where}units: the chosen coefficient {default['coef']:g} of {sv.name} "
-                                              f"is in {default['units']} units; send coef too, or leave units out")
-        coef = _number(e, "coef", default["coef"], where)
-        layer = _layer(e.get("layer"), sv.layer, n_layers, where + "layer")
-        positions = _or(e.get("positions"), STEER_POSITIONS)
-        if positions not in POSITIONS:
-            raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}, not "
-                                                  f"{_shown(positions)}")
-        try:
-            edit = Edit.from_vector(sv.vector, layer, coef, units=units, positions=positions)
-        except PersonavecError as err:
-            raise BadRequest(where + ("units" if "resid_norm" in str(err) else "layer"), f"{where[:-1]}: {err}"
-                             ) from None
-        if abs(edit.coef) > MAX_COEF:
-            given = _shown(e.get("coef")) if e.get("coef") is not None else f"the vector's chosen {coef:g}"
-            raise BadRequest(where + "coef", f"{where}coef must be between {-MAX_COEF:g} and {MAX_COEF:g} in raw units "
-                                             f"(x the vector), not {given}"
-                                             + (f" {units} (= {edit.coef:g} raw)" if units != "raw" else ""))
-        edits.append(edit)
+        _known(e, STEER_FIELDS, f"persona.steer[{i}]")
+        edits.append(_steer_edit(e, vectors, n_layers, f"persona.steer[{i}]."))
     for i, e in enumerate(_entries(persona, "cap")):
-        where = f"persona.cap[{i}]."
-        _known(e, CAP_FIELDS, where[:-1])
-        sv = _vector(e, vectors, where)
-        layers = _or(e.get("layers"), [sv.layer])
-        if not isinstance(layers, list) or not layers:
-            raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers, not "
-                                               f"{_shown(layers)}")
-        _bounded(layers, where + "layers")
-        for layer in layers:  # each layer's readings have their own scale: its own calibration and bound
-            layer = _layer(layer, sv.layer, n_layers, where + "layers")
-            cap = _number(e, "max", _calibrated(sv, default_cap, where + "max", "cap", layer)
-                          if e.get("max") is None else None, where)
-            norm = float(sv.direction(layer).norm())
-            bound = MAX_COEF * max(1.0, norm)
-            if abs(cap) > bound:
-                raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
-                                                f"{_shown(e.get('max', cap))}: a projection on the unit direction of "
-                                                f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} at "
-                                                f"layer {layer} (the most the largest steering adds)")
-            edits.append(_edit(where + "layers", layer, sv.direction(layer), cap, kind="cap", positions="all"))
+        _known(e, CAP_FIELDS, f"persona.cap[{i}]")
+        edits.extend(_cap_edits(e, vectors, n_layers, f"persona.cap[{i}]."))
+    for i, e in enumerate(_entries(persona, "edits")):
+        where = f"persona.edits[{i}]."
+        kind = e.get("kind")
+        if kind not in EDIT_FIELDS:
+            raise BadRequest(where + "kind", f"{where}kind must be one of {', '.join(EDIT_FIELDS)}, not {_shown(kind)}")
+        _known(e, ("kind", *EDIT_FIELDS[kind]), where[:-1])
+        entry = {k: v for k, v in e.items() if k != "kind"}
+        edits.extend([_steer_edit(entry, vectors, n_layers, where)] if kind == "add" else
+                     _cap_edits(entry, vectors, n_layers, where) if kind == "cap" else
+                     _ablate_edits(entry, vectors, n_layers, where))
     wanted = _or(persona.get("monitor"), [])
     if wanted is True:
         wanted = list(vectors)
@@ -455,6 +463,79 @@ def _persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
         if reading not in monitor:  # a reading asked for twice is taken once
             monitor.append(reading)
     return edits, monitor, _guard(persona.get("guard"), vectors, monitor)
+
+
+def _steer_edit(e: dict, vectors: dict[str, ServedVector], n_layers: int, where: str) -> Edit:
+    """An ``add`` edit: ``persona.steer[i]`` or an ``edits`` entry of kind add."""
+    sv = _vector(e, vectors, where)
+    default = sv.steer_default()
+    units = _or(e.get("units"), default["units"] if e.get("coef") is None else "raw")
+    if units not in UNITS:
+        raise BadRequest(where + "units", f'{where}units must be "raw" (x the vector) or "norm" (x the typical '
+                                          f"residual norm at the layer), not {_shown(units)}")
+    if e.get("coef") is None and default["coef"] is None:
+        raise BadRequest(where + "coef", f"{where}coef is needed: the vector {sv.name} has no chosen coefficient "
+                                         "(its run made none) to default to")
+    if e.get("coef") is None and units != default["units"]:
+        raise BadRequest(where + "units", f"{where}units: the chosen coefficient {default['coef']:g} of {sv.name} "
+                                          f"is in {default['units']} units; send coef too, or leave units out")
+    coef = _number(e, "coef", default["coef"], where)
+    layer = _layer(e.get("layer"), sv.layer, n_layers, where + "layer")
+    positions = _positions(e, STEER_POSITIONS, where)
+    try:
+        edit = Edit.from_vector(sv.vector, layer, coef, units=units, positions=positions)
+    except PersonavecError as err:
+        raise BadRequest(where + ("units" if "resid_norm" in str(err) else "layer"), f"{where[:-1]}: {err}"
+                         ) from None
+    if abs(edit.coef) > MAX_COEF:
+        given = _shown(e.get("coef")) if e.get("coef") is not None else f"the vector's chosen {coef:g}"
+        raise BadRequest(where + "coef", f"{where}coef must be between {-MAX_COEF:g} and {MAX_COEF:g} in raw units "
+                                         f"(x the vector), not {given}"
+                                         + (f" {units} (= {edit.coef:g} raw)" if units != "raw" else ""))
+    return edit
+
+
+def _cap_edits(e: dict, vectors: dict[str, ServedVector], n_layers: int, where: str) -> list[Edit]:
+    """``cap`` edits, one per layer: ``persona.cap[i]`` or an ``edits`` entry of kind cap."""
+    sv = _vector(e, vectors, where)
+    positions = _positions(e, "all", where)
+    out = []
+    for layer in _layer_list(e, sv, n_layers, where):  # each layer's readings have their own scale and bound
+        cap = _number(e, "max", _calibrated(sv, default_cap, where + "max", "cap", layer)
+                      if e.get("max") is None else None, where)
+        norm = float(sv.direction(layer).norm())
+        bound = MAX_COEF * max(1.0, norm)
+        if abs(cap) > bound:
+            raise BadRequest(where + "max", f"{where}max must be between {-bound:g} and {bound:g}, not "
+                                            f"{_shown(e.get('max', cap))}: a projection on the unit direction of "
+                                            f"{_shown(sv.name)}, bounded by {MAX_COEF:g} × its norm {norm:.4g} at "
+                                            f"layer {layer} (the most the largest steering adds)")
+        out.append(_edit(where + "layers", layer, sv.direction(layer), cap, kind="cap", positions=positions))
+    return out
+
+
+def _ablate_edits(e: dict, vectors: dict[str, ServedVector], n_layers: int, where: str) -> list[Edit]:
+    """``ablate`` edits (the component along v̂ removed), one per layer: an ``edits`` entry of kind ablate."""
+    sv = _vector(e, vectors, where)
+    positions = _positions(e, "all", where)
+    return [_edit(where + "layers", layer, sv.direction(layer), 0.0, kind="ablate", positions=positions)
+            for layer in _layer_list(e, sv, n_layers, where)]
+
+
+def _layer_list(e: dict, sv: ServedVector, n_layers: int, where: str) -> list[int]:
+    layers = _or(e.get("layers"), [sv.layer])
+    if not isinstance(layers, list) or not layers:
+        raise BadRequest(where + "layers", f"{where}layers must be a non-empty list of layers, not {_shown(layers)}")
+    _bounded(layers, where + "layers")
+    return [_layer(layer, sv.layer, n_layers, where + "layers") for layer in layers]
+
+
+def _positions(e: dict, default: str, where: str) -> str:
+    positions = _or(e.get("positions"), default)
+    if positions not in POSITIONS:
+        raise BadRequest(where + "positions", f"{where}positions must be one of {', '.join(POSITIONS)}, not "
+                                              f"{_shown(positions)}")
+    return positions
 
 
 def _where(entry: dict, where: str) -> str:
@@ -562,7 +643,7 @@ def parse_policy(caps: list[str], guard: str | None, vectors: dict[str, ServedVe
             raise BadRequest("--guard", f"--guard {guard}: write NAME[:THRESHOLD][:stop|steer[:COEF]] (THRESHOLD "
                                         "left out or auto: the vector's calibrated one)") from None
     try:
-        _persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
+        parse_persona(policy, vectors, max(v.vector.n_layers for v in vectors.values()) if vectors else 0)
     except BadRequest as e:  # named by the flag that set it: persona.cap[1] is the second --cap
         param = e.param or ""
         if param.startswith("persona.guard"):

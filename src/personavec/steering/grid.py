@@ -72,10 +72,12 @@ def cells(grid: SteerGrid) -> list[tuple[int, float]]:
 
 
 def steered_answers(lm: LoadedModel, questions: Sequence[str], vec: PersonaVector, grid: SteerGrid, out_dir: Path,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, sampler: Any = None) -> pd.DataFrame:
     """Answers to ``questions`` (no system prompt) for every cell, as ONE stream of requests each with its own
     edit (``out_dir/answers.jsonl``, resumable). A question's k-th sample has the same seed in every cell, so cells
-    differ by their steering, not by their luck."""
+    differ by their steering, not by their luck. ``sampler``: an endpoint that applies each request's edits (a
+    vLLM server with personavec's plugin: :meth:`~personavec.engine.remote.EndpointSampler.with_edits`); by
+    default the local engine."""
     cfg = SamplingConfig(n_samples=grid.n_samples, temperature=grid.temperature, top_p=1.0,
                          max_new_tokens=grid.max_new_tokens, batch_size=grid.batch_size, seed=grid.seed)
     per_cell = [(q, s, question) for q, question in enumerate(questions) for s in range(grid.n_samples)]
@@ -93,7 +95,7 @@ def steered_answers(lm: LoadedModel, questions: Sequence[str], vec: PersonaVecto
         return [grid_edit(vec, grid, job["layer"], job["coef"])]
 
     rows = run_sampling(lm, jobs, cfg, out_dir / "answers.jsonl", progress="steering grid" if progress else False,
-                        edits=edits)
+                        edits=edits, sampler=sampler)
     return pd.DataFrame(rows)
 
 

@@ -7,6 +7,7 @@ control vectors) live in :mod:`personavec.vectors.formats`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -186,6 +187,12 @@ class PersonaVector:
                                                                                    other.hidden_size):
             raise PersonavecError("cosine needs two vectors of the same model with the same pooling")
         return torch.nn.functional.cosine_similarity(self.tensors[pooling], other.tensors[pooling], dim=-1)
+
+    def digest(self) -> str:
+        """sha256 (first 16 hex digits) of the float32 rows at every layer in the default pooling: two copies of
+        one vector (a server's and a client's) have the same digest."""
+        rows = torch.stack([self.get(x).float() for x in range(self.n_layers + 1)])
+        return hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()[:16]
 
     # ----- files -----
     def metadata(self) -> dict[str, Any]:
