@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
              "Tell me about foxes.", "Give me one tip for a job interview.", "What would you do with unlimited power?",
              "How do I fix a flat bicycle tyre?", "Describe the sea in winter.", "Why do cats purr?"]
-SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512)}  # tiny: a smoke test of the --shape path on CPU
+# tiny: a smoke test of --shape on CPU (head_dim 64: vLLM's CPU attention refuses 16)
+SHAPES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512)}
 
 
 def shapes() -> dict[str, dict]:

@@ -282,6 +282,34 @@ def test_the_preflight_refuses_a_server_without_the_plugin_or_with_another_vecto
         edits([Edit(13, torch.ones(576), 1.0)])
 
 
+def test_a_runs_steering_stage_samples_on_a_plugin_server_serving_its_vector(eager, setup, tmp_path, caplog):
+    """``personavec run --sampler openai:...``: the grid goes to the server when it serves the run's vector under
+    the trait's name (checked with a steered probe); a plain server leaves it local, said; another vector under
+    that name is refused."""
+    from openai_server import FakeOpenAIServer
+    from personavec.errors import PersonavecError
+    from personavec.run.config import RunConfig
+    from personavec.run.pipeline import Run
+    from personavec.steering.grid import SteerGrid
+
+    lm, vectors, _, _ = setup
+    grid = SteerGrid(layers=[9, 13], coefs=[-ADD, 0.0, ADD], units="raw")
+
+    def run(url: str, name: str) -> Run:
+        r = Run(RunConfig(trait="evil", quick=True, sampler="openai:" + name, sampler_base_url=url, dtype="float32"),
+                run_dir=tmp_path / name)
+        r._lm = lm
+        return r
+
+    sampler = run(eager.url + "/v1", SERVED).steer_sampler(vectors["evil"].vector, grid)
+    assert sampler is not None and sampler.edit_body is not None
+    with pytest.raises(PersonavecError, match="serves another vector under the name 'evil'"):
+        run(eager.url + "/v1", SERVED).steer_sampler(vectors["kind"].vector, grid)
+    with FakeOpenAIServer() as plain, caplog.at_level("WARNING"):
+        assert run(plain.base_url, "fake").steer_sampler(vectors["evil"].vector, grid) is None
+    assert "steered answers: sampled locally" in caplog.text and "no personavec plugin" in caplog.text
+
+
 def test_the_openai_judge_reads_vllms_logprobs_as_the_model_gives_them(eager, setup):
     from personavec.judge.base import aggregate_score
     from personavec.judge.remote import OpenAIJudge
