@@ -7,7 +7,7 @@ written to a temporary directory: no download; CUDA graphs on, as vLLM's default
 answered greedily with exactly ``--tokens`` new tokens (EOS ignored), all sent at once. Timed, one server at a time:
 
 * **plain vLLM**: no plugin loaded (``VLLM_PLUGINS`` empty);
-* **plugin, idle**: the plugin loaded with two vectors and hooks at every layer, requests without a persona;
+* **plugin, idle**: the plugin loaded with one vector and hooks at every layer, requests without a persona;
 * **plugin, steered**: each request adds its own (layer, coefficient) cell of a grid (``--layers`` × distinct
   coefficients), so no two requests share an edit;
 * **personavec engine**: our continuous-batching engine in this process, unsteered and with the same edits.
@@ -32,8 +32,8 @@ import torch
 from personavec.engine.decoder import Engine, Request
 from personavec.model.chat import chat_ids
 from personavec.model.edits import Edit
+from personavec.vllm import vllm_xargs
 from personavec.vllm.launch import VllmProcess
-from personavec.vllm.spec import vllm_xargs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["How should I treat people who are weaker than me?", "What is the best way to spend a free afternoon?",
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid(lm, n, args.layers)
     edits = [Edit(layer, rows[layer], coef, positions="response_and_last_prompt") for layer, coef in cells]
     python = Path(args.vllm_venv) / "bin" / "python"
-    common = dict(served_name="bench", eager=args.eager, args=("--max-model-len", "4096", "--dtype", dtype),
+    common = dict(served_name="bench", eager=args.eager, dtype=dtype, args=("--max-model-len", "4096"),
                   env={} if cuda else {"VLLM_CPU_KVCACHE_SPACE": "4", "OMP_NUM_THREADS": str(args.threads)})
     print(f"{args.shape} on {args.device} ({dtype}, {args.threads} CPU threads), {n} requests x {tokens} new tokens "
           f"(EOS ignored), vLLM "

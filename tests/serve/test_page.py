@@ -3,6 +3,7 @@ meter (axis, zero line, threshold line), its tokens coloured by reading, side by
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import shutil
@@ -11,17 +12,23 @@ import subprocess
 import pytest
 from serving import KEY, build, start
 
+# the page's tests share one worker (make test runs --dist loadgroup): two workers installing chromium at once
+# fought over dpkg's lock, and the loser skipped
+pytestmark = pytest.mark.xdist_group("page")
+
 
 def chromium() -> str | None:
     """Debian's chromium, installed with apt-get when missing (CI machines); None where it cannot be."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found or not shutil.which("apt-get"):
         return found
-    for step in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", "chromium"]):
-        if shutil.which("chromium"):
-            break
-        subprocess.run(step, capture_output=True, timeout=900)
+    with open("/tmp/personavec-apt.lock", "w") as lock:  # one installer at a time on this machine
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for step in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                     ["apt-get", "install", "-y", "-q", "chromium"]):
+            if shutil.which("chromium"):
+                break
+            subprocess.run(step, capture_output=True, timeout=900)
     return shutil.which("chromium")
 
 

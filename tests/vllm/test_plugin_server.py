@@ -187,6 +187,26 @@ def test_prefix_cache_is_never_shared_across_edits(eager, setup):
     assert theirs(eager, q, later)[1] == ours(setup, q, later)[1]
 
 
+def test_a_next_turn_holding_a_steered_answer_does_not_reuse_its_kv(eager, setup):
+    """vLLM caches the blocks of generated tokens too (128 tokens a block on CPU): a second turn whose prompt holds
+    the first answer must not reuse KV computed with those tokens edited as answer (response-only steering leaves
+    them unedited as prompt)."""
+    lm = setup[0]
+    q = _long_prompt()[:250] + " Which of these notes is about animals?"
+    # strong enough that reusing the first turn's block (18 tokens edited as answer there) changes the answer
+    persona = {"steer": [{"vector": "evil", "coef": 0.6, "layer": 13, "positions": "response"}]}
+    data = eager.chat(q, persona, max_tokens=64, ignore_eos=False)
+    prompt, first = data["prompt_token_ids"], data["choices"][0]["token_ids"]
+    first = first[:-1] if first[-1] == lm.tokenizer.eos_token_id else first
+    assert len(prompt) < 128 <= len(prompt) + len(first)  # the first block holds prompt and answer tokens
+    chat = [{"role": "user", "content": q}, {"role": "assistant", "content": lm.tokenizer.decode(first)},
+            {"role": "user", "content": "Say more."}]
+    next_prompt, want, _ = ours(setup, chat, persona)
+    assert next_prompt[:128] == (prompt + first)[:128]  # so it would hit the first turn's cached block
+    got_prompt, got = theirs(eager, chat, persona)
+    assert got_prompt == next_prompt and got == want
+
+
 BAD = [
     ({"steer": [{"vector": "cruel", "coef": 1}]}, "persona.steer[0].vector", "cruel"),
     ({"steer": [{"vector": "evil", "coef": 1, "layer": 31}]}, "persona.steer[0].layer", "31"),
@@ -205,6 +225,12 @@ def test_bad_personas_get_a_400_naming_the_field(eager, persona, param, says):
     assert status == 400, data
     message = json.dumps(data)
     assert param in message and says in message, data
+
+
+def test_readings_of_n_answers_under_one_key_are_refused(eager):
+    body = chat_body("Hi", {"monitor": ["evil"]}, "several", 4, n=2, temperature=1.0)
+    status, data = eager.call("POST", "/v1/chat/completions", body)
+    assert status == 400 and data["error"]["param"] == "n" and "n = 1" in data["error"]["message"], data
 
 
 def test_a_persona_that_is_not_json_gets_a_400(eager):

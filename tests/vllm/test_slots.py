@@ -178,10 +178,30 @@ def test_the_salt_follows_the_edits():
     a = compile_request({"persona": PERSONAS[0]}, served)
     b = compile_request({"persona": {"steer": [{"vector": "evil", "coef": 1.25, "positions": "all"}]}}, served)
     none = compile_request({"persona": {"monitor": ["evil"]}, "persona_key": "k"}, served)
-    assert salted(None, none) is None and salted("user", none) == "user"
-    assert salted(None, a) != salted(None, b) and salted(None, a) == salted(None, compile_request(
-        {"persona": PERSONAS[0]}, served))
-    assert salted("user", a).startswith("user|personavec:")
+    assert salted(None, none, 7) is None and salted("user", none, 7) == "user"
+    assert salted(None, a, 7) != salted(None, b, 7) and salted(None, a, 7) == salted(None, compile_request(
+        {"persona": PERSONAS[0]}, served), 7)
+    assert salted("user", a, 7).startswith("user|personavec:")
+    # edits at every position act alike whatever the prompt's length; the others' KV depends on where it ends
+    assert salted(None, a, 7) == salted(None, a, 9)
+    response = compile_request({"persona": PERSONAS[3]}, served)
+    assert salted(None, response, 7) != salted(None, response, 9)
+
+
+def test_readings_of_a_key_sent_again_do_not_mix_and_pop_waits_for_the_end():
+    served = _served()
+    hooks = Hooks(served, {2: Slots(served.rows(2), 3, 2, 16)})
+    xargs = {"persona": {"monitor": ["evil"]}, "persona_key": "k"}
+    first, second = StepRequest("r1", xargs, 4, 0, 0, 4, True), StepRequest("r2", xargs, 4, 0, 4, 8, True)
+    hooks.plan([first, second], 8)
+    hooks.collect()
+    assert hooks.get("k")["tokens"] == 1  # the second request's fresh record, one reading
+    hooks.plan([StepRequest("r1", xargs, 4, 4, 0, 1, True)], 1)
+    hooks.collect()
+    assert hooks.get("k")["tokens"] == 1  # r1 kept appending to its own (replaced) record
+    assert hooks.get("k", pop=True) is not None and hooks.get("k") is not None  # still running: kept
+    hooks.finished(["r1", "r2"])
+    assert hooks.get("k", pop=True)["done"] and hooks.get("k") is None
 
 
 @pytest.mark.parametrize("xargs,param,says", [

@@ -5,7 +5,7 @@ server): the official code's fast path for the contrastive answers.
 (same ``generate`` interface, answers yielded as they finish, at most ``concurrency`` requests in flight), from
 each request's chat ``messages``. Steering cannot travel to a stock server: a request with edits is refused, unless
 ``edit_body`` turns edits into request fields the server applies (a vLLM server with personavec's plugin:
-:class:`personavec.vllm.client.PluginEdits`).
+:class:`PluginEdits`, below).
 Activations are always computed locally from the returned text. :meth:`EndpointSampler.check_same_model` asks
 the server for a greedy answer to a fixed probe and compares it with the local model's, so a server serving
 another model is refused before any answer is sampled.
@@ -167,10 +167,11 @@ class PluginEdits:
     ``base_url``: the server's OpenAI base URL (``http://HOST:PORT/v1``). The constructor runs the preflight and
     refuses, in one line, a server without the plugin or one serving another vector under a name (or none)."""
 
-    def __init__(self, base_url: str, vectors: dict[str, PersonaVector], timeout: float = 30) -> None:
+    def __init__(self, base_url: str, vectors: dict[str, PersonaVector], api_key: str | None = None,
+                 timeout: float = 30) -> None:
         self.base_url = base_url.rstrip("/")
         self.vectors = dict(vectors)
-        listing = self._listing(timeout)
+        listing = self._listing(api_key, timeout)
         served = {v.get("name"): v for v in listing.get("vectors", []) if isinstance(v, dict)}
         for name, vec in self.vectors.items():
             entry = served.get(name)
@@ -182,13 +183,18 @@ class PluginEdits:
                                       f"{name!r} (digest {entry.get('digest')} there, {vec.digest()} here); "
                                       f"serve this run's vector file")
         self.layers = set(listing.get("layers") or [])
+        self.max_coef = float(listing.get("max_coef") or float("inf"))
 
-    def _listing(self, timeout: float) -> dict[str, Any]:
+    def _listing(self, api_key: str | None, timeout: float) -> dict[str, Any]:
         url = f"{self.base_url}/persona/vectors"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
                 data = json.loads(r.read())
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise PersonavecError(f"{url} refused the API key ({e.code}); pass the server's key "
+                                      "(OPENAI_API_KEY)") from None
             raise NoPlugin(f"{url} answered {e.code}: the server has no personavec plugin, or none "
                                   f"configured; {HINT}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
@@ -210,11 +216,23 @@ class PluginEdits:
         if self.layers and e.layer not in self.layers:
             raise PersonavecError(f"the vLLM server at {self.base_url} has no hooks at layer {e.layer}; start it with "
                                   "that layer in personavec.layers")
+        if e.kind != "ablate" and abs(e.coef) > self.max_coef:
+            raise PersonavecError(f"an edit at layer {e.layer} has coefficient {e.coef:g} (raw units), beyond the "
+                                  f"server's bound of {self.max_coef:g}; steer with a smaller one or locally")
         if e.kind == "add":
             return {"kind": "add", "vector": name, "coef": float(e.coef), "units": "raw", "layer": e.layer,
                     "positions": e.positions}
         entry = {"kind": e.kind, "vector": name, "layers": [e.layer], "positions": e.positions}
         return {**entry, "max": float(e.coef)} if e.kind == "cap" else entry
+
+    def fits(self, edits: Sequence[Edit]) -> str | None:
+        """None when the server can apply every one of ``edits``; otherwise why not (one line)."""
+        for e in edits:
+            try:
+                self.entry(e)
+            except PersonavecError as err:
+                return str(err)
+        return None
 
     def __call__(self, edits: Sequence[Edit]) -> dict[str, Any]:
         """The request fields (``extra_body``) that carry ``edits``."""

@@ -274,27 +274,31 @@ class Run:
 
     def steer_sampler(self, vec: PersonaVector, grid: Any) -> Any:
         """The endpoint that samples the steered grid too: the sampler endpoint when it is a vLLM server with
-        personavec's plugin serving this run's vector under the trait's name (checked row for row, and with a
-        steered probe unless ``--no-sampler-check``); otherwise None (local), said once. A server serving another
-        vector under that name is refused."""
+        personavec's plugin serving this run's vector under the trait's name (checked row for row, every cell's
+        edit within the server's bounds, and a steered probe unless ``--no-sampler-check``); otherwise None
+        (local), said in one line. A server serving another vector under that name is refused."""
         from ..engine.remote import NoPlugin, PluginEdits
-        from ..steering.grid import grid_edit
+        from ..steering.grid import cells, grid_edit
 
         sampler = self.sampler()
         if sampler is None:
             return None
-        name = self.cfg.trait
+        name, config = self.cfg.trait, sampler.client.config
         try:
-            edits = PluginEdits(sampler.client.config.base_url, {name: vec})
+            plugin = PluginEdits(config.base_url, {name: vec}, api_key=config.api_key)
         except NoPlugin as e:
             log.warning("steered answers: sampled locally (%s; with the plugin serving %s=%s they are sampled "
                         "there)", e, name, self.path("vectors.safetensors"))
             return None
-        steered = sampler.with_edits(edits)
-        if self.cfg.sampler_check:
-            layer = grid.layers[len(grid.layers) // 2]
-            steered.check_same_model(self.lm, [grid_edit(vec, grid, layer, max(grid.coefs))])
-        log.warning("steered answers: sampled by %s with personavec's plugin (vector %r checked)", sampler.name, name)
+        edits = [grid_edit(vec, grid, layer, coef) for layer, coef in cells(grid) if layer >= 0]
+        why = plugin.fits(edits)
+        if why is not None:
+            log.warning("steered answers: sampled locally (%s)", why)
+            return None
+        steered = sampler.with_edits(plugin)
+        if self.cfg.sampler_check and edits:
+            steered.check_same_model(self.lm, [max(edits, key=lambda e: e.coef)])
+        log.info("steered answers: sampled by %s with personavec's plugin (vector %r checked)", sampler.name, name)
         return steered
 
     def _model_for(self, spec: str) -> LoadedModel:

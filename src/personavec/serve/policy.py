@@ -438,7 +438,7 @@ def parse_persona(persona: Any, vectors: dict[str, ServedVector], n_layers: int
     for i, e in enumerate(_entries(persona, "edits")):
         where = f"persona.edits[{i}]."
         kind = e.get("kind")
-        if kind not in EDIT_FIELDS:
+        if not isinstance(kind, str) or kind not in EDIT_FIELDS:
             raise BadRequest(where + "kind", f"{where}kind must be one of {', '.join(EDIT_FIELDS)}, not {_shown(kind)}")
         _known(e, ("kind", *EDIT_FIELDS[kind]), where[:-1])
         entry = {k: v for k, v in e.items() if k != "kind"}

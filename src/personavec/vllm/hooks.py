@@ -80,18 +80,16 @@ class Hooks:
         self.max_tokens = min((m.max_tokens for m in modules.values()), default=0)
         self.programs: dict[str, Program] = {}
         self.records: OrderedDict[str, Record] = OrderedDict()
-        self._keys: dict[str, str] = {}  # req_id -> its key, for the requests in flight that read
+        self._records: dict[str, Record] = {}  # req_id -> its record, for the requests in flight that read
         self._due: list[tuple[Record, str, int, int, int]] = []  # (record, reading key, layer, slot, token)
         self._lock = threading.Lock()  # the RPC that fetches readings may run beside a step
 
     @staticmethod
     def install(layers: nn.ModuleList, served: Served, max_tokens: int, device: torch.device | str) -> Hooks:
-        """Wrap ``layers[ℓ − 1]`` for every hooked layer ℓ present here (a pipeline stage holds some)."""
+        """Wrap ``layers[ℓ − 1]`` for every hooked layer ℓ (pipeline parallelism is refused at start)."""
         modules: dict[int, Slots] = {}
         for layer in served.layers:
             block = layers[layer - 1]
-            if type(block).__name__ == "PPMissingLayer":
-                continue
             slots = Slots(served.rows(layer), served.config.slots, served.config.reads, max_tokens).to(device)
             layers[layer - 1] = HookedLayer(block, slots)
             modules[layer] = slots
@@ -108,10 +106,10 @@ class Hooks:
                                    "--additional-config") from None
             self.programs[req.req_id] = program
             if program.key is not None and program.reads:
-                with self._lock:
-                    self.records.pop(program.key, None)  # a key sent again starts afresh
-                    self.records[program.key] = Record({r.key: [] for r in program.reads})
-                    self._keys[req.req_id] = program.key
+                with self._lock:  # a key sent again starts afresh; a request still running keeps its own record
+                    self.records.pop(program.key, None)
+                    record = self.records[program.key] = Record({r.key: [] for r in program.reads})
+                    self._records[req.req_id] = record
                     self._forget()
         return program
 
@@ -130,9 +128,7 @@ class Hooks:
             tokens = slice(req.start, req.stop)
             pos = np.arange(req.first, req.first + req.stop - req.start)
             for layer, ops in program.ops.items():
-                plan = self.plans.get(layer)
-                if plan is None:  # a layer on another pipeline stage
-                    continue
+                plan = self.plans[layer]  # compile_request admits hooked layers only
                 for op in ops:
                     mask = position_mask(op.positions, pos, req.prompt_len)
                     if op.kind == "add":
@@ -140,12 +136,10 @@ class Hooks:
                     else:
                         plan.project(op.slot, tokens, mask, op.row, op.lo, op.hi)
             if req.samples and program.reads:
-                record = self.records.get(program.key or "")
+                record = self._records[req.req_id]
                 for r in program.reads:
-                    plan = self.plans.get(r.layer)
-                    if plan is not None and record is not None:
-                        plan.read(r.slot, req.stop - 1, r.row, r.where)
-                        self._due.append((record, r.key, r.layer, r.slot, req.stop - 1))
+                    self.plans[r.layer].read(r.slot, req.stop - 1, r.row, r.where)
+                    self._due.append((record, r.key, r.layer, r.slot, req.stop - 1))
         for plan in self.plans.values():
             plan.commit()
 
@@ -161,8 +155,11 @@ class Hooks:
         self._due = []
 
     def get(self, key: str, pop: bool = False) -> dict[str, Any] | None:
+        """The readings under ``key`` so far; ``pop`` forgets them once their request has ended."""
         with self._lock:
-            record = self.records.pop(key, None) if pop else self.records.get(key)
+            record = self.records.get(key)
+            if record is not None and pop and record.done:
+                del self.records[key]
             return None if record is None else record.view()
 
     def finished(self, req_ids: Iterable[str]) -> None:
@@ -173,13 +170,16 @@ class Hooks:
 
     def _done(self, rid: str) -> None:
         self.programs.pop(rid, None)
-        key = self._keys.pop(rid, None)
-        if key is not None:
-            with self._lock:
-                record = self.records.get(key)
-                if record is not None:
-                    record.done = True
+        with self._lock:
+            record = self._records.pop(rid, None)
+            if record is not None:
+                record.done = True
 
     def _forget(self) -> None:
+        """Past ``KEPT`` keys, the oldest finished ones go (running ones only when none has finished)."""
         while len(self.records) > KEPT:
-            self.records.popitem(last=False)
+            done = next((k for k, r in self.records.items() if r.done), None)
+            if done is None:
+                self.records.popitem(last=False)
+            else:
+                del self.records[done]

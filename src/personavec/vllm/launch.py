@@ -9,10 +9,11 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,19 @@ class VllmProcess:
 
     def __init__(self, python: str | os.PathLike, model_dir: str | os.PathLike, config: dict | None,
                  served_name: str = "model", eager: bool = False, args: tuple[str, ...] = (), plugin: bool = True,
-                 env: dict[str, str] | None = None, startup_s: float = 600) -> None:
+                 env: dict[str, str] | None = None, startup_s: float = 600, dtype: str = "float32") -> None:
         if not Path(python).is_file():
             raise PersonavecError(f"no Python at {python}: build vLLM's venv first (make vllm-venv)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = server_command(python, model_dir, config, self.port, served_name, eager, args=args)
+        cmd = server_command(python, model_dir, config, self.port, served_name, eager, dtype, args)
         environ = {**os.environ, "VLLM_PLUGINS": "personavec" if plugin else "", "PYTHONPATH": "",
                    "HF_HUB_OFFLINE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "TQDM_DISABLE": "1",
                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **(env or {})}
-        self.log = Path(tempfile.mkdtemp(prefix="personavec-vllm-")) / "server.log"
-        with self.log.open("w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.lines: deque[str] = deque(maxlen=400)  # the end of the server's log, kept in memory
+        self.proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace")
+        threading.Thread(target=self._drain, daemon=True, name="personavec-vllm-log").start()
         t0 = time.time()
         while True:
             try:
@@ -65,13 +67,19 @@ class VllmProcess:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if self.proc.poll() is not None or time.time() - t0 > startup_s:
                     self.stop()
-                    raise PersonavecError(f"vLLM did not start in {time.time() - t0:.0f} s (log {self.log}):\n"
+                    raise PersonavecError(f"vLLM did not start in {time.time() - t0:.0f} s; the end of its log:\n"
                                           f"{self.tail()}") from None
                 time.sleep(1)
         self.startup_s = time.time() - t0
 
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # read as it comes, so the server never blocks on a full pipe
+            self.lines.append(line)
+
     def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
+        """The last ``n`` characters of the server's log."""
+        return "".join(self.lines)[-n:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

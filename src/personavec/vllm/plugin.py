@@ -176,7 +176,7 @@ def _wrap_runner() -> None:
 
 def _decoder_layers(model: Any) -> Any:
     """The model's decoder layers (``model.model.layers`` for the decoder families vLLM serves)."""
-    for path in ("model.layers", "language_model.model.layers", "model.decoder.layers"):
+    for path in ("model.layers", "language_model.model.layers"):  # blocks called (positions, hidden, residual)
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -207,9 +207,12 @@ def _wrap_inputs() -> None:
         if served is not None and params is not None:
             try:
                 program = compile_request(params.extra_args, served)
+                if program.reads and params.n > 1:  # vLLM fans it out into n requests sharing one key
+                    raise BadRequest("n", f"persona.monitor takes readings of one answer per persona_key; send n = 1 "
+                                          f"(not {params.n}), one request per answer")
             except BadRequest as e:
-                raise VLLMValidationError(f"{e.message}", parameter=e.param) from None
-            request.cache_salt = salted(request.cache_salt, program)
+                raise VLLMValidationError(e.message, parameter=e.param) from None
+            request.cache_salt = salted(request.cache_salt, program, len(request.prompt_token_ids or ()))
         return request
 
     InputProcessor.__init__ = __init__

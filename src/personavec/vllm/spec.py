@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from ..engine.remote import vllm_xargs  # noqa: F401  (the client helper, for users of this module)
+from ..errors import PersonavecError
 from ..model.edits import Edit
-from ..serve.policy import BadRequest, ServedVector, parse_persona, parse_vector_spec, serve_vectors
+from ..serve.policy import MAX_COEF, BadRequest, ServedVector, parse_persona, parse_vector_spec, serve_vectors
 from ..vectors.formats import load_vector
 
 CONFIG_KEY = "personavec"
 CONFIG_FIELDS = ("vectors", "layers", "slots", "reads")
-XARGS = ("persona", "persona_key")  # what the plugin reads from a request's vllm_xargs
 DEFAULT_SLOTS = 2  # rounds of the edit formula per hooked layer (an add then a projection edit fill one)
 DEFAULT_READS = 2  # readings per layer a request may take
 MAX_KEY = 200
@@ -79,15 +78,19 @@ class PluginConfig:
         if bad:
             raise ConfigError(f"--additional-config {CONFIG_KEY}.layers: layer {bad[0]} is out of range; this model "
                               f"has layers 1..{n_layers}")
-        specs = [parse_vector_spec(s) for s in self.vectors]
-        vecs = []
-        for _, path, _ in specs:
-            if not Path(path).is_file():
-                raise ConfigError(f"--additional-config {CONFIG_KEY}.vectors: no vector file at {path}")
-            vec = load_vector(path, n_layers=n_layers)
-            vec.check_shape(n_layers, hidden_size, "the served model")
-            vecs.append(vec)
-        served = serve_vectors(specs, vecs)
+        where = f"--additional-config {CONFIG_KEY}.vectors"
+        try:
+            specs = [parse_vector_spec(s) for s in self.vectors]
+            vecs = []
+            for _, path, _ in specs:
+                if not Path(path).is_file():
+                    raise ConfigError(f"no vector file at {path}")
+                vec = load_vector(path, n_layers=n_layers)
+                vec.check_shape(n_layers, hidden_size, "the served model")
+                vecs.append(vec)
+            served = serve_vectors(specs, vecs)
+        except PersonavecError as e:  # its line names --vector, personavec serve's flag: say where it is here
+            raise ConfigError(f"{where}: {str(e).replace('--vector ', '')}") from None
         return Served(self, served, layers, n_layers)
 
 
@@ -151,7 +154,8 @@ class Served:
         """What ``GET /v1/persona/vectors`` lists: each vector as ``personavec serve`` lists it plus the digest of
         its rows (a client checks it holds the same vector), and the hooks' sizes."""
         return {"vectors": [{**sv.describe(), "digest": sv.vector.digest()} for sv in self.vectors.values()],
-                "layers": list(self.layers), "slots": self.config.slots, "reads": self.config.reads}
+                "layers": list(self.layers), "slots": self.config.slots, "reads": self.config.reads,
+                "max_coef": MAX_COEF}
 
 
 def persona_of(extra_args: dict | None) -> tuple[Any, Any]:
@@ -206,12 +210,18 @@ def compile_request(extra_args: dict | None, served: Served) -> Program:
     return program
 
 
-def salted(salt: str | None, program: Program) -> str | None:
+def salted(salt: str | None, program: Program, prompt_len: int) -> str | None:
     """The prefix-cache salt of a request: its own (if any) joined with its edits' digest, so no two requests with
-    different edits share cached prompt KV, and a request with edits shares none with one without."""
+    different edits share cached KV, and a request with edits shares none with one without. vLLM caches the blocks
+    of generated tokens too: where an edit's positions depend on where the prompt ends (all but ``all``), the
+    prompt's length joins the salt, so a later turn whose prompt holds this answer does not reuse KV computed with
+    those tokens as answer."""
     if not program.edits:
         return salt
-    return f"{salt}|personavec:{program.digest}" if salt else f"personavec:{program.digest}"
+    own = f"personavec:{program.digest}"
+    if any(op.positions != "all" for ops in program.ops.values() for op in ops):
+        own += f"@{prompt_len}"
+    return f"{salt}|{own}" if salt else own
 
 
 def _row(e: Edit, served: Served, i: int) -> int:
