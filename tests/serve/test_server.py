@@ -377,10 +377,11 @@ def test_the_servers_default_policy_applies_unless_a_request_sets_its_own(server
         assert default.model_extra["persona"]["evil"]["guard_triggered"] is False
         own = client.chat.completions.create(**kw, extra_body={"persona": {"cap": [], "guard": None}})
         assert own.choices[0].message.content == text(lm, local(lm))
-        # one request in flight is all --max-waiting 1 allows: the next gets 503 with Retry-After
+        # one request in flight is all --max-waiting 1 allows: the next gets 503 with Retry-After (the second
+        # client is made first: on two busy cores making it took longer than the tiny model's 200 tokens)
+        busy = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         stream = client.chat.completions.create(**{**kw, "max_tokens": 200}, stream=True)
         next(iter(stream))
-        busy = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
             busy.chat.completions.create(**kw)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"]

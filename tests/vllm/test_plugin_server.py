@@ -154,6 +154,27 @@ def test_reads_equal_our_engine(eager, setup):
     assert status == 200 and eager.call("GET", "/v1/persona/reads/reads-1")[0] == 404
 
 
+def test_reads_are_snapshots_while_the_request_runs(eager):
+    """Polled while a request decodes, the readings so far (not done); once it ended, all of them (done)."""
+    import threading
+    import time
+
+    persona = {"steer": [{"vector": "evil", "coef": ADD, "layer": 13}], "monitor": ["evil"]}
+    answer = threading.Thread(target=theirs, args=(eager, QUESTIONS[3], persona, "live", 400))
+    answer.start()
+    seen = []
+    while answer.is_alive():
+        status, data = eager.call("GET", "/v1/persona/reads/live")
+        if status == 200:
+            seen.append((data["tokens"], data["done"], len(data["readings"]["evil"])))
+        time.sleep(0.2)
+    answer.join()
+    final = _reads(eager, "live")
+    assert final["done"] and final["tokens"] == 400
+    running = [t for t, done, n in seen if not done and t == n]
+    assert any(0 < t < 400 for t in running), seen[:5]
+
+
 def _long_prompt() -> str:
     facts = ["Cats sleep for most of the day.", "A bicycle chain needs oil now and then.",
              "Rivers carry sand to the sea.", "Bread rises because yeast makes gas."]
