@@ -179,12 +179,21 @@ class _Tracker:
         """``[t]`` bool mask of the columns to edit in the current pass (None: all of them)."""
         if positions == "all":
             return None
-        cols = torch.arange(self.offset, self.offset + t, device=device)
-        if positions == "prompt":
-            return cols < self.prompt_len
-        if positions == "response":
-            return cols >= self.prompt_len
-        return cols >= self.prompt_len - 1  # response_and_last_prompt
+        return in_positions(positions, torch.arange(self.offset, self.offset + t, device=device), self.prompt_len)
+
+
+def in_positions(positions: str, pos: Any, prompt_len: int) -> Any:
+    """Which of a sequence's token positions ``pos`` (0-based; a tensor or a NumPy array) an edit at ``positions``
+    acts on, for a prompt of ``prompt_len`` tokens: the one rule of :func:`steer` and of the vLLM plugin."""
+    if positions == "all":
+        return pos >= 0
+    if positions == "prompt":
+        return pos < prompt_len
+    if positions == "response":
+        return pos >= prompt_len
+    if positions == "response_and_last_prompt":
+        return pos >= prompt_len - 1
+    raise PersonavecError(f"positions must be one of {', '.join(POSITIONS)}, not {shown(positions)}")
 
 
 def edit_delta(h: torch.Tensor, kind: str, directions: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:

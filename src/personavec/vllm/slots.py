@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model.edits import in_positions
+
 #: the slot fields a plan writes per token, with what a token that has no edit there holds
 _IDLE = {"add_row": 0, "add_coef": 0.0, "proj_row": 0, "lo": -np.inf, "hi": np.inf}
 
@@ -125,13 +127,5 @@ class SlotsPlan:
 
 def position_mask(positions: str, pos: np.ndarray, prompt_len: int) -> np.ndarray:
     """Which of a request's token positions ``pos`` (0-based in its sequence) an edit at ``positions`` acts on,
-    for a prompt of ``prompt_len`` tokens — the columns :mod:`personavec.model.edits` means."""
-    if positions == "all":
-        return np.ones(pos.shape, dtype=bool)
-    if positions == "prompt":
-        return pos < prompt_len
-    if positions == "response":
-        return pos >= prompt_len
-    if positions == "response_and_last_prompt":
-        return pos >= prompt_len - 1
-    raise ValueError(f"unknown positions {positions!r}")
+    for a prompt of ``prompt_len`` tokens — the columns :mod:`personavec.model.edits` means (its rule)."""
+    return np.asarray(in_positions(positions, pos, prompt_len), dtype=bool)
