@@ -19,7 +19,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -117,28 +116,25 @@ class EndpointSampler:
     def check_same_model(self, lm: LoadedModel, edits: Sequence[Edit] = ()) -> None:
         """Refuse a server whose greedy answer to a fixed probe differs from the local model's (with ``edits``: a
         steered probe, which the server must steer as the local engine does)."""
-        from .decoder import Engine
-        from .sampling import chat
+        from .sampling import SamplingConfig, generate
 
         probe = Request("", PROBE_TOKENS, edits=tuple(edits), messages=({"role": "user", "content": PROBE},),
                         key="probe")
         served = self.complete(probe).text
-        if edits:
-            (local,) = [r.text.strip() for r in Engine(lm).generate([replace(probe, prompt=lm.format_chat(PROBE),
-                                                                             messages=None)])]
-            if served != local:
-                raise PersonavecError(
-                    f"{self.client.where} steers differently from the local engine: its steered greedy answer to a "
-                    f"probe differs ({served[:40]!r} vs {local[:40]!r}); serve the same weights in float32, or sample "
-                    "steered answers locally (--sampler local); --no-sampler-check skips this check")
+        cfg = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=PROBE_TOKENS)
+        local = generate(lm, [lm.format_chat(PROBE)], cfg, seeds=[0], edits=[tuple(edits)])[0]["answer"]
+        if served == local:
             return
-        local = chat(lm, PROBE, max_new_tokens=PROBE_TOKENS)
-        if served != local:
+        if edits:
             raise PersonavecError(
-                f"{self.client.where} does not serve {lm.model_id}: its greedy answer to a probe differs from the "
-                f"local model's ({served[:40]!r} vs {local[:40]!r}); serve the same weights (and chat template), "
-                "or sample locally (--sampler local); --no-sampler-check skips this check (for a server that runs the "
-                "same weights at another precision)")
+                f"{self.client.where} steers differently from the local engine: its steered greedy answer to a "
+                f"probe differs ({served[:40]!r} vs {local[:40]!r}); serve the same weights in float32, or sample "
+                "steered answers locally (--sampler local); --no-sampler-check skips this check")
+        raise PersonavecError(
+            f"{self.client.where} does not serve {lm.model_id}: its greedy answer to a probe differs from the "
+            f"local model's ({served[:40]!r} vs {local[:40]!r}); serve the same weights (and chat template), "
+            "or sample locally (--sampler local); --no-sampler-check skips this check (for a server that runs the "
+            "same weights at another precision)")
 
 
 def vllm_xargs(persona: dict | None = None, key: str | None = None) -> dict[str, Any]:
@@ -177,7 +173,7 @@ class PluginEdits:
             entry = served.get(name)
             if entry is None:
                 raise NoPlugin(f"the vLLM server at {self.base_url} serves no vector named {name!r} (it "
-                                      f"serves {', '.join(map(str, served)) or 'none'}); {HINT}")
+                               f"serves {', '.join(map(str, served)) or 'none'}); {HINT}")
             if entry.get("digest") != vec.digest():
                 raise PersonavecError(f"the vLLM server at {self.base_url} serves another vector under the name "
                                       f"{name!r} (digest {entry.get('digest')} there, {vec.digest()} here); "
@@ -196,7 +192,7 @@ class PluginEdits:
                 raise PersonavecError(f"{url} refused the API key ({e.code}); pass the server's key "
                                       "(OPENAI_API_KEY)") from None
             raise NoPlugin(f"{url} answered {e.code}: the server has no personavec plugin, or none "
-                                  f"configured; {HINT}") from None
+                           f"configured; {HINT}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise PersonavecError(f"cannot reach {url} ({getattr(e, 'reason', e)}); start the server or fix "
                                   "--sampler-base-url") from None
