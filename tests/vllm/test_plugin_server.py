@@ -261,6 +261,23 @@ def test_a_persona_that_is_not_json_gets_a_400(eager):
     assert status == 400 and "vllm_xargs.persona" in json.dumps(data), data
 
 
+@pytest.mark.parametrize("config,says", [
+    ({"vectors": ["evil=/nonexistent/evil.safetensors"]}, "personavec.vectors: no vector file at /nonexistent"),
+    ({"vectors": ["evil=/nonexistent/evil.safetensors"], "slots": "two"}, "personavec.slots must be an integer"),
+])
+def test_a_bad_configuration_refuses_to_start_in_one_line(setup, config, says):
+    """Checked when vLLM builds its configuration, before the engine starts: the log ends in one line naming it."""
+    from vllm_server import vllm_python
+
+    from personavec.errors import PersonavecError
+    from personavec.vllm.launch import VllmProcess
+
+    with pytest.raises(PersonavecError) as e:
+        VllmProcess(vllm_python(), setup[3], config, eager=True, startup_s=240)
+    last = [line for line in str(e.value).splitlines() if line.strip()][-1]
+    assert last.startswith("personavec: --additional-config ") and says in last, last
+
+
 def test_vectors_endpoint_lists_the_served_vectors_with_their_digests(eager, setup):
     _, vectors, _, _ = setup
     status, data = eager.call("GET", "/v1/persona/vectors")

@@ -55,7 +55,8 @@ def served_for(vllm_config: Any) -> Served | None:
         else:
             _check_supported(vllm_config)
             text = vllm_config.model_config.hf_text_config
-            _served[key] = config.load(int(text.num_hidden_layers), int(text.hidden_size))
+            _served[key] = config.load(int(text.num_hidden_layers), int(text.hidden_size),
+                                       str(vllm_config.model_config.model))
     return _served[key]
 
 
@@ -81,7 +82,7 @@ def _refuse_config(message: str) -> None:
     def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         if isinstance(self.additional_config, dict) and CONFIG_KEY in self.additional_config:
-            raise RuntimeError(message)
+            raise SystemExit(message)
 
     VllmConfig.__post_init__ = __post_init__
 
@@ -96,10 +97,13 @@ def _wrap_config() -> None:
 
     def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        raw = self.additional_config.get(CONFIG_KEY) if isinstance(self.additional_config, dict) else None
-        if isinstance(raw, dict):
-            PluginConfig.from_additional(self.additional_config)  # a bad one refuses to start here
-            raw.setdefault("_code", code.hexdigest()[:16])
+        if not isinstance(self.additional_config, dict) or CONFIG_KEY not in self.additional_config:
+            return
+        try:  # the whole configuration, vector files included, checked before anything heavy starts
+            served_for(self)
+        except ConfigError as e:
+            raise SystemExit(f"personavec: {e}") from None  # one line, not a traceback from the engine's start
+        self.additional_config[CONFIG_KEY].setdefault("_code", code.hexdigest()[:16])
 
     VllmConfig.__post_init__ = __post_init__
 

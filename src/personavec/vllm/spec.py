@@ -29,7 +29,7 @@ DEFAULT_READS = 2  # readings per layer a request may take
 MAX_KEY = 200
 
 
-class ConfigError(ValueError):
+class ConfigError(PersonavecError, ValueError):
     """A personavec configuration the server cannot start with (one line: what to change)."""
 
 
@@ -64,15 +64,14 @@ class PluginConfig:
         if layers is not None and (not isinstance(layers, list) or not layers or
                                    not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
             raise ConfigError(f"--additional-config {CONFIG_KEY}.layers must be a non-empty list of layers (1..L)")
-        for name in ("slots", "reads"):
-            value = raw.get(name, 1)
+        sizes = {"slots": raw.get("slots", DEFAULT_SLOTS), "reads": raw.get("reads", DEFAULT_READS)}
+        for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
                 raise ConfigError(f"--additional-config {CONFIG_KEY}.{name} must be an integer from 1 to 16")
-        return cls(tuple(vectors), None if layers is None else tuple(sorted(set(layers))),
-                   raw.get("slots", DEFAULT_SLOTS), raw.get("reads", DEFAULT_READS))
+        return cls(tuple(vectors), None if layers is None else tuple(sorted(set(layers))), **sizes)
 
-    def load(self, n_layers: int, hidden_size: int) -> Served:
-        """The vectors loaded and checked against the model (``n_layers`` blocks of ``hidden_size``)."""
+    def load(self, n_layers: int, hidden_size: int, model: str = "served") -> Served:
+        """The vectors loaded and checked against the model ``model`` (``n_layers`` blocks of ``hidden_size``)."""
         layers = tuple(range(1, n_layers + 1)) if self.layers is None else self.layers
         bad = [x for x in layers if not 1 <= x <= n_layers]
         if bad:
@@ -86,7 +85,7 @@ class PluginConfig:
                 if not Path(path).is_file():
                     raise ConfigError(f"no vector file at {path}")
                 vec = load_vector(path, n_layers=n_layers)
-                vec.check_shape(n_layers, hidden_size, "the served model")
+                vec.check_shape(n_layers, hidden_size, model)
                 vecs.append(vec)
             served = serve_vectors(specs, vecs)
         except PersonavecError as e:  # its line names --vector, personavec serve's flag: say where it is here
