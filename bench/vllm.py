@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="CPU threads of vLLM's worker and of our engine alike (vLLM alone would take 1 on 2 cores)")
     args = ap.parse_args(argv)
+    python = Path(args.vllm_venv) / "bin" / "python"
+    if not python.is_file():  # before the model loads
+        raise SystemExit(f"no vLLM venv at {args.vllm_venv}: build it with `make vllm-venv` or pass --vllm-venv")
+    if min(x for x in (args.requests, args.tokens, args.layers, args.threads, 1) if x is not None) < 1:
+        raise SystemExit("--requests, --tokens, --layers and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     n, tokens = args.requests or (256 if cuda else 64), args.tokens or (512 if cuda else 64)
@@ -160,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}] for i in range(n)]
     cells = grid(lm, n, args.layers)
     edits = [Edit(layer, rows[layer], coef, positions="response_and_last_prompt") for layer, coef in cells]
-    python = Path(args.vllm_venv) / "bin" / "python"
     common = dict(served_name="bench", eager=args.eager, dtype=dtype, args=("--max-model-len", "4096"),
                   env={} if cuda else {"VLLM_CPU_KVCACHE_SPACE": "4", "OMP_NUM_THREADS": str(args.threads)})
     print(f"{args.shape} on {args.device} ({dtype}, {args.threads} CPU threads), {n} requests x {tokens} new tokens "
